@@ -1,0 +1,49 @@
+// Asynchronous I/O reactor of one iothread: io_uring when the kernel allows it, poll(2) otherwise; home thread only.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace blockd::io {
+
+// The continuation of one queued operation. The reactor calls complete() exactly once, on the loop
+// thread, never from inside the call that queued the operation (no synchronous completion).
+struct completion {
+  virtual ~completion() = default;
+  virtual void complete(int res) = 0;  // res >= 0: byte count or new fd; res < 0: -errno
+};
+
+// One instance per iothread. Every method must be called on that iothread. Queueing never fails:
+// when the submission queue is full, operations wait in an overflow list and go out on the next turn.
+class reactor {
+ public:
+  virtual ~reactor() = default;
+
+  // Creates the io_uring backend, or the poll backend if io_uring cannot be set up (seccomp in
+  // containers, old kernels, io_uring_disabled). `note` receives the reason for a fallback.
+  static std::unique_ptr<reactor> create(unsigned entries, std::string* note);
+  static std::unique_ptr<reactor> create_poll();
+
+  virtual const char* kind() const = 0;
+
+  // off < 0 means "at the current position" (pipes, ttys, eventfds).
+  virtual void read(int fd, void* buf, size_t len, int64_t off, completion* c) = 0;
+  virtual void write(int fd, const void* buf, size_t len, int64_t off, completion* c) = 0;
+  virtual void recv(int fd, void* buf, size_t len, completion* c) = 0;
+  virtual void send(int fd, const void* buf, size_t len, completion* c) = 0;  // never raises SIGPIPE
+  virtual void accept(int fd, completion* c) = 0;                               // res: new fd, CLOEXEC
+  virtual void connect(int fd, const void* addr, unsigned addrlen, completion* c) = 0;
+  virtual void timeout(uint64_t nanoseconds, completion* c) = 0;              // res: 0 or -ECANCELED
+  // Best effort: the target still completes exactly once, with -ECANCELED if it was stopped.
+  virtual void cancel(completion* c) = 0;
+
+  // One turn of the loop: submit what is queued, wait for at least one completion when `block`,
+  // then run every completion that is ready. Returns the number of completions run.
+  virtual unsigned run_once(bool block) = 0;
+
+  // Operations queued and not yet completed.
+  virtual size_t in_flight() const = 0;
+};
+
+}  // namespace blockd::io
