@@ -1,0 +1,156 @@
+// Unit tests for the schema: introspection structure against QSD 7.2's real output, validator messages.
+#include <gtest/gtest.h>
+
+#include <boost/json.hpp>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "protocol/qmp/introspect.h"
+#include "protocol/qmp/json_writer.h"
+#include "protocol/qmp/schema.h"
+#include "protocol/qmp/visitor.h"
+
+using namespace blockd::qmp;
+namespace json = boost::json;
+
+namespace {
+
+using table = std::map<std::string, json::object>;
+
+table index(const json::array& a) {
+  table t;
+  for (auto& e : a) t[std::string(e.at("name").as_string())] = e.as_object();
+  return t;
+}
+
+// Resolves masked names recursively so two introspection outputs can be compared by structure.
+json::value resolve(const table& t, const std::string& name, std::set<std::string>& stack) {
+  if (name.size() > 1 && name.front() == '[')
+    return json::object{{"array-of", resolve(t, name.substr(1, name.size() - 2), stack)}};
+  auto it = t.find(name);
+  if (it == t.end()) return json::value("?" + name);
+  if (it->second.at("meta-type") == "builtin") return json::value(name);
+  if (stack.count(name)) return json::value("<recursive>");
+  stack.insert(name);
+  json::object o = it->second;
+  o.erase("name");
+  for (const char* k : {"arg-type", "ret-type", "element-type"})
+    if (o.contains(k)) o[k] = resolve(t, std::string(o[k].as_string()), stack);
+  if (o.contains("members"))
+    for (auto& m : o["members"].as_array())
+      if (m.as_object().contains("type")) m.as_object()["type"] = resolve(t, std::string(m.at("type").as_string()), stack);
+  if (o.contains("variants"))
+    for (auto& v : o["variants"].as_array()) v.as_object()["type"] = resolve(t, std::string(v.at("type").as_string()), stack);
+  stack.erase(name);
+  return o;
+}
+
+std::string canon(const json::value& v) { return to_json(v, false); }
+
+table qsd72() {
+  std::ifstream f(std::string(BLOCKD_SHARED_DIR) + "/reference/qsd-7.2-qmp-schema.json");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return index(json::parse(ss.str()).as_array());
+}
+
+TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
+  auto ours = index(introspect(qsd_schema()));
+  auto theirs = qsd72();
+  // Entities whose type changed between 7.2 and 10.2 are compared separately below.
+  std::set<std::string> changed = {"object-add", "BLOCK_IO_ERROR"};
+  int compared = 0;
+  for (auto& [name, e] : ours) {
+    auto meta = e.at("meta-type").as_string();
+    if (meta != "command" && meta != "event") continue;
+    if (changed.count(name)) continue;
+    ASSERT_TRUE(theirs.count(name)) << name;
+    std::set<std::string> s1, s2;
+    EXPECT_EQ(canon(resolve(theirs, name, s2)), canon(resolve(ours, name, s1))) << name;
+    ++compared;
+  }
+  EXPECT_EQ(5 + 1 + 12, compared);  // control+introspect commands, object-del, events
+}
+
+TEST(Introspection, ObjectAddFollows102WithEmptyBranchesForEmulatorTypes) {
+  auto ours = index(introspect(qsd_schema()));
+  auto oa = ours.at(std::string(ours.at("object-add").at("arg-type").as_string()));
+  EXPECT_EQ("qom-type", oa.at("tag").as_string());
+  auto& variants = oa.at("variants").as_array();
+  EXPECT_EQ(51u, variants.size());
+  std::map<std::string, std::string> by_case;
+  for (auto& v : variants) by_case[std::string(v.at("case").as_string())] = std::string(v.at("type").as_string());
+  EXPECT_EQ(0u, ours.at(by_case.at("memory-backend-ram")).at("members").as_array().size());
+  EXPECT_EQ(by_case.at("memory-backend-ram"), by_case.at("sev-guest"));
+  auto io = ours.at(by_case.at("iothread"));
+  std::vector<std::string> names;
+  for (auto& m : io.at("members").as_array()) names.push_back(std::string(m.at("name").as_string()));
+  EXPECT_EQ((std::vector<std::string>{"aio-max-batch", "thread-pool-min", "thread-pool-max", "poll-max-ns", "poll-grow",
+                                      "poll-shrink"}),
+            names);
+}
+
+TEST(Introspection, EmptyObjectIsZeroAndBuiltinsByName) {
+  auto out = introspect(qsd_schema());
+  auto t = index(out);
+  auto empty = std::string(t.at("qmp_capabilities").at("ret-type").as_string());
+  EXPECT_EQ(0u, t.at(empty).at("members").as_array().size());
+  EXPECT_EQ(empty, std::string(t.at("quit").at("arg-type").as_string()));
+  EXPECT_TRUE(t.count("str"));
+  EXPECT_EQ("builtin", t.at("int").at("meta-type").as_string());
+  EXPECT_FALSE(t.count("uint16"));  // integer kinds collapse to int
+}
+
+TEST(CommandList, NewestRegistrationFirst) {
+  auto l = command_list(qsd_schema());
+  ASSERT_GE(l.size(), 7u);
+  EXPECT_EQ("object-del", l[0].at("name").as_string());
+  EXPECT_EQ("qmp_capabilities", l[l.size() - 1].at("name").as_string());
+}
+
+std::string err(std::string_view type, std::string_view input, input_mode m = input_mode::qmp) {
+  auto r = visit(qsd_schema(), type, json::parse(input), m);
+  return r ? "OK " + to_json(*r) : r.error().desc;
+}
+
+TEST(Visitor, QmpMessagesAsQsd) {
+  EXPECT_EQ("Parameter 'id' is missing", err("ObjectOptions", R"({"qom-type": "iothread"})"));
+  EXPECT_EQ("Parameter 'qom-type' is missing", err("ObjectOptions", R"({"id": "x"})"));
+  EXPECT_EQ("Parameter 'qom-type' does not accept value 'nosuch'", err("ObjectOptions", R"({"qom-type": "nosuch", "id": "x"})"));
+  EXPECT_EQ("Parameter 'bogus' is unexpected", err("ObjectOptions", R"({"qom-type": "iothread", "id": "x", "bogus": 1})"));
+  EXPECT_EQ("Parameter 'limits.bogus' is unexpected",
+            err("ObjectOptions", R"({"qom-type": "throttle-group", "id": "t", "limits": {"bogus": 1}})"));
+  EXPECT_EQ("Invalid parameter type for 'id', expected: string", err("ObjectOptions", R"({"qom-type": "iothread", "id": 1})"));
+  EXPECT_EQ("Invalid parameter type for 'poll-max-ns', expected: integer",
+            err("ObjectOptions", R"({"qom-type": "iothread", "id": "x", "poll-max-ns": "5"})"));
+  EXPECT_EQ("Invalid parameter type for 'poll-max-ns', expected: integer",
+            err("ObjectOptions", R"({"qom-type": "iothread", "id": "x", "poll-max-ns": 1.0})"));
+  EXPECT_EQ("Invalid parameter type for 'poll-max-ns', expected: integer",
+            err("ObjectOptions", R"({"qom-type": "iothread", "id": "x", "poll-max-ns": 9223372036854775808})"));
+  EXPECT_EQ("Invalid parameter type for 'refresh', expected: boolean",
+            err("ObjectOptions", R"({"qom-type": "authz-listfile", "id": "x", "filename": "f", "refresh": "true"})"));
+  EXPECT_EQ("Parameter 'serial' expects int32",
+            err("ObjectOptions", R"({"qom-type": "secret_keyring", "id": "x", "serial": 4294967296})"));
+  EXPECT_EQ("Parameter 'null' does not accept value 'foo'", err("q_obj_qmp_capabilities-arg", R"({"enable": ["foo"]})"));
+  EXPECT_EQ("Invalid parameter type for 'enable[0]', expected: string", err("q_obj_qmp_capabilities-arg", R"({"enable": [1]})"));
+  EXPECT_EQ("Parameter 'rules[0].policy' is missing",
+            err("ObjectOptions", R"({"qom-type": "authz-list", "id": "a", "rules": [{"match": "x"}]})"));
+  EXPECT_EQ(R"(OK {"qom-type": "iothread", "poll-max-ns": 5, "id": "x"})",
+            err("ObjectOptions", R"({"qom-type": "iothread", "id": "x", "poll-max-ns": 5})"));
+}
+
+TEST(Visitor, KeyvalConversionsAsQsd) {
+  auto kv = input_mode::keyval;
+  EXPECT_EQ("Parameter 'poll-max-ns' expects integer",
+            err("ObjectOptions", R"({"qom-type": "iothread", "id": "x", "poll-max-ns": "abc"})", kv));
+  EXPECT_EQ(R"(OK {"qom-type": "iothread", "poll-max-ns": 4096, "id": "x"})",
+            err("ObjectOptions", R"({"qom-type": "iothread", "id": "x", "poll-max-ns": "0x1000"})", kv));
+  EXPECT_EQ("Parameter 'pretty' expects 'on' or 'off'", err("MonitorOptions", R"({"chardev": "c", "pretty": "maybe"})", kv));
+  EXPECT_EQ(R"(OK {"chardev": "c", "pretty": true})", err("MonitorOptions", R"({"chardev": "c", "pretty": "on"})", kv));
+  EXPECT_EQ("Parameter 'cpu-affinity.1' expects uint16",
+            err("ObjectOptions", R"({"qom-type": "thread-context", "id": "t", "cpu-affinity": ["1", "70000"]})", kv));
+}
+
+}  // namespace
