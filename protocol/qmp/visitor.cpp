@@ -81,8 +81,16 @@ std::optional<uint64_t> parse_size(const std::string& s) {
 result<boost::json::value> visit_value(const ctx& c, const type_def& t, const boost::json::value& in,
                                        const std::string& path, bool in_list);
 
+// QAPI names a member by its own name (not the dotted path) in range and enum errors, and list
+// elements have no name at all: they print as 'null'.
+std::string bare_name(const std::string& path, bool in_list) {
+  if (in_list) return "null";
+  auto dot = path.rfind('.');
+  return dot == std::string::npos ? path : path.substr(dot + 1);
+}
+
 result<boost::json::value> visit_integer(const ctx& c, const type_def& t, const boost::json::value& in,
-                                         const std::string& path) {
+                                         const std::string& path, bool in_list) {
   bool is_unsigned = t.sk == scalar::u8 || t.sk == scalar::u16 || t.sk == scalar::u32 || t.sk == scalar::u64 ||
                      t.sk == scalar::size;
   int64_t sval = 0;
@@ -98,9 +106,7 @@ result<boost::json::value> visit_integer(const ctx& c, const type_def& t, const 
     errno = 0;
     char* end = nullptr;
     if (is_unsigned) {
-      // strtoull accepts a leading '-' and wraps; QEMU's parser refuses negative numbers here.
-      auto first = text.find_first_not_of(" \t");
-      if (text.empty() || (first != std::string::npos && text[first] == '-')) return fail("Parameter '" + path + "' expects integer");
+      // Like QEMU's parser, "-1" wraps around; the range check below then refuses it.
       uval = std::strtoull(text.c_str(), &end, 0);
     } else {
       sval = std::strtoll(text.c_str(), &end, 0);
@@ -119,14 +125,14 @@ result<boost::json::value> visit_integer(const ctx& c, const type_def& t, const 
       return std::unexpected(type_error(path, "integer"));
     }
   }
-  auto range = [&](const char* name) { return fail("Parameter '" + path + "' expects " + name); };
+  auto range = [&](const char* name) { return fail("Parameter '" + bare_name(path, in_list) + "' expects " + name); };
   switch (t.sk) {
-    case scalar::i8: if (sval < INT8_MIN || sval > INT8_MAX) return range("int8"); break;
-    case scalar::i16: if (sval < INT16_MIN || sval > INT16_MAX) return range("int16"); break;
-    case scalar::i32: if (sval < INT32_MIN || sval > INT32_MAX) return range("int32"); break;
-    case scalar::u8: if (uval > UINT8_MAX) return range("uint8"); break;
-    case scalar::u16: if (uval > UINT16_MAX) return range("uint16"); break;
-    case scalar::u32: if (uval > UINT32_MAX) return range("uint32"); break;
+    case scalar::i8: if (sval < INT8_MIN || sval > INT8_MAX) return range("int8_t"); break;
+    case scalar::i16: if (sval < INT16_MIN || sval > INT16_MAX) return range("int16_t"); break;
+    case scalar::i32: if (sval < INT32_MIN || sval > INT32_MAX) return range("int32_t"); break;
+    case scalar::u8: if (uval > UINT8_MAX) return range("uint8_t"); break;
+    case scalar::u16: if (uval > UINT16_MAX) return range("uint16_t"); break;
+    case scalar::u32: if (uval > UINT32_MAX) return range("uint32_t"); break;
     default: break;
   }
   if (is_unsigned) {
@@ -137,7 +143,10 @@ result<boost::json::value> visit_integer(const ctx& c, const type_def& t, const 
 }
 
 result<boost::json::value> visit_builtin(const ctx& c, const type_def& t, const boost::json::value& in,
-                                         const std::string& path) {
+                                         const std::string& path, bool in_list) {
+  // A keyval tree that nests keys below a scalar member ("a.b=1" for scalar "a").
+  if (c.mode == input_mode::keyval && in.is_object() && t.sk != scalar::any)
+    return fail("Parameters '" + path + ".*' are unexpected");
   switch (t.sk) {
     case scalar::any: return in;
     case scalar::str:
@@ -168,7 +177,7 @@ result<boost::json::value> visit_builtin(const ctx& c, const type_def& t, const 
     case scalar::null:
       if (!in.is_null()) return std::unexpected(type_error(path, "null"));
       return in;
-    default: return visit_integer(c, t, in, path);
+    default: return visit_integer(c, t, in, path, in_list);
   }
 }
 
@@ -223,13 +232,13 @@ result<boost::json::value> visit_object(const ctx& c, const type_def& t, const b
 result<boost::json::value> visit_value(const ctx& c, const type_def& t, const boost::json::value& in,
                                        const std::string& path, bool in_list) {
   switch (t.kind) {
-    case meta::builtin: return visit_builtin(c, t, in, path);
+    case meta::builtin: return visit_builtin(c, t, in, path, in_list);
     case meta::enumeration: {
       if (!in.is_string()) return std::unexpected(type_error(path, "string"));
       for (auto& v : t.values)
         if (in.as_string() == v) return in;
       // QAPI names list elements 'null' in this one message.
-      return fail("Parameter '" + (in_list ? std::string("null") : path) + "' does not accept value '" +
+      return fail("Parameter '" + bare_name(path, in_list) + "' does not accept value '" +
                   std::string(in.as_string()) + "'");
     }
     case meta::object: return visit_object(c, t, in, path);

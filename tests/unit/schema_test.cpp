@@ -131,7 +131,7 @@ TEST(Visitor, QmpMessagesAsQsd) {
             err("ObjectOptions", R"({"qom-type": "iothread", "id": "x", "poll-max-ns": 9223372036854775808})"));
   EXPECT_EQ("Invalid parameter type for 'refresh', expected: boolean",
             err("ObjectOptions", R"({"qom-type": "authz-listfile", "id": "x", "filename": "f", "refresh": "true"})"));
-  EXPECT_EQ("Parameter 'serial' expects int32",
+  EXPECT_EQ("Parameter 'serial' expects int32_t",
             err("ObjectOptions", R"({"qom-type": "secret_keyring", "id": "x", "serial": 4294967296})"));
   EXPECT_EQ("Parameter 'null' does not accept value 'foo'", err("q_obj_qmp_capabilities-arg", R"({"enable": ["foo"]})"));
   EXPECT_EQ("Invalid parameter type for 'enable[0]', expected: string", err("q_obj_qmp_capabilities-arg", R"({"enable": [1]})"));
@@ -147,9 +147,17 @@ TEST(Visitor, KeyvalConversionsAsQsd) {
             err("ObjectOptions", R"({"qom-type": "iothread", "id": "x", "poll-max-ns": "abc"})", kv));
   EXPECT_EQ(R"(OK {"qom-type": "iothread", "poll-max-ns": 4096, "id": "x"})",
             err("ObjectOptions", R"({"qom-type": "iothread", "id": "x", "poll-max-ns": "0x1000"})", kv));
+  EXPECT_EQ("Parameters 'poll-max-ns.*' are unexpected",
+            err("ObjectOptions", R"({"qom-type": "iothread", "id": "x", "poll-max-ns": {"a": "1"}})", kv));
+  EXPECT_EQ("Invalid parameter type for 'cpu-affinity', expected: array",
+            err("ObjectOptions", R"({"qom-type": "thread-context", "id": "t", "cpu-affinity": "1"})", kv));
+  EXPECT_EQ("Invalid parameter type for 'limits', expected: object",
+            err("ObjectOptions", R"({"qom-type": "throttle-group", "id": "t", "limits": "5"})", kv));
+  EXPECT_EQ("Parameter 'policy' does not accept value 'maybe'",
+            err("ObjectOptions", R"({"qom-type": "authz-list", "id": "a", "rules": [{"match": "x", "policy": "maybe"}]})"));
   EXPECT_EQ("Parameter 'pretty' expects 'on' or 'off'", err("MonitorOptions", R"({"chardev": "c", "pretty": "maybe"})", kv));
   EXPECT_EQ(R"(OK {"chardev": "c", "pretty": true})", err("MonitorOptions", R"({"chardev": "c", "pretty": "on"})", kv));
-  EXPECT_EQ("Parameter 'cpu-affinity.1' expects uint16",
+  EXPECT_EQ("Parameter 'null' expects uint16_t",
             err("ObjectOptions", R"({"qom-type": "thread-context", "id": "t", "cpu-affinity": ["1", "70000"]})", kv));
 }
 

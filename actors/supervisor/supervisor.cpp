@@ -1,0 +1,178 @@
+// Supervisor: runs state-changing QMP commands, owns objects/chardevs/monitors, broadcasts events; main iothread only.
+#include "actors/supervisor/supervisor.h"
+
+#include <caf/all.hpp>
+#include <sys/time.h>
+
+#include <algorithm>
+#include <chrono>
+
+#include "actors/monitor/monitor.h"
+#include "actors/runtime/pinned.h"
+#include "config/chardev_spec.h"
+
+namespace blockd {
+namespace {
+
+// Object types QSD links in and blockd has not built yet: object-add names them as unavailable.
+bool qsd_links_type(const std::string& t) {
+  static const char* linked[] = {"authz-list",     "authz-listfile", "authz-pam",      "authz-simple",
+                                 "pr-manager-helper", "secret",      "secret_keyring", "thread-context",
+                                 "throttle-group", "tls-cipher-suites", "tls-creds-anon", "tls-creds-psk",
+                                 "tls-creds-x509"};
+  return std::any_of(std::begin(linked), std::end(linked), [&](const char* n) { return t == n; });
+}
+
+// Reads a non-negative int64 property the way QEMU's iothread setters check it.
+result<void> read_param(const boost::json::object& args, const char* name, int64_t& out) {
+  auto* v = args.if_contains(name);
+  if (!v) return {};
+  int64_t n = v->is_int64() ? v->as_int64() : static_cast<int64_t>(v->to_number<double>());
+  if (n < 0) return fail(std::string(name) + " value must be in range [0, 9223372036854775807]");
+  out = n;
+  return {};
+}
+
+}  // namespace
+
+supervisor_actor::supervisor_actor(caf::actor_config& cfg, iothread* home, supervisor_hooks hooks)
+    : caf::event_based_actor(cfg), home_(home), hooks_(std::move(hooks)) {}
+
+supervisor_actor::~supervisor_actor() = default;
+
+void supervisor_actor::emit(std::string name, boost::json::object data) {
+  timeval tv{};
+  ::gettimeofday(&tv, nullptr);
+  qmp_event ev{std::move(name), std::move(data), tv.tv_sec, tv.tv_usec};
+  for (auto& s : subscribers_) send(s, event_atom::value, ev);
+}
+
+caf::behavior supervisor_actor::make_behavior() {
+  return {
+      [this](command_atom, const std::string& name, json_args& args) -> command_outcome {
+        if (shutting_down_) return command_outcome::failure(error("blockd is shutting down"));
+        return run_command(name, args.v);
+      },
+      [this](chardev_atom, const chardev_spec& spec, const std::string& note_prefix) -> command_outcome {
+        return add_chardev(spec, note_prefix);
+      },
+      [this](monitor_atom, const std::string& chardev_id, bool pretty, const std::string& id) -> command_outcome {
+        return add_monitor(chardev_id, pretty, id);
+      },
+      [this](subscribe_atom, const caf::actor& who) { subscribers_.push_back(who); },
+      // Components (nodes, jobs, exports) raise events here; the bus stamps and broadcasts them.
+      [this](event_atom, std::string& name, json_args& data) { emit(std::move(name), std::move(data.v)); },
+      [this](unsubscribe_atom, const caf::actor& who) {
+        subscribers_.erase(std::remove(subscribers_.begin(), subscribers_.end(), who), subscribers_.end());
+      },
+      [this](shutdown_atom) -> caf::result<bool> {
+        shutting_down_ = true;
+        auto rp = make_response_promise();
+        auto left = std::make_shared<size_t>(monitors_.size());
+        auto finish = [this, rp]() mutable {
+          // Monitors are gone; stop every iothread object (joins its thread) and close chardevs.
+          objects_.clear();
+          chardevs_.clear();
+          rp.deliver(true);
+        };
+        if (*left == 0) {
+          finish();
+          return rp;
+        }
+        for (auto& m : monitors_) {
+          // A client that does not read its last replies cannot hold the shutdown forever.
+          request(m, std::chrono::seconds(3), close_atom::value)
+              .then([left, finish](bool) mutable { if (--*left == 0) finish(); },
+                    [left, finish](const caf::error&) mutable { if (--*left == 0) finish(); });
+        }
+        monitors_.clear();
+        return rp;
+      },
+  };
+}
+
+command_outcome supervisor_actor::run_command(const std::string& name, boost::json::object& args) {
+  if (name == "object-add") return object_add(args);
+  if (name == "object-del") return object_del(std::string(args.at("id").as_string()));
+  if (name == "quit") {
+    if (hooks_.quit_requested) hooks_.quit_requested();
+    return command_outcome::success();
+  }
+  return command_outcome::failure(error(error_class::command_not_found, "The command " + name + " has not been found"));
+}
+
+supervisor_actor::object_entry* supervisor_actor::find_object(const std::string& id) {
+  for (auto& o : objects_)
+    if (o.id == id) return &o;
+  return nullptr;
+}
+
+command_outcome supervisor_actor::object_add(boost::json::object& args) {
+  std::string type(args.at("qom-type").as_string());
+  std::string id(args.at("id").as_string());
+  // Checks run in QSD's order: identifier, type, property values, duplicate id, completion.
+  if (!id_wellformed(id)) return command_outcome::failure(error("Parameter 'id' expects an identifier"));
+  if (type != "iothread" && type != "main-loop") {
+    if (qsd_links_type(type))
+      return command_outcome::failure(error("invalid object type: " + type + " (not available in blockd yet)"));
+    return command_outcome::failure(error("invalid object type: " + type));
+  }
+  iothread_params p;
+  const char* names[] = {"poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch", "thread-pool-min", "thread-pool-max"};
+  int64_t* slots[] = {&p.poll_max_ns, &p.poll_grow, &p.poll_shrink, &p.aio_max_batch, &p.thread_pool_min, &p.thread_pool_max};
+  for (size_t i = 0; i < std::size(names); ++i)
+    if (auto r = read_param(args, names[i], *slots[i]); !r) return command_outcome::failure(r.error());
+  if (find_object(id))
+    return command_outcome::failure(
+        error("attempt to add duplicate property '" + id + "' to object (type 'container')"));
+  if (p.thread_pool_min > p.thread_pool_max || p.thread_pool_max == 0)
+    return command_outcome::failure(error("bad thread-pool-min/thread-pool-max values"));
+  object_entry e{id, type, p, nullptr};
+  if (type == "main-loop") {
+    bool exists = std::any_of(objects_.begin(), objects_.end(), [](auto& o) { return o.type == "main-loop"; });
+    if (exists) return command_outcome::failure(error("only one main-loop instance allowed"));
+  } else {
+    try {
+      e.thread = std::make_unique<iothread>(home_->system(), id, p);
+    } catch (const std::exception& ex) {
+      return command_outcome::failure(error("cannot start iothread '" + id + "': " + ex.what()));
+    }
+  }
+  objects_.push_back(std::move(e));
+  return command_outcome::success();
+}
+
+command_outcome supervisor_actor::object_del(const std::string& id) {
+  auto* o = find_object(id);
+  if (!o) return command_outcome::failure(error("object '" + id + "' not found"));
+  // The main loop cannot go away while the daemon runs, as in QSD.
+  if (o->type == "main-loop") return command_outcome::failure(error("object '" + id + "' is in use, can not be deleted"));
+  objects_.erase(objects_.begin() + (o - objects_.data()));
+  return command_outcome::success();
+}
+
+command_outcome supervisor_actor::add_chardev(const chardev_spec& spec, const std::string& note_prefix) {
+  for (auto& c : chardevs_)
+    if (c->id() == spec.id)
+      return command_outcome::failure(
+          error("attempt to add duplicate property '" + spec.id + "' to object (type 'container')"));
+  auto dev = chardev::open(spec, note_prefix);
+  if (!dev) return command_outcome::failure(dev.error());
+  chardevs_.push_back(std::move(*dev));
+  return command_outcome::success();
+}
+
+command_outcome supervisor_actor::add_monitor(const std::string& chardev_id, bool pretty, const std::string& id) {
+  chardev* dev = nullptr;
+  for (auto& c : chardevs_)
+    if (c->id() == chardev_id) dev = c.get();
+  if (!dev) return command_outcome::failure(error("chardev \"" + chardev_id + "\" not found"));
+  if (dev->has_frontend()) return command_outcome::failure(error("Device '" + chardev_id + "' is in use"));
+  dev->set_frontend(true);
+  auto m = spawn_pinned<monitor_actor>(home_->system(), *home_, caf::actor_cast<caf::actor>(this), dev,
+                                       monitor_options{id, pretty});
+  monitors_.push_back(m);
+  return command_outcome::success();
+}
+
+}  // namespace blockd
