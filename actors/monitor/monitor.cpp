@@ -17,10 +17,11 @@ namespace {
 constexpr size_t max_output_bytes = 64u << 20;
 
 boost::json::object version_info() {
+  // Members go in in schema order: the writer reproduces QEMU's dictionary order from that.
   boost::json::object triple;
-  triple["micro"] = qmp::compat_micro;
-  triple["minor"] = qmp::compat_minor;
   triple["major"] = qmp::compat_major;
+  triple["minor"] = qmp::compat_minor;
+  triple["micro"] = qmp::compat_micro;
   boost::json::object v;
   v["qemu"] = std::move(triple);
   v["package"] = qmp::package_string;
@@ -117,6 +118,7 @@ void monitor_actor::open_connection() {
   executing_ = false;
   queue_.clear();
   parser_.reset();
+  unparsed_.clear();
   out_.clear();
   sending_.clear();
   boost::json::object greeting;
@@ -130,9 +132,7 @@ void monitor_actor::open_connection() {
 
 void monitor_actor::post_recv() {
   if (!open_ || closing_ || recv_busy_) return;
-  // Flow control as QSD: without OOB one in-band request at a time, with OOB a queue of eight.
-  size_t limit = oob_enabled_ ? 8 : 1;
-  if (queue_.size() + (executing_ ? 1 : 0) >= limit) return;
+  if (queue_full() || !unparsed_.empty()) return;
   recv_busy_ = true;
   recv_op_.owner = self_handle();
   recv_op_.gen = gen_;
@@ -209,7 +209,23 @@ void monitor_actor::on_io(int which, uint64_t gen, int res) {
 }
 
 void monitor_actor::on_bytes(const char* data, size_t n) {
-  parser_.feed(std::string_view(data, n));
+  unparsed_.append(data, n);
+  parse_pending();
+}
+
+bool monitor_actor::queue_full() const {
+  // Flow control as QSD: without OOB one in-band request at a time, with OOB a queue of eight.
+  size_t limit = oob_enabled_ ? 8 : 1;
+  return queue_.size() + (executing_ ? 1 : 0) >= limit;
+}
+
+void monitor_actor::parse_pending() {
+  // Input is parsed only while the request queue has room, so a request is judged (OOB allowed or
+  // not, negotiated or not) in the state left by the requests before it, however the bytes arrived.
+  size_t done = 0;
+  while (done < unparsed_.size() && !queue_full())
+    done += parser_.feed(std::string_view(unparsed_).substr(done));
+  unparsed_.erase(0, done);
   // Requests parsed from this chunk run after every out-of-band request in it was answered,
   // which is what lets an exec-oob reply overtake queued in-band replies (T73).
   send(this, next_atom::value);
@@ -221,11 +237,13 @@ void monitor_actor::on_value(qmp::json_result&& r) {
                 "mon=" + dev_->id() + " " + (r.ok ? qmp::to_json(r.value) : "error: " + r.error));
   if (!r.ok) {
     queue_.push_back({std::nullopt, qmp::make_error(error(r.error), std::nullopt)});
+    if (queue_full()) parser_.pause();
     return;
   }
   auto req = qmp::parse_request(r.value, oob_enabled_);
   if (!req) {
     queue_.push_back({std::nullopt, qmp::make_error(req.error().err, req.error().id)});
+    if (queue_full()) parser_.pause();
     return;
   }
   if (req->oob) {
@@ -233,16 +251,25 @@ void monitor_actor::on_value(qmp::json_result&& r) {
     return;
   }
   queue_.push_back({std::move(*req), {}});
+  if (queue_full()) parser_.pause();
 }
 
 void monitor_actor::pump() {
-  while (!executing_ && !queue_.empty() && open_ && !closing_) {
-    auto item = std::move(queue_.front());
-    queue_.pop_front();
-    if (!item.req)
-      write_message(item.error_reply);
-    else
-      dispatch(std::move(*item.req), false);
+  for (;;) {
+    while (!executing_ && !queue_.empty() && open_ && !closing_) {
+      auto item = std::move(queue_.front());
+      queue_.pop_front();
+      if (!item.req)
+        write_message(item.error_reply);
+      else
+        dispatch(std::move(*item.req), false);
+    }
+    if (executing_ || unparsed_.empty() || queue_full() || !open_ || closing_) break;
+    // Room again: parse what was held back (this may queue more requests).
+    size_t done = 0;
+    while (done < unparsed_.size() && !queue_full())
+      done += parser_.feed(std::string_view(unparsed_).substr(done));
+    unparsed_.erase(0, done);
   }
   post_recv();
 }
@@ -387,6 +414,7 @@ void monitor_actor::maybe_finish_close() {
     closing_ = false;
     queue_.clear();
     parser_.reset();
+    unparsed_.clear();
     out_.clear();
     sending_.clear();
     dev_->drop_connection();

@@ -55,6 +55,8 @@ class monitor_actor : public caf::event_based_actor {
   void on_bytes(const char* data, size_t n);
   void on_value(qmp::json_result&& r);
   void pump();
+  void parse_pending();
+  bool queue_full() const;
   void dispatch(qmp::request req, bool oob);
   void finish_command(const std::optional<boost::json::value>& id, const command_outcome& out);
   void write_message(const boost::json::object& msg);
@@ -75,6 +77,7 @@ class monitor_actor : public caf::event_based_actor {
   bool executing_ = false;
   std::deque<pending_item> queue_;
   qmp::json_stream parser_;
+  std::string unparsed_;  // received bytes held back while the request queue is full
 
   io_op recv_op_, send_op_, accept_op_, timer_op_;
   bool recv_busy_ = false, send_busy_ = false, accept_busy_ = false, timer_busy_ = false;

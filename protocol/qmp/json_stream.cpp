@@ -235,8 +235,15 @@ class parser {
 
 json_stream::json_stream(sink s) : sink_(std::move(s)) {}
 
-void json_stream::feed(std::string_view bytes) {
-  for (char c : bytes) lex_byte(static_cast<unsigned char>(c));
+size_t json_stream::feed(std::string_view bytes) {
+  for (size_t i = 0; i < bytes.size(); ++i) {
+    lex_byte(static_cast<unsigned char>(bytes[i]));
+    if (pause_) {
+      pause_ = false;
+      return i + 1;
+    }
+  }
+  return bytes.size();
 }
 
 void json_stream::reset() {
@@ -308,8 +315,8 @@ void json_stream::lex_byte(unsigned char c) {
   }
   switch (state_) {
     case lex::recovery:
-      // After a lexical error, input is skipped up to whitespace or a structural character.
-      if (!is_ws(c) && !is_structural(c)) return;
+      // After a lexical error, input (whitespace included) is skipped up to a structural character.
+      if (!is_structural(c)) return;
       state_ = lex::start;
       [[fallthrough]];
     case lex::start:

@@ -24,7 +24,10 @@ class json_stream {
   using sink = std::function<void(json_result&&)>;
   explicit json_stream(sink s);
 
-  void feed(std::string_view bytes);  // calls the sink once per complete value or error, in order
+  // Calls the sink once per complete value or error, in order. Returns how many bytes were
+  // consumed: all of them, unless the sink called pause(), which stops right after that value.
+  size_t feed(std::string_view bytes);
+  void pause() { pause_ = true; }
   void flush();                       // end of input: parse whatever is buffered
   void reset();                       // forget a partial value (client went away)
 
@@ -53,6 +56,7 @@ class json_stream {
   size_t token_bytes_ = 0;
   int braces_ = 0;
   int brackets_ = 0;
+  bool pause_ = false;
 };
 
 // Parses one complete text (a JSON command-line argument): exactly one value, or an error.

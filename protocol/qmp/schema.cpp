@@ -116,8 +116,9 @@ void schema::object(std::string name, std::string_view members, std::string_view
 }
 
 void schema::flat_union(std::string name, std::string_view base_members, std::string tag,
-                        std::vector<std::pair<std::string, std::string>> branches) {
+                        std::vector<std::pair<std::string, std::string>> branches, bool open_branches) {
   type_def t;
+  t.open_branches = open_branches;
   t.name = std::move(name);
   t.kind = meta::object;
   t.members = parse_members(base_members);

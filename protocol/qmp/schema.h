@@ -34,6 +34,7 @@ struct type_def {
   std::vector<member> members;        // object (base members first)
   std::string tag;                    // flat union discriminator ("" for plain structs)
   std::vector<variant> variants;      // explicit branches, in definition order
+  bool open_branches = false;         // values without a branch accept any members (see visitor)
   std::string element;                // array
   std::vector<std::string> alternatives;  // alternate
   std::vector<std::string> features;
@@ -61,7 +62,7 @@ class schema {
   void enumeration(std::string name, std::string_view values);  // space-separated values
   void object(std::string name, std::string_view members, std::string_view base = {});
   void flat_union(std::string name, std::string_view base_members, std::string tag,
-                  std::vector<std::pair<std::string, std::string>> branches);
+                  std::vector<std::pair<std::string, std::string>> branches, bool open_branches = false);
   void alternate(std::string name, std::vector<std::string> alternatives);
   void command(std::string name, std::string_view args, std::string ret = {}, bool boxed_type = false);
   void event(std::string name, std::string_view data);

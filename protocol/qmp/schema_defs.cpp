@@ -125,7 +125,8 @@ void define_objects(schema& s) {
                 {"tls-creds-anon", "TlsCredsAnonProperties"},
                 {"tls-creds-psk", "TlsCredsPskProperties"},
                 {"tls-creds-x509", "TlsCredsX509Properties"},
-                {"tls-cipher-suites", "TlsCredsProperties"}});
+                {"tls-cipher-suites", "TlsCredsProperties"}},
+               /*open_branches=*/true);
   s.command("object-add", "ObjectOptions", "", true);
   s.command("object-del", "id:str");
 }

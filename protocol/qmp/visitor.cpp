@@ -211,12 +211,22 @@ result<boost::json::value> visit_object(const ctx& c, const type_def& t, const b
   if (!t.tag.empty()) {
     // Flat union: the discriminator (a base member, already checked) picks the branch.
     std::string tag(out.at(t.tag).as_string());
+    bool branch = false;
     for (const auto& v : t.variants) {
       if (v.value != tag) continue;
       auto* bt = c.s.find_type(v.type);
       if (!bt) return fail("internal schema error: unknown type " + v.type);
       if (auto r = visit_members(c, *bt, obj, path, out, seen); !r) return r;
+      branch = true;
       break;
+    }
+    // A discriminator value blockd has no branch for (an emulator-only object type) passes its
+    // members through untouched: the command itself then refuses the value with QSD's message,
+    // instead of the visitor complaining about members QSD would have accepted.
+    if (!branch && t.open_branches) {
+      for (const auto& kv : obj)
+        if (!out.contains(kv.key())) out[kv.key()] = kv.value();
+      return boost::json::value(std::move(out));
     }
   }
   // Whatever was not consumed by a member is an error, reported after the members (QAPI order).

@@ -9,126 +9,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "reference")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qmp_harness import SHARED, Client, Daemon, monitor_args, free_port, thread_names  # noqa: E402
 DEADLINE = 10.0
-
-
-class Client:
-    """A minimal QMP client: raw sends, CRLF-framed reads with a deadline."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = b""
-
-    @classmethod
-    def unix(cls, path):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(DEADLINE)
-        s.connect(path)
-        return cls(s)
-
-    @classmethod
-    def tcp(cls, port):
-        s = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
-        return cls(s)
-
-    def send(self, data):
-        self.sock.sendall(data if isinstance(data, bytes) else data.encode())
-
-    def line(self):
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("connection closed")
-            self.buf += chunk
-        raw, self.buf = self.buf.split(b"\r\n", 1)
-        return json.loads(raw)
-
-    def cmd(self, name, args=None, id=None):
-        req = {"execute": name}
-        if args is not None:
-            req["arguments"] = args
-        if id is not None:
-            req["id"] = id
-        self.send(json.dumps(req) + "\n")
-        while True:
-            msg = self.line()
-            if "event" not in msg:
-                return msg
-
-    def negotiate(self):
-        greeting = self.line()
-        assert "QMP" in greeting, greeting
-        assert self.cmd("qmp_capabilities") == {"return": {}}
-        return greeting
-
-    def eof(self):
-        try:
-            while True:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    return True
-                self.buf += chunk
-        except OSError:
-            return True
-
-    def close(self):
-        self.sock.close()
-
-
-class Daemon:
-    def __init__(self, binary, args, tmp, env=None, stdin=None):
-        self.tmp = tmp
-        self.pidfile = os.path.join(tmp, "blockd.pid")
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        self.proc = subprocess.Popen([binary] + args + ["--pidfile", self.pidfile], stdin=stdin or subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, env=full_env)
-        end = time.monotonic() + DEADLINE
-        # Readiness is the pid file, written only after every option took effect (as QSD does).
-        while not os.path.exists(self.pidfile):
-            if self.proc.poll() is not None:
-                raise RuntimeError("daemon exited early: " + self.proc.stderr.read().decode())
-            if time.monotonic() > end:
-                raise RuntimeError("daemon not ready in time")
-            time.sleep(0.005)
-
-    def stop(self, sig=signal.SIGTERM):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(DEADLINE)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-
-
-def monitor_args(tmp, name="qmp", extra=""):
-    path = os.path.join(tmp, name + ".sock")
-    return ["--chardev", f"socket,id={name},path={path},server=on,wait=off", "--monitor", f"chardev={name}{extra}"], path
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def thread_names(pid):
-    names = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                names.append(f.read().strip())
-        except OSError:
-            pass
-    return names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +181,22 @@ def case_garbage_keeps_serving(binary, tmp):
             x.close()
         c2 = Client.unix(path)
         c2.negotiate()
+    finally:
+        assert d.stop() == 0
+
+
+def case_oob_reply_overtakes_queued_in_band_replies(binary, tmp):
+    args, path = monitor_args(tmp)
+    d = Daemon(binary, args, tmp)
+    try:
+        c = Client.unix(path)
+        c.line()
+        assert c.cmd("qmp_capabilities", {"enable": ["oob"]}) == {"return": {}}
+        # All in one write: the out-of-band error is answered while the in-band requests wait.
+        c.send('{"execute": "query-qmp-schema", "id": 1}{"execute": "query-qmp-schema", "id": 2}'
+               '{"execute": "query-qmp-schema", "id": 3}{"exec-oob": "query-version", "id": "oob"}')
+        ids = [c.line()["id"] for _ in range(4)]
+        assert ids == ["oob", 1, 2, 3], ids
     finally:
         assert d.stop() == 0
 

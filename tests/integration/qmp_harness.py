@@ -1,0 +1,128 @@
+"""Shared helpers for blockd's integration tests: start a daemon (blockd or qemu-storage-daemon) in a temp
+dir, wait for readiness by its pid file, and talk QMP over raw sockets with deadlines (no fixed sleeps)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "reference")
+DEADLINE = 10.0
+
+
+class Client:
+    """A minimal QMP client: raw sends, CRLF-framed reads with a deadline."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+
+    @classmethod
+    def unix(cls, path):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(DEADLINE)
+        s.connect(path)
+        return cls(s)
+
+    @classmethod
+    def tcp(cls, port):
+        s = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        return cls(s)
+
+    def send(self, data):
+        self.sock.sendall(data if isinstance(data, bytes) else data.encode())
+
+    def line(self):
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.buf += chunk
+        raw, self.buf = self.buf.split(b"\r\n", 1)
+        return json.loads(raw)
+
+    def cmd(self, name, args=None, id=None):
+        req = {"execute": name}
+        if args is not None:
+            req["arguments"] = args
+        if id is not None:
+            req["id"] = id
+        self.send(json.dumps(req) + "\n")
+        while True:
+            msg = self.line()
+            if "event" not in msg:
+                return msg
+
+    def negotiate(self):
+        greeting = self.line()
+        assert "QMP" in greeting, greeting
+        assert self.cmd("qmp_capabilities") == {"return": {}}
+        return greeting
+
+    def eof(self):
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+                self.buf += chunk
+        except OSError:
+            return True
+
+    def close(self):
+        self.sock.close()
+
+
+class Daemon:
+    def __init__(self, binary, args, tmp, env=None, stdin=None):
+        self.tmp = tmp
+        self.pidfile = os.path.join(tmp, "blockd.pid")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([binary] + args + ["--pidfile", self.pidfile], stdin=stdin or subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, env=full_env)
+        end = time.monotonic() + DEADLINE
+        # Readiness is the pid file, written only after every option took effect (as QSD does).
+        while not os.path.exists(self.pidfile):
+            if self.proc.poll() is not None:
+                raise RuntimeError("daemon exited early: " + self.proc.stderr.read().decode())
+            if time.monotonic() > end:
+                raise RuntimeError("daemon not ready in time")
+            time.sleep(0.005)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(DEADLINE)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+def monitor_args(tmp, name="qmp", extra=""):
+    path = os.path.join(tmp, name + ".sock")
+    return ["--chardev", f"socket,id={name},path={path},server=on,wait=off", "--monitor", f"chardev={name}{extra}"], path
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def thread_names(pid):
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return names
+
+
