@@ -78,6 +78,12 @@ std::string chardev_spec::describe() const {
   return s;
 }
 
+error identifier_error(const std::string& param) {
+  error e("Parameter '" + param + "' expects an identifier");
+  e.hint = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.";
+  return e;
+}
+
 result<chardev_spec> chardev_spec_from_options(const option_list& opts) {
   for (auto& [k, v] : opts)
     if (std::find(chardev_option_names().begin(), chardev_option_names().end(), k) == chardev_option_names().end())
@@ -87,9 +93,7 @@ result<chardev_spec> chardev_spec_from_options(const option_list& opts) {
   auto id = last(opts, "id");
   if (!id) return fail("chardev: no id specified");
   if (!id_wellformed(*id)) {
-    error e("Parameter 'id' expects an identifier");
-    e.hint = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.";
-    return std::unexpected(e);
+    return std::unexpected(identifier_error());
   }
   s.id = *id;
   if (!backend) return fail("chardev: \"" + s.id + "\" missing backend");

@@ -50,4 +50,7 @@ result<chardev_spec> chardev_spec_from_options(const option_list& opts);
 // QOM/QAPI identifier rule (letters, digits, '-', '.', '_', starting with a letter).
 bool id_wellformed(const std::string& id);
 
+// QSD's error for a malformed identifier in parameter `param`, with the rule as its hint.
+error identifier_error(const std::string& param = "id");
+
 }  // namespace blockd

@@ -111,7 +111,7 @@ command_outcome supervisor_actor::object_add(boost::json::object& args) {
   std::string type(args.at("qom-type").as_string());
   std::string id(args.at("id").as_string());
   // Checks run in QSD's order: identifier, type, property values, duplicate id, completion.
-  if (!id_wellformed(id)) return command_outcome::failure(error("Parameter 'id' expects an identifier"));
+  if (!id_wellformed(id)) return command_outcome::failure(identifier_error());
   if (type != "iothread" && type != "main-loop") {
     if (qsd_links_type(type))
       return command_outcome::failure(error("invalid object type: " + type + " (not available in blockd yet)"));
