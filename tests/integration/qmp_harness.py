@@ -7,7 +7,7 @@ import socket
 import subprocess
 import time
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "reference")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data")
 DEADLINE = 10.0
 
 

@@ -12,7 +12,7 @@ import tempfile
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_harness import SHARED, Client, Daemon, monitor_args, free_port, thread_names  # noqa: E402
+from qmp_harness import DATA, Client, Daemon, monitor_args, free_port, thread_names  # noqa: E402
 DEADLINE = 10.0
 
 
@@ -26,8 +26,8 @@ def case_unimplemented_commands_are_command_not_found(binary, tmp):
         implemented = {x["name"] for x in c.cmd("query-commands")["return"]}
         assert {"qmp_capabilities", "query-version", "query-commands", "query-qmp-schema", "quit", "object-add",
                 "object-del"} <= implemented, implemented
-        with open(os.path.join(SHARED, "qsd-newest-commands.jsonl")) as f:
-            all_cmds = [json.loads(line)["name"] for line in f]
+        with open(os.path.join(DATA, "qsd-newest-command-names.txt")) as f:
+            all_cmds = [line.strip() for line in f if line.strip() and not line.startswith("#")]
         schema = c.cmd("query-qmp-schema")["return"]
         in_schema = {e["name"] for e in schema if e["meta-type"] == "command"}
         assert in_schema == implemented, (in_schema ^ implemented)

@@ -50,7 +50,7 @@ json::value resolve(const table& t, const std::string& name, std::set<std::strin
 std::string canon(const json::value& v) { return to_json(v, false); }
 
 table qsd72() {
-  std::ifstream f(std::string(BLOCKD_SHARED_DIR) + "/reference/qsd-7.2-qmp-schema.json");
+  std::ifstream f(std::string(BLOCKD_TEST_DATA_DIR) + "/qsd-7.2-qmp-schema.json");
   std::stringstream ss;
   ss << f.rdbuf();
   return index(json::parse(ss.str()).as_array());
