@@ -3,7 +3,9 @@
 
 #include <liburing.h>
 #include <poll.h>
+#include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,7 +19,7 @@
 namespace blockd::io {
 namespace {
 
-enum class op_kind { read, write, recv, send, accept, connect, timeout, cancel };
+enum class op_kind { read, write, readv, writev, fsync, fallocate, recv, send, accept, connect, timeout, cancel };
 
 struct op {
   op_kind kind;
@@ -28,6 +30,9 @@ struct op {
   const void* addr = nullptr;
   unsigned addrlen = 0;
   uint64_t ns = 0;
+  const iovec* iov = nullptr;
+  int iovcnt = 0;
+  int mode = 0;  // fsync: datasync flag; fallocate: mode
   completion* c = nullptr;       // the continuation (nullptr for the reactor's own cancel requests)
   completion* target = nullptr;  // for cancel
 };
@@ -47,6 +52,18 @@ class uring_reactor final : public reactor {
   }
   void write(int fd, const void* buf, size_t len, int64_t off, completion* c) override {
     queue({.kind = op_kind::write, .fd = fd, .buf = const_cast<void*>(buf), .len = len, .off = off, .c = c});
+  }
+  void readv(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c) override {
+    queue({.kind = op_kind::readv, .fd = fd, .off = off, .iov = iov, .iovcnt = iovcnt, .c = c});
+  }
+  void writev(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c) override {
+    queue({.kind = op_kind::writev, .fd = fd, .off = off, .iov = iov, .iovcnt = iovcnt, .c = c});
+  }
+  void fsync(int fd, bool datasync, completion* c) override {
+    queue({.kind = op_kind::fsync, .fd = fd, .mode = datasync ? 1 : 0, .c = c});
+  }
+  void fallocate(int fd, int mode, int64_t off, int64_t len, completion* c) override {
+    queue({.kind = op_kind::fallocate, .fd = fd, .len = static_cast<size_t>(len), .off = off, .mode = mode, .c = c});
   }
   void recv(int fd, void* buf, size_t len, completion* c) override {
     queue({.kind = op_kind::recv, .fd = fd, .buf = buf, .len = len, .c = c});
@@ -155,6 +172,10 @@ class uring_reactor final : public reactor {
       case op_kind::write:
         io_uring_prep_write(sqe, o.fd, o.buf, static_cast<unsigned>(o.len), o.off < 0 ? static_cast<__u64>(-1) : o.off);
         break;
+      case op_kind::readv: io_uring_prep_readv(sqe, o.fd, o.iov, static_cast<unsigned>(o.iovcnt), o.off); break;
+      case op_kind::writev: io_uring_prep_writev(sqe, o.fd, o.iov, static_cast<unsigned>(o.iovcnt), o.off); break;
+      case op_kind::fsync: io_uring_prep_fsync(sqe, o.fd, o.mode ? IORING_FSYNC_DATASYNC : 0); break;
+      case op_kind::fallocate: io_uring_prep_fallocate(sqe, o.fd, o.mode, o.off, static_cast<off_t>(o.len)); break;
       case op_kind::recv: io_uring_prep_recv(sqe, o.fd, o.buf, o.len, 0); break;
       case op_kind::send: io_uring_prep_send(sqe, o.fd, o.buf, o.len, MSG_NOSIGNAL); break;
       case op_kind::accept: io_uring_prep_accept(sqe, o.fd, nullptr, nullptr, SOCK_CLOEXEC); break;
@@ -190,6 +211,18 @@ class poll_reactor final : public reactor {
   void write(int fd, const void* buf, size_t len, int64_t off, completion* c) override {
     add({.kind = op_kind::write, .fd = fd, .buf = const_cast<void*>(buf), .len = len, .off = off, .c = c});
   }
+  void readv(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c) override {
+    add({.kind = op_kind::readv, .fd = fd, .off = off, .iov = iov, .iovcnt = iovcnt, .c = c});
+  }
+  void writev(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c) override {
+    add({.kind = op_kind::writev, .fd = fd, .off = off, .iov = iov, .iovcnt = iovcnt, .c = c});
+  }
+  void fsync(int fd, bool datasync, completion* c) override {
+    add({.kind = op_kind::fsync, .fd = fd, .mode = datasync ? 1 : 0, .c = c});
+  }
+  void fallocate(int fd, int mode, int64_t off, int64_t len, completion* c) override {
+    add({.kind = op_kind::fallocate, .fd = fd, .len = static_cast<size_t>(len), .off = off, .mode = mode, .c = c});
+  }
   void recv(int fd, void* buf, size_t len, completion* c) override {
     add({.kind = op_kind::recv, .fd = fd, .buf = buf, .len = len, .c = c});
   }
@@ -214,12 +247,11 @@ class poll_reactor final : public reactor {
   size_t in_flight() const override { return pending_.size() + ready_.size(); }
 
   unsigned run_once(bool block) override {
-    // Positioned I/O on files does not wait for readiness.
+    // Positioned I/O and file control do not wait for readiness: they run here, synchronously on
+    // this loop (the fallback is correct but serializes the iothread's file I/O).
     for (auto it = pending_.begin(); it != pending_.end();) {
-      if ((it->kind == op_kind::read || it->kind == op_kind::write) && it->off >= 0) {
-        ssize_t n = it->kind == op_kind::read ? ::pread(it->fd, it->buf, it->len, it->off)
-                                              : ::pwrite(it->fd, it->buf, it->len, it->off);
-        ready_.emplace_back(it->c, n < 0 ? -errno : static_cast<int>(n));
+      if (int res; file_op(*it, res)) {
+        ready_.emplace_back(it->c, res);
         it = pending_.erase(it);
       } else {
         ++it;
@@ -283,6 +315,21 @@ class poll_reactor final : public reactor {
                                      .count());
   }
   void add(op o) { pending_.push_back(o); }
+
+  static bool file_op(const op& o, int& res) {
+    ssize_t n;
+    switch (o.kind) {
+      case op_kind::read: if (o.off < 0) return false; n = ::pread(o.fd, o.buf, o.len, o.off); break;
+      case op_kind::write: if (o.off < 0) return false; n = ::pwrite(o.fd, o.buf, o.len, o.off); break;
+      case op_kind::readv: n = ::preadv(o.fd, o.iov, o.iovcnt, o.off); break;
+      case op_kind::writev: n = ::pwritev(o.fd, o.iov, o.iovcnt, o.off); break;
+      case op_kind::fsync: n = o.mode ? ::fdatasync(o.fd) : ::fsync(o.fd); break;
+      case op_kind::fallocate: n = ::fallocate(o.fd, o.mode, o.off, static_cast<off_t>(o.len)); break;
+      default: return false;
+    }
+    res = n < 0 ? -errno : static_cast<int>(n);
+    return true;
+  }
 
   static int attempt(op& o) {
     ssize_t n = 0;

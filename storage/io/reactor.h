@@ -5,6 +5,8 @@
 #include <memory>
 #include <string>
 
+struct iovec;
+
 namespace blockd::io {
 
 // The continuation of one queued operation. The reactor calls complete() exactly once, on the loop
@@ -30,6 +32,11 @@ class reactor {
   // off < 0 means "at the current position" (pipes, ttys, eventfds).
   virtual void read(int fd, void* buf, size_t len, int64_t off, completion* c) = 0;
   virtual void write(int fd, const void* buf, size_t len, int64_t off, completion* c) = 0;
+  // Vectored positioned I/O and file control for block drivers; `iov` must stay alive until completion.
+  virtual void readv(int fd, const struct iovec* iov, int iovcnt, int64_t off, completion* c) = 0;
+  virtual void writev(int fd, const struct iovec* iov, int iovcnt, int64_t off, completion* c) = 0;
+  virtual void fsync(int fd, bool datasync, completion* c) = 0;
+  virtual void fallocate(int fd, int mode, int64_t off, int64_t len, completion* c) = 0;
   virtual void recv(int fd, void* buf, size_t len, completion* c) = 0;
   virtual void send(int fd, const void* buf, size_t len, completion* c) = 0;  // never raises SIGPIPE
   virtual void accept(int fd, completion* c) = 0;                               // res: new fd, CLOEXEC

@@ -1,0 +1,100 @@
+// raw: the child's bytes as they are, optionally a window (offset, size) into it; home iothread only.
+#include <cerrno>
+
+#include "storage/block/driver.h"
+#include "storage/block/node.h"
+
+namespace blockd::block {
+namespace {
+
+class raw_driver final : public block_driver, private io_waiter {
+ public:
+  raw_driver(node* child, int64_t offset, int64_t size, bool windowed)
+      : child_(child), offset_(offset), size_(size), windowed_(windowed) {}
+
+  uint32_t caps() const override {
+    return child_->driver().caps() & (cap_write_zeroes | cap_discard | cap_fua | cap_block_status | cap_resize);
+  }
+  driver_limits limits() const override { return child_->driver().limits(); }
+  int64_t length() const override {
+    if (size_ >= 0) return size_;
+    int64_t n = child_->length() - offset_;
+    return n < 0 ? 0 : n;
+  }
+  image_facts facts() const override {
+    auto f = child_->driver().facts();
+    return {length(), f.actual_size, f.has_dirty_flag};
+  }
+
+  void submit(io_request& r) override {
+    // A request received is never passed on: the child gets its own, shifted by the window offset.
+    io_request* c = pool_.get();
+    c->op = r.op;
+    c->flags = r.flags;
+    c->offset = r.offset + offset_;
+    c->length = r.length;
+    c->iov = r.iov;
+    c->iovcnt = r.iovcnt;
+    c->user = &r;
+    c->waiter = this;
+    child_->submit(*c);
+  }
+
+  result<void> truncate(int64_t size) override {
+    if (windowed_) return fail("Cannot resize fixed-size raw disks");
+    return child_->driver().truncate(size + offset_);
+  }
+
+  void child_perm(const std::string&, uint32_t node_perm, uint32_t node_shared, uint32_t& perm,
+                  uint32_t& shared) const override {
+    perm = node_perm;
+    // A window cannot follow the child's size, so nobody may resize it underneath.
+    shared = windowed_ ? node_shared & ~uint32_t(perm_resize) : node_shared;
+  }
+
+ private:
+  void io_done(io_request& c) override {
+    auto& r = *static_cast<io_request*>(c.user);
+    r.status = c.status;
+    r.status_length = c.status_length;
+    r.depth = c.depth;
+    int res = c.result;
+    pool_.put(&c);
+    r.complete(res);
+  }
+
+  node* child_;
+  int64_t offset_;
+  int64_t size_;
+  bool windowed_;
+  request_pool pool_;
+};
+
+int64_t get_int(const boost::json::object& o, const char* key, int64_t dflt) {
+  auto* v = o.if_contains(key);
+  if (!v) return dflt;
+  return v->is_uint64() ? int64_t(v->as_uint64()) : v->as_int64();
+}
+
+result<std::unique_ptr<block_driver>> open_raw(open_args& a) {
+  node* child = a.find_child("file");
+  int64_t clen = child->length();
+  bool has_off = a.options.contains("offset"), has_size = a.options.contains("size");
+  int64_t off = get_int(a.options, "offset", 0);
+  int64_t size = get_int(a.options, "size", -1);
+  if (off < 0) return fail("offset cannot be negative");
+  if (has_size && size < 0) return fail("size cannot be negative");
+  if (off > clen) return fail("The sum of offset (" + std::to_string(off) + ") and size (0) has to be smaller or equal to the  actual size of the containing file (" + std::to_string(clen) + ")");
+  if (has_size && off + size > clen)
+    return fail("The sum of offset (" + std::to_string(off) + ") and size (" + std::to_string(size) +
+                ") has to be smaller or equal to the  actual size of the containing file (" + std::to_string(clen) + ")");
+  return std::unique_ptr<block_driver>(new raw_driver(child, off, size, has_off || has_size));
+}
+
+}  // namespace
+
+void register_raw_driver() {
+  register_driver({"raw", false, {"file"}, open_raw, nullptr});
+}
+
+}  // namespace blockd::block

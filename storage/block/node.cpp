@@ -1,0 +1,175 @@
+// Node request path: validation, accounting, write threshold, FUA emulation, quiescing; home iothread only.
+#include "storage/block/node.h"
+
+#include <time.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace blockd::block {
+
+int64_t node::now_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+node::node(node_settings s, std::unique_ptr<block_driver> drv, driver_env env)
+    : s_(std::move(s)), drv_(std::move(drv)), env_(std::move(env)) {
+  fua_waiter_.owner = this;
+}
+
+node::~node() = default;
+
+namespace {
+bool all_zero(const io_request& r) {
+  for (int i = 0; i < r.iovcnt; ++i) {
+    auto* p = static_cast<const unsigned char*>(r.iov[i].iov_base);
+    size_t n = r.iov[i].iov_len;
+    if (n && (p[0] != 0 || std::memcmp(p, p + 1, n - 1) != 0)) return false;
+  }
+  return true;
+}
+
+op_stats* bucket(node_stats& st, io_op op) {
+  switch (op) {
+    case io_op::read: return &st.rd;
+    case io_op::write:
+    case io_op::write_zeroes: return &st.wr;
+    case io_op::discard: return &st.unmap;
+    case io_op::flush: return &st.flush;
+    case io_op::block_status: break;
+  }
+  return nullptr;  // block status is not an accounted operation
+}
+}  // namespace
+
+void node::submit(io_request& r) {
+  r.outer = r.waiter;
+  r.waiter = this;
+  r.start_ns = now_ns();
+  ++in_flight_;
+  int64_t len = drv_->length();
+  int err = 0;
+  if (r.op != io_op::flush && (r.offset < 0 || r.length < 0 || r.offset > len || r.length > len - r.offset))
+    err = -EINVAL;
+  bool writes = r.op == io_op::write || r.op == io_op::write_zeroes || r.op == io_op::discard;
+  if (!err && writes && s_.read_only) err = -EPERM;
+  if (!err && (r.op == io_op::read || r.op == io_op::write)) {
+    int64_t total = 0;
+    for (int i = 0; i < r.iovcnt; ++i) total += int64_t(r.iov[i].iov_len);
+    if (total != r.length) err = -EINVAL;
+  }
+  if (!err && (r.op == io_op::read || r.op == io_op::write)) {
+    uint32_t a = drv_->limits().request_alignment;
+    // The driver's contract: it only sees aligned payload requests (alignment > 1 only with O_DIRECT).
+    if (a > 1 && (r.offset % a || r.length % a)) err = -EINVAL;
+  }
+  if (err) {
+    if (auto* b = bucket(stats_, r.op)) b->invalid++;
+    r.unaccounted = true;
+    finish_later(r, err);
+    return;
+  }
+  if (quiesce_depth_ > 0) {
+    held_.push_back(&r);
+    return;
+  }
+  start(r);
+}
+
+void node::start(io_request& r) {
+  if (r.op == io_op::write && s_.detect_zeroes != detect_zeroes_mode::off && all_zero(r)) {
+    r.op = io_op::write_zeroes;
+    if (s_.detect_zeroes == detect_zeroes_mode::unmap) r.flags |= io_may_unmap;
+  }
+  if (r.op == io_op::write_zeroes && !s_.discard_unmap) r.flags &= ~uint32_t(io_may_unmap);
+  if ((r.op == io_op::discard && !s_.discard_unmap) || (r.op == io_op::flush && s_.no_flush)) {
+    // discard=ignore and cache.no-flush: the request succeeds without touching storage.
+    finish_later(r, 0);
+    return;
+  }
+  drv_->submit(r);
+}
+
+void node::finish_later(io_request& r, int res) {
+  r.result = res;
+  env_.defer([this, &r] { finish(r); });
+}
+
+void node::io_done(io_request& r) {
+  if (r.result == 0 && (r.flags & io_fua) && (r.op == io_op::write || r.op == io_op::write_zeroes) &&
+      !(drv_->caps() & cap_fua) && !s_.no_flush) {
+    // Emulated FUA: the write is done; make it durable before the submitter hears of it.
+    r.flags &= ~uint32_t(io_fua);
+    io_request* f = pool_.get();
+    f->op = io_op::flush;
+    f->user = &r;
+    f->waiter = &fua_waiter_;
+    drv_->submit(*f);
+    return;
+  }
+  finish(r);
+}
+
+void node::fua_flush_waiter::io_done(io_request& f) {
+  auto* r = static_cast<io_request*>(f.user);
+  r->result = f.result;
+  owner->pool_.put(&f);
+  owner->finish(*r);
+}
+
+void node::finish(io_request& r) {
+  int64_t end = now_ns();
+  if (!r.unaccounted) account(r, end);
+  r.unaccounted = false;
+  stats_.last_op_ns = end;
+  if (r.result == 0 && (r.op == io_op::write || r.op == io_op::write_zeroes)) {
+    uint64_t end_off = uint64_t(r.offset + r.length);
+    if (end_off > stats_.wr_highest_offset) stats_.wr_highest_offset = end_off;
+    if (write_threshold_ && end_off > write_threshold_) {
+      uint64_t t = write_threshold_;
+      write_threshold_ = 0;  // one-shot, as QEMU's
+      if (on_threshold) on_threshold(end_off - t, t);
+    }
+  }
+  --in_flight_;
+  r.waiter = r.outer;
+  r.outer = nullptr;
+  r.waiter->io_done(r);
+  check_drained();
+}
+
+void node::account(const io_request& r, int64_t end_ns) {
+  auto* b = bucket(stats_, r.op);
+  if (!b) return;
+  if (r.result < 0) {
+    b->failed++;
+  } else {
+    b->operations++;
+    if (r.op != io_op::flush) b->bytes += uint64_t(r.length);
+  }
+  b->total_time_ns += uint64_t(end_ns - r.start_ns);
+}
+
+void node::check_drained() {
+  if (quiesce_depth_ == 0 || in_flight_ != held_.size() || drained_.empty()) return;
+  auto fns = std::move(drained_);
+  drained_.clear();
+  for (auto& fn : fns) fn();
+}
+
+void node::quiesce(std::function<void()> drained) {
+  ++quiesce_depth_;
+  drained_.push_back(std::move(drained));
+  check_drained();
+}
+
+void node::resume() {
+  if (quiesce_depth_ == 0 || --quiesce_depth_ > 0) return;
+  auto held = std::move(held_);
+  held_.clear();
+  for (auto* r : held) start(*r);
+}
+
+}  // namespace blockd::block

@@ -1,0 +1,116 @@
+// A node of the block graph: one driver instance plus the checks, accounting and quiescing around it; home iothread.
+#pragma once
+#include <boost/json.hpp>
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "storage/block/driver.h"
+#include "storage/block/io_request.h"
+#include "storage/block/perm.h"
+
+namespace blockd::block {
+
+enum class detect_zeroes_mode { off, on, unmap };
+
+// Per-operation counters, as query-blockstats reports them.
+struct op_stats {
+  uint64_t operations = 0, bytes = 0, failed = 0, invalid = 0, total_time_ns = 0;
+};
+
+struct node_stats {
+  op_stats rd, wr, unmap, flush, zone_append;
+  uint64_t wr_highest_offset = 0;
+  int64_t last_op_ns = -1;  // monotonic time of the last completed operation; -1 = none yet
+};
+
+struct node_settings {
+  std::string name;
+  bool auto_named = false;
+  std::string driver;
+  bool read_only = false;
+  bool auto_read_only = false;
+  bool force_share = false;
+  bool direct = false;
+  bool no_flush = false;
+  bool discard_unmap = false;  // discard=unmap: pass discards down (ignore: complete them as no-ops)
+  detect_zeroes_mode detect_zeroes = detect_zeroes_mode::off;
+  boost::json::object options;  // the validated options as given (children as references or inline)
+};
+
+class node final : private io_waiter {
+ public:
+  node(node_settings s, std::unique_ptr<block_driver> drv, driver_env env);
+  ~node();
+
+  const node_settings& settings() const { return s_; }
+  const std::string& name() const { return s_.name; }
+  block_driver& driver() { return *drv_; }
+  const block_driver& driver() const { return *drv_; }
+  int64_t length() const { return drv_->length(); }
+
+  // Data path. Checks the request against the node (range, read-only, alignment contract), accounts
+  // it and hands it to the driver; while quiesced, requests wait and go out on resume.
+  void submit(io_request& r);
+
+  // Quiescing: stop admission and call `drained` once nothing is in flight (at once if idle).
+  void quiesce(std::function<void()> drained);
+  void resume();
+  bool quiesced() const { return quiesce_depth_ > 0; }
+  size_t in_flight() const { return in_flight_; }
+
+  const node_stats& stats() const { return stats_; }
+
+  // Write threshold: called (once) when a write ends beyond it; 0 disables.
+  void set_write_threshold(uint64_t t) { write_threshold_ = t; }
+  uint64_t write_threshold() const { return write_threshold_; }
+  std::function<void(uint64_t exceeded, uint64_t threshold)> on_threshold;
+
+  // Graph bookkeeping, owned by the graph (supervisor): children and users with their permissions.
+  struct child_edge {
+    std::string role;
+    node* child;
+    uint32_t perm = 0, shared = perm_all;
+  };
+  std::vector<child_edge> children;
+  struct user {
+    std::string key;  // identifies the user for removal ("node:r0/file", "export:e0", ...)
+    perm_user p;
+  };
+  std::vector<user> users;
+  uint32_t cum_perm = 0, cum_shared = perm_all;
+  bool monitor_owned = false;  // added by blockdev-add / --blockdev as a top-level node
+
+  static int64_t now_ns();
+
+ private:
+  struct fua_flush_waiter final : io_waiter {
+    node* owner = nullptr;
+    void io_done(io_request& f) override;
+  };
+
+  void io_done(io_request& r) override;
+  void start(io_request& r);
+  void finish_later(io_request& r, int res);
+  void finish(io_request& r);
+  void account(const io_request& r, int64_t end_ns);
+  void check_drained();
+
+  node_settings s_;
+  std::unique_ptr<block_driver> drv_;
+  driver_env env_;
+  fua_flush_waiter fua_waiter_;
+  node_stats stats_;
+  size_t in_flight_ = 0;
+  int quiesce_depth_ = 0;
+  std::deque<io_request*> held_;
+  std::vector<std::function<void()>> drained_;
+  uint64_t write_threshold_ = 0;
+  request_pool pool_;
+};
+
+}  // namespace blockd::block

@@ -1,0 +1,38 @@
+// The driver registry: name -> entry, filled once at start-up; read from any thread after that.
+#include <mutex>
+#include <vector>
+
+#include "storage/block/driver.h"
+
+namespace blockd::block {
+
+void register_null_drivers();
+void register_file_drivers();
+void register_raw_driver();
+
+namespace {
+std::vector<driver_entry>& table() {
+  static std::vector<driver_entry> t;
+  return t;
+}
+}  // namespace
+
+void register_driver(driver_entry e) { table().push_back(std::move(e)); }
+
+void register_builtin_drivers() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    register_file_drivers();
+    register_null_drivers();
+    register_raw_driver();
+  });
+}
+
+const driver_entry* find_driver(const std::string& name) {
+  register_builtin_drivers();
+  for (auto& e : table())
+    if (e.name == name) return &e;
+  return nullptr;
+}
+
+}  // namespace blockd::block
