@@ -78,6 +78,15 @@ item_outcome apply_object(caf::scoped_actor& self, const caf::actor& sup, const 
   return {false, ask(self, sup, caf::make_message(command_atom::value, std::string("object-add"), json_args{v->as_object()}))};
 }
 
+item_outcome apply_blockdev(caf::scoped_actor& self, const caf::actor& sup, const std::string& arg) {
+  bool help = false;
+  auto v = parse_structured(arg, "driver", "BlockdevOptions", &help);
+  if (help) return {false, error("Help is not available for this option")};
+  if (!v) return {false, v.error()};
+  return {false, ask(self, sup, caf::make_message(command_atom::value, std::string("blockdev-add"),
+                                                  json_args{v->as_object()}))};
+}
+
 item_outcome apply_monitor(caf::scoped_actor& self, const caf::actor& sup, const std::string& arg) {
   bool help = false;
   auto v = parse_structured(arg, "chardev", "MonitorOptions", &help);
@@ -167,7 +176,7 @@ item_outcome apply_item(caf::scoped_actor& self, const caf::actor& sup, const cl
     case cli_option::trace: return apply_trace(item);
     case cli_option::positional: return {false, error("Unexpected argument")};
     case cli_option::blockdev:
-      return {false, error("block nodes are not available in this blockd version yet; --blockdev cannot be used")};
+      return apply_blockdev(self, sup, item.arg);
     case cli_option::export_:
       return {false, error("block exports are not available in this blockd version yet; --export cannot be used")};
     case cli_option::nbd_server:

@@ -36,7 +36,13 @@ result<void> read_param(const boost::json::object& args, const char* name, int64
 }  // namespace
 
 supervisor_actor::supervisor_actor(caf::actor_config& cfg, iothread* home, supervisor_hooks hooks)
-    : caf::event_based_actor(cfg), home_(home), hooks_(std::move(hooks)) {}
+    : caf::event_based_actor(cfg), home_(home), hooks_(std::move(hooks)) {
+  // Every node lives on the main iothread for now (no export or x-blockdev-set-iothread moves one yet),
+  // which is also the supervisor's home: control calls into nodes never cross threads.
+  graph_ = std::make_unique<block::graph>([home] {
+    return block::driver_env{&home->reactor(), [home](std::function<void()> fn) { home->post(std::move(fn)); }};
+  });
+}
 
 supervisor_actor::~supervisor_actor() = default;
 
@@ -49,7 +55,7 @@ void supervisor_actor::emit(std::string name, boost::json::object data) {
 
 caf::behavior supervisor_actor::make_behavior() {
   return {
-      [this](command_atom, const std::string& name, json_args& args) -> command_outcome {
+      [this](command_atom, const std::string& name, json_args& args) -> caf::result<command_outcome> {
         if (shutting_down_) return command_outcome::failure(error("blockd is shutting down"));
         return run_command(name, args.v);
       },
@@ -71,6 +77,7 @@ caf::behavior supervisor_actor::make_behavior() {
         auto left = std::make_shared<size_t>(monitors_.size());
         auto finish = [this, rp]() mutable {
           // Monitors are gone; stop every iothread object (joins its thread) and close chardevs.
+          graph_.reset();
           objects_.clear();
           chardevs_.clear();
           rp.deliver(true);
@@ -91,8 +98,12 @@ caf::behavior supervisor_actor::make_behavior() {
   };
 }
 
-command_outcome supervisor_actor::run_command(const std::string& name, boost::json::object& args) {
+caf::result<command_outcome> supervisor_actor::run_command(const std::string& name, boost::json::object& args) {
   if (name == "object-add") return object_add(args);
+  if (name == "blockdev-add") return blockdev_add(args);
+  if (name == "blockdev-del") return blockdev_del(std::string(args.at("node-name").as_string()));
+  if (name == "block_resize") return block_resize(args);
+  if (name == "block-set-write-threshold") return set_write_threshold(args);
   if (name == "object-del") return object_del(std::string(args.at("id").as_string()));
   if (name == "quit") {
     if (hooks_.quit_requested) hooks_.quit_requested();
@@ -172,6 +183,73 @@ command_outcome supervisor_actor::add_monitor(const std::string& chardev_id, boo
   auto m = spawn_pinned<monitor_actor>(home_->system(), *home_, caf::actor_cast<caf::actor>(this), dev,
                                        monitor_options{id, pretty});
   monitors_.push_back(m);
+  return command_outcome::success();
+}
+
+// ---- block graph commands -------------------------------------------------------------------
+
+caf::result<command_outcome> supervisor_actor::with_quiesced(block::node& n, std::function<command_outcome()> fn) {
+  auto rp = make_response_promise<command_outcome>();
+  std::string name = n.name();
+  n.quiesce([this, rp, name, fn]() mutable {
+    // Drained: run the change, then let held requests go (the node may be gone after a delete).
+    command_outcome out = fn();
+    if (auto* again = graph_ ? graph_->find(name) : nullptr) again->resume();
+    rp.deliver(std::move(out));
+  });
+  return rp;
+}
+
+command_outcome supervisor_actor::blockdev_add(const boost::json::object& args) {
+  auto n = graph_->add(args);
+  if (!n) return command_outcome::failure(n.error());
+  std::string name = (*n)->name();
+  // Write-threshold crossings arrive on the node's home thread; the event bus stamps and sends them.
+  (*n)->on_threshold = [this, name](uint64_t exceeded, uint64_t threshold) {
+    emit("BLOCK_WRITE_THRESHOLD",
+         boost::json::object{{"node-name", name}, {"amount-exceeded", exceeded}, {"write-threshold", threshold}});
+  };
+  return command_outcome::success();
+}
+
+caf::result<command_outcome> supervisor_actor::blockdev_del(const std::string& name) {
+  if (auto r = graph_->check_del(name); !r) return command_outcome::failure(r.error());
+  return with_quiesced(*graph_->find(name), [this, name] {
+    graph_->del(name);
+    return command_outcome::success();
+  });
+}
+
+caf::result<command_outcome> supervisor_actor::block_resize(const boost::json::object& args) {
+  std::string device, node_name;
+  const std::string* dp = nullptr;
+  const std::string* np = nullptr;
+  if (auto* v = args.if_contains("device")) dp = &(device = std::string(v->as_string()));
+  if (auto* v = args.if_contains("node-name")) np = &(node_name = std::string(v->as_string()));
+  auto found = graph_->lookup(dp, np);
+  if (!found) return command_outcome::failure(found.error());
+  int64_t size = args.at("size").as_int64();
+  if (size < 0) return command_outcome::failure(error("Parameter 'size' expects a >0 size"));
+  block::node& n = **found;
+  if (n.settings().read_only) return command_outcome::failure(error("Device '" + n.name() + "' is read only"));
+  // The resize is a user of the node for its duration, as QEMU's temporary block backend is.
+  block::perm_user u{"an unnamed block device (uses node '" + n.name() + "' as 'root' child)",
+                     block::perm_resize, block::perm_all};
+  if (auto r = graph_->attach_user(n, "command:block_resize", u); !r) return command_outcome::failure(r.error());
+  return with_quiesced(n, [this, &n, size] {
+    auto r = n.driver().truncate(size);
+    graph_->detach_user(n, "command:block_resize");
+    if (!r) return command_outcome::failure(r.error());
+    return command_outcome::success();
+  });
+}
+
+command_outcome supervisor_actor::set_write_threshold(const boost::json::object& args) {
+  std::string name(args.at("node-name").as_string());
+  block::node* n = graph_->find(name);
+  if (!n) return command_outcome::failure(error("Device '" + name + "' not found"));
+  const auto& v = args.at("write-threshold");
+  n->set_write_threshold(v.is_uint64() ? v.as_uint64() : uint64_t(v.as_int64()));
   return command_outcome::success();
 }
 

@@ -11,6 +11,7 @@
 #include "actors/messages.h"
 #include "actors/monitor/chardev.h"
 #include "actors/runtime/iothread.h"
+#include "storage/block/graph.h"
 
 namespace blockd {
 
@@ -36,7 +37,13 @@ class supervisor_actor : public caf::event_based_actor {
     std::unique_ptr<iothread> thread;  // iothreads only
   };
 
-  command_outcome run_command(const std::string& name, boost::json::object& args);
+  caf::result<command_outcome> run_command(const std::string& name, boost::json::object& args);
+  command_outcome blockdev_add(const boost::json::object& args);
+  caf::result<command_outcome> blockdev_del(const std::string& name);
+  caf::result<command_outcome> block_resize(const boost::json::object& args);
+  command_outcome set_write_threshold(const boost::json::object& args);
+  // Runs `fn` with `n` quiesced (no request in flight, new ones held), then resumes it and answers.
+  caf::result<command_outcome> with_quiesced(block::node& n, std::function<command_outcome()> fn);
   command_outcome object_add(boost::json::object& args);
   command_outcome object_del(const std::string& id);
   command_outcome add_chardev(const chardev_spec& spec, const std::string& note_prefix);
@@ -50,6 +57,7 @@ class supervisor_actor : public caf::event_based_actor {
   std::vector<caf::actor> monitors_;
   std::vector<caf::actor> subscribers_;
   bool shutting_down_ = false;
+  std::unique_ptr<block::graph> graph_;
 };
 
 }  // namespace blockd

@@ -82,9 +82,11 @@ result<std::unique_ptr<block_driver>> open_raw(open_args& a) {
   bool has_off = a.options.contains("offset"), has_size = a.options.contains("size");
   int64_t off = get_int(a.options, "offset", 0);
   int64_t size = get_int(a.options, "size", -1);
-  if (off < 0) return fail("offset cannot be negative");
-  if (has_size && size < 0) return fail("size cannot be negative");
-  if (off > clen) return fail("The sum of offset (" + std::to_string(off) + ") and size (0) has to be smaller or equal to the  actual size of the containing file (" + std::to_string(clen) + ")");
+  if (off < 0) return fail("Parameter 'offset' expects a non-negative number below 2^64");
+  if (has_size && size < 0) return fail("Parameter 'size' expects a non-negative number below 2^64");
+  if (off > clen)
+    return fail("Offset (" + std::to_string(off) + ") cannot be greater than size of the containing file (" +
+                std::to_string(clen) + ")");
   if (has_size && off + size > clen)
     return fail("The sum of offset (" + std::to_string(off) + ") and size (" + std::to_string(size) +
                 ") has to be smaller or equal to the  actual size of the containing file (" + std::to_string(clen) + ")");

@@ -172,4 +172,9 @@ const command_def* schema::find_command(std::string_view name) const {
   return nullptr;
 }
 
+void schema::type_features(const std::string& name, std::vector<std::string> features) {
+  auto it = types_.find(name);
+  if (it != types_.end()) it->second->features = std::move(features);
+}
+
 }  // namespace blockd::qmp

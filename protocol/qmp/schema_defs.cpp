@@ -131,6 +131,44 @@ void define_objects(schema& s) {
   s.command("object-del", "id:str");
 }
 
+// The block graph (block-core.json): node options for every QSD 10.2 driver name; the drivers blockd
+// builds have their exact option structs, the others an open branch (blockdev-add then refuses them).
+void define_block(schema& s) {
+  s.enumeration("BlockdevDriver",
+                "blkdebug blklogwrites blkreplay blkverify bochs cloop compress copy-before-write copy-on-read dmg "
+                "file snapshot-access ftp ftps gluster host_cdrom host_device http https io_uring iscsi luks nbd nfs "
+                "null-aio null-co nvme nvme-io_uring parallels preallocate qcow qcow2 qed quorum raw rbd replication "
+                "ssh throttle vdi vhdx virtio-blk-vfio-pci virtio-blk-vhost-user virtio-blk-vhost-vdpa vmdk vpc "
+                "vvfat");
+  s.enumeration("BlockdevDiscardOptions", "ignore unmap");
+  s.object("BlockdevCacheOptions", "*direct:bool *no-flush:bool");
+  s.enumeration("BlockdevDetectZeroesOptions", "off on unmap");
+  s.enumeration("OnOffAuto", "auto on off");
+  s.enumeration("BlockdevAioOptions", "threads native io_uring");
+  s.object("BlockdevOptionsFile",
+           "filename:str *pr-manager:str *locking:OnOffAuto *aio:BlockdevAioOptions *aio-max-batch:int "
+           "*drop-cache:bool *x-check-cache-dropped:bool@unstable");
+  s.type_features("BlockdevOptionsFile", {"dynamic-auto-read-only"});
+  s.object("BlockdevOptionsNull", "*size:int *latency-ns:uint64 *read-zeroes:bool");
+  s.alternate("BlockdevRef", {"BlockdevOptions", "str"});
+  s.object("BlockdevOptionsRaw", "file:BlockdevRef *offset:int *size:int");
+  s.flat_union("BlockdevOptions",
+               "driver:BlockdevDriver *node-name:str *discard:BlockdevDiscardOptions *cache:BlockdevCacheOptions "
+               "*active:bool *read-only:bool *auto-read-only:bool *force-share:bool "
+               "*detect-zeroes:BlockdevDetectZeroesOptions",
+               "driver",
+               {{"file", "BlockdevOptionsFile"},
+                {"host_device", "BlockdevOptionsFile"},
+                {"null-aio", "BlockdevOptionsNull"},
+                {"null-co", "BlockdevOptionsNull"},
+                {"raw", "BlockdevOptionsRaw"}},
+               /*open_branches=*/true);
+  s.command("blockdev-add", "BlockdevOptions", "", true);
+  s.command("blockdev-del", "node-name:str");
+  s.command("block_resize", "*device:str *node-name:str size:int");
+  s.command("block-set-write-threshold", "node-name:str write-threshold:uint64");
+}
+
 // Types used only by the command line (never reachable from a command, so never introspected).
 void define_cli(schema& s) {
   s.enumeration("MonitorMode", "readline control");
@@ -144,6 +182,7 @@ schema build() {
   define_control(s);
   define_introspection(s);
   define_objects(s);
+  define_block(s);
   define_cli(s);
   return s;
 }

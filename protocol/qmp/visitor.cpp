@@ -115,10 +115,9 @@ result<boost::json::value> visit_integer(const ctx& c, const type_def& t, const 
   } else {
     if (in.is_int64()) {
       sval = in.get_int64();
-      if (is_unsigned) {
-        if (sval < 0) return std::unexpected(type_error(path, "integer"));
-        uval = static_cast<uint64_t>(sval);
-      }
+      // QAPI accepts negative numbers for unsigned members and wraps them (kept for compatibility);
+      // the narrower kinds then fail their range check.
+      if (is_unsigned) uval = static_cast<uint64_t>(sval);
     } else if (in.is_uint64() && is_unsigned) {
       uval = in.get_uint64();
     } else {
@@ -287,14 +286,8 @@ result<boost::json::value> visit_value(const ctx& c, const type_def& t, const bo
         }
         if (fits) return visit_value(c, *at, in, path, in_list);
       }
-      std::string expected;
-      for (auto& alt : t.alternatives) {
-        auto* at = c.s.find_type(alt);
-        if (!at) continue;
-        if (!expected.empty()) expected += ", ";
-        expected += expected_for(*at);
-      }
-      return std::unexpected(type_error(path, expected.c_str()));
+      // QAPI names the alternate itself in this message.
+      return std::unexpected(type_error(path, t.name.c_str()));
     }
   }
   return fail("internal schema error");

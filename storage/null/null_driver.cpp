@@ -14,7 +14,7 @@ class null_driver final : public block_driver {
   null_driver(driver_env env, int64_t size, int64_t latency_ns, bool read_zeroes)
       : env_(std::move(env)), size_(size), latency_ns_(latency_ns), read_zeroes_(read_zeroes) {}
 
-  uint32_t caps() const override { return cap_write_zeroes | cap_discard | cap_fua | cap_block_status | cap_resize; }
+  uint32_t caps() const override { return cap_write_zeroes | cap_discard | cap_fua | cap_block_status; }
   int64_t length() const override { return size_; }
 
   void submit(io_request& r) override {
@@ -32,11 +32,6 @@ class null_driver final : public block_driver {
       return;
     }
     env_.defer([&r] { r.complete(0); });
-  }
-
-  result<void> truncate(int64_t size) override {
-    size_ = size;
-    return {};
   }
 
  private:
@@ -58,10 +53,11 @@ class null_driver final : public block_driver {
 result<std::unique_ptr<block_driver>> open_null(open_args& a) {
   int64_t size = int64_t(1) << 30;
   if (auto* v = a.options.if_contains("size")) {
-    uint64_t u = v->is_uint64() ? v->as_uint64() : uint64_t(v->as_int64());
-    if (u > uint64_t(INT64_MAX))
-      return fail("null: 'size' must be at most 9223372036854775807 bytes, not " + std::to_string(u));
-    size = int64_t(u);
+    // QSD 7.2 aborts on a negative size; blockd refuses it with the message QSD prints first.
+    if (v->is_int64() && v->as_int64() < 0) return fail("Parameter 'size' expects a non-negative number below 2^64");
+    if (v->is_uint64() && v->as_uint64() > uint64_t(INT64_MAX))
+      return fail("Parameter 'size' must be at most 9223372036854775807 for a null node");
+    size = v->is_uint64() ? int64_t(v->as_uint64()) : v->as_int64();
   }
   int64_t latency = 0;
   if (auto* v = a.options.if_contains("latency-ns")) {

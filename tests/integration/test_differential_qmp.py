@@ -125,6 +125,83 @@ CASES = [
 
 # Object types QSD links in that blockd does not build yet: blockd answers "invalid object type: ..." where QSD
 # succeeds. These are the only allowed differences, and each is listed.
+def ba(args, id=None):
+    import json
+    req = {"execute": "blockdev-add", "arguments": args}
+    if id is not None:
+        req["id"] = id
+    return json.dumps(req).encode() + b"\n"
+
+
+def ex(cmd, args=None, id=None):
+    import json
+    req = {"execute": cmd}
+    if args is not None:
+        req["arguments"] = args
+    if id is not None:
+        req["id"] = id
+    return json.dumps(req).encode() + b"\n"
+
+
+DISK = "WORKDIR/disk.img"  # every case's workdir has this 1 MiB sparse file
+
+# Block graph cases (qsd-inventory.md T57-T65, T94, and the graph's error paths).
+CASES += [
+    ("T57 T58 T62-T65 graph errors", [], "", [
+        NEG, ex("blockdev-del", {"node-name": "nope"}, 5), ex("block_resize", {"node-name": "nope", "size": 1024}, 6),
+        ba({"driver": "null-co", "node-name": "n0"}, 10), ba({"driver": "null-co", "node-name": "n0"}, 11),
+        ba({"driver": "null-co", "node-name": "1bad"}, 12), ba({"driver": "null-co"}, 13),
+        ba({"driver": "file", "node-name": "f0", "filename": "/nonexistent/x.img"}, 14),
+        ba({"driver": "null-co", "node-name": "a" * 32}, 15), ba({"driver": "null-co", "node-name": "a-b.c_d"}, 16)]),
+    ("blockdev-add validation", [], "", [
+        NEG, ba({"driver": "nosuch", "node-name": "x"}, 1), ba({"driver": "null-co", "node-name": "x", "bogus": 1}, 2),
+        ba({"driver": "null-co", "node-name": "x", "cache": {"bogus": 1}}, 3),
+        ba({"driver": "null-co", "node-name": "x", "size": "4096"}, 4),
+        ba({"driver": "null-co", "node-name": "x", "read-only": "yes"}, 5),
+        ba({"driver": "null-co", "node-name": "x", "detect-zeroes": "maybe"}, 6),
+        ba({"driver": "file", "node-name": "x"}, 7), ba({"driver": "raw", "node-name": "x"}, 8),
+        ba({"driver": "raw", "node-name": "x", "file": "nope"}, 9),
+        ba({"driver": "raw", "node-name": "x", "file": {"driver": "file"}}, 10),
+        ba({"driver": "raw", "node-name": "x", "file": 5}, 11),
+        ba({"driver": "null-co", "node-name": "x", "force-share": True}, 12),
+        ba({"driver": "null-co", "node-name": "x", "detect-zeroes": "unmap"}, 13),
+        ba({"driver": "file", "node-name": "x", "filename": DISK, "aio": "native"}, 14),
+        ba({"driver": "file", "node-name": "x", "filename": DISK, "locking": "maybe"}, 15)]),
+    ("T94 resize and delete with a parent", [], "", [
+        NEG, ba({"driver": "file", "node-name": "f0", "filename": DISK}, 1),
+        ba({"driver": "raw", "node-name": "r0", "file": "f0"}, 2),
+        ex("block_resize", {"node-name": "r0", "size": 2 * 1048576}, 3),
+        ex("block_resize", {"node-name": "f0", "size": 1048576}, 4),
+        ex("blockdev-del", {"node-name": "f0"}, 5), ex("blockdev-del", {"node-name": "r0"}, 6),
+        ex("blockdev-del", {"node-name": "f0"}, 7), ex("blockdev-del", {"node-name": "f0"}, 8)]),
+    ("raw windows and resize permissions", [], "", [
+        NEG, ba({"driver": "file", "node-name": "f0", "filename": DISK}, 1),
+        ba({"driver": "raw", "node-name": "w0", "file": "f0", "offset": 4096, "size": 65536}, 2),
+        ex("block_resize", {"node-name": "w0", "size": 4096}, 3),
+        ex("block_resize", {"node-name": "f0", "size": 2097152}, 4),
+        ba({"driver": "raw", "node-name": "w1", "file": "f0", "offset": 2097152}, 5),
+        ba({"driver": "raw", "node-name": "w2", "file": "f0", "offset": 4096, "size": 1048576}, 6),
+        ba({"driver": "raw", "node-name": "w3", "file": "f0", "offset": -1}, 7),
+        ex("blockdev-del", {"node-name": "w0"}, 8),
+        ex("block_resize", {"node-name": "f0", "size": 2097152}, 9),
+        ex("block_resize", {"node-name": "f0", "size": -5}, 10),
+        ex("block_resize", {"device": "f0", "size": 4096}, 11),
+        ex("block_resize", {"size": 4096}, 12)]),
+    ("null nodes do not resize; inline children are not monitor-owned", [], "", [
+        NEG, ba({"driver": "null-co", "node-name": "n0", "size": 8192}, 1),
+        ex("block_resize", {"node-name": "n0", "size": 4096}, 2),
+        ba({"driver": "raw", "node-name": "r1", "file": {"driver": "null-aio", "node-name": "in0", "size": 8192}}, 3),
+        ex("blockdev-del", {"node-name": "in0"}, 4), ex("blockdev-del", {"node-name": "r1"}, 5),
+        ex("blockdev-del", {"node-name": "in0"}, 6),
+        ba({"driver": "null-aio", "node-name": "in0"}, 7)]),
+    ("write threshold", [], "", [
+        NEG, ex("block-set-write-threshold", {"node-name": "nope", "write-threshold": 1}, 1),
+        ba({"driver": "null-co", "node-name": "n0"}, 2),
+        ex("block-set-write-threshold", {"node-name": "n0", "write-threshold": 4096}, 3),
+        ex("block-set-write-threshold", {"node-name": "n0", "write-threshold": -1}, 4),
+        ex("block-set-write-threshold", {"node-name": "n0", "write-threshold": 0}, 5)]),
+]
+
 ALLOWED = [
     ("object-add secret", [NEG, oa({"qom-type": "secret", "id": "s0", "data": "x"}, 1)]),
     ("object-add throttle-group", [NEG, oa({"qom-type": "throttle-group", "id": "t0", "limits": {"iops-total": 1}}, 1)]),
@@ -133,18 +210,23 @@ ALLOWED = [
 VERSION_RE = re.compile(rb'\{"qemu": \{"micro": \d+, "minor": \d+, "major": \d+\}, "package": "[^"]*"\}')
 PRETTY_VERSION_RE = re.compile(rb'"micro": \d+,(\r\n +)"minor": \d+,(\r\n +)"major": \d+(\r\n +)\},(\r\n +)"package": "[^"]*"')
 TS_RE = re.compile(rb'"seconds": \d+, "microseconds": \d+')
+BLOCK_RE = re.compile(rb"#block\d+")
 
 
 def normalize(data, workdir):
     data = VERSION_RE.sub(b"<VERSION>", data)
     data = PRETTY_VERSION_RE.sub(b"<VERSION>", data)
     data = TS_RE.sub(b"<TS>", data)
+    data = BLOCK_RE.sub(b"#blockNNN", data)
     return data.replace(workdir.encode(), b"WORKDIR")
 
 
 def play(binary, tmp, extra, monopt, sends):
     args, path = monitor_args(tmp, "m0", monopt)
-    d = Daemon(binary, args + extra, tmp)
+    with open(os.path.join(tmp, "disk.img"), "wb") as f:
+        f.truncate(1 << 20)
+    sends = [c.replace(b"WORKDIR", tmp.encode()) for c in sends]
+    d = Daemon(binary, args + [a.replace("WORKDIR", tmp) for a in extra], tmp)
     try:
         import socket
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -60,7 +60,7 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
   auto ours = index(introspect(qsd_schema()));
   auto theirs = qsd72();
   // Entities whose type changed between 7.2 and 10.2 are compared separately below.
-  std::set<std::string> changed = {"object-add", "BLOCK_IO_ERROR"};
+  std::set<std::string> changed = {"object-add", "BLOCK_IO_ERROR", "blockdev-add"};
   int compared = 0;
   for (auto& [name, e] : ours) {
     auto meta = e.at("meta-type").as_string();
@@ -71,7 +71,38 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
     EXPECT_EQ(canon(resolve(theirs, name, s2)), canon(resolve(ours, name, s1))) << name;
     ++compared;
   }
-  EXPECT_EQ(5 + 1 + 12, compared);  // control+introspect commands, object-del, events
+  EXPECT_EQ(5 + 1 + 12 + 3, compared);  // control+introspect, object-del, events, block commands
+}
+
+TEST(Introspection, BlockdevAddFollows102AndMatchesQsdForBuiltDrivers) {
+  auto ours = index(introspect(qsd_schema()));
+  auto theirs = qsd72();
+  auto arg = [](table& t) { return t.at(std::string(t.at("blockdev-add").at("arg-type").as_string())); };
+  auto o = arg(ours), q = arg(theirs);
+  EXPECT_EQ("driver", o.at("tag").as_string());
+  std::vector<std::string> base;
+  for (auto& m : o.at("members").as_array()) base.push_back(std::string(m.at("name").as_string()));
+  EXPECT_EQ((std::vector<std::string>{"driver", "node-name", "discard", "cache", "active", "read-only",
+                                      "auto-read-only", "force-share", "detect-zeroes"}),
+            base);  // 10.0 added "active"
+  std::map<std::string, std::string> ov, qv;
+  for (auto& v : o.at("variants").as_array()) ov[std::string(v.at("case").as_string())] = std::string(v.at("type").as_string());
+  for (auto& v : q.at("variants").as_array()) qv[std::string(v.at("case").as_string())] = std::string(v.at("type").as_string());
+  // 10.2 has every 7.2 driver name (plus the libblkio ones 7.2's build left out).
+  EXPECT_EQ(47u, ov.size());
+  for (auto& [d, t] : qv) EXPECT_TRUE(ov.count(d)) << d;
+  for (const char* d : {"file", "host_device", "null-co", "null-aio"}) {
+    std::set<std::string> s1, s2;
+    EXPECT_EQ(canon(resolve(theirs, qv.at(d), s2)), canon(resolve(ours, ov.at(d), s1))) << d;
+  }
+  // raw's file member is the recursive BlockdevRef: compare member names and optionality.
+  auto members = [](table& t, const std::string& type) {
+    std::string out;
+    for (auto& m : t.at(type).at("members").as_array())
+      out += std::string(m.at("name").as_string()) + (m.as_object().contains("default") ? "? " : " ");
+    return out;
+  };
+  EXPECT_EQ(members(theirs, qv.at("raw")), members(ours, ov.at("raw")));
 }
 
 TEST(Introspection, ObjectAddFollows102WithEmptyBranchesForEmulatorTypes) {
@@ -106,7 +137,7 @@ TEST(Introspection, EmptyObjectIsZeroAndBuiltinsByName) {
 TEST(CommandList, NewestRegistrationFirst) {
   auto l = command_list(qsd_schema());
   ASSERT_GE(l.size(), 7u);
-  EXPECT_EQ("object-del", l[0].at("name").as_string());
+  EXPECT_EQ("block-set-write-threshold", l[0].at("name").as_string());
   EXPECT_EQ("qmp_capabilities", l[l.size() - 1].at("name").as_string());
 }
 

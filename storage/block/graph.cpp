@@ -1,0 +1,266 @@
+// Block graph operations: open with inline children, delete, lookup, users and permission propagation; supervisor's thread.
+#include "storage/block/graph.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cstdio>
+
+#include "protocol/qmp/json_writer.h"
+
+namespace blockd::block {
+
+namespace {
+// Members every node has (BlockdevOptions' base); they never reach the driver's own option view
+// and never appear in a "json:" filename.
+const char* const common_keys[] = {"driver", "node-name", "discard", "cache", "active", "read-only",
+                                   "auto-read-only", "force-share", "detect-zeroes"};
+
+bool is_common(std::string_view k) {
+  return std::any_of(std::begin(common_keys), std::end(common_keys), [&](const char* c) { return k == c; });
+}
+
+bool get_bool(const boost::json::object& o, const char* k, bool dflt) {
+  auto* v = o.if_contains(k);
+  return v ? v->as_bool() : dflt;
+}
+
+std::string user_key(const node& parent, const std::string& role) { return "node:" + parent.name() + "/" + role; }
+}  // namespace
+
+bool node_name_valid(const std::string& name) {
+  if (name.empty() || !std::isalpha(static_cast<unsigned char>(name[0]))) return false;
+  return std::all_of(name.begin(), name.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '.' || c == '_';
+  });
+}
+
+graph::graph(std::function<driver_env()> env_for_new_node) : env_for_new_node_(std::move(env_for_new_node)) {}
+
+graph::~graph() {
+  // Parents first, so no node is destroyed while a parent still points at it.
+  while (!nodes_.empty()) nodes_.pop_back();
+}
+
+node* graph::find(const std::string& name) const {
+  for (auto& n : nodes_)
+    if (n->name() == name) return n.get();
+  return nullptr;
+}
+
+result<node*> graph::lookup(const std::string* device, const std::string* node_name) const {
+  // blockd has no named block backends (as QSD, which has no guest devices), so `device` never matches.
+  if (node_name)
+    if (node* n = find(*node_name)) return n;
+  return fail("Cannot find device='" + (device ? *device : std::string()) + "' nor node-name='" +
+              (node_name ? *node_name : std::string()) + "'");
+}
+
+std::vector<node*> graph::nodes_newest_first() const {
+  std::vector<node*> out;
+  for (auto it = nodes_.rbegin(); it != nodes_.rend(); ++it) out.push_back(it->get());
+  return out;
+}
+
+result<node*> graph::add(const boost::json::object& options) {
+  std::vector<node*> created;
+  auto r = open_node(options, true, created);
+  if (!r) {
+    // All or nothing: close what this call opened, newest first.
+    for (auto it = created.rbegin(); it != created.rend(); ++it) destroy(*it);
+    return r;
+  }
+  (*r)->monitor_owned = true;
+  return r;
+}
+
+result<node*> graph::open_node(const boost::json::object& options, bool top_level, std::vector<node*>& created) {
+  std::string driver(options.at("driver").as_string());
+  const driver_entry* e = find_driver(driver);
+  std::string name;
+  bool auto_named = false;
+  if (auto* v = options.if_contains("node-name")) {
+    name = std::string(v->as_string());
+    if (!node_name_valid(name)) return fail("Invalid node-name: '" + name + "'");
+    if (find(name)) return fail("Duplicate nodes with node-name='" + name + "'");
+    if (name.size() > 31) return fail("Node name too long");
+  } else if (top_level) {
+    return fail("'node-name' must be specified for the root node");
+  } else {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "#block%03u", ++auto_name_counter_ % 1000);
+    name = buf;
+    auto_named = true;
+  }
+  if (!e)
+    return fail("Driver '" + driver + "' is not available in this blockd version yet; available drivers: "
+                "file, host_device, null-aio, null-co, raw");
+
+  node_settings s;
+  s.name = name;
+  s.auto_named = auto_named;
+  s.driver = driver;
+  s.read_only = get_bool(options, "read-only", false);
+  s.auto_read_only = get_bool(options, "auto-read-only", false);
+  s.force_share = get_bool(options, "force-share", false);
+  if (auto* c = options.if_contains("cache")) {
+    s.direct = get_bool(c->as_object(), "direct", false);
+    s.no_flush = get_bool(c->as_object(), "no-flush", false);
+  }
+  if (auto* v = options.if_contains("discard")) s.discard_unmap = v->as_string() == "unmap";
+  if (auto* v = options.if_contains("detect-zeroes")) {
+    std::string dz(v->as_string());
+    s.detect_zeroes = dz == "on" ? detect_zeroes_mode::on : dz == "unmap" ? detect_zeroes_mode::unmap
+                                                                          : detect_zeroes_mode::off;
+    if (dz == "unmap" && !s.discard_unmap)
+      return fail("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap");
+  }
+  if (s.force_share && !s.read_only) return fail("force-share=on can only be used with read-only images");
+  if (auto* v = options.if_contains("active"); v && !v->as_bool())
+    return fail("node '" + name + "' cannot be added inactive: blockdev-set-active is not available in this "
+                "blockd version yet; leave 'active' out");
+  s.options = options;
+
+  // Children: a reference names an existing node; an inline definition opens one now.
+  boost::json::object own;  // the driver's view: its own members, children resolved away
+  for (auto& kv : options)
+    if (!is_common(kv.key())) own[kv.key()] = kv.value();
+  open_args a{own, {}, env_for_new_node_()};
+  a.read_only = s.read_only;
+  a.auto_read_only = s.auto_read_only;
+  a.direct = s.direct;
+  a.no_flush = s.no_flush;
+  for (auto& role : e->child_roles) {
+    auto* v = options.if_contains(role);
+    if (!v) continue;
+    node* child = nullptr;
+    if (v->is_string()) {
+      child = find(std::string(v->as_string()));
+      std::string ref(v->as_string());
+      if (!child) return fail("Cannot find device='" + ref + "' nor node-name='" + ref + "'");
+    } else {
+      auto r = open_node(v->as_object(), false, created);
+      if (!r) return r;
+      child = *r;
+    }
+    a.children.emplace_back(role, child);
+  }
+  auto drv = e->open(a);
+  if (!drv) return std::unexpected(drv.error());
+  s.read_only = a.read_only;  // auto-read-only may have fallen back
+  auto n = std::make_unique<node>(std::move(s), std::move(*drv), env_for_new_node_());
+  node* np = n.get();
+  for (auto& [role, child] : a.children) np->children.push_back({role, child});
+  nodes_.push_back(std::move(n));
+  created.push_back(np);
+  // Take the edges' permissions on the children (a window forbids resizing under it, ...).
+  if (auto r = refresh_perms(*np); !r) return std::unexpected(r.error());
+  return np;
+}
+
+result<void> graph::refresh_perms(node& n) {
+  uint32_t perm = 0, shared = perm_all;
+  for (auto& u : n.users) {
+    perm |= u.p.perm;
+    shared &= u.p.shared;
+  }
+  if (n.settings().force_share) shared = perm_all;
+  if (auto r = n.driver().set_perm(perm, shared); !r) return r;
+  n.cum_perm = perm;
+  n.cum_shared = shared;
+  for (auto& edge : n.children) {
+    uint32_t cp = 0, cs = perm_all;
+    n.driver().child_perm(edge.role, perm, shared, cp, cs);
+    edge.perm = cp;
+    edge.shared = cs;
+    node& c = *edge.child;
+    std::string key = user_key(n, edge.role);
+    perm_user u{"node '" + n.name() + "' (uses node '" + c.name() + "' as '" + edge.role + "' child)", cp, cs};
+    std::vector<perm_user> others;
+    for (auto& x : c.users)
+      if (x.key != key) others.push_back(x.p);
+    if (auto r = check_conflict(c.name(), others, u); !r) return r;
+    auto it = std::find_if(c.users.begin(), c.users.end(), [&](auto& x) { return x.key == key; });
+    if (it == c.users.end()) c.users.push_back({key, u});
+    else it->p = u;
+    if (auto r = refresh_perms(c); !r) return r;
+  }
+  return {};
+}
+
+result<void> graph::attach_user(node& n, const std::string& key, perm_user u) {
+  std::vector<perm_user> others;
+  for (auto& x : n.users) others.push_back(x.p);
+  if (auto r = check_conflict(n.name(), others, u); !r) return r;
+  n.users.push_back({key, std::move(u)});
+  if (auto r = refresh_perms(n); !r) {
+    detach_user(n, key);
+    return r;
+  }
+  return {};
+}
+
+void graph::detach_user(node& n, const std::string& key) {
+  std::erase_if(n.users, [&](auto& x) { return x.key == key; });
+  (void)refresh_perms(n);  // dropping permissions cannot conflict
+}
+
+result<void> graph::check_del(const std::string& name) {
+  node* n = find(name);
+  if (!n) return fail("Failed to find node with node-name='" + name + "'");
+  if (!n->monitor_owned) return fail("Node " + name + " is not owned by the monitor");
+  if (!n->users.empty()) return fail("Block device " + name + " is in use");
+  return {};
+}
+
+void graph::del(const std::string& name) {
+  if (node* n = find(name)) destroy(n);
+}
+
+void graph::destroy(node* n) {
+  auto children = n->children;
+  for (auto& edge : children) {
+    std::erase_if(edge.child->users, [&](auto& x) { return x.key == user_key(*n, edge.role); });
+  }
+  std::erase_if(nodes_, [&](auto& p) { return p.get() == n; });
+  for (auto& edge : children) {
+    node* c = edge.child;
+    if (!find(c->name())) continue;
+    if (!c->monitor_owned && c->users.empty()) destroy(c);  // an inline child goes with its parent
+    else (void)refresh_perms(*c);
+  }
+}
+
+boost::json::object graph::full_options(const node& n) const {
+  boost::json::object o;
+  o["driver"] = n.settings().driver;
+  for (auto& kv : n.settings().options) {
+    if (is_common(kv.key())) continue;
+    bool child = false;
+    for (auto& edge : n.children)
+      if (edge.role == kv.key()) {
+        o[kv.key()] = full_options(*edge.child);
+        child = true;
+      }
+    if (!child) o[kv.key()] = kv.value();
+  }
+  return o;
+}
+
+std::string graph::filename(const node& n) const {
+  const driver_entry* e = find_driver(n.settings().driver);
+  boost::json::object own;
+  for (auto& kv : n.settings().options)
+    if (!is_common(kv.key())) own[kv.key()] = kv.value();
+  if (e && e->plain_filename) {
+    std::string plain = e->plain_filename(own);
+    if (!plain.empty()) return plain;
+  }
+  // A format node over a plain child with no options of its own is named after the child.
+  if (own.size() == 1 && n.children.size() == 1 && own.contains(n.children[0].role)) {
+    std::string child = filename(*n.children[0].child);
+    if (child.rfind("json:", 0) != 0) return child;
+  }
+  return "json:" + qmp::to_json(boost::json::value(full_options(n)), false);
+}
+
+}  // namespace blockd::block

@@ -1,0 +1,55 @@
+// The block graph: nodes by name, their edges and users, and the permission bookkeeping; owned by the supervisor.
+#pragma once
+#include <boost/json.hpp>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "protocol/error.h"
+#include "storage/block/node.h"
+
+namespace blockd::block {
+
+class graph {
+ public:
+  // `env_for_new_node` gives a new node its home's reactor and defer function.
+  explicit graph(std::function<driver_env()> env_for_new_node);
+  ~graph();
+
+  // blockdev-add: opens the node and its inline children (validated BlockdevOptions). All or nothing.
+  result<node*> add(const boost::json::object& options);
+  // blockdev-del: the node must be monitor-owned and unused; inline children go with it.
+  result<void> check_del(const std::string& name);
+  void del(const std::string& name);
+
+  node* find(const std::string& name) const;
+  // QEMU's lookup for commands taking device/node-name.
+  result<node*> lookup(const std::string* device, const std::string* node_name) const;
+
+  // A temporary or lasting user of a node (a command, an export, a job). Checks and takes the
+  // permissions down the chain; returns an error naming the conflicting user.
+  result<void> attach_user(node& n, const std::string& key, perm_user u);
+  void detach_user(node& n, const std::string& key);
+
+  // Nodes, newest first (QSD's listing order).
+  std::vector<node*> nodes_newest_first() const;
+  // The filename QEMU shows for a node: plain for protocol nodes, "json:{...}" otherwise.
+  std::string filename(const node& n) const;
+  boost::json::object full_options(const node& n) const;
+
+ private:
+  result<node*> open_node(const boost::json::object& options, bool top_level, std::vector<node*>& created);
+  result<void> refresh_perms(node& n);
+  void destroy(node* n);
+
+  std::function<driver_env()> env_for_new_node_;
+  std::vector<std::unique_ptr<node>> nodes_;  // creation order
+  unsigned auto_name_counter_ = 0;
+};
+
+// Node-name rule: an identifier (the length limit of 31 is checked separately, after duplicates).
+bool node_name_valid(const std::string& name);
+
+}  // namespace blockd::block
