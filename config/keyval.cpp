@@ -1,5 +1,6 @@
 // keyval parser: items, key fragments, value escapes, nesting and array conversion; any thread.
 #include "config/keyval.h"
+#include "config/escaped_value.h"
 
 #include <algorithm>
 #include <cctype>
@@ -143,20 +144,8 @@ result<keyval_parsed> keyval_parse(std::string_view text, std::string_view impli
     }
     if (!valid) return fail("Invalid parameter '" + std::string(key) + "'");
     if (!has_eq) return fail("Expected '=' after parameter '" + std::string(key) + "'");
-    // The value runs to a single ','; ",," stands for a comma.
-    std::string value;
     size_t j = key_end + 1;
-    while (j < text.size()) {
-      if (text[j] == ',') {
-        if (j + 1 < text.size() && text[j + 1] == ',') {
-          value.push_back(',');
-          j += 2;
-          continue;
-        }
-        break;
-      }
-      value.push_back(text[j++]);
-    }
+    std::string value = scan_escaped_value(text, j);
     if (auto r = insert(root, frags, std::move(value)); !r) return std::unexpected(r.error());
     i = j < text.size() ? j + 1 : j;
     first = false;

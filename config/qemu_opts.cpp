@@ -1,5 +1,6 @@
 // QemuOpts parser with QEMU's short-form boolean handling and messages; any thread.
 #include "config/qemu_opts.h"
+#include "config/escaped_value.h"
 
 #include <algorithm>
 
@@ -33,20 +34,7 @@ result<qemu_opts_parsed> qemu_opts_parse(std::string_view text, std::string_view
     }
     bool has_eq = j < text.size() && text[j] == '=';
     std::string value;
-    if (has_eq) {
-      ++j;
-      while (j < text.size()) {
-        if (text[j] == ',') {
-          if (j + 1 < text.size() && text[j + 1] == ',') {
-            value.push_back(',');
-            j += 2;
-            continue;
-          }
-          break;
-        }
-        value.push_back(text[j++]);
-      }
-    }
+    if (has_eq) value = scan_escaped_value(text, ++j);
     i = j < text.size() ? j + 1 : j;
     if (!has_eq) {
       if (name == "help" || name == "?") {

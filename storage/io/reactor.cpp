@@ -37,41 +37,49 @@ struct op {
   completion* target = nullptr;  // for cancel
 };
 
+// The operations both backends queue the same way: each becomes an `op` handed to push().
+class op_reactor : public reactor {
+ public:
+  void read(int fd, void* buf, size_t len, int64_t off, completion* c) override {
+    push({.kind = op_kind::read, .fd = fd, .buf = buf, .len = len, .off = off, .c = c});
+  }
+  void write(int fd, const void* buf, size_t len, int64_t off, completion* c) override {
+    push({.kind = op_kind::write, .fd = fd, .buf = const_cast<void*>(buf), .len = len, .off = off, .c = c});
+  }
+  void readv(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c) override {
+    push({.kind = op_kind::readv, .fd = fd, .off = off, .iov = iov, .iovcnt = iovcnt, .c = c});
+  }
+  void writev(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c) override {
+    push({.kind = op_kind::writev, .fd = fd, .off = off, .iov = iov, .iovcnt = iovcnt, .c = c});
+  }
+  void fsync(int fd, bool datasync, completion* c) override {
+    push({.kind = op_kind::fsync, .fd = fd, .mode = datasync ? 1 : 0, .c = c});
+  }
+  void fallocate(int fd, int mode, int64_t off, int64_t len, completion* c) override {
+    push({.kind = op_kind::fallocate, .fd = fd, .len = static_cast<size_t>(len), .off = off, .mode = mode, .c = c});
+  }
+  void recv(int fd, void* buf, size_t len, completion* c) override {
+    push({.kind = op_kind::recv, .fd = fd, .buf = buf, .len = len, .c = c});
+  }
+  void send(int fd, const void* buf, size_t len, completion* c) override {
+    push({.kind = op_kind::send, .fd = fd, .buf = const_cast<void*>(buf), .len = len, .c = c});
+  }
+  void accept(int fd, completion* c) override { push({.kind = op_kind::accept, .fd = fd, .c = c}); }
+
+ protected:
+  virtual void push(op o) = 0;
+};
+
 // ---------------------------------------------------------------------------------------------
 // io_uring backend. Completions carry the completion pointer as user_data; cancel requests carry
 // user_data 0 and are dropped when they complete.
-class uring_reactor final : public reactor {
+class uring_reactor final : public op_reactor {
  public:
   explicit uring_reactor(io_uring ring) : ring_(ring), kernel_limit_(ring.cq.ring_entries) {}
   ~uring_reactor() override { io_uring_queue_exit(&ring_); }
 
   const char* kind() const override { return "io_uring"; }
 
-  void read(int fd, void* buf, size_t len, int64_t off, completion* c) override {
-    queue({.kind = op_kind::read, .fd = fd, .buf = buf, .len = len, .off = off, .c = c});
-  }
-  void write(int fd, const void* buf, size_t len, int64_t off, completion* c) override {
-    queue({.kind = op_kind::write, .fd = fd, .buf = const_cast<void*>(buf), .len = len, .off = off, .c = c});
-  }
-  void readv(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c) override {
-    queue({.kind = op_kind::readv, .fd = fd, .off = off, .iov = iov, .iovcnt = iovcnt, .c = c});
-  }
-  void writev(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c) override {
-    queue({.kind = op_kind::writev, .fd = fd, .off = off, .iov = iov, .iovcnt = iovcnt, .c = c});
-  }
-  void fsync(int fd, bool datasync, completion* c) override {
-    queue({.kind = op_kind::fsync, .fd = fd, .mode = datasync ? 1 : 0, .c = c});
-  }
-  void fallocate(int fd, int mode, int64_t off, int64_t len, completion* c) override {
-    queue({.kind = op_kind::fallocate, .fd = fd, .len = static_cast<size_t>(len), .off = off, .mode = mode, .c = c});
-  }
-  void recv(int fd, void* buf, size_t len, completion* c) override {
-    queue({.kind = op_kind::recv, .fd = fd, .buf = buf, .len = len, .c = c});
-  }
-  void send(int fd, const void* buf, size_t len, completion* c) override {
-    queue({.kind = op_kind::send, .fd = fd, .buf = const_cast<void*>(buf), .len = len, .c = c});
-  }
-  void accept(int fd, completion* c) override { queue({.kind = op_kind::accept, .fd = fd, .c = c}); }
   void connect(int fd, const void* addr, unsigned addrlen, completion* c) override {
     queue({.kind = op_kind::connect, .fd = fd, .addr = addr, .addrlen = addrlen, .c = c});
   }
@@ -142,6 +150,7 @@ class uring_reactor final : public reactor {
     }
   };
 
+  void push(op o) override { queue(o); }
   void queue(op o) {
     if (o.c) ++in_flight_;
     if (!overflow_.empty() || !prep(o)) overflow_.push_back(o);
@@ -201,42 +210,17 @@ class uring_reactor final : public reactor {
 // ---------------------------------------------------------------------------------------------
 // poll(2) backend for hosts that forbid io_uring. Socket and pipe operations wait for readiness and
 // then run the system call without blocking; positioned file I/O runs at the next turn.
-class poll_reactor final : public reactor {
+class poll_reactor final : public op_reactor {
  public:
   const char* kind() const override { return "poll"; }
 
-  void read(int fd, void* buf, size_t len, int64_t off, completion* c) override {
-    add({.kind = op_kind::read, .fd = fd, .buf = buf, .len = len, .off = off, .c = c});
-  }
-  void write(int fd, const void* buf, size_t len, int64_t off, completion* c) override {
-    add({.kind = op_kind::write, .fd = fd, .buf = const_cast<void*>(buf), .len = len, .off = off, .c = c});
-  }
-  void readv(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c) override {
-    add({.kind = op_kind::readv, .fd = fd, .off = off, .iov = iov, .iovcnt = iovcnt, .c = c});
-  }
-  void writev(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c) override {
-    add({.kind = op_kind::writev, .fd = fd, .off = off, .iov = iov, .iovcnt = iovcnt, .c = c});
-  }
-  void fsync(int fd, bool datasync, completion* c) override {
-    add({.kind = op_kind::fsync, .fd = fd, .mode = datasync ? 1 : 0, .c = c});
-  }
-  void fallocate(int fd, int mode, int64_t off, int64_t len, completion* c) override {
-    add({.kind = op_kind::fallocate, .fd = fd, .len = static_cast<size_t>(len), .off = off, .mode = mode, .c = c});
-  }
-  void recv(int fd, void* buf, size_t len, completion* c) override {
-    add({.kind = op_kind::recv, .fd = fd, .buf = buf, .len = len, .c = c});
-  }
-  void send(int fd, const void* buf, size_t len, completion* c) override {
-    add({.kind = op_kind::send, .fd = fd, .buf = const_cast<void*>(buf), .len = len, .c = c});
-  }
-  void accept(int fd, completion* c) override { add({.kind = op_kind::accept, .fd = fd, .c = c}); }
   void connect(int fd, const void* addr, unsigned addrlen, completion* c) override {
     // Local (unix/loopback) connects finish at once; the result is still delivered asynchronously.
     int rc = ::connect(fd, static_cast<const sockaddr*>(addr), addrlen);
     ready_.emplace_back(c, rc < 0 ? -errno : 0);
   }
   void timeout(uint64_t ns, completion* c) override {
-    add({.kind = op_kind::timeout, .ns = now_ns() + ns, .c = c});
+    push({.kind = op_kind::timeout, .ns = now_ns() + ns, .c = c});
   }
   void cancel(completion* c) override {
     auto it = std::find_if(pending_.begin(), pending_.end(), [c](const op& o) { return o.c == c; });
@@ -314,7 +298,7 @@ class poll_reactor final : public reactor {
                                      std::chrono::steady_clock::now().time_since_epoch())
                                      .count());
   }
-  void add(op o) { pending_.push_back(o); }
+  void push(op o) override { pending_.push_back(o); }
 
   static bool file_op(const op& o, int& res) {
     ssize_t n;
