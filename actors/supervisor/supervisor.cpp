@@ -10,6 +10,7 @@
 #include "actors/monitor/monitor.h"
 #include "actors/runtime/pinned.h"
 #include "config/chardev_spec.h"
+#include "storage/block/query.h"
 
 namespace blockd {
 namespace {
@@ -105,6 +106,19 @@ caf::result<command_outcome> supervisor_actor::run_command(const std::string& na
   if (name == "block_resize") return block_resize(args);
   if (name == "block-set-write-threshold") return set_write_threshold(args);
   if (name == "object-del") return object_del(std::string(args.at("id").as_string()));
+  if (name == "query-named-block-nodes") {
+    auto* flat = args.if_contains("flat");
+    return command_outcome::success(block::named_block_nodes(*graph_, flat && flat->as_bool()));
+  }
+  if (name == "query-block") return command_outcome::success(boost::json::array());  // no guest devices, as QSD
+  if (name == "query-blockstats") {
+    // Only nodes have statistics in blockd; without query-nodes QSD lists block backends, of which
+    // blockd has none (exports will add theirs).
+    auto* qn = args.if_contains("query-nodes");
+    if (qn && qn->as_bool()) return command_outcome::success(block::node_blockstats(*graph_));
+    return command_outcome::success(boost::json::array());
+  }
+  if (name == "x-debug-query-block-graph") return command_outcome::success(block::block_graph_dump(*graph_));
   if (name == "quit") {
     if (hooks_.quit_requested) hooks_.quit_requested();
     return command_outcome::success();

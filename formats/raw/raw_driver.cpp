@@ -23,7 +23,7 @@ class raw_driver final : public block_driver, private io_waiter {
   }
   image_facts facts() const override {
     auto f = child_->driver().facts();
-    return {length(), f.actual_size, f.has_dirty_flag};
+    return {.virtual_size = length(), .actual_size = f.actual_size, .has_dirty_flag = f.has_dirty_flag};
   }
 
   void submit(io_request& r) override {

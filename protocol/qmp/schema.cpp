@@ -172,6 +172,11 @@ const command_def* schema::find_command(std::string_view name) const {
   return nullptr;
 }
 
+void schema::command_features(const std::string& name, std::vector<std::string> features) {
+  for (auto& c : commands_)
+    if (c.name == name) c.features = std::move(features);
+}
+
 void schema::type_features(const std::string& name, std::vector<std::string> features) {
   auto it = types_.find(name);
   if (it != types_.end()) it->second->features = std::move(features);

@@ -65,6 +65,7 @@ class schema {
                   std::vector<std::pair<std::string, std::string>> branches, bool open_branches = false);
   void alternate(std::string name, std::vector<std::string> alternatives);
   void type_features(const std::string& name, std::vector<std::string> features);  // features of a defined type
+  void command_features(const std::string& name, std::vector<std::string> features);
   void command(std::string name, std::string_view args, std::string ret = {}, bool boxed_type = false);
   void event(std::string name, std::string_view data);
 

@@ -133,6 +133,119 @@ void define_objects(schema& s) {
 
 // The block graph (block-core.json): node options for every QSD 10.2 driver name; the drivers blockd
 // builds have their exact option structs, the others an open branch (blockdev-add then refuses them).
+// Return types of the block queries (QSD 10.2 layout; introspection masks the names).
+void define_block_info_types(schema& s) {
+  s.object("SnapshotInfo",
+           "id:str name:str vm-state-size:int date-sec:int date-nsec:int vm-clock-sec:int vm-clock-nsec:int "
+           "*icount:int");
+  s.enumeration("ImageInfoSpecificKind", "qcow2 vmdk luks rbd file");
+  s.enumeration("QCryptoBlockFormat", "aes luks");
+  s.enumeration("QCryptoCipherAlgo",
+                "aes-128 aes-192 aes-256 des 3des cast5-128 serpent-128 serpent-192 serpent-256 twofish-128 "
+                "twofish-192 twofish-256 sm4");
+  s.enumeration("QCryptoCipherMode", "ecb cbc xts ctr");
+  s.enumeration("QCryptoIVGenAlgo", "plain plain64 essiv");
+  s.enumeration("QCryptoHashAlgo", "md5 sha1 sha224 sha256 sha384 sha512 ripemd160 sm3");
+  s.object("QCryptoBlockInfoLUKSSlot", "active:bool *iters:int *stripes:int key-offset:int");
+  s.object("QCryptoBlockInfoLUKS",
+           "cipher-alg:QCryptoCipherAlgo cipher-mode:QCryptoCipherMode ivgen-alg:QCryptoIVGenAlgo "
+           "*ivgen-hash-alg:QCryptoHashAlgo hash-alg:QCryptoHashAlgo detached-header:bool payload-offset:int "
+           "master-key-iters:int uuid:str slots:[QCryptoBlockInfoLUKSSlot]");
+  s.flat_union("ImageInfoSpecificQCow2Encryption", "format:QCryptoBlockFormat", "format",
+               {{"luks", "QCryptoBlockInfoLUKS"}});
+  s.enumeration("Qcow2BitmapInfoFlags", "in-use auto");
+  s.object("Qcow2BitmapInfo", "name:str granularity:int flags:[Qcow2BitmapInfoFlags]");
+  s.enumeration("Qcow2CompressionType", "zlib zstd");
+  s.object("ImageInfoSpecificQCow2",
+           "compat:str *data-file:str *data-file-raw:bool *extended-l2:bool *lazy-refcounts:bool *corrupt:bool "
+           "refcount-bits:int *encrypt:ImageInfoSpecificQCow2Encryption *bitmaps:[Qcow2BitmapInfo] "
+           "compression-type:Qcow2CompressionType");
+  s.object("ImageInfoSpecificQCow2Wrapper", "data:ImageInfoSpecificQCow2");
+  s.object("VmdkExtentInfo", "filename:str format:str virtual-size:int *cluster-size:int *compressed:bool");
+  s.object("ImageInfoSpecificVmdk", "create-type:str cid:int parent-cid:int extents:[VmdkExtentInfo]");
+  s.object("ImageInfoSpecificVmdkWrapper", "data:ImageInfoSpecificVmdk");
+  s.object("ImageInfoSpecificLUKSWrapper", "data:QCryptoBlockInfoLUKS");
+  s.enumeration("RbdImageEncryptionFormat", "luks luks2 luks-any");
+  s.object("ImageInfoSpecificRbd", "*encryption-format:RbdImageEncryptionFormat");
+  s.object("ImageInfoSpecificRbdWrapper", "data:ImageInfoSpecificRbd");
+  s.object("ImageInfoSpecificFile", "*extent-size-hint:size");
+  s.object("ImageInfoSpecificFileWrapper", "data:ImageInfoSpecificFile");
+  s.flat_union("ImageInfoSpecific", "type:ImageInfoSpecificKind", "type",
+               {{"qcow2", "ImageInfoSpecificQCow2Wrapper"},
+                {"vmdk", "ImageInfoSpecificVmdkWrapper"},
+                {"luks", "ImageInfoSpecificLUKSWrapper"},
+                {"rbd", "ImageInfoSpecificRbdWrapper"},
+                {"file", "ImageInfoSpecificFileWrapper"}});
+  s.object("BlockLimitsInfo",
+           "request-alignment:uint32 *max-discard:uint64 *discard-alignment:uint32 *max-write-zeroes:uint64 "
+           "*write-zeroes-alignment:uint32 *opt-transfer:uint32 *max-transfer:uint32 *max-hw-transfer:uint32 "
+           "max-iov:int *max-hw-iov:int min-mem-alignment:size opt-mem-alignment:size");
+  s.object("ImageInfo",
+           "filename:str format:str *dirty-flag:bool *actual-size:int virtual-size:int *cluster-size:int "
+           "*encrypted:bool *compressed:bool *backing-filename:str *full-backing-filename:str "
+           "*backing-filename-format:str *snapshots:[SnapshotInfo] *limits:BlockLimitsInfo "
+           "*format-specific:ImageInfoSpecific *backing-image:ImageInfo");
+  s.object("BlockdevCacheInfo", "writeback:bool direct:bool no-flush:bool");
+  s.object("BlockDirtyInfo",
+           "*name:str count:int granularity:uint32 recording:bool busy:bool persistent:bool *inconsistent:bool");
+  s.object("BlockdevChild", "child:str node-name:str");
+  s.object("BlockDeviceInfo",
+           "file:str node-name:str ro:bool drv:str *backing_file:str backing_file_depth:int "
+           "children:[BlockdevChild] active:bool encrypted:bool detect_zeroes:BlockdevDetectZeroesOptions bps:int "
+           "bps_rd:int bps_wr:int iops:int iops_rd:int iops_wr:int image:ImageInfo *bps_max:int *bps_rd_max:int "
+           "*bps_wr_max:int *iops_max:int *iops_rd_max:int *iops_wr_max:int *bps_max_length:int "
+           "*bps_rd_max_length:int *bps_wr_max_length:int *iops_max_length:int *iops_rd_max_length:int "
+           "*iops_wr_max_length:int *iops_size:int *group:str cache:BlockdevCacheInfo write_threshold:int "
+           "*dirty-bitmaps:[BlockDirtyInfo]");
+}
+
+void define_block_queries(schema& s) {
+  define_block_info_types(s);
+  s.command("query-named-block-nodes", "*flat:bool", "[BlockDeviceInfo]");
+  s.enumeration("BlockDeviceIoStatus", "ok failed nospace");
+  s.object("BlockInfo",
+           "device:str *qdev:str type:str removable:bool locked:bool *inserted:BlockDeviceInfo *tray_open:bool "
+           "*io-status:BlockDeviceIoStatus");
+  s.command("query-block", "", "[BlockInfo]");
+  s.object("BlockDeviceTimedStats",
+           "interval_length:int min_rd_latency_ns:int max_rd_latency_ns:int avg_rd_latency_ns:int "
+           "min_wr_latency_ns:int max_wr_latency_ns:int avg_wr_latency_ns:int min_zone_append_latency_ns:int "
+           "max_zone_append_latency_ns:int avg_zone_append_latency_ns:int min_flush_latency_ns:int "
+           "max_flush_latency_ns:int avg_flush_latency_ns:int avg_rd_queue_depth:number avg_wr_queue_depth:number "
+           "avg_zone_append_queue_depth:number");
+  s.object("BlockLatencyHistogramInfo", "boundaries:[uint64] bins:[uint64]");
+  s.object("BlockDeviceStats",
+           "rd_bytes:int wr_bytes:int zone_append_bytes:int unmap_bytes:int rd_operations:int wr_operations:int "
+           "zone_append_operations:int flush_operations:int unmap_operations:int rd_total_time_ns:int "
+           "wr_total_time_ns:int zone_append_total_time_ns:int flush_total_time_ns:int unmap_total_time_ns:int "
+           "wr_highest_offset:int rd_merged:int wr_merged:int zone_append_merged:int unmap_merged:int "
+           "*idle_time_ns:int failed_rd_operations:int failed_wr_operations:int failed_zone_append_operations:int "
+           "failed_flush_operations:int failed_unmap_operations:int invalid_rd_operations:int "
+           "invalid_wr_operations:int invalid_zone_append_operations:int invalid_flush_operations:int "
+           "invalid_unmap_operations:int account_invalid:bool account_failed:bool "
+           "timed_stats:[BlockDeviceTimedStats] *rd_latency_histogram:BlockLatencyHistogramInfo "
+           "*wr_latency_histogram:BlockLatencyHistogramInfo *zone_append_latency_histogram:BlockLatencyHistogramInfo "
+           "*flush_latency_histogram:BlockLatencyHistogramInfo");
+  s.object("BlockStatsSpecificFile", "discard-nb-ok:uint64 discard-nb-failed:uint64 discard-bytes-ok:uint64");
+  s.object("BlockStatsSpecificNvme", "completion-errors:uint64 aligned-accesses:uint64 unaligned-accesses:uint64");
+  s.flat_union("BlockStatsSpecific", "driver:BlockdevDriver", "driver",
+               {{"file", "BlockStatsSpecificFile"},
+                {"host_device", "BlockStatsSpecificFile"},
+                {"nvme", "BlockStatsSpecificNvme"}});
+  s.object("BlockStats",
+           "*device:str *qdev:str *node-name:str stats:BlockDeviceStats *driver-specific:BlockStatsSpecific "
+           "*parent:BlockStats *backing:BlockStats");
+  s.command("query-blockstats", "*query-nodes:bool", "[BlockStats]");
+  s.enumeration("XDbgBlockGraphNodeType", "block-backend block-job block-driver");
+  s.object("XDbgBlockGraphNode", "id:uint64 type:XDbgBlockGraphNodeType name:str");
+  s.enumeration("BlockPermission", "consistent-read write write-unchanged resize");
+  s.object("XDbgBlockGraphEdge",
+           "parent:uint64 child:uint64 name:str perm:[BlockPermission] shared-perm:[BlockPermission]");
+  s.object("XDbgBlockGraph", "nodes:[XDbgBlockGraphNode] edges:[XDbgBlockGraphEdge]");
+  s.command("x-debug-query-block-graph", "", "XDbgBlockGraph");
+  s.command_features("x-debug-query-block-graph", {"unstable"});
+}
+
 void define_block(schema& s) {
   s.enumeration("BlockdevDriver",
                 "blkdebug blklogwrites blkreplay blkverify bochs cloop compress copy-before-write copy-on-read dmg "
@@ -167,6 +280,9 @@ void define_block(schema& s) {
   s.command("blockdev-del", "node-name:str");
   s.command("block_resize", "*device:str *node-name:str size:int");
   s.command("block-set-write-threshold", "node-name:str write-threshold:uint64");
+  s.command("blockdev-reopen", "options:[BlockdevOptions]");
+  s.command("blockdev-set-active", "*node-name:str active:bool");
+  define_block_queries(s);
 }
 
 // Types used only by the command line (never reachable from a command, so never introspected).

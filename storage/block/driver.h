@@ -45,6 +45,7 @@ struct image_facts {
   int64_t virtual_size = 0;
   int64_t actual_size = 0;
   bool has_dirty_flag = false;  // QSD shows "dirty-flag": false for file-backed nodes
+  boost::json::value format_specific;  // ImageInfoSpecific ("format-specific"), or null
 };
 
 class block_driver {
@@ -69,7 +70,7 @@ class block_driver {
     perm = node_perm;
     shared = node_shared;
   }
-  virtual image_facts facts() const { return {length(), 0, false}; }
+  virtual image_facts facts() const { return {.virtual_size = length()}; }
   // Driver-specific statistics for query-blockstats ("driver-specific"), or null.
   virtual boost::json::value driver_stats() const { return nullptr; }
   // Options a reopen may change in place; the rest must stay as they are.

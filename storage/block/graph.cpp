@@ -25,6 +25,24 @@ bool get_bool(const boost::json::object& o, const char* k, bool dflt) {
 }
 
 std::string user_key(const node& parent, const std::string& role) { return "node:" + parent.name() + "/" + role; }
+
+// An inline child takes what it does not set itself from its parent, as QEMU's option inheritance
+// does: read-only, auto-read-only, force-share and the cache flags; discard defaults to unmap below
+// the top (the parent already applied its own discard policy).
+boost::json::object inherited_options(const boost::json::object& child, const boost::json::object& parent) {
+  boost::json::object o = child;
+  for (const char* k : {"read-only", "auto-read-only", "force-share"})
+    if (!o.contains(k))
+      if (auto* v = parent.if_contains(k)) o[k] = *v;
+  if (auto* pc = parent.if_contains("cache")) {
+    boost::json::object cache = o.contains("cache") ? o["cache"].as_object() : boost::json::object();
+    for (auto& kv : pc->as_object())
+      if (!cache.contains(kv.key())) cache[kv.key()] = kv.value();
+    o["cache"] = std::move(cache);
+  }
+  if (!o.contains("discard")) o["discard"] = "unmap";
+  return o;
+}
 }  // namespace
 
 bool node_name_valid(const std::string& name) {
@@ -138,7 +156,7 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
       std::string ref(v->as_string());
       if (!child) return fail("Cannot find device='" + ref + "' nor node-name='" + ref + "'");
     } else {
-      auto r = open_node(v->as_object(), false, created);
+      auto r = open_node(inherited_options(v->as_object(), options), false, created);
       if (!r) return r;
       child = *r;
     }

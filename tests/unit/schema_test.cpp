@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <boost/json.hpp>
+#include <algorithm>
 #include <fstream>
 #include <map>
 #include <set>
@@ -60,7 +61,9 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
   auto ours = index(introspect(qsd_schema()));
   auto theirs = qsd72();
   // Entities whose type changed between 7.2 and 10.2 are compared separately below.
-  std::set<std::string> changed = {"object-add", "BLOCK_IO_ERROR", "blockdev-add"};
+  std::set<std::string> changed = {"object-add",      "BLOCK_IO_ERROR",          "blockdev-add",
+                                   "blockdev-reopen", "query-named-block-nodes", "query-block",
+                                   "query-blockstats", "blockdev-set-active"};
   int compared = 0;
   for (auto& [name, e] : ours) {
     auto meta = e.at("meta-type").as_string();
@@ -71,7 +74,7 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
     EXPECT_EQ(canon(resolve(theirs, name, s2)), canon(resolve(ours, name, s1))) << name;
     ++compared;
   }
-  EXPECT_EQ(5 + 1 + 12 + 3, compared);  // control+introspect, object-del, events, block commands
+  EXPECT_EQ(5 + 1 + 12 + 3 + 1, compared);  // control+introspect, object-del, events, block commands, graph dump
 }
 
 TEST(Introspection, BlockdevAddFollows102AndMatchesQsdForBuiltDrivers) {
@@ -103,6 +106,55 @@ TEST(Introspection, BlockdevAddFollows102AndMatchesQsdForBuiltDrivers) {
     return out;
   };
   EXPECT_EQ(members(theirs, qv.at("raw")), members(ours, ov.at("raw")));
+}
+
+// Member names of an object type reached from a command's return type, with '*' for optional ones.
+std::vector<std::string> ret_members(table& t, const std::string& cmd, const std::vector<std::string>& path) {
+  std::string type(t.at(cmd).at("ret-type").as_string());
+  auto deref = [&](std::string ty) {
+    auto& e = t.at(ty);
+    return e.at("meta-type") == "array" ? std::string(e.at("element-type").as_string()) : ty;
+  };
+  type = deref(type);
+  for (auto& member : path)
+    for (auto& m : t.at(type).at("members").as_array())
+      if (m.at("name") == member.c_str()) {
+        type = deref(std::string(m.at("type").as_string()));
+        break;
+      }
+  std::vector<std::string> out;
+  for (auto& m : t.at(type).at("members").as_array())
+    out.push_back((m.as_object().contains("default") ? "*" : "") + std::string(m.at("name").as_string()));
+  return out;
+}
+
+std::vector<std::string> without(std::vector<std::string> v, const std::set<std::string>& drop) {
+  std::erase_if(v, [&](const std::string& m) {
+    return drop.count(m) || m.find("zone_append") != std::string::npos;
+  });
+  return v;
+}
+
+TEST(Introspection, BlockQueriesFollow102) {
+  auto ours = index(introspect(qsd_schema()));
+  auto theirs = qsd72();
+  // 10.2's BlockDeviceInfo: node-name became mandatory; children and active were added.
+  auto o = without(ret_members(ours, "query-named-block-nodes", {}), {"children", "active"});
+  auto q = ret_members(theirs, "query-named-block-nodes", {});
+  std::replace(q.begin(), q.end(), std::string("*node-name"), std::string("node-name"));
+  EXPECT_EQ(q, o);
+  // ImageInfo gained limits (8.0) and became BlockNodeInfo + backing-image, which moves backing-image
+  // after the base's members; the set of members is otherwise 7.2's.
+  auto qi = ret_members(theirs, "query-named-block-nodes", {"image"});
+  auto oi = without(ret_members(ours, "query-named-block-nodes", {"image"}), {"*limits"});
+  EXPECT_EQ("*backing-image", oi.back());
+  std::sort(qi.begin(), qi.end());
+  std::sort(oi.begin(), oi.end());
+  EXPECT_EQ(qi, oi);
+  EXPECT_EQ(ret_members(theirs, "query-blockstats", {}), ret_members(ours, "query-blockstats", {}));
+  EXPECT_EQ(ret_members(theirs, "query-blockstats", {"stats"}),
+            without(ret_members(ours, "query-blockstats", {"stats"}), {}));
+  EXPECT_EQ(ret_members(theirs, "query-block", {}), ret_members(ours, "query-block", {}));
 }
 
 TEST(Introspection, ObjectAddFollows102WithEmptyBranchesForEmulatorTypes) {
@@ -137,7 +189,7 @@ TEST(Introspection, EmptyObjectIsZeroAndBuiltinsByName) {
 TEST(CommandList, NewestRegistrationFirst) {
   auto l = command_list(qsd_schema());
   ASSERT_GE(l.size(), 7u);
-  EXPECT_EQ("block-set-write-threshold", l[0].at("name").as_string());
+  EXPECT_EQ("x-debug-query-block-graph", l[0].at("name").as_string());
   EXPECT_EQ("qmp_capabilities", l[l.size() - 1].at("name").as_string());
 }
 

@@ -1,0 +1,179 @@
+// Builds QSD's query replies from the graph and the nodes' facts and counters; supervisor's thread.
+#include "storage/block/query.h"
+
+#include <map>
+
+namespace blockd::block {
+namespace {
+
+const node* child_of(const node& n, const char* role) {
+  for (auto& e : n.children)
+    if (e.role == role) return e.child;
+  return nullptr;
+}
+
+// The child whose data this node presents (QEMU's "primary child"): a format's or filter's file.
+const node* primary_child(const node& n) {
+  if (auto* f = child_of(n, "file")) return f;
+  return nullptr;
+}
+
+int backing_depth(const node& n) {
+  int depth = 0;
+  for (const node* b = child_of(n, "backing"); b; b = child_of(*b, "backing")) ++depth;
+  return depth;
+}
+
+boost::json::object image_info(const graph& g, const node& n, bool flat) {
+  image_facts f = n.driver().facts();
+  boost::json::object img;
+  img["virtual-size"] = f.virtual_size;
+  img["filename"] = g.filename(n);
+  img["format"] = n.settings().driver;
+  img["actual-size"] = f.actual_size;
+  if (f.has_dirty_flag) img["dirty-flag"] = false;
+  if (!f.format_specific.is_null()) img["format-specific"] = f.format_specific;
+  if (const node* b = child_of(n, "backing")) {
+    std::string bf = g.filename(*b);
+    img["backing-filename"] = bf;
+    img["full-backing-filename"] = bf;
+    img["backing-filename-format"] = b->settings().driver;
+    if (!flat) img["backing-image"] = image_info(g, *b, flat);
+  }
+  return img;
+}
+
+const char* detect_zeroes_name(detect_zeroes_mode m) {
+  switch (m) {
+    case detect_zeroes_mode::on: return "on";
+    case detect_zeroes_mode::unmap: return "unmap";
+    default: return "off";
+  }
+}
+
+boost::json::object device_info(const graph& g, const node& n, bool flat) {
+  const auto& s = n.settings();
+  boost::json::object o;
+  o["iops_rd"] = 0;
+  o["detect_zeroes"] = detect_zeroes_name(s.detect_zeroes);
+  o["image"] = image_info(g, n, flat);
+  o["iops_wr"] = 0;
+  o["ro"] = s.read_only;
+  o["node-name"] = s.name;
+  o["backing_file_depth"] = backing_depth(n);
+  if (const node* b = child_of(n, "backing")) o["backing_file"] = g.filename(*b);
+  o["drv"] = s.driver;
+  o["iops"] = 0;
+  o["bps_wr"] = 0;
+  o["write_threshold"] = n.write_threshold();
+  o["encrypted"] = false;
+  o["bps"] = 0;
+  o["bps_rd"] = 0;
+  o["cache"] = boost::json::object{{"no-flush", s.no_flush}, {"direct", s.direct}, {"writeback", true}};
+  o["file"] = g.filename(n);
+  boost::json::array children;
+  for (auto& e : n.children) children.push_back(boost::json::object{{"child", e.role}, {"node-name", e.child->name()}});
+  o["children"] = std::move(children);
+  o["active"] = true;
+  return o;
+}
+
+void put_op(boost::json::object& st, const char* prefix, const op_stats& op) {
+  std::string p(prefix);
+  st[p + "_bytes"] = op.bytes;
+  st[p + "_operations"] = op.operations;
+  st[p + "_total_time_ns"] = op.total_time_ns;
+  st[p + "_merged"] = 0;
+  st["failed_" + p + "_operations"] = op.failed;
+  st["invalid_" + p + "_operations"] = op.invalid;
+}
+
+boost::json::object device_stats(const node& n) {
+  const node_stats& ns = n.stats();
+  boost::json::object st;
+  put_op(st, "rd", ns.rd);
+  put_op(st, "wr", ns.wr);
+  put_op(st, "zone_append", ns.zone_append);
+  put_op(st, "unmap", ns.unmap);
+  put_op(st, "flush", ns.flush);
+  st.erase("flush_bytes");   // flushes move no bytes and QEMU has no such member
+  st.erase("flush_merged");
+  st["wr_highest_offset"] = ns.wr_highest_offset;
+  // blockd accounts failed and invalid requests of every node (QEMU only does it on block backends).
+  st["account_invalid"] = true;
+  st["account_failed"] = true;
+  st["timed_stats"] = boost::json::array();
+  if (ns.last_op_ns >= 0) st["idle_time_ns"] = node::now_ns() - ns.last_op_ns;
+  return st;
+}
+
+boost::json::object node_stats_entry(const node& n) {
+  boost::json::object o;
+  o["stats"] = device_stats(n);
+  o["node-name"] = n.name();
+  auto ds = n.driver().driver_stats();
+  if (!ds.is_null()) o["driver-specific"] = std::move(ds);
+  if (const node* p = primary_child(n)) o["parent"] = node_stats_entry(*p);
+  return o;
+}
+
+}  // namespace
+
+boost::json::array named_block_nodes(const graph& g, bool flat) {
+  boost::json::array out;
+  for (const node* n : g.nodes_newest_first()) out.push_back(device_info(g, *n, flat));
+  return out;
+}
+
+boost::json::array node_blockstats(const graph& g) {
+  boost::json::array out;
+  auto nodes = g.nodes_newest_first();
+  for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) out.push_back(node_stats_entry(**it));
+  return out;
+}
+
+boost::json::object block_graph_dump(const graph& g) {
+  // Ids follow creation order (oldest is 1); both lists come out newest first, children of one
+  // parent in reverse, which is how QSD builds them (prepending while walking oldest first).
+  auto nodes = g.nodes_newest_first();
+  std::map<const node*, uint64_t> id;
+  uint64_t next = 1;
+  for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) id[*it] = next++;
+  boost::json::array out_nodes, out_edges;
+  std::vector<boost::json::object> user_nodes, user_edges;
+  for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {
+    const node& n = **it;
+    out_nodes.insert(out_nodes.begin(),
+                     boost::json::object{{"name", n.name()}, {"type", "block-driver"}, {"id", id[&n]}});
+    for (auto& e : n.children) {
+      boost::json::array perm, shared;
+      for (auto& p : perm_list(e.perm)) perm.push_back(boost::json::value(p));
+      for (auto& p : perm_list(e.shared)) shared.push_back(boost::json::value(p));
+      out_edges.insert(out_edges.begin(), boost::json::object{{"name", e.role},
+                                                              {"parent", id[&n]},
+                                                              {"shared-perm", std::move(shared)},
+                                                              {"perm", std::move(perm)},
+                                                              {"child", id[e.child]}});
+    }
+  }
+  // Users that are not nodes (exports, jobs, commands) appear as block backends attached as 'root'.
+  for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {
+    const node& n = **it;
+    for (auto& u : n.users) {
+      if (u.key.rfind("node:", 0) == 0) continue;
+      uint64_t uid = next++;
+      out_nodes.insert(out_nodes.begin(), boost::json::object{{"name", ""}, {"type", "block-backend"}, {"id", uid}});
+      boost::json::array perm, shared;
+      for (auto& p : perm_list(u.p.perm)) perm.push_back(boost::json::value(p));
+      for (auto& p : perm_list(u.p.shared)) shared.push_back(boost::json::value(p));
+      out_edges.insert(out_edges.begin(), boost::json::object{{"name", "root"},
+                                                              {"parent", uid},
+                                                              {"shared-perm", std::move(shared)},
+                                                              {"perm", std::move(perm)},
+                                                              {"child", id[&n]}});
+    }
+  }
+  return boost::json::object{{"edges", std::move(out_edges)}, {"nodes", std::move(out_nodes)}};
+}
+
+}  // namespace blockd::block
