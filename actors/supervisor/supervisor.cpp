@@ -8,6 +8,7 @@
 #include <chrono>
 
 #include "actors/monitor/monitor.h"
+#include "actors/node/node_actor.h"
 #include "actors/runtime/pinned.h"
 #include "config/chardev_spec.h"
 #include "storage/block/query.h"
@@ -79,6 +80,7 @@ caf::behavior supervisor_actor::make_behavior() {
         auto finish = [this, rp]() mutable {
           // Monitors are gone; stop every iothread object (joins its thread) and close chardevs.
           graph_.reset();
+          sync_node_actors();
           objects_.clear();
           chardevs_.clear();
           rp.deliver(true);
@@ -104,6 +106,8 @@ caf::result<command_outcome> supervisor_actor::run_command(const std::string& na
   if (name == "blockdev-add") return blockdev_add(args);
   if (name == "blockdev-del") return blockdev_del(std::string(args.at("node-name").as_string()));
   if (name == "block_resize") return block_resize(args);
+  if (name == "blockdev-reopen") return blockdev_reopen(args);
+  if (name == "blockdev-set-active") return blockdev_set_active(args);
   if (name == "block-set-write-threshold") return set_write_threshold(args);
   if (name == "object-del") return object_del(std::string(args.at("id").as_string()));
   if (name == "query-named-block-nodes") {
@@ -203,20 +207,85 @@ command_outcome supervisor_actor::add_monitor(const std::string& chardev_id, boo
 // ---- block graph commands -------------------------------------------------------------------
 
 caf::result<command_outcome> supervisor_actor::with_quiesced(block::node& n, std::function<command_outcome()> fn) {
+  return with_quiesced(std::vector<block::node*>{&n}, std::move(fn));
+}
+
+caf::result<command_outcome> supervisor_actor::with_quiesced(const std::vector<block::node*>& nodes,
+                                                             std::function<command_outcome()> fn) {
   auto rp = make_response_promise<command_outcome>();
-  std::string name = n.name();
-  n.quiesce([this, rp, name, fn]() mutable {
-    // Drained: run the change, then let held requests go (the node may be gone after a delete).
+  std::vector<std::string> names;
+  for (auto* n : nodes) names.push_back(n->name());
+  auto left = std::make_shared<size_t>(nodes.size());
+  auto run = [this, rp, names, fn]() mutable {
+    // All drained: run the change, then let held requests go (a node may be gone after a delete).
     command_outcome out = fn();
-    if (auto* again = graph_ ? graph_->find(name) : nullptr) again->resume();
+    sync_node_actors();
+    for (auto& name : names)
+      if (auto it = node_actors_.find(name); it != node_actors_.end()) send(it->second.actor, resume_atom::value);
     rp.deliver(std::move(out));
-  });
+  };
+  if (nodes.empty()) {
+    run();
+    return rp;
+  }
+  // Quiescing goes through each node's actor, so it works wherever the node lives.
+  for (auto* n : nodes)
+    request(node_actors_.at(n->name()).actor, caf::infinite, quiesce_atom::value)
+        .then([left, run](bool) mutable {
+          if (--*left == 0) run();
+        });
   return rp;
+}
+
+void supervisor_actor::sync_node_actors() {
+  // One actor per node, on the node's home (the main iothread until exports and
+  // x-blockdev-set-iothread place components elsewhere). Stale entries go first.
+  for (auto it = node_actors_.begin(); it != node_actors_.end();) {
+    block::node* n = graph_ ? graph_->find(it->first) : nullptr;
+    if (n == it->second.n) {
+      ++it;
+      continue;
+    }
+    send_exit(it->second.actor, caf::exit_reason::user_shutdown);
+    it = node_actors_.erase(it);
+  }
+  if (!graph_) return;
+  for (block::node* n : graph_->nodes_newest_first())
+    if (!node_actors_.count(n->name()))
+      node_actors_.emplace(n->name(), node_entry{n, spawn_pinned<node_actor>(home_->system(), *home_, n)});
+}
+
+caf::result<command_outcome> supervisor_actor::blockdev_reopen(const boost::json::object& args) {
+  auto plan = graph_->reopen_prepare(args.at("options").as_array());
+  if (!plan) return command_outcome::failure(plan.error());
+  auto shared = std::make_shared<block::graph::reopen_plan>(std::move(*plan));
+  return with_quiesced(shared->nodes(), [this, shared] {
+    graph_->reopen_commit(*shared);
+    return command_outcome::success();
+  });
+}
+
+caf::result<command_outcome> supervisor_actor::blockdev_set_active(const boost::json::object& args) {
+  bool active = args.at("active").as_bool();
+  block::node* n = nullptr;
+  if (auto* v = args.if_contains("node-name")) {
+    std::string name(v->as_string());
+    n = graph_->find(name);
+    if (!n) return command_outcome::failure(error("Failed to find node with node-name='" + name + "'"));
+  }
+  // Nothing may be in flight while a node gives up or takes back its image.
+  std::vector<block::node*> affected = n ? std::vector<block::node*>{n} : graph_->nodes_newest_first();
+  return with_quiesced(affected, [this, n, active] {
+    auto r = graph_->set_active(n, active);
+    if (!r) return command_outcome::failure(r.error());
+    return command_outcome::success();
+  });
 }
 
 command_outcome supervisor_actor::blockdev_add(const boost::json::object& args) {
   auto n = graph_->add(args);
   if (!n) return command_outcome::failure(n.error());
+  sync_node_actors();
   std::string name = (*n)->name();
   // Write-threshold crossings arrive on the node's home thread; the event bus stamps and sends them.
   (*n)->on_threshold = [this, name](uint64_t exceeded, uint64_t threshold) {

@@ -44,6 +44,10 @@ class supervisor_actor : public caf::event_based_actor {
   command_outcome set_write_threshold(const boost::json::object& args);
   // Runs `fn` with `n` quiesced (no request in flight, new ones held), then resumes it and answers.
   caf::result<command_outcome> with_quiesced(block::node& n, std::function<command_outcome()> fn);
+  caf::result<command_outcome> with_quiesced(const std::vector<block::node*>& nodes,
+                                             std::function<command_outcome()> fn);
+  caf::result<command_outcome> blockdev_reopen(const boost::json::object& args);
+  caf::result<command_outcome> blockdev_set_active(const boost::json::object& args);
   command_outcome object_add(boost::json::object& args);
   command_outcome object_del(const std::string& id);
   command_outcome add_chardev(const chardev_spec& spec, const std::string& note_prefix);
@@ -58,6 +62,12 @@ class supervisor_actor : public caf::event_based_actor {
   std::vector<caf::actor> subscribers_;
   bool shutting_down_ = false;
   std::unique_ptr<block::graph> graph_;
+  struct node_entry {
+    block::node* n;
+    caf::actor actor;
+  };
+  std::map<std::string, node_entry> node_actors_;  // by node name
+  void sync_node_actors();
 };
 
 }  // namespace blockd

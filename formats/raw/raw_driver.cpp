@@ -40,6 +40,37 @@ class raw_driver final : public block_driver, private io_waiter {
     child_->submit(*c);
   }
 
+  // offset and size may change, and the child may be replaced; the window is checked as at open.
+  result<std::unique_ptr<reopen_state>> reopen_prepare(const reopen_args& a, std::vector<std::string>& consumed) override {
+    consumed = {"offset", "size"};
+    node* child = a.find_child("file");
+    auto w = check_window(a.options, child->length());
+    if (!w) return std::unexpected(w.error());
+    struct state final : reopen_state {
+      raw_driver* d;
+      node* child;
+      window w;
+      void commit() override {
+        d->child_ = child;
+        d->offset_ = w.offset;
+        d->size_ = w.size;
+        d->windowed_ = w.windowed;
+      }
+    };
+    auto st = std::make_unique<state>();
+    st->d = this;
+    st->child = child;
+    st->w = *w;
+    return std::unique_ptr<reopen_state>(std::move(st));
+  }
+  std::vector<std::string> reopen_resettable() const override { return {"offset", "size"}; }
+
+  struct window {
+    int64_t offset = 0, size = -1;
+    bool windowed = false;
+  };
+  static result<window> check_window(const boost::json::object& o, int64_t clen);
+
   result<void> truncate(int64_t size) override {
     if (windowed_) return fail("Cannot resize fixed-size raw disks");
     return child_->driver().truncate(size + offset_);
@@ -76,12 +107,10 @@ int64_t get_int(const boost::json::object& o, const char* key, int64_t dflt) {
   return v->is_uint64() ? int64_t(v->as_uint64()) : v->as_int64();
 }
 
-result<std::unique_ptr<block_driver>> open_raw(open_args& a) {
-  node* child = a.find_child("file");
-  int64_t clen = child->length();
-  bool has_off = a.options.contains("offset"), has_size = a.options.contains("size");
-  int64_t off = get_int(a.options, "offset", 0);
-  int64_t size = get_int(a.options, "size", -1);
+result<raw_driver::window> raw_driver::check_window(const boost::json::object& o, int64_t clen) {
+  bool has_off = o.contains("offset"), has_size = o.contains("size");
+  int64_t off = get_int(o, "offset", 0);
+  int64_t size = get_int(o, "size", -1);
   if (off < 0) return fail("Parameter 'offset' expects a non-negative number below 2^64");
   if (has_size && size < 0) return fail("Parameter 'size' expects a non-negative number below 2^64");
   if (off > clen)
@@ -90,7 +119,14 @@ result<std::unique_ptr<block_driver>> open_raw(open_args& a) {
   if (has_size && off + size > clen)
     return fail("The sum of offset (" + std::to_string(off) + ") and size (" + std::to_string(size) +
                 ") has to be smaller or equal to the  actual size of the containing file (" + std::to_string(clen) + ")");
-  return std::unique_ptr<block_driver>(new raw_driver(child, off, size, has_off || has_size));
+  return window{off, size, has_off || has_size};
+}
+
+result<std::unique_ptr<block_driver>> open_raw(open_args& a) {
+  node* child = a.find_child("file");
+  auto w = raw_driver::check_window(a.options, child->length());
+  if (!w) return std::unexpected(w.error());
+  return std::unique_ptr<block_driver>(new raw_driver(child, w->offset, w->size, w->windowed));
 }
 
 }  // namespace

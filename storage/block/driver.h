@@ -19,6 +19,7 @@ class reactor;
 namespace blockd::block {
 
 class node;
+struct reopen_args;
 
 // What a driver may use from its home iothread. `defer` runs a function on a later loop turn: the
 // way a driver without real I/O completes requests without completing them synchronously.
@@ -73,8 +74,44 @@ class block_driver {
   virtual image_facts facts() const { return {.virtual_size = length()}; }
   // Driver-specific statistics for query-blockstats ("driver-specific"), or null.
   virtual boost::json::value driver_stats() const { return nullptr; }
-  // Options a reopen may change in place; the rest must stay as they are.
-  virtual result<void> reopen_check(const boost::json::object& new_options) { (void)new_options; return {}; }
+
+  // Reopen (blockdev-reopen), in two phases so a list of nodes changes all or nothing. prepare()
+  // checks the new state and readies it without disturbing the current one; it names in `consumed`
+  // the options it applies (the graph refuses a change to any other one). The returned object
+  // then gets exactly one of commit() or abort(), with the node quiesced.
+  struct reopen_state {
+    virtual ~reopen_state() = default;
+    virtual void commit() {}
+    virtual void abort() {}
+  };
+  virtual result<std::unique_ptr<reopen_state>> reopen_prepare(const reopen_args& a,
+                                                               std::vector<std::string>& consumed) {
+    (void)a;
+    (void)consumed;
+    return std::make_unique<reopen_state>();
+  }
+  // Driver options a reopen may leave out, resetting them to their defaults (QEMU's mutable options).
+  virtual std::vector<std::string> reopen_resettable() const { return {}; }
+
+  // blockdev-set-active: an inactive node gives up its hold on the image (locks) so another process
+  // may take it over; activating takes it back and drops cached data another writer made stale.
+  virtual result<void> activate() { return {}; }
+  virtual void inactivate() {}
+};
+
+// What a reopen asks of a driver: its own new options (children resolved away), the children it
+// will have after the reopen (a child may be replaced), and the new common flags.
+struct reopen_args {
+  const boost::json::object& options;
+  std::vector<std::pair<std::string, node*>> children;
+  bool read_only = false;
+  bool direct = false;
+  bool no_flush = false;
+  node* find_child(const std::string& role) const {
+    for (auto& [r, n] : children)
+      if (r == role) return n;
+    return nullptr;
+  }
 };
 
 // Everything a driver's open sees: validated options (typed JSON), the resolved children, the env.

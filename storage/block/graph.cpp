@@ -41,6 +41,8 @@ boost::json::object inherited_options(const boost::json::object& child, const bo
     o["cache"] = std::move(cache);
   }
   if (!o.contains("discard")) o["discard"] = "unmap";
+  // An inactive parent opens its inline children inactive too (QEMU passes the flag down).
+  if (auto* v = parent.if_contains("active"); v && !o.contains("active")) o["active"] = *v;
   return o;
 }
 }  // namespace
@@ -91,7 +93,8 @@ result<node*> graph::add(const boost::json::object& options) {
   return r;
 }
 
-result<node*> graph::open_node(const boost::json::object& options, bool top_level, std::vector<node*>& created) {
+result<node*> graph::open_node(const boost::json::object& options, bool top_level, std::vector<node*>& created,
+                               const boost::json::object* given) {
   std::string driver(options.at("driver").as_string());
   const driver_entry* e = find_driver(driver);
   std::string name;
@@ -133,10 +136,9 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
       return fail("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap");
   }
   if (s.force_share && !s.read_only) return fail("force-share=on can only be used with read-only images");
-  if (auto* v = options.if_contains("active"); v && !v->as_bool())
-    return fail("node '" + name + "' cannot be added inactive: blockdev-set-active is not available in this "
-                "blockd version yet; leave 'active' out");
+  if (auto* v = options.if_contains("active"); v && !v->as_bool()) s.active = false;
   s.options = options;
+  s.given = given ? *given : options;
 
   // Children: a reference names an existing node; an inline definition opens one now.
   boost::json::object own;  // the driver's view: its own members, children resolved away
@@ -156,7 +158,7 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
       std::string ref(v->as_string());
       if (!child) return fail("Cannot find device='" + ref + "' nor node-name='" + ref + "'");
     } else {
-      auto r = open_node(inherited_options(v->as_object(), options), false, created);
+      auto r = open_node(inherited_options(v->as_object(), options), false, created, &v->as_object());
       if (!r) return r;
       child = *r;
     }
@@ -170,6 +172,7 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
   for (auto& [role, child] : a.children) np->children.push_back({role, child});
   nodes_.push_back(std::move(n));
   created.push_back(np);
+  if (!np->settings().active) np->driver().inactivate();
   // Take the edges' permissions on the children (a window forbids resizing under it, ...).
   if (auto r = refresh_perms(*np); !r) return std::unexpected(r.error());
   return np;
@@ -182,6 +185,11 @@ result<void> graph::refresh_perms(node& n) {
     shared &= u.p.shared;
   }
   if (n.settings().force_share) shared = perm_all;
+  // An inactive node holds nothing: its image may be in another process's hands (migration handover).
+  if (!n.settings().active) {
+    perm = 0;
+    shared = perm_all;
+  }
   if (auto r = n.driver().set_perm(perm, shared); !r) return r;
   n.cum_perm = perm;
   n.cum_shared = shared;
@@ -273,12 +281,287 @@ std::string graph::filename(const node& n) const {
     std::string plain = e->plain_filename(own);
     if (!plain.empty()) return plain;
   }
-  // A format node over a plain child with no options of its own is named after the child.
-  if (own.size() == 1 && n.children.size() == 1 && own.contains(n.children[0].role)) {
+  // A format node with no options of its own over a protocol node is named after that node's file
+  // (a format over another format is not: its image could not be probed from the plain name).
+  const driver_entry* ce = n.children.size() == 1 ? find_driver(n.children[0].child->settings().driver) : nullptr;
+  if (own.size() == 1 && ce && ce->protocol && own.contains(n.children[0].role)) {
     std::string child = filename(*n.children[0].child);
     if (child.rfind("json:", 0) != 0) return child;
   }
   return "json:" + qmp::to_json(boost::json::value(full_options(n)), false);
+}
+
+}  // namespace blockd::block
+
+// ---- blockdev-reopen -------------------------------------------------------------------------
+
+namespace blockd::block {
+namespace {
+// The options every node's reopen handles itself; a driver option left out must be resettable.
+bool reset_common(std::string_view k) {
+  return k == "node-name" || k == "driver" || k == "discard" || k == "cache" || k == "read-only" ||
+         k == "auto-read-only" || k == "detect-zeroes";
+}
+
+bool contains(const std::vector<std::string>& v, std::string_view k) {
+  return std::find(v.begin(), v.end(), k) != v.end();
+}
+
+bool writes(uint32_t perm) { return perm & (perm_write | perm_write_unchanged); }
+}  // namespace
+
+bool graph::reaches(const node& from, const node& to) const {
+  if (&from == &to) return true;
+  for (auto& e : from.children)
+    if (reaches(*e.child, to)) return true;
+  return false;
+}
+
+result<graph::reopen_plan> graph::reopen_prepare(const boost::json::array& list) {
+  // Every entry names an existing node; entries for the same node merge, later members winning.
+  std::vector<std::pair<node*, boost::json::object>> queue;
+  for (auto& v : list) {
+    const auto& o = v.as_object();
+    auto* nn = o.if_contains("node-name");
+    if (!nn) return fail("node-name not specified");
+    std::string name(nn->as_string());
+    node* n = find(name);
+    if (!n) return fail("Failed to find node with node-name='" + name + "'");
+    auto it = std::find_if(queue.begin(), queue.end(), [&](auto& q) { return q.first == n; });
+    if (it == queue.end()) {
+      queue.emplace_back(n, o);
+    } else {
+      for (auto& kv : o) it->second[kv.key()] = kv.value();
+    }
+  }
+  reopen_plan plan;
+  for (auto& [n, o] : queue) {
+    if (auto r = reopen_queue(plan, *n, o); !r) {
+      reopen_abort(plan);
+      return std::unexpected(r.error());
+    }
+  }
+  // Read-only needs that nobody writes through the node any more, unless that writer is a parent
+  // becoming read-only in the same reopen.
+  for (auto& e : plan.entries) {
+    if (!e.next.read_only || e.n->settings().read_only) continue;
+    for (auto& u : e.n->users) {
+      if (!writes(u.p.perm)) continue;
+      bool parent_goes_ro = std::any_of(plan.entries.begin(), plan.entries.end(), [&](auto& p) {
+        return p.next.read_only && u.key.rfind("node:" + p.n->name() + "/", 0) == 0;
+      });
+      if (!parent_goes_ro) {
+        reopen_abort(plan);
+        return fail("Cannot make block node read-only, there is a writer on it");
+      }
+    }
+  }
+  return plan;
+}
+
+result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object options) {
+  for (auto& e : plan.entries)
+    if (e.n == &n) return {};  // an inline child already queued through its parent
+  const node_settings& cur = n.settings();
+  const driver_entry* de = find_driver(cur.driver);
+  node_settings next = cur;
+  next.read_only = get_bool(options, "read-only", false);
+  next.auto_read_only = get_bool(options, "auto-read-only", false);
+  next.direct = next.no_flush = false;
+  if (auto* c = options.if_contains("cache")) {
+    next.direct = get_bool(c->as_object(), "direct", false);
+    next.no_flush = get_bool(c->as_object(), "no-flush", false);
+  }
+  next.discard_unmap = false;
+  if (auto* v = options.if_contains("discard")) next.discard_unmap = v->as_string() == "unmap";
+  next.detect_zeroes = detect_zeroes_mode::off;
+  if (auto* v = options.if_contains("detect-zeroes")) {
+    std::string dz(v->as_string());
+    next.detect_zeroes = dz == "on" ? detect_zeroes_mode::on : dz == "unmap" ? detect_zeroes_mode::unmap
+                                                                             : detect_zeroes_mode::off;
+    if (dz == "unmap" && !next.discard_unmap)
+      return fail("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap");
+  }
+  // A driver option that was set and is now left out would reset to its default: only some may.
+  std::vector<std::string> resettable = n.driver().reopen_resettable();
+  for (auto& kv : cur.options) {
+    std::string_view k = kv.key();
+    if (options.contains(k) || reset_common(k) || contains(resettable, k)) continue;
+    if (de && contains(de->child_roles, k)) continue;
+    return fail("Option '" + std::string(k) + "' cannot be reset to its default value");
+  }
+
+  // Children: the same node (an inline one is reopened with what it inherits), another node (the
+  // child is replaced), or an inline definition of the current inline child.
+  std::vector<node::child_edge> children = n.children;
+  std::vector<std::pair<node*, boost::json::object>> inline_reopens;
+  for (auto& edge : children) {
+    node* current = edge.child;
+    auto* v = options.if_contains(edge.role);
+    bool inline_child = !current->monitor_owned;
+    if (!v) {
+      if (inline_child) inline_reopens.emplace_back(current, inherited_options(current->settings().given, options));
+      continue;
+    }
+    if (v->is_string()) {
+      std::string ref(v->as_string());
+      node* target = find(ref);
+      if (!target) return fail("Cannot find device='' nor node-name='" + ref + "'");
+      if (target == current) {
+        if (inline_child)
+          inline_reopens.emplace_back(current, inherited_options(current->settings().given, options));
+        continue;
+      }
+      if (reaches(*target, n))
+        return fail("Making '" + ref + "' a " + edge.role + " child of '" + n.name() + "' would create a cycle");
+      edge.child = target;
+      continue;
+    }
+    const auto& dict = v->as_object();
+    if (!inline_child) {
+      std::string first = dict.empty() ? std::string() : std::string(dict.begin()->key());
+      return fail("Cannot change the option '" + edge.role + "." + first + "'");
+    }
+    if (auto* nn = dict.if_contains("node-name"); nn && nn->as_string() != current->name())
+      return fail("Cannot change the option 'node-name'");
+    boost::json::object child_opts = inherited_options(dict, options);
+    inline_reopens.emplace_back(current, std::move(child_opts));
+  }
+
+  // The driver sees its own members and the children it will have.
+  boost::json::object own;
+  for (auto& kv : options)
+    if (!is_common(kv.key()) && !(de && contains(de->child_roles, kv.key()))) own[kv.key()] = kv.value();
+  reopen_args a{own, {}, next.read_only, next.direct, next.no_flush};
+  for (auto& edge : children) a.children.emplace_back(edge.role, edge.child);
+  std::vector<std::string> consumed;
+  auto st = n.driver().reopen_prepare(a, consumed);
+  if (!st) return std::unexpected(st.error());
+  reopen_plan::entry entry{&n, {}, children, std::move(*st)};
+
+  // Whatever the driver did not take must be as it was.
+  auto unchanged = [&](std::string_view k) -> result<void> {
+    auto* old = cur.options.if_contains(k);
+    if (!old || *old != options.at(k)) return fail("Cannot change the option '" + std::string(k) + "'");
+    return {};
+  };
+  auto bail = [&](error e) -> result<void> {
+    entry.state->abort();
+    return std::unexpected(std::move(e));
+  };
+  for (const char* k : {"driver", "force-share", "active"})
+    if (options.contains(k))
+      if (auto r = unchanged(k); !r) return bail(r.error());
+  for (auto& kv : own)
+    if (!contains(consumed, kv.key()))
+      if (auto r = unchanged(kv.key()); !r) return bail(r.error());
+
+  next.options = options;
+  if (n.monitor_owned) next.given = options;
+  entry.next = std::move(next);
+  plan.entries.push_back(std::move(entry));
+  for (auto& [child, opts] : inline_reopens)
+    if (auto r = reopen_queue(plan, *child, std::move(opts)); !r) return r;
+  return {};
+}
+
+void graph::reopen_commit(reopen_plan& plan) {
+  std::vector<node*> dropped;
+  for (auto& e : plan.entries) {
+    e.state->commit();
+    for (auto& old : e.n->children) {
+      bool kept = std::any_of(e.children.begin(), e.children.end(),
+                              [&](auto& c) { return c.role == old.role && c.child == old.child; });
+      if (kept) continue;
+      std::erase_if(old.child->users, [&](auto& x) { return x.key == user_key(*e.n, old.role); });
+      dropped.push_back(old.child);
+    }
+    e.n->children = e.children;
+    e.n->update_settings(std::move(e.next));
+  }
+  // Permissions follow the new flags and edges (file locks included); parents first.
+  for (auto& e : plan.entries) (void)refresh_perms(*e.n);
+  for (node* c : dropped) {
+    if (!find(c->name())) continue;
+    if (!c->monitor_owned && c->users.empty()) destroy(c);  // a replaced inline child goes away
+    else (void)refresh_perms(*c);
+  }
+  plan.entries.clear();
+}
+
+void graph::reopen_abort(reopen_plan& plan) {
+  for (auto it = plan.entries.rbegin(); it != plan.entries.rend(); ++it) it->state->abort();
+  plan.entries.clear();
+}
+
+// ---- blockdev-set-active ---------------------------------------------------------------------
+
+result<void> graph::set_active(node* n, bool active) {
+  if (n) return active ? activate(*n) : inactivate(*n);
+  if (active) {
+    for (auto& p : nodes_)  // oldest first: children before their parents
+      if (auto r = activate(*p); !r) return r;
+    return {};
+  }
+  // Every root (a node no other node uses); inactivating it takes its children along.
+  for (node* p : nodes_newest_first()) {
+    bool root = std::none_of(p->users.begin(), p->users.end(), [](auto& u) { return u.key.rfind("node:", 0) == 0; });
+    if (root)
+      if (auto r = inactivate(*p); !r) return r;
+  }
+  return {};
+}
+
+result<void> graph::activate(node& n) {
+  if (n.settings().active) return {};
+  for (auto& e : n.children)
+    if (auto r = activate(*e.child); !r) return r;
+  node_settings s = n.settings();
+  s.active = true;
+  n.update_settings(s);
+  if (auto r = n.driver().activate(); !r) {
+    s.active = false;
+    n.update_settings(s);
+    return r;
+  }
+  if (auto r = refresh_perms(n); !r) {
+    s.active = false;
+    n.update_settings(s);
+    (void)refresh_perms(n);
+    n.driver().inactivate();
+    return r;
+  }
+  return {};
+}
+
+result<void> graph::inactivate(node& n) {
+  if (!n.settings().active) return {};
+  for (auto& u : n.users) {
+    if (u.key.rfind("node:", 0) == 0) {
+      std::string parent = u.key.substr(5, u.key.find('/') - 5);
+      if (node* p = find(parent); p && p->settings().active) return fail("Node has active parent node");
+    } else if (writes(u.p.perm)) {
+      return fail("node '" + n.name() + "' is in use by " + u.p.description + " with write permission; "
+                  "remove that user first");
+    }
+  }
+  node_settings s = n.settings();
+  s.active = false;
+  n.update_settings(s);
+  (void)refresh_perms(n);  // drops every permission, so the file locks go
+  n.driver().inactivate();
+  // Children nobody active uses any more follow.
+  for (auto& e : n.children) {
+    node& c = *e.child;
+    bool used = std::any_of(c.users.begin(), c.users.end(), [&](auto& u) {
+      if (u.key.rfind("node:", 0) != 0) return true;
+      node* p = find(u.key.substr(5, u.key.find('/') - 5));
+      return p && p->settings().active;
+    });
+    if (!used)
+      if (auto r = inactivate(c); !r) return r;
+  }
+  return {};
 }
 
 }  // namespace blockd::block

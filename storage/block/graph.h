@@ -24,6 +24,29 @@ class graph {
   result<void> check_del(const std::string& name);
   void del(const std::string& name);
 
+  // blockdev-reopen in two phases. prepare checks the whole list (validated BlockdevOptions) and
+  // readies every driver; the caller quiesces plan.nodes, then commits (or aborts) the plan.
+  struct reopen_plan {
+    struct entry {
+      node* n = nullptr;
+      node_settings next;
+      std::vector<node::child_edge> children;  // after the reopen
+      std::unique_ptr<block_driver::reopen_state> state;
+    };
+    std::vector<entry> entries;
+    std::vector<node*> nodes() const {
+      std::vector<node*> v;
+      for (auto& e : entries) v.push_back(e.n);
+      return v;
+    }
+  };
+  result<reopen_plan> reopen_prepare(const boost::json::array& list);
+  void reopen_commit(reopen_plan& plan);
+  void reopen_abort(reopen_plan& plan);
+
+  // blockdev-set-active for one node (with its children) or, with n == nullptr, every node.
+  result<void> set_active(node* n, bool active);
+
   node* find(const std::string& name) const;
   // QEMU's lookup for commands taking device/node-name.
   result<node*> lookup(const std::string* device, const std::string* node_name) const;
@@ -40,8 +63,13 @@ class graph {
   boost::json::object full_options(const node& n) const;
 
  private:
-  result<node*> open_node(const boost::json::object& options, bool top_level, std::vector<node*>& created);
+  result<node*> open_node(const boost::json::object& options, bool top_level, std::vector<node*>& created,
+                          const boost::json::object* given = nullptr);
   result<void> refresh_perms(node& n);
+  result<void> reopen_queue(reopen_plan& plan, node& n, boost::json::object options);
+  result<void> activate(node& n);
+  result<void> inactivate(node& n);
+  bool reaches(const node& from, const node& to) const;
   void destroy(node* n);
 
   std::function<driver_env()> env_for_new_node_;

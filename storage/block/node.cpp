@@ -54,7 +54,7 @@ void node::submit(io_request& r) {
   if (r.op != io_op::flush && (r.offset < 0 || r.length < 0 || r.offset > len || r.length > len - r.offset))
     err = -EINVAL;
   bool writes = r.op == io_op::write || r.op == io_op::write_zeroes || r.op == io_op::discard;
-  if (!err && writes && s_.read_only) err = -EPERM;
+  if (!err && writes && (s_.read_only || !s_.active)) err = -EPERM;  // an inactive node's image may belong to another process
   if (!err && (r.op == io_op::read || r.op == io_op::write)) {
     int64_t total = 0;
     for (int i = 0; i < r.iovcnt; ++i) total += int64_t(r.iov[i].iov_len);

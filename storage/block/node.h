@@ -39,7 +39,9 @@ struct node_settings {
   bool no_flush = false;
   bool discard_unmap = false;  // discard=unmap: pass discards down (ignore: complete them as no-ops)
   detect_zeroes_mode detect_zeroes = detect_zeroes_mode::off;
-  boost::json::object options;  // the validated options as given (children as references or inline)
+  bool active = true;           // blockdev-set-active / BlockdevOptions.active
+  boost::json::object options;  // the validated options, with what an inline child inherited
+  boost::json::object given;    // the options as the user gave them (an inline child's own dict)
 };
 
 class node final : private io_waiter {
@@ -48,6 +50,8 @@ class node final : private io_waiter {
   ~node();
 
   const node_settings& settings() const { return s_; }
+  // A committed reopen or activation change (the graph calls it with the node quiesced).
+  void update_settings(node_settings s) { s_ = std::move(s); }
   const std::string& name() const { return s_.name; }
   block_driver& driver() { return *drv_; }
   const block_driver& driver() const { return *drv_; }
@@ -61,7 +65,8 @@ class node final : private io_waiter {
   void quiesce(std::function<void()> drained);
   void resume();
   bool quiesced() const { return quiesce_depth_ > 0; }
-  size_t in_flight() const { return in_flight_; }
+  size_t in_flight() const { return in_flight_; }  // admitted, including those held while quiesced
+  size_t in_driver() const { return in_flight_ - held_.size(); }
 
   const node_stats& stats() const { return stats_; }
 

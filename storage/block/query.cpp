@@ -74,7 +74,7 @@ boost::json::object device_info(const graph& g, const node& n, bool flat) {
   boost::json::array children;
   for (auto& e : n.children) children.push_back(boost::json::object{{"child", e.role}, {"node-name", e.child->name()}});
   o["children"] = std::move(children);
-  o["active"] = true;
+  o["active"] = s.active;
   return o;
 }
 

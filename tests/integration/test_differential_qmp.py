@@ -227,6 +227,62 @@ CASES += [
         ex("query-blockstats", {"query-nodes": True}, 11)]),
 ]
 
+def ro(options, id):
+    return ex("blockdev-reopen", {"options": options}, id)
+
+
+REOPEN_GRAPH = [
+    ba({"driver": "null-co", "node-name": "n0", "size": 1048576}, 1),
+    ba({"driver": "file", "node-name": "f0", "filename": DISK}, 2),
+    ba({"driver": "file", "node-name": "f1", "filename": "WORKDIR/b.img", "read-only": True}, 3),
+    ba({"driver": "raw", "node-name": "r0", "file": "f0"}, 4),
+    ba({"driver": "raw", "node-name": "r2", "file": {"driver": "file", "filename": "WORKDIR/b.img"}}, 5),
+]
+NAMED = ex("query-named-block-nodes", {"flat": True}, 99)
+CASES += [
+    ("T91 blockdev-reopen: lookups, unchangeable and non-resettable options [10.2 fields]", [], "", [
+        NEG] + REOPEN_GRAPH + [
+        ro([{"driver": "null-co"}], 10), ro([{"driver": "null-co", "node-name": "zz"}], 11),
+        ro([{"driver": "raw", "node-name": "n0"}], 12), ro([{"driver": "raw", "node-name": "n0", "file": "f0"}], 13),
+        ro([{"driver": "null-co", "node-name": "n0", "size": 4096}], 14),
+        ro([{"driver": "null-co", "node-name": "n0", "size": 1048576}], 15),
+        ro([{"driver": "null-co", "node-name": "n0", "read-zeroes": True}], 16),
+        ro([{"driver": "null-co", "node-name": "n0", "size": 1048576, "detect-zeroes": "unmap"}], 17),
+        ro([{"driver": "null-co", "node-name": "n0", "size": 1048576, "force-share": True, "read-only": True}], 18),
+        ro([{"driver": "null-co", "node-name": "n0", "size": 1048576, "read-only": True, "detect-zeroes": "on",
+             "cache": {"no-flush": True}, "discard": "unmap"}], 19), NAMED,
+        ro([{"driver": "file", "node-name": "f0", "filename": "WORKDIR/b.img"}], 20),
+        ro([{"driver": "file", "node-name": "f0", "filename": DISK, "locking": "off"}], 21),
+        ro([{"driver": "file", "node-name": "f0", "filename": DISK, "aio": "threads"}], 22),
+        ro([{"driver": "file", "node-name": "f0"}], 23),
+        ro([{"driver": "file", "node-name": "f0", "filename": DISK, "drop-cache": False}], 24),
+        ro([{"driver": "file", "node-name": "f0", "filename": DISK}], 25),
+        ro([{"driver": "file", "node-name": "f0", "filename": DISK, "drop-cache": True, "read-only": True}], 26),
+        NAMED]),
+    ("blockdev-reopen: read-only, windows, children, lists [10.2 fields]", [], "", [NEG] + REOPEN_GRAPH + [
+        ro([{"driver": "raw", "node-name": "r0", "file": "f0", "read-only": True}], 10), NAMED,
+        ro([{"driver": "raw", "node-name": "r0", "file": "f0"}], 11),
+        ro([{"driver": "raw", "node-name": "r0", "file": "f0", "offset": 4096, "size": 8192}], 12), NAMED,
+        ro([{"driver": "raw", "node-name": "r0", "file": "f0", "offset": 4096, "size": 2000000}], 13),
+        ro([{"driver": "raw", "node-name": "r0", "file": "f1"}], 14),
+        ex("x-debug-query-block-graph", None, 15),
+        ro([{"driver": "raw", "node-name": "r0", "file": "r0"}], 16),
+        ro([{"driver": "raw", "node-name": "r0", "file": "nope"}], 17),
+        ro([{"driver": "raw", "node-name": "r0", "file": {"driver": "file", "filename": DISK}}], 18),
+        ro([{"driver": "raw", "node-name": "r2", "file": {"driver": "file", "filename": "WORKDIR/b.img",
+                                                         "read-only": True}}], 19), NAMED,
+        ro([{"driver": "raw", "node-name": "r2", "file": {"driver": "file", "node-name": "other",
+                                                         "filename": "WORKDIR/b.img"}}], 20),
+        ro([{"driver": "raw", "node-name": "r2", "file": "f0"}], 21), NAMED,
+        ro([{"driver": "null-co", "node-name": "n0", "size": 1048576},
+            {"driver": "null-co", "node-name": "n0", "read-only": True}], 22),
+        ro([{"driver": "raw", "node-name": "r0", "file": "f1", "read-only": True},
+            {"driver": "null-co", "node-name": "n0", "size": 5}], 23), NAMED,
+        ro([{"driver": "raw", "node-name": "r0", "file": "f0"}], 24),
+        ex("blockdev-del", {"node-name": "f1"}, 25), ex("blockdev-del", {"node-name": "r0"}, 26),
+        ex("blockdev-del", {"node-name": "f1"}, 27), ex("x-debug-query-block-graph", None, 28)]),
+]
+
 ALLOWED = [
     ("object-add secret", [NEG, oa({"qom-type": "secret", "id": "s0", "data": "x"}, 1)]),
     ("object-add throttle-group", [NEG, oa({"qom-type": "throttle-group", "id": "t0", "limits": {"iops-total": 1}}, 1)]),
