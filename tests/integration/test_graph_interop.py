@@ -43,10 +43,30 @@ def main():
             assert c.cmd("block_resize", {"node-name": "f0", "size": 1 << 20}) == {"return": {}}
             assert os.path.getsize(img) == 1 << 20
             print("PASS block_resize on the file node")
+
+            # blockdev-set-active hands the image over: an inactive window holds no lock, and
+            # activating takes it back (migration handover with a second process).
+            def resize_ok():
+                r = subprocess.run(["qemu-img", "resize", "-f", "raw", img, "1M"], capture_output=True, text=True)
+                return r.returncode == 0
+            assert c.cmd("blockdev-add", {"driver": "raw", "node-name": "w1", "file": "f0", "offset": 0,
+                                          "size": 4096}) == {"return": {}}
+            assert not resize_ok()
+            err = c.cmd("blockdev-set-active", {"node-name": "f0", "active": False})
+            assert err == {"error": {"class": "GenericError", "desc": "Node has active parent node"}}, err
+            assert c.cmd("blockdev-set-active", {"node-name": "w1", "active": False}) == {"return": {}}
+            nodes = {n["node-name"]: n["active"] for n in c.cmd("query-named-block-nodes")["return"]}
+            assert nodes == {"w1": False, "f0": False}, nodes
+            assert resize_ok()
+            assert c.cmd("blockdev-set-active", {"active": True}) == {"return": {}}
+            nodes = {n["node-name"]: n["active"] for n in c.cmd("query-named-block-nodes")["return"]}
+            assert nodes == {"w1": True, "f0": True}, nodes
+            assert not resize_ok()
+            print("PASS blockdev-set-active releases and retakes the image")
             c.close()
         finally:
             assert d.stop() == 0
-    print("3 passed, 0 failed")
+    print("4 passed, 0 failed")
     return 0
 
 
