@@ -61,6 +61,9 @@ def main():
             assert c.cmd("blockdev-set-active", {"active": True}) == {"return": {}}
             nodes = {n["node-name"]: n["active"] for n in c.cmd("query-named-block-nodes")["return"]}
             assert nodes == {"w1": True, "f0": True}, nodes
+            # 10.2's BlockDeviceInfo.children (the differential suite drops it: QSD 7.2 lacks it).
+            kids = {n["node-name"]: n["children"] for n in c.cmd("query-named-block-nodes")["return"]}
+            assert kids == {"w1": [{"child": "file", "node-name": "f0"}], "f0": []}, kids
             assert not resize_ok()
             print("PASS blockdev-set-active releases and retakes the image")
             c.close()
