@@ -359,7 +359,8 @@ result<graph::reopen_plan> graph::reopen_prepare(const boost::json::array& list)
   return plan;
 }
 
-result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object options) {
+result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object options,
+                                 const boost::json::object* given) {
   for (auto& e : plan.entries)
     if (e.n == &n) return {};  // an inline child already queued through its parent
   const node_settings& cur = n.settings();
@@ -394,13 +395,19 @@ result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object
   // Children: the same node (an inline one is reopened with what it inherits), another node (the
   // child is replaced), or an inline definition of the current inline child.
   std::vector<node::child_edge> children = n.children;
-  std::vector<std::pair<node*, boost::json::object>> inline_reopens;
+  struct inline_reopen {
+    node* child;
+    boost::json::object options;  // with what it inherits from the new parent options
+    boost::json::object given;    // its own options, as the user gave them
+  };
+  std::vector<inline_reopen> inline_reopens;
   for (auto& edge : children) {
     node* current = edge.child;
     auto* v = options.if_contains(edge.role);
     bool inline_child = !current->monitor_owned;
     if (!v) {
-      if (inline_child) inline_reopens.emplace_back(current, inherited_options(current->settings().given, options));
+      if (inline_child)
+        inline_reopens.push_back({current, inherited_options(current->settings().given, options), current->settings().given});
       continue;
     }
     if (v->is_string()) {
@@ -409,7 +416,7 @@ result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object
       if (!target) return fail("Cannot find device='' nor node-name='" + ref + "'");
       if (target == current) {
         if (inline_child)
-          inline_reopens.emplace_back(current, inherited_options(current->settings().given, options));
+          inline_reopens.push_back({current, inherited_options(current->settings().given, options), current->settings().given});
         continue;
       }
       if (reaches(*target, n))
@@ -424,8 +431,7 @@ result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object
     }
     if (auto* nn = dict.if_contains("node-name"); nn && nn->as_string() != current->name())
       return fail("Cannot change the option 'node-name'");
-    boost::json::object child_opts = inherited_options(dict, options);
-    inline_reopens.emplace_back(current, std::move(child_opts));
+    inline_reopens.push_back({current, inherited_options(dict, options), dict});
   }
 
   // The driver sees its own members and the children it will have.
@@ -457,11 +463,11 @@ result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object
       if (auto r = unchanged(kv.key()); !r) return bail(r.error());
 
   next.options = options;
-  if (n.monitor_owned) next.given = options;
+  next.given = given ? *given : options;
   entry.next = std::move(next);
   plan.entries.push_back(std::move(entry));
-  for (auto& [child, opts] : inline_reopens)
-    if (auto r = reopen_queue(plan, *child, std::move(opts)); !r) return r;
+  for (auto& ir : inline_reopens)
+    if (auto r = reopen_queue(plan, *ir.child, std::move(ir.options), &ir.given); !r) return r;
   return {};
 }
 

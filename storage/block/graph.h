@@ -66,7 +66,8 @@ class graph {
   result<node*> open_node(const boost::json::object& options, bool top_level, std::vector<node*>& created,
                           const boost::json::object* given = nullptr);
   result<void> refresh_perms(node& n);
-  result<void> reopen_queue(reopen_plan& plan, node& n, boost::json::object options);
+  result<void> reopen_queue(reopen_plan& plan, node& n, boost::json::object options,
+                            const boost::json::object* given = nullptr);
   result<void> activate(node& n);
   result<void> inactivate(node& n);
   bool reaches(const node& from, const node& to) const;
