@@ -19,7 +19,8 @@
 namespace blockd {
 
 // The tunables QSD accepts for an iothread object. blockd's loop does not busy-poll, so the poll-*
-// values are recorded and reported but change nothing; aio-max-batch caps submissions per turn.
+// values are recorded and reported but change nothing; so is aio-max-batch (the reactor already
+// submits once per loop turn, and QEMU uses it only for Linux AIO).
 struct iothread_params {
   int64_t poll_max_ns = 32768;
   int64_t poll_grow = 0;

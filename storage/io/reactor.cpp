@@ -1,9 +1,12 @@
-// The two reactor backends (io_uring and poll); each instance runs on its iothread only.
+// The two reactor backends (io_uring and poll): iothread only, except the poll backend's file-I/O workers.
 #include "storage/io/reactor.h"
 
+#include <fcntl.h>
 #include <liburing.h>
 #include <poll.h>
-#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -11,8 +14,12 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <mutex>
+#include <system_error>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -209,9 +216,30 @@ class uring_reactor final : public op_reactor {
 
 // ---------------------------------------------------------------------------------------------
 // poll(2) backend for hosts that forbid io_uring. Socket and pipe operations wait for readiness and
-// then run the system call without blocking; positioned file I/O runs at the next turn.
+// then run the system call without blocking. Positioned file I/O, fsync and fallocate cannot be
+// waited for with poll (a regular file always polls ready and the call blocks inside the kernel), so
+// they go to a few worker threads owned by this reactor; the loop thread only collects the results.
+//
+// Why one pool per reactor rather than one for the process: a result has exactly one loop to return
+// to, a slow fsync on one iothread cannot delay another iothread's I/O, and the destructor knows
+// every thread that may still touch its queues. Four threads keep an iothread's queue depth busy on
+// a disk without flooding the host with threads; they start on the first file operation, so loops
+// that only serve sockets (the monitor) never own any.
 class poll_reactor final : public op_reactor {
  public:
+  ~poll_reactor() override {
+    {
+      std::lock_guard<std::mutex> g(pool_mx_);
+      pool_stop_ = true;
+    }
+    pool_cv_.notify_all();
+    // A worker in the middle of a system call finishes it (the buffers are still alive: whoever
+    // destroys a reactor with I/O in flight keeps them until it returns); queued jobs never start.
+    // Their completions are dropped, as the io_uring backend drops what it still has in the kernel.
+    for (auto& t : workers_) t.join();
+    if (pool_wake_fd_ >= 0) ::close(pool_wake_fd_);
+  }
+
   const char* kind() const override { return "poll"; }
 
   void connect(int fd, const void* addr, unsigned addrlen, completion* c) override {
@@ -224,22 +252,49 @@ class poll_reactor final : public op_reactor {
   }
   void cancel(completion* c) override {
     auto it = std::find_if(pending_.begin(), pending_.end(), [c](const op& o) { return o.c == c; });
-    if (it == pending_.end()) return;  // already completed or about to
-    pending_.erase(it);
-    ready_.emplace_back(c, -ECANCELED);
+    if (it != pending_.end()) {
+      pending_.erase(it);
+      ready_.emplace_back(c, -ECANCELED);
+      return;
+    }
+    // A file operation not yet picked up by a worker is withdrawn; one that a worker is running (or
+    // has finished) completes with its real result. Either way it completes once.
+    auto st = std::find_if(staged_.begin(), staged_.end(), [c](const pool_job* j) { return j->o.c == c; });
+    if (st != staged_.end()) {
+      put_job(*st);
+      staged_.erase(st);
+      ready_.emplace_back(c, -ECANCELED);
+      return;
+    }
+    if (pool_outstanding_ == 0) return;
+    pool_job* withdrawn = nullptr;
+    {
+      std::lock_guard<std::mutex> g(pool_mx_);
+      auto q = std::find_if(pool_queue_.begin(), pool_queue_.end(), [c](const pool_job* j) { return j->o.c == c; });
+      if (q != pool_queue_.end()) {
+        withdrawn = *q;
+        pool_queue_.erase(q);
+      }
+    }
+    if (withdrawn) {
+      --pool_outstanding_;
+      put_job(withdrawn);
+      ready_.emplace_back(c, -ECANCELED);
+    }
   }
-  size_t in_flight() const override { return pending_.size() + ready_.size(); }
+  size_t in_flight() const override { return pending_.size() + ready_.size() + staged_.size() + pool_outstanding_; }
 
   unsigned run_once(bool block) override {
-    // Positioned I/O and file control do not wait for readiness: they run here, synchronously on
-    // this loop (the fallback is correct but serializes the iothread's file I/O).
+    hand_to_workers();
+    // Without workers (the pool could not start) file operations run here, synchronously: correct,
+    // but the iothread waits for each one.
     for (auto it = pending_.begin(); it != pending_.end();) {
-      if (int res; file_op(*it, res)) {
-        ready_.emplace_back(it->c, res);
-        it = pending_.erase(it);
-      } else {
+      if (!is_file_op(*it)) {
         ++it;
+        continue;
       }
+      ready_.emplace_back(it->c, run_file_op(*it));
+      it = pending_.erase(it);
     }
     int wait_ms = -1;
     uint64_t now = now_ns();
@@ -260,12 +315,15 @@ class poll_reactor final : public op_reactor {
       fds.push_back({o.fd, ev, 0});
       which.push_back(i);
     }
+    size_t socket_fds = fds.size();
+    // Workers finishing a job make this eventfd readable, which ends the wait below.
+    if (pool_outstanding_ > 0) fds.push_back({pool_wake_fd_, POLLIN, 0});
     if (!fds.empty() || wait_ms != 0) {
       int n = ::poll(fds.data(), fds.size(), wait_ms);
       if (n < 0) n = 0;
     }
     std::vector<size_t> finished;
-    for (size_t k = 0; k < fds.size(); ++k) {
+    for (size_t k = 0; k < socket_fds; ++k) {
       if (!fds[k].revents) continue;
       auto& o = pending_[which[k]];
       int res = attempt(o);
@@ -281,6 +339,7 @@ class poll_reactor final : public op_reactor {
       }
     std::sort(finished.rbegin(), finished.rend());
     for (size_t i : finished) pending_.erase(pending_.begin() + static_cast<long>(i));
+    collect_from_workers();
 
     unsigned done = 0;
     auto batch = std::move(ready_);
@@ -293,26 +352,143 @@ class poll_reactor final : public op_reactor {
   }
 
  private:
+  struct pool_job {
+    op o;
+    int res = 0;
+  };
+
   static uint64_t now_ns() {
     return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                      std::chrono::steady_clock::now().time_since_epoch())
                                      .count());
   }
-  void push(op o) override { pending_.push_back(o); }
 
-  static bool file_op(const op& o, int& res) {
-    ssize_t n;
+  static bool is_file_op(const op& o) {
     switch (o.kind) {
-      case op_kind::read: if (o.off < 0) return false; n = ::pread(o.fd, o.buf, o.len, o.off); break;
-      case op_kind::write: if (o.off < 0) return false; n = ::pwrite(o.fd, o.buf, o.len, o.off); break;
-      case op_kind::readv: n = ::preadv(o.fd, o.iov, o.iovcnt, o.off); break;
-      case op_kind::writev: n = ::pwritev(o.fd, o.iov, o.iovcnt, o.off); break;
-      case op_kind::fsync: n = o.mode ? ::fdatasync(o.fd) : ::fsync(o.fd); break;
-      case op_kind::fallocate: n = ::fallocate(o.fd, o.mode, o.off, static_cast<off_t>(o.len)); break;
+      case op_kind::read:
+      case op_kind::write: return o.off >= 0;  // at the current position: a pipe or tty, polled
+      case op_kind::readv:
+      case op_kind::writev:
+      case op_kind::fsync:
+      case op_kind::fallocate: return true;
       default: return false;
     }
-    res = n < 0 ? -errno : static_cast<int>(n);
-    return true;
+  }
+
+  void push(op o) override {
+    if (is_file_op(o) && start_pool()) {
+      pool_job* j = get_job();
+      j->o = o;
+      staged_.push_back(j);  // handed over at the next turn, one lock for the whole batch
+      return;
+    }
+    pending_.push_back(o);
+  }
+
+  // Starts the workers once; false when the host refuses threads or an eventfd (the caller then
+  // runs the operation on the loop, as before the pool existed, rather than failing it).
+  bool start_pool() {
+    if (!workers_.empty()) return true;
+    if (pool_failed_) return false;
+    pool_wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (pool_wake_fd_ < 0) {
+      pool_failed_ = true;
+      return false;
+    }
+    // Workers take no signals: the daemon's handlers and signalfd expect them on its own threads, and
+    // a blocking system call interrupted here would only come back as EINTR to retry.
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    try {
+      for (unsigned i = 0; i < pool_threads; ++i) {
+        workers_.emplace_back([this] { worker(); });
+        pthread_setname_np(workers_.back().native_handle(), "blockd-fileio");
+      }
+    } catch (const std::system_error&) {
+      // Fewer threads than asked for still work; none at all means the synchronous fallback.
+      if (workers_.empty()) pool_failed_ = true;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    return !workers_.empty();
+  }
+
+  void hand_to_workers() {
+    if (staged_.empty()) return;
+    {
+      std::lock_guard<std::mutex> g(pool_mx_);
+      for (auto* j : staged_) pool_queue_.push_back(j);
+    }
+    pool_outstanding_ += staged_.size();
+    if (staged_.size() == 1)
+      pool_cv_.notify_one();
+    else
+      pool_cv_.notify_all();
+    staged_.clear();
+  }
+
+  void collect_from_workers() {
+    if (pool_outstanding_ == 0) return;
+    // Reset the eventfd before taking the list: a job finished after the swap signals again.
+    uint64_t count;
+    (void)!::read(pool_wake_fd_, &count, sizeof count);
+    std::vector<pool_job*> done;
+    {
+      std::lock_guard<std::mutex> g(pool_mx_);
+      done.swap(pool_done_);
+    }
+    for (auto* j : done) {
+      ready_.emplace_back(j->o.c, j->res);
+      put_job(j);
+    }
+    pool_outstanding_ -= done.size();
+  }
+
+  void worker() {
+    std::unique_lock<std::mutex> lk(pool_mx_);
+    for (;;) {
+      pool_cv_.wait(lk, [this] { return pool_stop_ || !pool_queue_.empty(); });
+      if (pool_stop_) return;
+      pool_job* j = pool_queue_.front();
+      pool_queue_.pop_front();
+      lk.unlock();
+      j->res = run_file_op(j->o);
+      lk.lock();
+      bool first = pool_done_.empty();
+      pool_done_.push_back(j);
+      if (first) {
+        uint64_t one = 1;
+        (void)!::write(pool_wake_fd_, &one, sizeof one);
+      }
+    }
+  }
+
+  pool_job* get_job() {
+    if (job_free_.empty()) {
+      job_store_.push_back(std::make_unique<pool_job>());
+      return job_store_.back().get();
+    }
+    pool_job* j = job_free_.back();
+    job_free_.pop_back();
+    return j;
+  }
+  void put_job(pool_job* j) { job_free_.push_back(j); }
+
+  // The blocking system call of a file operation; any thread.
+  static int run_file_op(const op& o) {
+    ssize_t n;
+    do {
+      switch (o.kind) {
+        case op_kind::read: n = ::pread(o.fd, o.buf, o.len, o.off); break;
+        case op_kind::write: n = ::pwrite(o.fd, o.buf, o.len, o.off); break;
+        case op_kind::readv: n = ::preadv(o.fd, o.iov, o.iovcnt, o.off); break;
+        case op_kind::writev: n = ::pwritev(o.fd, o.iov, o.iovcnt, o.off); break;
+        case op_kind::fsync: n = o.mode ? ::fdatasync(o.fd) : ::fsync(o.fd); break;
+        case op_kind::fallocate: n = ::fallocate(o.fd, o.mode, o.off, static_cast<off_t>(o.len)); break;
+        default: return -EINVAL;
+      }
+    } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : static_cast<int>(n);
   }
 
   static int attempt(op& o) {
@@ -329,8 +505,24 @@ class poll_reactor final : public op_reactor {
     return static_cast<int>(n);
   }
 
-  std::vector<op> pending_;
-  std::vector<std::pair<completion*, int>> ready_;
+  static constexpr unsigned pool_threads = 4;
+
+  std::vector<op> pending_;                         // socket/pipe operations and timers
+  std::vector<std::pair<completion*, int>> ready_;  // results to deliver at the end of this turn
+
+  // File operations: staged_ (loop thread) -> pool_queue_ -> a worker -> pool_done_ -> ready_.
+  std::vector<pool_job*> staged_;
+  size_t pool_outstanding_ = 0;  // handed to the workers and not yet collected; loop thread only
+  std::vector<std::unique_ptr<pool_job>> job_store_;
+  std::vector<pool_job*> job_free_;
+  std::mutex pool_mx_;  // guards pool_queue_, pool_done_, pool_stop_
+  std::condition_variable pool_cv_;
+  std::deque<pool_job*> pool_queue_;
+  std::vector<pool_job*> pool_done_;
+  bool pool_stop_ = false;
+  bool pool_failed_ = false;
+  int pool_wake_fd_ = -1;
+  std::vector<std::thread> workers_;
 };
 
 }  // namespace

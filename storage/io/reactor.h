@@ -25,6 +25,9 @@ class reactor {
   // Creates the io_uring backend, or the poll backend if io_uring cannot be set up (seccomp in
   // containers, old kernels, io_uring_disabled). `note` receives the reason for a fallback.
   static std::unique_ptr<reactor> create(unsigned entries, std::string* note);
+  // The poll backend waits for sockets and pipes with poll(2) and runs positioned file I/O, fsync and
+  // fallocate on a few worker threads of its own (started on first use), so a slow disk does not
+  // stop the loop. Completions still run on the loop thread, inside run_once().
   static std::unique_ptr<reactor> create_poll();
 
   virtual const char* kind() const = 0;

@@ -348,8 +348,9 @@ def play(binary, tmp, extra, monopt, sends):
             s.sendall(SYNC)
         out = b""
         while True:
-            if not quitting and (b'"__sync__"' in out and out.endswith(b"\r\n") and
-                                 out.rfind(b"\r\n", 0, len(out) - 2) < out.rfind(b'"__sync__"')):
+            # The sync reply is complete when its closing brace has arrived (a pretty monitor
+            # spreads it over several lines, and a read may end in the middle of them).
+            if not quitting and b'"__sync__"' in out and out[out.rfind(b'"__sync__"'):].endswith(b"}\r\n"):
                 break
             try:
                 chunk = s.recv(1 << 20)
