@@ -144,11 +144,16 @@ class file_driver final : public block_driver {
     f.virtual_size = length();
     f.actual_size = s_.blockdev ? 0 : int64_t(st.st_blocks) * 512;
     f.has_dirty_flag = true;
+    // 8.0+ reports a file node's format-specific data, with the extent size hint where one is set.
+    boost::json::object data;
+    struct fsxattr attr {};
+    if (::ioctl(fd_, FS_IOC_FSGETXATTR, &attr) == 0 && attr.fsx_extsize != 0) data["extent-size-hint"] = attr.fsx_extsize;
+    f.format_specific = boost::json::object{{"type", "file"}, {"data", std::move(data)}};
     return f;
   }
 
   boost::json::value driver_stats() const override {
-    return boost::json::object{{"driver", "file"},
+    return boost::json::object{{"driver", s_.blockdev ? "host_device" : "file"},
                                {"discard-nb-ok", discard_ok_},
                                {"discard-nb-failed", discard_failed_},
                                {"discard-bytes-ok", discard_bytes_}};

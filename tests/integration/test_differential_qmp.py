@@ -203,7 +203,8 @@ CASES += [
 ]
 
 # Query replies: blockd answers in QSD 10.2's shape, which adds members 7.2 does not have
-# (BlockDeviceInfo.children/active, the zone_append counters); the normalizer drops them, and the
+# (BlockDeviceInfo.children/active, the zone_append counters, a file node's format-specific data); the
+# normalizer drops them, and the
 # account_* flags, which blockd sets because it counts failed and invalid requests on every node.
 QUERY_GRAPH = [
     ba({"driver": "null-co", "node-name": "n0", "size": 1048576}, 1),
@@ -304,7 +305,9 @@ def drop_102_fields(data):
 
     def strip(v):
         if isinstance(v, OrderedDict):
-            return OrderedDict((k, strip(x)) for k, x in v.items() if k not in DROP_102 and "zone_append" not in k)
+            return OrderedDict((k, strip(x)) for k, x in v.items()
+                               if k not in DROP_102 and "zone_append" not in k and
+                               not (k == "format-specific" and x.get("type") == "file"))
         if isinstance(v, list):
             return [strip(x) for x in v]
         return v

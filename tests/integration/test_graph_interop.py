@@ -64,6 +64,8 @@ def main():
             # 10.2's BlockDeviceInfo.children (the differential suite drops it: QSD 7.2 lacks it).
             kids = {n["node-name"]: n["children"] for n in c.cmd("query-named-block-nodes")["return"]}
             assert kids == {"w1": [{"child": "file", "node-name": "f0"}], "f0": []}, kids
+            fs = {n["node-name"]: n["image"].get("format-specific") for n in c.cmd("query-named-block-nodes")["return"]}
+            assert fs["w1"] is None and fs["f0"]["type"] == "file", fs
             assert not resize_ok()
             print("PASS blockdev-set-active releases and retakes the image")
             c.close()
