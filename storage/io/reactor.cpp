@@ -529,7 +529,17 @@ class poll_reactor final : public op_reactor {
 
 std::unique_ptr<reactor> reactor::create(unsigned entries, std::string* note) {
   io_uring ring;
-  int rc = io_uring_queue_init(entries, &ring, 0);
+  // COOP_TASKRUN: a completion produced off this thread (io-wq workers, device interrupts) waits for
+  // the loop's next kernel entry instead of kicking it with an IPI; TASKRUN_FLAG makes liburing's
+  // peek enter the kernel when such completions are pending. A sleeping loop is still woken.
+  // (DEFER_TASKRUN would need the ring created on the loop thread; iothread creates it on its parent.)
+  io_uring_params p{};
+  p.flags = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+  int rc = io_uring_queue_init_params(entries, &ring, &p);
+  if (rc == -EINVAL) {  // kernels before 5.19 do not know these flags
+    p = io_uring_params{};
+    rc = io_uring_queue_init_params(entries, &ring, &p);
+  }
   if (rc == 0) return std::make_unique<uring_reactor>(ring);
   if (note) *note = std::string("io_uring unavailable (") + std::strerror(-rc) + "), using poll";
   return create_poll();
