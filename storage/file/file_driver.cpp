@@ -64,8 +64,9 @@ struct dio_alignment {
   uint32_t memory = 1;
 };
 
-// Copies between a request's scatter list (from byte `skip` on) and a flat buffer.
-void copy_from_iov(const iovec* iov, int iovcnt, int64_t skip, char* dst, int64_t n) {
+// Walks `n` bytes of a request's scatter list from byte `skip` on, one contiguous piece at a time.
+template <class Piece>
+void for_each_piece(const iovec* iov, int iovcnt, int64_t skip, int64_t n, Piece piece) {
   for (int i = 0; i < iovcnt && n > 0; ++i) {
     int64_t len = int64_t(iov[i].iov_len);
     if (skip >= len) {
@@ -73,28 +74,28 @@ void copy_from_iov(const iovec* iov, int iovcnt, int64_t skip, char* dst, int64_
       continue;
     }
     int64_t k = std::min(len - skip, n);
-    std::memcpy(dst, static_cast<const char*>(iov[i].iov_base) + skip, size_t(k));
-    dst += k;
+    piece(static_cast<char*>(iov[i].iov_base) + skip, k);
     n -= k;
     skip = 0;
   }
 }
+
+// Copies between a request's scatter list and a flat buffer (a null source writes zeroes).
+void copy_from_iov(const iovec* iov, int iovcnt, int64_t skip, char* dst, int64_t n) {
+  for_each_piece(iov, iovcnt, skip, n, [&](char* p, int64_t k) {
+    std::memcpy(dst, p, size_t(k));
+    dst += k;
+  });
+}
 void copy_to_iov(const iovec* iov, int iovcnt, int64_t skip, const char* src, int64_t n) {
-  for (int i = 0; i < iovcnt && n > 0; ++i) {
-    int64_t len = int64_t(iov[i].iov_len);
-    if (skip >= len) {
-      skip -= len;
-      continue;
+  for_each_piece(iov, iovcnt, skip, n, [&](char* p, int64_t k) {
+    if (src) {
+      std::memcpy(p, src, size_t(k));
+      src += k;
+    } else {
+      std::memset(p, 0, size_t(k));
     }
-    int64_t k = std::min(len - skip, n);
-    if (src)
-      std::memcpy(static_cast<char*>(iov[i].iov_base) + skip, src, size_t(k));
-    else
-      std::memset(static_cast<char*>(iov[i].iov_base) + skip, 0, size_t(k));
-    if (src) src += k;
-    n -= k;
-    skip = 0;
-  }
+  });
 }
 
 dio_alignment probe_dio(int fd, bool blockdev);
