@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "storage/block/driver.h"
+#include "storage/block/local_loop.h"
 #include "storage/block/node.h"
 #include "storage/io/reactor.h"
 
@@ -81,23 +82,6 @@ double now_s() {
 }
 
 double tv_s(const timeval& t) { return double(t.tv_sec) + double(t.tv_usec) * 1e-6; }
-
-// The iothread loop reduced to what a node needs: deferred functions, then one reactor turn that
-// sleeps only when nothing else is runnable (the same shape as the daemon's loop and the
-// conformance suite's test loop).
-struct loop {
-  std::unique_ptr<io::reactor> reactor;
-  std::deque<std::function<void()>> deferred;
-  block::driver_env env() {
-    return {reactor.get(), [this](std::function<void()> fn) { deferred.push_back(std::move(fn)); }};
-  }
-  void turn() {
-    auto batch = std::move(deferred);
-    deferred.clear();
-    for (auto& fn : batch) fn();
-    reactor->run_once(deferred.empty() && reactor->in_flight() > 0);
-  }
-};
 
 // xorshift64*: a few cycles per offset, so the generator never shows up next to the I/O path.
 struct xorshift {
@@ -193,10 +177,9 @@ class driver_loop final : public block::io_waiter {
 int main(int argc, char** argv) {
   options o = parse(argc, argv);
 
-  loop lp;
   std::string note;
   // 256 entries like the conformance loop; qd beyond that waits in the reactor's overflow list.
-  lp.reactor = io::reactor::create(256, &note);
+  block::local_loop lp(io::reactor::create(256, &note));
   if (!note.empty()) std::fprintf(stderr, "bench_node_path: %s\n", note.c_str());
 
   block::register_builtin_drivers();

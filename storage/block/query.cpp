@@ -78,12 +78,14 @@ boost::json::object device_info(const graph& g, const node& n, bool flat) {
   return o;
 }
 
+// One operation kind's counters; flushes move no bytes and are never merged, so QEMU has no such members.
 void put_op(boost::json::object& st, const char* prefix, const op_stats& op) {
   std::string p(prefix);
-  st[p + "_bytes"] = op.bytes;
+  bool moves_data = p != "flush";
+  if (moves_data) st[p + "_bytes"] = op.bytes;
   st[p + "_operations"] = op.operations;
   st[p + "_total_time_ns"] = op.total_time_ns;
-  st[p + "_merged"] = 0;
+  if (moves_data) st[p + "_merged"] = 0;
   st["failed_" + p + "_operations"] = op.failed;
   st["invalid_" + p + "_operations"] = op.invalid;
 }
@@ -96,8 +98,6 @@ boost::json::object device_stats(const node& n) {
   put_op(st, "zone_append", ns.zone_append);
   put_op(st, "unmap", ns.unmap);
   put_op(st, "flush", ns.flush);
-  st.erase("flush_bytes");   // flushes move no bytes and QEMU has no such member
-  st.erase("flush_merged");
   st["wr_highest_offset"] = ns.wr_highest_offset;
   // blockd accounts failed and invalid requests of every node (QEMU only does it on block backends).
   st["account_invalid"] = true;

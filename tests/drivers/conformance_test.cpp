@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "storage/block/driver.h"
+#include "storage/block/local_loop.h"
 #include "storage/block/node.h"
 #include "storage/io/reactor.h"
 
@@ -27,20 +28,9 @@ constexpr int64_t image_size = 4 << 20;
 
 // A loop like an iothread's: deferred functions and reactor completions, on this thread only. The
 // poll backend (BLOCKD_REACTOR=poll, or no io_uring on the host) runs file I/O on worker threads.
-struct test_loop {
+struct test_loop : local_loop {
   explicit test_loop(bool poll = false)
-      : reactor(poll ? io::reactor::create_poll() : io::reactor::create(256, nullptr)) {}
-  std::unique_ptr<io::reactor> reactor;
-  std::deque<std::function<void()>> deferred;
-  driver_env env() {
-    return {reactor.get(), [this](std::function<void()> fn) { deferred.push_back(std::move(fn)); }};
-  }
-  void turn() {
-    auto batch = std::move(deferred);
-    deferred.clear();
-    for (auto& fn : batch) fn();
-    reactor->run_once(deferred.empty() && reactor->in_flight() > 0);
-  }
+      : local_loop(poll ? io::reactor::create_poll() : io::reactor::create(256, nullptr)) {}
   template <class Pred>
   void until(Pred done) {
     for (int i = 0; i < 1000000 && !done(); ++i) turn();
