@@ -289,6 +289,7 @@ class file_driver final : public block_driver {
     st_rmw_head,        // padded write: reading the partly covered first block
     st_rmw_tail,        // padded write: reading the partly covered last block
     st_bounce_write,    // bounced write of the aligned cover of one piece
+    st_dev_zero,        // BLKZEROOUT on a block device (offloaded)
   };
 
   struct free_deleter {
@@ -301,6 +302,13 @@ class file_driver final : public block_driver {
     stage st = st_io;
     // Plain path: bytes transferred so far; a short transfer continues from `rest`.
     int64_t done = 0;
+    int retries = 0;
+    struct {
+      io_op op = io_op::read;
+      const iovec* iov = nullptr;
+      int iovcnt = 0;
+      int64_t off = 0;
+    } last;  // the read or write last handed to the reactor (an interrupted one is repeated)
     std::vector<iovec> rest;
     // Bounced path: the request is done piece by piece; [pos, piece_end) is the current piece and
     // [as, ae) its aligned cover, held in `bounce`; `bdone` bytes of the cover are transferred.
@@ -330,6 +338,7 @@ class file_driver final : public block_driver {
     j->r = &r;
     j->st = st_io;
     j->done = 0;
+    j->retries = 0;
     j->zero_source = false;
     j->guards_eof = false;
     j->serialising = false;
@@ -369,15 +378,15 @@ class file_driver final : public block_driver {
         }
         // BLKDISCARD takes whole logical blocks; discard is advisory, so the partial ends stay.
         int64_t b = s_.dev_block, start = round_up(r.offset, b), stop = round_down(r.offset + r.length, b);
-        return defer_complete(j, stop > start ? ioctl_range(BLKDISCARD, start, stop - start) : 0);
+        if (stop <= start) return defer_complete(j, 0);
+        return device_ioctl(j, BLKDISCARD, start, stop - start);
       }
       case io_op::write_zeroes:
         if (s_.blockdev) {
           int64_t b = s_.dev_block;
           if (r.offset % b == 0 && r.length % b == 0) {
-            int rc = ioctl_range(BLKZEROOUT, r.offset, r.length);
-            if ((rc == -EOPNOTSUPP || rc == -ENOTSUP) && !(r.flags & io_no_fallback)) return start_bounced(j, true);
-            return finish_later(j, rc);
+            j->st = st_dev_zero;
+            return device_ioctl(j, BLKZEROOUT, r.offset, r.length);
           }
           // Partial blocks: only a written buffer can zero them.
           if (r.flags & io_no_fallback) return finish_later(j, -ENOTSUP);
@@ -400,6 +409,7 @@ class file_driver final : public block_driver {
       defer_complete(j, -EINVAL);
       return;
     }
+    j->last = {op, iov, iovcnt, off};
     if (op == io_op::read)
       env_.reactor->readv(fd_, iov, iovcnt, off, j);
     else
@@ -408,10 +418,22 @@ class file_driver final : public block_driver {
 
   void on_complete(job* j, int res) {
     io_request& r = *j->r;
+    bool through_issue = j->st == st_io || j->st == st_bounce_read || j->st == st_rmw_head ||
+                         j->st == st_rmw_tail || j->st == st_bounce_write;
+    if (through_issue && res < 0 && retry(j, res)) {
+      // Nothing was transferred: the same read or write goes again.
+      auto& l = j->last;
+      return issue(j, l.op, l.iov, l.iovcnt, l.off);
+    }
     switch (j->st) {
       case st_io: return plain_done(j, res);
-      case st_flush: return finish(j, res < 0 ? res : 0);
+      case st_flush:
+        if (res < 0 && retry(j, res)) return env_.reactor->fsync(fd_, true, j);
+        return finish(j, res < 0 ? res : 0);
       case st_discard: return discard_done(j, res);
+      case st_dev_zero:
+        if ((res == -EOPNOTSUPP || res == -ENOTSUP) && !(r.flags & io_no_fallback)) return start_bounced(j, true);
+        return finish(j, res < 0 ? res : 0);
       case st_zero_range:
       case st_punch:
       case st_realloc_punch:
@@ -456,6 +478,14 @@ class file_driver final : public block_driver {
       copy_to_iov(r.iov, r.iovcnt, j->done, nullptr, r.length - j->done);
       return finish(j, 0);
     }
+    issue_rest(j);
+  }
+
+  // An interrupted or would-block transfer (io_uring passes both through) goes again, a few times.
+  static bool retry(job* j, int res) { return (res == -EINTR || res == -EAGAIN) && ++j->retries <= 16; }
+
+  void issue_rest(job* j) {
+    io_request& r = *j->r;
     j->rest.clear();
     int64_t skip = j->done;
     for (int i = 0; i < r.iovcnt; ++i) {
@@ -709,10 +739,16 @@ class file_driver final : public block_driver {
     return {};
   }
 
-  int ioctl_range(unsigned long req, int64_t off, int64_t len) {
-    uint64_t range[2] = {uint64_t(off), uint64_t(len)};
-    if (ioctl(fd_, req, range) != 0) return -errno;
-    return 0;
+  // BLKDISCARD / BLKZEROOUT may take seconds on a large range and io_uring has no operation for
+  // them: they run on the reactor's worker threads and complete `j` on the loop.
+  void device_ioctl(job* j, unsigned long req, int64_t off, int64_t len) {
+    int fd = fd_;
+    env_.reactor->offload(
+        [fd, req, off, len] {
+          uint64_t range[2] = {uint64_t(off), uint64_t(len)};
+          return ioctl(fd, req, range) != 0 ? -errno : 0;
+        },
+        j);
   }
 
   int block_status(io_request& r) {

@@ -17,6 +17,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <system_error>
 #include <thread>
@@ -26,7 +27,7 @@
 namespace blockd::io {
 namespace {
 
-enum class op_kind { read, write, readv, writev, fsync, fallocate, recv, send, accept, connect, timeout, cancel };
+enum class op_kind { read, write, readv, writev, fsync, fallocate, recv, send, accept, connect, timeout, cancel, call };
 
 struct op {
   op_kind kind;
@@ -42,6 +43,200 @@ struct op {
   int mode = 0;  // fsync: datasync flag; fallocate: mode
   completion* c = nullptr;       // the continuation (nullptr for the reactor's own cancel requests)
   completion* target = nullptr;  // for cancel
+  std::function<int()> fn = nullptr;  // for call: the blocking work to run on a worker thread
+};
+
+// The blocking system call of a file operation (or an offloaded call); any thread.
+int run_blocking(const op& o) {
+  ssize_t n;
+  do {
+    switch (o.kind) {
+      case op_kind::read: n = ::pread(o.fd, o.buf, o.len, o.off); break;
+      case op_kind::write: n = ::pwrite(o.fd, o.buf, o.len, o.off); break;
+      case op_kind::readv: n = ::preadv(o.fd, o.iov, o.iovcnt, o.off); break;
+      case op_kind::writev: n = ::pwritev(o.fd, o.iov, o.iovcnt, o.off); break;
+      case op_kind::fsync: n = o.mode ? ::fdatasync(o.fd) : ::fsync(o.fd); break;
+      case op_kind::fallocate: n = ::fallocate(o.fd, o.mode, o.off, static_cast<off_t>(o.len)); break;
+      case op_kind::call: return o.fn();
+      default: return -EINVAL;
+    }
+  } while (n < 0 && errno == EINTR);
+  return n < 0 ? -errno : static_cast<int>(n);
+}
+
+// A few threads that run blocking operations for one reactor; the loop thread hands jobs over and
+// collects the results, which it then completes itself (workers never call a completion).
+//
+// Why one pool per reactor rather than one for the process: a result has exactly one loop to return
+// to, a slow fsync on one iothread cannot delay another iothread's I/O, and the destructor knows
+// every thread that may still touch its queues. Four threads keep an iothread's queue depth busy on
+// a disk without flooding the host with threads; they start on first use, so loops that only serve
+// sockets (the monitor) never own any.
+class worker_pool {
+ public:
+  ~worker_pool() {
+    {
+      std::lock_guard<std::mutex> g(mx_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    // A worker in the middle of a system call finishes it (the buffers are still alive: whoever
+    // destroys a reactor with I/O in flight keeps them until it returns); queued jobs never start.
+    // Their completions are dropped, as the io_uring backend drops what it still has in the kernel.
+    for (auto& t : workers_) t.join();
+    if (wake_fd_ >= 0) ::close(wake_fd_);
+  }
+
+  // Starts the workers once; false when the host refuses threads or an eventfd (the caller then
+  // runs the operation on the loop rather than failing it).
+  bool start() {
+    if (!workers_.empty()) return true;
+    if (failed_) return false;
+    wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (wake_fd_ < 0) {
+      failed_ = true;
+      return false;
+    }
+    // Workers take no signals: the daemon's handlers and signalfd expect them on its own threads, and
+    // a blocking system call interrupted here would only come back as EINTR to retry.
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    try {
+      for (unsigned i = 0; i < threads; ++i) {
+        workers_.emplace_back([this] { work(); });
+        pthread_setname_np(workers_.back().native_handle(), "blockd-fileio");
+      }
+    } catch (const std::system_error&) {
+      // Fewer threads than asked for still work; none at all means the synchronous fallback.
+      if (workers_.empty()) failed_ = true;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    return !workers_.empty();
+  }
+
+  // Readable while results wait to be collected.
+  int wake_fd() const { return wake_fd_; }
+  // Handed over and not yet collected, plus staged; loop thread only.
+  size_t outstanding() const { return outstanding_ + staged_.size(); }
+
+  // Loop thread: queue an operation; it goes to the workers at the next hand_over().
+  void stage(op o) {
+    job* j = get_job();
+    j->o = std::move(o);
+    staged_.push_back(j);
+  }
+
+  void hand_over() {
+    if (staged_.empty()) return;
+    {
+      std::lock_guard<std::mutex> g(mx_);
+      for (auto* j : staged_) queue_.push_back(j);
+    }
+    outstanding_ += staged_.size();
+    if (staged_.size() == 1)
+      cv_.notify_one();
+    else
+      cv_.notify_all();
+    staged_.clear();
+  }
+
+  // Takes back an operation no worker has started; false if one is running it (or has finished).
+  bool withdraw(completion* c) {
+    auto st = std::find_if(staged_.begin(), staged_.end(), [c](const job* j) { return j->o.c == c; });
+    if (st != staged_.end()) {
+      put_job(*st);
+      staged_.erase(st);
+      return true;
+    }
+    if (outstanding_ == 0) return false;
+    job* withdrawn = nullptr;
+    {
+      std::lock_guard<std::mutex> g(mx_);
+      auto q = std::find_if(queue_.begin(), queue_.end(), [c](const job* j) { return j->o.c == c; });
+      if (q != queue_.end()) {
+        withdrawn = *q;
+        queue_.erase(q);
+      }
+    }
+    if (!withdrawn) return false;
+    --outstanding_;
+    put_job(withdrawn);
+    return true;
+  }
+
+  // Loop thread: moves finished results to `ready`.
+  void collect(std::vector<std::pair<completion*, int>>& ready) {
+    if (outstanding_ == 0) return;
+    // Reset the eventfd before taking the list: a job finished after the swap signals again.
+    uint64_t count;
+    (void)!::read(wake_fd_, &count, sizeof count);
+    std::vector<job*> done;
+    {
+      std::lock_guard<std::mutex> g(mx_);
+      done.swap(done_);
+    }
+    for (auto* j : done) {
+      ready.emplace_back(j->o.c, j->res);
+      put_job(j);
+    }
+    outstanding_ -= done.size();
+  }
+
+ private:
+  struct job {
+    op o{};
+    int res = 0;
+  };
+
+  void work() {
+    std::unique_lock<std::mutex> lk(mx_);
+    for (;;) {
+      cv_.wait(lk, [this] { return stop_ || !queue_.empty(); });
+      if (stop_) return;
+      job* j = queue_.front();
+      queue_.pop_front();
+      lk.unlock();
+      j->res = run_blocking(j->o);
+      lk.lock();
+      bool first = done_.empty();
+      done_.push_back(j);
+      if (first) {
+        uint64_t one = 1;
+        (void)!::write(wake_fd_, &one, sizeof one);
+      }
+    }
+  }
+
+  job* get_job() {
+    if (free_.empty()) {
+      store_.push_back(std::make_unique<job>());
+      return store_.back().get();
+    }
+    job* j = free_.back();
+    free_.pop_back();
+    return j;
+  }
+  void put_job(job* j) {
+    j->o.fn = nullptr;
+    free_.push_back(j);
+  }
+
+  static constexpr unsigned threads = 4;
+
+  // staged_ (loop thread) -> queue_ -> a worker -> done_ -> the loop's ready list.
+  std::vector<job*> staged_;
+  size_t outstanding_ = 0;  // handed to the workers and not yet collected; loop thread only
+  std::vector<std::unique_ptr<job>> store_;
+  std::vector<job*> free_;
+  std::mutex mx_;  // guards queue_, done_, stop_
+  std::condition_variable cv_;
+  std::deque<job*> queue_;
+  std::vector<job*> done_;
+  bool stop_ = false;
+  bool failed_ = false;
+  int wake_fd_ = -1;
+  std::vector<std::thread> workers_;
 };
 
 // The operations both backends queue the same way: each becomes an `op` handed to push().
@@ -72,6 +267,9 @@ class op_reactor : public reactor {
     push({.kind = op_kind::send, .fd = fd, .buf = const_cast<void*>(buf), .len = len, .c = c});
   }
   void accept(int fd, completion* c) override { push({.kind = op_kind::accept, .fd = fd, .c = c}); }
+  void offload(std::function<int()> fn, completion* c) override {
+    push({.kind = op_kind::call, .c = c, .fn = std::move(fn)});
+  }
 
  protected:
   virtual void push(op o) = 0;
@@ -97,7 +295,11 @@ class uring_reactor final : public op_reactor {
     auto it = std::find_if(overflow_.begin(), overflow_.end(), [c](const op& o) { return o.c == c; });
     if (it != overflow_.end()) {
       overflow_.erase(it);
-      cancelled_.push_back(c);
+      cancelled_.emplace_back(c, -ECANCELED);
+      return;
+    }
+    if (pool_.withdraw(c)) {
+      cancelled_.emplace_back(c, -ECANCELED);
       return;
     }
     queue({.kind = op_kind::cancel, .target = c});
@@ -107,14 +309,22 @@ class uring_reactor final : public op_reactor {
 
   unsigned run_once(bool block) override {
     unsigned done = 0;
-    // Operations cancelled before submission complete here, never inside cancel().
+    // Operations cancelled before submission complete here, never inside cancel(); so do offloaded
+    // calls that ran here because the pool has no threads.
     while (!cancelled_.empty()) {
-      auto* c = cancelled_.front();
+      auto [c, res] = cancelled_.front();
       cancelled_.pop_front();
       --in_flight_;
-      c->complete(-ECANCELED);
+      c->complete(res);
       ++done;
       block = false;
+    }
+    pool_.hand_over();
+    if (pool_.outstanding() > 0 && !pool_wake_.armed) {
+      // Finished offloaded calls signal the pool's eventfd; a read on it wakes this loop.
+      pool_wake_.armed = true;
+      queue({.kind = op_kind::read, .fd = pool_.wake_fd(), .buf = &pool_wake_.buf, .len = sizeof pool_wake_.buf,
+             .c = &pool_wake_});
     }
     drain_overflow();
     int rc = block ? io_uring_submit_and_wait(&ring_, 1) : io_uring_submit(&ring_);
@@ -126,10 +336,23 @@ class uring_reactor final : public op_reactor {
       io_uring_cqe_seen(&ring_, cqe);
       --in_kernel_;
       if (c == nullptr) continue;  // our own cancel request
+      if (c == &pool_wake_) {
+        pool_wake_.armed = false;
+        continue;
+      }
       if (timers_.find_and_erase(c) && res == -ETIME) res = 0;
       --in_flight_;
       c->complete(res);
       ++done;
+    }
+    if (pool_.outstanding() > 0) {
+      std::vector<std::pair<completion*, int>> results;
+      pool_.collect(results);
+      for (auto& [c, res] : results) {
+        --in_flight_;
+        c->complete(res);
+        ++done;
+      }
     }
     return done;
   }
@@ -157,10 +380,16 @@ class uring_reactor final : public op_reactor {
     }
   };
 
-  void push(op o) override { queue(o); }
+  void push(op o) override {
+    if (o.kind != op_kind::call) return queue(std::move(o));
+    // Blocking work (ioctls io_uring has no operation for) runs on the pool's threads.
+    ++in_flight_;
+    if (pool_.start()) return pool_.stage(std::move(o));
+    cancelled_.emplace_back(o.c, run_blocking(o));  // no threads: run here, complete next turn
+  }
   void queue(op o) {
-    if (o.c) ++in_flight_;
-    if (!overflow_.empty() || !prep(o)) overflow_.push_back(o);
+    if (o.c && o.c != &pool_wake_) ++in_flight_;
+    if (!overflow_.empty() || !prep(o)) overflow_.push_back(std::move(o));
   }
 
   void drain_overflow() {
@@ -200,46 +429,37 @@ class uring_reactor final : public op_reactor {
         break;
       case op_kind::timeout: io_uring_prep_timeout(sqe, timers_.add(o.c, o.ns), 0, 0); break;
       case op_kind::cancel: io_uring_prep_cancel(sqe, o.target, 0); break;
+      case op_kind::call: break;  // never queued to the ring (see push)
     }
     io_uring_sqe_set_data(sqe, o.c);
     return true;
   }
 
+  // The read that waits for the worker pool's eventfd; not counted as an operation in flight.
+  struct pool_wake_read final : completion {
+    bool armed = false;
+    uint64_t buf = 0;
+    void complete(int) override {}
+  };
+
   io_uring ring_;
   std::deque<op> overflow_;
-  std::deque<completion*> cancelled_;
+  std::deque<std::pair<completion*, int>> cancelled_;  // completed on the next turn
   timer_table timers_;
   size_t in_flight_ = 0;
   unsigned in_kernel_ = 0;     // prepared or submitted and not yet reaped
   unsigned kernel_limit_;
+  pool_wake_read pool_wake_;
+  worker_pool pool_;  // destroyed before the ring: joins the workers
 };
 
 // ---------------------------------------------------------------------------------------------
 // poll(2) backend for hosts that forbid io_uring. Socket and pipe operations wait for readiness and
 // then run the system call without blocking. Positioned file I/O, fsync and fallocate cannot be
 // waited for with poll (a regular file always polls ready and the call blocks inside the kernel), so
-// they go to a few worker threads owned by this reactor; the loop thread only collects the results.
-//
-// Why one pool per reactor rather than one for the process: a result has exactly one loop to return
-// to, a slow fsync on one iothread cannot delay another iothread's I/O, and the destructor knows
-// every thread that may still touch its queues. Four threads keep an iothread's queue depth busy on
-// a disk without flooding the host with threads; they start on the first file operation, so loops
-// that only serve sockets (the monitor) never own any.
+// they go to the reactor's worker pool, as offloaded calls do; the loop only collects the results.
 class poll_reactor final : public op_reactor {
  public:
-  ~poll_reactor() override {
-    {
-      std::lock_guard<std::mutex> g(pool_mx_);
-      pool_stop_ = true;
-    }
-    pool_cv_.notify_all();
-    // A worker in the middle of a system call finishes it (the buffers are still alive: whoever
-    // destroys a reactor with I/O in flight keeps them until it returns); queued jobs never start.
-    // Their completions are dropped, as the io_uring backend drops what it still has in the kernel.
-    for (auto& t : workers_) t.join();
-    if (pool_wake_fd_ >= 0) ::close(pool_wake_fd_);
-  }
-
   const char* kind() const override { return "poll"; }
 
   void connect(int fd, const void* addr, unsigned addrlen, completion* c) override {
@@ -259,41 +479,20 @@ class poll_reactor final : public op_reactor {
     }
     // A file operation not yet picked up by a worker is withdrawn; one that a worker is running (or
     // has finished) completes with its real result. Either way it completes once.
-    auto st = std::find_if(staged_.begin(), staged_.end(), [c](const pool_job* j) { return j->o.c == c; });
-    if (st != staged_.end()) {
-      put_job(*st);
-      staged_.erase(st);
-      ready_.emplace_back(c, -ECANCELED);
-      return;
-    }
-    if (pool_outstanding_ == 0) return;
-    pool_job* withdrawn = nullptr;
-    {
-      std::lock_guard<std::mutex> g(pool_mx_);
-      auto q = std::find_if(pool_queue_.begin(), pool_queue_.end(), [c](const pool_job* j) { return j->o.c == c; });
-      if (q != pool_queue_.end()) {
-        withdrawn = *q;
-        pool_queue_.erase(q);
-      }
-    }
-    if (withdrawn) {
-      --pool_outstanding_;
-      put_job(withdrawn);
-      ready_.emplace_back(c, -ECANCELED);
-    }
+    if (pool_.withdraw(c)) ready_.emplace_back(c, -ECANCELED);
   }
-  size_t in_flight() const override { return pending_.size() + ready_.size() + staged_.size() + pool_outstanding_; }
+  size_t in_flight() const override { return pending_.size() + ready_.size() + pool_.outstanding(); }
 
   unsigned run_once(bool block) override {
-    hand_to_workers();
+    pool_.hand_over();
     // Without workers (the pool could not start) file operations run here, synchronously: correct,
     // but the iothread waits for each one.
     for (auto it = pending_.begin(); it != pending_.end();) {
-      if (!is_file_op(*it)) {
+      if (!is_blocking_op(*it)) {
         ++it;
         continue;
       }
-      ready_.emplace_back(it->c, run_file_op(*it));
+      ready_.emplace_back(it->c, run_blocking(*it));
       it = pending_.erase(it);
     }
     int wait_ms = -1;
@@ -317,7 +516,7 @@ class poll_reactor final : public op_reactor {
     }
     size_t socket_fds = fds.size();
     // Workers finishing a job make this eventfd readable, which ends the wait below.
-    if (pool_outstanding_ > 0) fds.push_back({pool_wake_fd_, POLLIN, 0});
+    if (pool_.outstanding() > 0) fds.push_back({pool_.wake_fd(), POLLIN, 0});
     if (!fds.empty() || wait_ms != 0) {
       int n = ::poll(fds.data(), fds.size(), wait_ms);
       if (n < 0) n = 0;
@@ -339,7 +538,7 @@ class poll_reactor final : public op_reactor {
       }
     std::sort(finished.rbegin(), finished.rend());
     for (size_t i : finished) pending_.erase(pending_.begin() + static_cast<long>(i));
-    collect_from_workers();
+    pool_.collect(ready_);
 
     unsigned done = 0;
     auto batch = std::move(ready_);
@@ -352,143 +551,29 @@ class poll_reactor final : public op_reactor {
   }
 
  private:
-  struct pool_job {
-    op o;
-    int res = 0;
-  };
-
   static uint64_t now_ns() {
     return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                      std::chrono::steady_clock::now().time_since_epoch())
                                      .count());
   }
 
-  static bool is_file_op(const op& o) {
+  static bool is_blocking_op(const op& o) {
     switch (o.kind) {
       case op_kind::read:
       case op_kind::write: return o.off >= 0;  // at the current position: a pipe or tty, polled
       case op_kind::readv:
       case op_kind::writev:
       case op_kind::fsync:
-      case op_kind::fallocate: return true;
+      case op_kind::fallocate:
+      case op_kind::call: return true;
       default: return false;
     }
   }
 
   void push(op o) override {
-    if (is_file_op(o) && start_pool()) {
-      pool_job* j = get_job();
-      j->o = o;
-      staged_.push_back(j);  // handed over at the next turn, one lock for the whole batch
-      return;
-    }
-    pending_.push_back(o);
-  }
-
-  // Starts the workers once; false when the host refuses threads or an eventfd (the caller then
-  // runs the operation on the loop, as before the pool existed, rather than failing it).
-  bool start_pool() {
-    if (!workers_.empty()) return true;
-    if (pool_failed_) return false;
-    pool_wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (pool_wake_fd_ < 0) {
-      pool_failed_ = true;
-      return false;
-    }
-    // Workers take no signals: the daemon's handlers and signalfd expect them on its own threads, and
-    // a blocking system call interrupted here would only come back as EINTR to retry.
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    try {
-      for (unsigned i = 0; i < pool_threads; ++i) {
-        workers_.emplace_back([this] { worker(); });
-        pthread_setname_np(workers_.back().native_handle(), "blockd-fileio");
-      }
-    } catch (const std::system_error&) {
-      // Fewer threads than asked for still work; none at all means the synchronous fallback.
-      if (workers_.empty()) pool_failed_ = true;
-    }
-    pthread_sigmask(SIG_SETMASK, &old, nullptr);
-    return !workers_.empty();
-  }
-
-  void hand_to_workers() {
-    if (staged_.empty()) return;
-    {
-      std::lock_guard<std::mutex> g(pool_mx_);
-      for (auto* j : staged_) pool_queue_.push_back(j);
-    }
-    pool_outstanding_ += staged_.size();
-    if (staged_.size() == 1)
-      pool_cv_.notify_one();
-    else
-      pool_cv_.notify_all();
-    staged_.clear();
-  }
-
-  void collect_from_workers() {
-    if (pool_outstanding_ == 0) return;
-    // Reset the eventfd before taking the list: a job finished after the swap signals again.
-    uint64_t count;
-    (void)!::read(pool_wake_fd_, &count, sizeof count);
-    std::vector<pool_job*> done;
-    {
-      std::lock_guard<std::mutex> g(pool_mx_);
-      done.swap(pool_done_);
-    }
-    for (auto* j : done) {
-      ready_.emplace_back(j->o.c, j->res);
-      put_job(j);
-    }
-    pool_outstanding_ -= done.size();
-  }
-
-  void worker() {
-    std::unique_lock<std::mutex> lk(pool_mx_);
-    for (;;) {
-      pool_cv_.wait(lk, [this] { return pool_stop_ || !pool_queue_.empty(); });
-      if (pool_stop_) return;
-      pool_job* j = pool_queue_.front();
-      pool_queue_.pop_front();
-      lk.unlock();
-      j->res = run_file_op(j->o);
-      lk.lock();
-      bool first = pool_done_.empty();
-      pool_done_.push_back(j);
-      if (first) {
-        uint64_t one = 1;
-        (void)!::write(pool_wake_fd_, &one, sizeof one);
-      }
-    }
-  }
-
-  pool_job* get_job() {
-    if (job_free_.empty()) {
-      job_store_.push_back(std::make_unique<pool_job>());
-      return job_store_.back().get();
-    }
-    pool_job* j = job_free_.back();
-    job_free_.pop_back();
-    return j;
-  }
-  void put_job(pool_job* j) { job_free_.push_back(j); }
-
-  // The blocking system call of a file operation; any thread.
-  static int run_file_op(const op& o) {
-    ssize_t n;
-    do {
-      switch (o.kind) {
-        case op_kind::read: n = ::pread(o.fd, o.buf, o.len, o.off); break;
-        case op_kind::write: n = ::pwrite(o.fd, o.buf, o.len, o.off); break;
-        case op_kind::readv: n = ::preadv(o.fd, o.iov, o.iovcnt, o.off); break;
-        case op_kind::writev: n = ::pwritev(o.fd, o.iov, o.iovcnt, o.off); break;
-        case op_kind::fsync: n = o.mode ? ::fdatasync(o.fd) : ::fsync(o.fd); break;
-        case op_kind::fallocate: n = ::fallocate(o.fd, o.mode, o.off, static_cast<off_t>(o.len)); break;
-        default: return -EINVAL;
-      }
-    } while (n < 0 && errno == EINTR);
-    return n < 0 ? -errno : static_cast<int>(n);
+    // Handed to the workers at the next turn, one lock for the whole batch.
+    if (is_blocking_op(o) && pool_.start()) return pool_.stage(std::move(o));
+    pending_.push_back(std::move(o));
   }
 
   static int attempt(op& o) {
@@ -505,24 +590,9 @@ class poll_reactor final : public op_reactor {
     return static_cast<int>(n);
   }
 
-  static constexpr unsigned pool_threads = 4;
-
   std::vector<op> pending_;                         // socket/pipe operations and timers
   std::vector<std::pair<completion*, int>> ready_;  // results to deliver at the end of this turn
-
-  // File operations: staged_ (loop thread) -> pool_queue_ -> a worker -> pool_done_ -> ready_.
-  std::vector<pool_job*> staged_;
-  size_t pool_outstanding_ = 0;  // handed to the workers and not yet collected; loop thread only
-  std::vector<std::unique_ptr<pool_job>> job_store_;
-  std::vector<pool_job*> job_free_;
-  std::mutex pool_mx_;  // guards pool_queue_, pool_done_, pool_stop_
-  std::condition_variable pool_cv_;
-  std::deque<pool_job*> pool_queue_;
-  std::vector<pool_job*> pool_done_;
-  bool pool_stop_ = false;
-  bool pool_failed_ = false;
-  int pool_wake_fd_ = -1;
-  std::vector<std::thread> workers_;
+  worker_pool pool_;                                // destroyed first: joins the workers
 };
 
 }  // namespace

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -45,6 +46,9 @@ class reactor {
   virtual void accept(int fd, completion* c) = 0;                               // res: new fd, CLOEXEC
   virtual void connect(int fd, const void* addr, unsigned addrlen, completion* c) = 0;
   virtual void timeout(uint64_t nanoseconds, completion* c) = 0;              // res: 0 or -ECANCELED
+  // Runs `fn` (a blocking call io_uring has no operation for: block-device ioctls, ...) on one of the
+  // reactor's worker threads; `c` completes on the loop with what fn returned (>= 0 or -errno).
+  virtual void offload(std::function<int()> fn, completion* c) = 0;
   // Best effort: the target still completes exactly once, with -ECANCELED if it was stopped.
   virtual void cancel(completion* c) = 0;
 

@@ -1,6 +1,8 @@
 // Driver conformance: one typed suite run against every driver (through a node) on both reactor backends, plus O_DIRECT padding; test thread.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <linux/loop.h>
+#include <sys/ioctl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
@@ -20,6 +22,7 @@
 #include "storage/block/local_loop.h"
 #include "storage/block/node.h"
 #include "storage/io/reactor.h"
+#include "tests/drivers/fault_reactor.h"
 
 namespace blockd::block {
 namespace {
@@ -28,9 +31,12 @@ constexpr int64_t image_size = 4 << 20;
 
 // A loop like an iothread's: deferred functions and reactor completions, on this thread only. The
 // poll backend (BLOCKD_REACTOR=poll, or no io_uring on the host) runs file I/O on worker threads.
+// The reactor is wrapped in a fault injector (passing everything through until a test sets a rule).
 struct test_loop : local_loop {
-  explicit test_loop(bool poll = false)
-      : local_loop(poll ? io::reactor::create_poll() : io::reactor::create(256, nullptr)) {}
+  explicit test_loop(bool poll = false, unsigned ring = 256)
+      : local_loop(std::make_unique<io::fault_reactor>(poll ? io::reactor::create_poll()
+                                                            : io::reactor::create(ring, nullptr))) {}
+  io::fault_reactor& faults() { return static_cast<io::fault_reactor&>(*reactor); }
   template <class Pred>
   void until(Pred done) {
     for (int i = 0; i < 1000000 && !done(); ++i) turn();
@@ -45,9 +51,10 @@ struct waiter final : io_waiter {
 
 // One stack of nodes under test; the top node is what requests go to.
 struct stack {
-  explicit stack(bool poll = false) : loop(poll) {}
+  explicit stack(bool poll = false, unsigned ring = 256) : loop(poll, ring) {}
   test_loop loop;
   std::string path;
+  int loop_dev = -1;  // an attached loop device (host_device stacks)
   bool direct = false;  // cache.direct=on for the nodes opened from now on
   std::string skip;     // why this stack cannot be built on this host
   std::vector<std::unique_ptr<node>> nodes;
@@ -72,6 +79,10 @@ struct stack {
   }
   ~stack() {
     nodes.clear();
+    if (loop_dev >= 0) {
+      ioctl(loop_dev, LOOP_CLR_FD, 0);
+      close(loop_dev);
+    }
     if (!path.empty()) unlink(path.c_str());
   }
 };
@@ -177,10 +188,52 @@ struct raw_window_direct_stack {
   static constexpr bool holes_follow_requests = false;
 };
 
+// host_device on a loop device over a tmpfs file: discard and zeroing go through BLKDISCARD and
+// BLKZEROOUT on the reactor's workers. Needs loop devices (root, not every container has them).
+std::string attach_loop_device(const std::string& file, int& dev_fd, std::string& dev_path) {
+  int ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+  if (ctl < 0) return std::string("no /dev/loop-control: ") + std::strerror(errno);
+  int n = ioctl(ctl, LOOP_CTL_GET_FREE);
+  int err = errno;
+  close(ctl);
+  if (n < 0) return std::string("LOOP_CTL_GET_FREE: ") + std::strerror(err);
+  dev_path = "/dev/loop" + std::to_string(n);
+  dev_fd = open(dev_path.c_str(), O_RDWR | O_CLOEXEC);
+  if (dev_fd < 0) return dev_path + ": " + std::strerror(errno);
+  int back = open(file.c_str(), O_RDWR | O_CLOEXEC);
+  int rc = ioctl(dev_fd, LOOP_SET_FD, back);
+  err = errno;
+  close(back);
+  if (rc != 0) {
+    close(dev_fd);
+    dev_fd = -1;
+    return "LOOP_SET_FD on " + dev_path + ": " + std::strerror(err);
+  }
+  return "";
+}
+struct host_device_stack {
+  static constexpr bool stores_data = true;
+  static constexpr bool sparse = false;  // a block device reports everything as data
+  static void build(stack& s) {
+    s.path = temp_image(image_size);
+    std::string dev;
+    s.skip = attach_loop_device(s.path, s.loop_dev, dev);
+    if (!s.skip.empty()) return;
+    s.open("host_device", {{"filename", dev}});
+  }
+};
+
 template <class T>
 constexpr bool holes_follow_requests() {
   if constexpr (requires { T::holes_follow_requests; })
     return T::holes_follow_requests;
+  else
+    return true;
+}
+template <class T>
+constexpr bool sparse() {
+  if constexpr (requires { T::sparse; })
+    return T::sparse;
   else
     return true;
 }
@@ -234,7 +287,8 @@ class conformance : public ::testing::Test {
 
 using stacks = ::testing::Types<null_stack, null_aio_latency_stack, file_stack, raw_over_file_stack, raw_window_stack,
                                 on_poll<file_stack>, on_poll<raw_window_stack>, file_direct_stack,
-                                on_poll<file_direct_stack>, raw_window_direct_stack>;
+                                on_poll<file_direct_stack>, raw_window_direct_stack, host_device_stack,
+                                on_poll<host_device_stack>>;
 TYPED_TEST_SUITE(conformance, stacks);
 
 TYPED_TEST(conformance, length_is_reported) { EXPECT_EQ(this->s.top()->length(), image_size); }
@@ -300,7 +354,7 @@ TYPED_TEST(conformance, block_status_follows_writes_and_zeroing) {
   EXPECT_GT(r.status_length, 0);
   EXPECT_LE(r.status_length, 1 << 20);
   EXPECT_TRUE(r.status & bs_allocated);
-  if (!TypeParam::stores_data) return;
+  if (!TypeParam::stores_data || !sparse<TypeParam>()) return;
   EXPECT_TRUE(r.status & bs_zero) << "a fresh sparse file is a hole";
   if (!holes_follow_requests<TypeParam>()) return;
   this->write(1 << 20, this->pattern(65536, 6));
@@ -383,7 +437,127 @@ TYPED_TEST(conformance, write_threshold_fires_once) {
   EXPECT_EQ(fired, 1);
 }
 
-TEST(conformance_file, read_only_node_refuses_writes_and_ring_errors_surface) {
+// ---- injected ring faults (stacks that reach storage through the reactor) ------------------------
+
+using fault_kind = io::fault_reactor::op_class;
+using fault_effect = io::fault_reactor::effect;
+
+TYPED_TEST(conformance, ring_errors_fail_the_request_and_are_counted) {
+  if (!TypeParam::stores_data) GTEST_SKIP() << "no reactor I/O";
+  auto before = this->pattern(8192, 11);
+  this->write(16384, before);
+  auto& f = this->s.loop.faults();
+  // The next operation of the chosen kind fails; everything after it goes through.
+  auto fail_next = [&](fault_kind k, int err) {
+    auto left = std::make_shared<int>(1);
+    f.rule = [k, err, left](fault_kind got, uint64_t) -> io::fault_reactor::decision {
+      if (got != k || *left == 0) return {};
+      --*left;
+      return {fault_effect::fail, err};
+    };
+  };
+  node* top = this->s.top();
+  std::vector<char> b(8192);
+  fail_next(fault_kind::readv, EIO);
+  EXPECT_EQ(this->run(io_op::read, 16384, 8192, b.data()), -EIO);
+  EXPECT_EQ(top->stats().rd.failed, 1u);
+  EXPECT_EQ(this->read(16384, 8192), before) << "a failed read leaves nothing behind";
+
+  fail_next(fault_kind::writev, ENOSPC);
+  auto p = this->pattern(8192, 12);
+  EXPECT_EQ(this->run(io_op::write, 16384, 8192, p.data()), -ENOSPC);
+  EXPECT_EQ(top->stats().wr.failed, 1u);
+
+  fail_next(fault_kind::fsync, EIO);
+  EXPECT_EQ(this->run(io_op::flush, 0, 0), -EIO) << "a failed flush is never reported as durable";
+  EXPECT_EQ(top->stats().flush.failed, 1u);
+  EXPECT_EQ(this->run(io_op::flush, 0, 0), 0);
+  EXPECT_GE(f.injected, 3u);
+  EXPECT_EQ(top->in_flight(), 0u);
+}
+
+TYPED_TEST(conformance, short_transfers_still_move_every_byte) {
+  if (!TypeParam::stores_data) GTEST_SKIP() << "no reactor I/O";
+  auto& f = this->s.loop.faults();
+  f.short_unit = 4096;  // O_DIRECT stacks stay aligned
+  f.rule = [](fault_kind k, uint64_t) -> io::fault_reactor::decision {
+    if (k == fault_kind::readv || k == fault_kind::writev) return {fault_effect::short_io};
+    return {};
+  };
+  auto p = this->pattern(262144, 13);
+  this->write(12288, p);
+  EXPECT_EQ(this->read(12288, 262144), p);
+  EXPECT_GT(f.injected, 2u);
+}
+
+TYPED_TEST(conformance, interrupted_operations_are_retried) {
+  if (!TypeParam::stores_data) GTEST_SKIP() << "no reactor I/O";
+  auto& f = this->s.loop.faults();
+  // Every other read, write and flush is refused once with EAGAIN or EINTR, as io_uring may.
+  f.rule = [](fault_kind k, uint64_t n) -> io::fault_reactor::decision {
+    if (k == fault_kind::fallocate || k == fault_kind::offload || n % 2) return {};
+    return {fault_effect::transient, n % 4 ? EINTR : EAGAIN};
+  };
+  auto p = this->pattern(65536, 14);
+  this->write(4096, p);
+  EXPECT_EQ(this->run(io_op::flush, 0, 0), 0);
+  EXPECT_EQ(this->read(4096, 65536), p);
+  EXPECT_GT(f.injected, 2u);
+}
+
+TYPED_TEST(conformance, a_tiny_ring_queues_instead_of_failing) {
+  if (uses_poll<TypeParam>()) GTEST_SKIP() << "the poll backend has no ring";
+  stack tiny(false, 4);  // 4 submission entries for 300 requests
+  TypeParam::build(tiny);
+  if (!tiny.skip.empty()) GTEST_SKIP() << tiny.skip;
+  constexpr int n = 300;
+  std::vector<std::vector<char>> bufs(n);
+  std::vector<io_request> reqs(n);
+  waiter w;
+  for (int i = 0; i < n; ++i) {
+    bufs[i] = this->pattern(4096, i);
+    reqs[i].op = i % 3 == 2 ? io_op::flush : io_op::write;
+    reqs[i].offset = reqs[i].op == io_op::flush ? 0 : int64_t(i) * 4096;
+    if (reqs[i].op == io_op::write) reqs[i].set_buffer(bufs[i].data(), 4096);
+    reqs[i].waiter = &w;
+    tiny.top()->submit(reqs[i]);
+  }
+  tiny.loop.until([&] { return w.calls == n; });
+  for (auto& r : reqs) EXPECT_EQ(r.result, 0);
+  EXPECT_EQ(tiny.top()->in_flight(), 0u);
+}
+
+TEST(conformance_host_device, zeroing_and_discard_run_on_the_reactor_workers) {
+  for (bool poll : {false, true}) {
+    stack s(poll);
+    host_device_stack::build(s);
+    if (!s.skip.empty()) GTEST_SKIP() << s.skip;
+    int offloaded = 0;
+    s.loop.faults().rule = [&](io::fault_reactor::op_class k, uint64_t) -> io::fault_reactor::decision {
+      if (k == io::fault_reactor::op_class::offload) ++offloaded;
+      return {};
+    };
+    waiter w;
+    io_request z, d;
+    z.op = io_op::write_zeroes;
+    z.offset = 8192;
+    z.length = 65536;
+    z.waiter = &w;
+    d.op = io_op::discard;
+    d.offset = 1 << 20;
+    d.length = 1 << 20;
+    d.waiter = &w;
+    s.top()->submit(z);
+    s.top()->submit(d);
+    EXPECT_EQ(w.calls, 0);
+    s.loop.until([&] { return w.calls == 2; });
+    EXPECT_EQ(z.result, 0);
+    EXPECT_EQ(d.result, 0);
+    EXPECT_EQ(offloaded, 2) << "BLKZEROOUT and BLKDISCARD never run on the loop";
+  }
+}
+
+TEST(conformance_file, read_only_node_refuses_writes) {
   stack s;
   s.path = temp_image(1 << 20);
   node* f = s.open("file", {{"filename", s.path}});

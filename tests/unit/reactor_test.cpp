@@ -2,6 +2,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <future>
 #include <linux/falloc.h>
 #include <linux/userfaultfd.h>
 #include <netinet/in.h>
@@ -284,6 +285,44 @@ TEST_P(ReactorTest, DestroyedWithFileOperationsPending) {
   }
   for (auto& d : done) EXPECT_LE(d.calls, 1);
   ::close(fd);
+}
+
+TEST_P(ReactorTest, OffloadedCallRunsOffTheLoopWhileTimersFire) {
+  auto r = make(GetParam());
+  std::promise<void> release;
+  auto released = release.get_future().share();
+  auto loop_thread = std::this_thread::get_id();
+  std::atomic<bool> ran_elsewhere{false};
+  recorder call, tick;
+  r->offload(
+      [&, released] {
+        ran_elsewhere = std::this_thread::get_id() != loop_thread;
+        released.wait();  // a block-device ioctl taking its time
+        return 42;
+      },
+      &call);
+  EXPECT_EQ(r->in_flight(), 1u);
+  r->timeout(1000000, &tick);
+  run_until(*r, tick);
+  EXPECT_EQ(tick.calls, 1) << "the loop kept running while the call blocked";
+  EXPECT_EQ(call.calls, 0);
+  release.set_value();
+  run_until(*r, call);
+  EXPECT_EQ(call.calls, 1);
+  EXPECT_EQ(call.result, 42);
+  EXPECT_TRUE(ran_elsewhere);
+  EXPECT_EQ(r->in_flight(), 0u);
+}
+
+TEST_P(ReactorTest, ManyOffloadedCallsCompleteOnceWithTheirResults) {
+  auto r = make(GetParam());
+  std::vector<recorder> rs(100);
+  for (int i = 0; i < 100; ++i) r->offload([i] { return i % 7 == 0 ? -EIO : i; }, &rs[size_t(i)]);
+  for (int k = 0; k < 10000 && r->in_flight() > 0; ++k) r->run_once(true);
+  for (int i = 0; i < 100; ++i) {
+    EXPECT_EQ(rs[size_t(i)].calls, 1);
+    EXPECT_EQ(rs[size_t(i)].result, i % 7 == 0 ? -EIO : i);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, ReactorTest, ::testing::Values(false, true),
