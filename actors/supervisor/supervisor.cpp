@@ -42,7 +42,8 @@ supervisor_actor::supervisor_actor(caf::actor_config& cfg, iothread* home, super
   // Every node lives on the main iothread for now (no export or x-blockdev-set-iothread moves one yet),
   // which is also the supervisor's home: control calls into nodes never cross threads.
   graph_ = std::make_unique<block::graph>([home] {
-    return block::driver_env{&home->reactor(), [home](std::function<void()> fn) { home->post(std::move(fn)); }};
+    return block::driver_env{&home->reactor(), [home](std::function<void()> fn) { home->post(std::move(fn)); },
+                             [home] { return home->is_current(); }};
   });
 }
 

@@ -26,6 +26,8 @@ struct reopen_args;
 struct driver_env {
   io::reactor* reactor = nullptr;
   std::function<void(std::function<void()>)> defer;
+  // Whether the calling thread is this loop's (the contract checker asks); empty = cannot tell.
+  std::function<bool()> on_home = nullptr;
 };
 
 enum driver_cap : uint32_t {
@@ -49,6 +51,7 @@ struct image_facts {
   boost::json::value format_specific;  // ImageInfoSpecific ("format-specific"), or null
 };
 
+// Every virtual added here must also be forwarded by the contract checker (contract.cpp).
 class block_driver {
  public:
   virtual ~block_driver() = default;
@@ -97,6 +100,10 @@ class block_driver {
   // may take it over; activating takes it back and drops cached data another writer made stale.
   virtual result<void> activate() { return {}; }
   virtual void inactivate() {}
+
+  // The node moves to another iothread (x-blockdev-set-iothread, an export's iothread): from now on
+  // use `env`. Called with nothing in flight; a driver keeping loop-bound state rebinds it here.
+  virtual void rehome(const driver_env& env) { (void)env; }
 };
 
 // What a reopen asks of a driver: its own new options (children resolved away), the children it

@@ -53,6 +53,7 @@ struct io_request {
   void* user = nullptr;        // free for the submitter
   int64_t start_ns = 0;        // set by the node for accounting
   bool unaccounted = false;    // reserved for the node layer
+  bool fua_emulated = false;   // reserved for the node layer: FUA it adds a flush for (no cap_fua)
   io_request* next_free = nullptr;
 
   void set_buffer(void* buf, int64_t len) {

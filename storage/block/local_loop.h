@@ -3,6 +3,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <thread>
 
 #include "storage/block/driver.h"
 #include "storage/io/reactor.h"
@@ -15,8 +16,10 @@ struct local_loop {
   explicit local_loop(std::unique_ptr<io::reactor> r) : reactor(std::move(r)) {}
   std::unique_ptr<io::reactor> reactor;
   std::deque<std::function<void()>> deferred;
+  std::thread::id owner = std::this_thread::get_id();  // the thread that turns this loop
   driver_env env() {
-    return {reactor.get(), [this](std::function<void()> fn) { deferred.push_back(std::move(fn)); }};
+    return {reactor.get(), [this](std::function<void()> fn) { deferred.push_back(std::move(fn)); },
+            [this] { return std::this_thread::get_id() == owner; }};
   }
   void turn() {
     auto batch = std::move(deferred);

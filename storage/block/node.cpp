@@ -1,6 +1,8 @@
 // Node request path: validation, accounting, write threshold, FUA emulation, quiescing; home iothread only.
 #include "storage/block/node.h"
 
+#include "storage/block/contract.h"
+
 #include <time.h>
 
 #include <cerrno>
@@ -17,6 +19,12 @@ int64_t node::now_ns() {
 node::node(node_settings s, std::unique_ptr<block_driver> drv, driver_env env)
     : s_(std::move(s)), drv_(std::move(drv)), env_(std::move(env)) {
   fua_waiter_.owner = this;
+  if (contract_checks_enabled()) drv_ = check_contract(std::move(drv_), s_.name, env_);
+}
+
+void node::rehome(driver_env env) {
+  env_ = std::move(env);
+  drv_->rehome(env_);
 }
 
 node::~node() = default;
@@ -89,6 +97,11 @@ void node::start(io_request& r) {
     finish_later(r, 0);
     return;
   }
+  if ((r.flags & io_fua) && !(drv_->caps() & cap_fua)) {
+    // The driver cannot make one write durable by itself: the node flushes after it (io_done).
+    r.flags &= ~uint32_t(io_fua);
+    r.fua_emulated = true;
+  }
   drv_->submit(r);
 }
 
@@ -98,10 +111,11 @@ void node::finish_later(io_request& r, int res) {
 }
 
 void node::io_done(io_request& r) {
-  if (r.result == 0 && (r.flags & io_fua) && (r.op == io_op::write || r.op == io_op::write_zeroes) &&
-      !(drv_->caps() & cap_fua) && !s_.no_flush) {
+  if (r.fua_emulated) {
+    r.fua_emulated = false;
+    r.flags |= io_fua;  // the submitter gets its flags back
+    if (r.result != 0 || s_.no_flush) return finish(r);
     // Emulated FUA: the write is done; make it durable before the submitter hears of it.
-    r.flags &= ~uint32_t(io_fua);
     io_request* f = pool_.get();
     f->op = io_op::flush;
     f->user = &r;
@@ -123,15 +137,14 @@ void node::finish(io_request& r) {
   int64_t end = now_ns();
   if (!r.unaccounted) account(r, end);
   r.unaccounted = false;
-  stats_.last_op_ns = end;
+  stats_.last_op_ns.set(end);
   if (r.result == 0 && (r.op == io_op::write || r.op == io_op::write_zeroes)) {
     uint64_t end_off = uint64_t(r.offset + r.length);
-    if (end_off > stats_.wr_highest_offset) stats_.wr_highest_offset = end_off;
-    if (write_threshold_ && end_off > write_threshold_) {
-      uint64_t t = write_threshold_;
-      write_threshold_ = 0;  // one-shot, as QEMU's
-      if (on_threshold) on_threshold(end_off - t, t);
-    }
+    if (end_off > stats_.wr_highest_offset) stats_.wr_highest_offset.set(end_off);
+    uint64_t t = write_threshold();
+    // One-shot, as QEMU's; the exchange keeps a concurrent block-set-write-threshold intact.
+    if (t && end_off > t && write_threshold_.compare_exchange_strong(t, 0, std::memory_order_relaxed) && on_threshold)
+      on_threshold(end_off - t, t);
   }
   --in_flight_;
   r.waiter = r.outer;

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "storage/block/counter.h"
 #include "storage/block/driver.h"
 #include "storage/block/io_request.h"
 #include "storage/block/perm.h"
@@ -17,15 +18,16 @@ namespace blockd::block {
 
 enum class detect_zeroes_mode { off, on, unmap };
 
-// Per-operation counters, as query-blockstats reports them.
+// Per-operation counters, as query-blockstats reports them. Written on the node's home thread only;
+// the supervisor reads them from its own (see counter.h).
 struct op_stats {
-  uint64_t operations = 0, bytes = 0, failed = 0, invalid = 0, total_time_ns = 0;
+  counter operations, bytes, failed, invalid, total_time_ns;
 };
 
 struct node_stats {
   op_stats rd, wr, unmap, flush, zone_append;
-  uint64_t wr_highest_offset = 0;
-  int64_t last_op_ns = -1;  // monotonic time of the last completed operation; -1 = none yet
+  counter wr_highest_offset;
+  stat_counter<int64_t> last_op_ns{-1};  // monotonic time of the last completed operation; -1 = none yet
 };
 
 struct node_settings {
@@ -50,6 +52,10 @@ class node final : private io_waiter {
   ~node();
 
   const node_settings& settings() const { return s_; }
+  const driver_env& env() const { return env_; }
+  // Moves the node to another iothread. Only with nothing in the driver (quiesced and drained);
+  // requests held while quiesced go out on the new home when it resumes there.
+  void rehome(driver_env env);
   // A committed reopen or activation change (the graph calls it with the node quiesced).
   void update_settings(node_settings s) { s_ = std::move(s); }
   const std::string& name() const { return s_.name; }
@@ -70,9 +76,11 @@ class node final : private io_waiter {
 
   const node_stats& stats() const { return stats_; }
 
-  // Write threshold: called (once) when a write ends beyond it; 0 disables.
-  void set_write_threshold(uint64_t t) { write_threshold_ = t; }
-  uint64_t write_threshold() const { return write_threshold_; }
+  // Write threshold: called (once, on the home thread) when a write ends beyond it; 0 disables.
+  // Any thread may set it; on_threshold is set before the node takes requests and must be safe to
+  // call from the home thread.
+  void set_write_threshold(uint64_t t) { write_threshold_.store(t, std::memory_order_relaxed); }
+  uint64_t write_threshold() const { return write_threshold_.load(std::memory_order_relaxed); }
   std::function<void(uint64_t exceeded, uint64_t threshold)> on_threshold;
 
   // Graph bookkeeping, owned by the graph (supervisor): children and users with their permissions.
@@ -114,7 +122,7 @@ class node final : private io_waiter {
   int quiesce_depth_ = 0;
   std::deque<io_request*> held_;
   std::vector<std::function<void()>> drained_;
-  uint64_t write_threshold_ = 0;
+  std::atomic<uint64_t> write_threshold_{0};
   request_pool pool_;
 };
 

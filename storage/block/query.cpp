@@ -82,12 +82,12 @@ boost::json::object device_info(const graph& g, const node& n, bool flat) {
 void put_op(boost::json::object& st, const char* prefix, const op_stats& op) {
   std::string p(prefix);
   bool moves_data = p != "flush";
-  if (moves_data) st[p + "_bytes"] = op.bytes;
-  st[p + "_operations"] = op.operations;
-  st[p + "_total_time_ns"] = op.total_time_ns;
+  if (moves_data) st[p + "_bytes"] = op.bytes.get();
+  st[p + "_operations"] = op.operations.get();
+  st[p + "_total_time_ns"] = op.total_time_ns.get();
   if (moves_data) st[p + "_merged"] = 0;
-  st["failed_" + p + "_operations"] = op.failed;
-  st["invalid_" + p + "_operations"] = op.invalid;
+  st["failed_" + p + "_operations"] = op.failed.get();
+  st["invalid_" + p + "_operations"] = op.invalid.get();
 }
 
 boost::json::object device_stats(const node& n) {
@@ -98,12 +98,12 @@ boost::json::object device_stats(const node& n) {
   put_op(st, "zone_append", ns.zone_append);
   put_op(st, "unmap", ns.unmap);
   put_op(st, "flush", ns.flush);
-  st["wr_highest_offset"] = ns.wr_highest_offset;
+  st["wr_highest_offset"] = ns.wr_highest_offset.get();
   // blockd accounts failed and invalid requests of every node (QEMU only does it on block backends).
   st["account_invalid"] = true;
   st["account_failed"] = true;
   st["timed_stats"] = boost::json::array();
-  if (ns.last_op_ns >= 0) st["idle_time_ns"] = node::now_ns() - ns.last_op_ns;
+  if (int64_t last = ns.last_op_ns; last >= 0) st["idle_time_ns"] = node::now_ns() - last;
   return st;
 }
 

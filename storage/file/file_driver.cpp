@@ -15,6 +15,7 @@
 #include <memory>
 #include <vector>
 
+#include "storage/block/counter.h"
 #include "storage/block/driver.h"
 #include "storage/io/reactor.h"
 
@@ -120,6 +121,7 @@ class file_driver final : public block_driver {
   }
 
   uint32_t caps() const override { return cap_write_zeroes | cap_discard | cap_block_status | cap_resize; }
+  void rehome(const driver_env& env) override { env_ = env; }
   // Misaligned requests on an O_DIRECT file are padded here (read-modify-write through an aligned
   // bounce buffer), as QEMU's block layer does, so the node may send any offset and length.
   driver_limits limits() const override { return {1u, 0}; }
@@ -160,9 +162,9 @@ class file_driver final : public block_driver {
 
   boost::json::value driver_stats() const override {
     return boost::json::object{{"driver", s_.blockdev ? "host_device" : "file"},
-                               {"discard-nb-ok", discard_ok_},
-                               {"discard-nb-failed", discard_failed_},
-                               {"discard-bytes-ok", discard_bytes_}};
+                               {"discard-nb-ok", discard_ok_.get()},
+                               {"discard-nb-failed", discard_failed_.get()},
+                               {"discard-bytes-ok", discard_bytes_.get()}};
   }
 
   void submit(io_request& r) override {
@@ -796,7 +798,7 @@ class file_driver final : public block_driver {
   std::vector<job*> free_;
   std::vector<job*> active_;   // O_DIRECT writes running (see admit)
   std::vector<job*> waiting_;  // O_DIRECT writes waiting for a conflicting one, in arrival order
-  uint64_t discard_ok_ = 0, discard_failed_ = 0, discard_bytes_ = 0;
+  counter discard_ok_, discard_failed_, discard_bytes_;  // home thread writes, queries read
 };
 
 bool pow2(uint32_t v) { return v && !(v & (v - 1)); }

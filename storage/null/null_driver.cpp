@@ -16,6 +16,7 @@ class null_driver final : public block_driver {
 
   uint32_t caps() const override { return cap_write_zeroes | cap_discard | cap_fua | cap_block_status; }
   int64_t length() const override { return size_; }
+  void rehome(const driver_env& env) override { env_ = env; }
 
   void submit(io_request& r) override {
     if (r.op == io_op::read && read_zeroes_)

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "storage/block/contract.h"
 #include "storage/block/driver.h"
 #include "storage/block/local_loop.h"
 #include "storage/block/node.h"
@@ -51,7 +52,11 @@ struct waiter final : io_waiter {
 
 // One stack of nodes under test; the top node is what requests go to.
 struct stack {
-  explicit stack(bool poll = false, unsigned ring = 256) : loop(poll, ring) {}
+  // Every node of the suite runs under the contract checker; a violation fails the test.
+  explicit stack(bool poll = false, unsigned ring = 256) : loop(poll, ring) {
+    set_contract_checks(true);
+    set_contract_handler([](const std::string& what) { ADD_FAILURE() << what; });
+  }
   test_loop loop;
   std::string path;
   int loop_dev = -1;  // an attached loop device (host_device stacks)

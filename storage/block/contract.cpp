@@ -1,0 +1,236 @@
+// The contract checker between a node and its driver (see contract.h); home iothread, control calls with the node drained.
+#include "storage/block/contract.h"
+
+#include <atomic>
+#include <cstdio>
+#include <deque>
+#include <cstdlib>
+#include <mutex>
+#include <unordered_map>
+
+#include "storage/block/io_request.h"
+
+namespace blockd::block {
+namespace {
+
+std::mutex handler_mx;
+contract_handler& handler() {
+  static contract_handler h;
+  return h;
+}
+
+int checks_state() {
+#ifdef NDEBUG
+  const char* v = std::getenv("BLOCKD_CHECK_CONTRACTS");
+  static int state = (v && *v && *v != '0') ? 1 : 0;
+#else
+  static int state = 1;
+#endif
+  return state;
+}
+std::atomic<int> forced{-1};  // -1: follow the build and the environment
+
+void report(const std::string& node_name, const std::string& what) {
+  std::string msg = "driver contract broken on node '" + node_name + "': " + what;
+  contract_handler h;
+  {
+    std::lock_guard<std::mutex> g(handler_mx);
+    h = handler();
+  }
+  if (h) return h(msg);
+  std::fprintf(stderr, "blockd: %s\n", msg.c_str());
+  std::abort();
+}
+
+const char* op_name(io_op op) {
+  switch (op) {
+    case io_op::read: return "read";
+    case io_op::write: return "write";
+    case io_op::write_zeroes: return "write_zeroes";
+    case io_op::discard: return "discard";
+    case io_op::flush: return "flush";
+    case io_op::block_status: return "block_status";
+  }
+  return "?";
+}
+
+class checked_driver final : public block_driver, private io_waiter {
+ public:
+  checked_driver(std::unique_ptr<block_driver> inner, std::string name, driver_env env)
+      : inner_(std::move(inner)), name_(std::move(name)), env_(std::move(env)) {}
+
+  ~checked_driver() override {
+    if (!live_.empty()) fail(std::to_string(live_.size()) + " request(s) still in the driver when it was closed");
+  }
+
+  uint32_t caps() const override { return inner_->caps(); }
+  driver_limits limits() const override { return inner_->limits(); }
+  int64_t length() const override { return inner_->length(); }
+
+  void submit(io_request& r) override {
+    check_home("submit");
+    check_request(r);
+    // The driver gets a shadow, so a second completion reaches the checker and not the submitter.
+    io_request* s = pool_.get();
+    s->op = r.op;
+    s->flags = r.flags;
+    s->offset = r.offset;
+    s->length = r.length;
+    s->iov = r.iov;
+    s->iovcnt = r.iovcnt;
+    s->user = &r;
+    s->waiter = this;
+    live_.emplace(s, &r);
+    ++submitting_;
+    inner_->submit(*s);
+    --submitting_;
+  }
+
+  result<void> truncate(int64_t size) override {
+    drained("truncate");
+    return inner_->truncate(size);
+  }
+  result<void> set_perm(uint32_t perm, uint32_t shared) override { return inner_->set_perm(perm, shared); }
+  void child_perm(const std::string& role, uint32_t node_perm, uint32_t node_shared, uint32_t& perm,
+                  uint32_t& shared) const override {
+    inner_->child_perm(role, node_perm, node_shared, perm, shared);
+  }
+  image_facts facts() const override { return inner_->facts(); }
+  boost::json::value driver_stats() const override { return inner_->driver_stats(); }
+
+  result<std::unique_ptr<reopen_state>> reopen_prepare(const reopen_args& a, std::vector<std::string>& consumed) override {
+    auto st = inner_->reopen_prepare(a, consumed);
+    if (!st) return st;
+    struct checked_state final : reopen_state {
+      checked_driver* d;
+      std::unique_ptr<reopen_state> inner;
+      bool done = false;
+      void commit() override { finish("reopen commit", true); }
+      void abort() override { finish("reopen abort", false); }
+      void finish(const char* what, bool commit) {
+        if (done) d->fail(std::string(what) + " after the reopen was already committed or aborted");
+        done = true;
+        d->drained(what);
+        commit ? inner->commit() : inner->abort();
+      }
+      ~checked_state() override {
+        if (!done) d->fail("a prepared reopen was neither committed nor aborted");
+      }
+    };
+    auto c = std::make_unique<checked_state>();
+    c->d = this;
+    c->inner = std::move(*st);
+    return std::unique_ptr<reopen_state>(std::move(c));
+  }
+  std::vector<std::string> reopen_resettable() const override { return inner_->reopen_resettable(); }
+
+  result<void> activate() override {
+    drained("activate");
+    return inner_->activate();
+  }
+  void inactivate() override {
+    drained("inactivate");
+    inner_->inactivate();
+  }
+  void rehome(const driver_env& env) override {
+    drained("rehome");
+    env_ = env;
+    inner_->rehome(env);
+  }
+
+ private:
+  void fail(const std::string& what) const { report(name_, what); }
+
+  void check_home(const char* what) const {
+    if (env_.on_home && !env_.on_home()) fail(std::string(what) + " off the node's home thread");
+  }
+
+  void drained(const char* what) const {
+    if (!live_.empty()) fail(std::string(what) + " with " + std::to_string(live_.size()) + " request(s) in the driver");
+  }
+
+  void check_request(const io_request& r) const {
+    std::string op = op_name(r.op);
+    if (r.offset < 0 || r.length < 0) return fail(op + " with a negative offset or length");
+    int64_t len = inner_->length();
+    if (r.op != io_op::flush && (r.offset > len || r.length > len - r.offset))
+      return fail(op + " of [" + std::to_string(r.offset) + ", +" + std::to_string(r.length) + ") beyond the length " +
+                  std::to_string(len));
+    bool payload = r.op == io_op::read || r.op == io_op::write;
+    if (payload) {
+      int64_t total = 0;
+      for (int i = 0; i < r.iovcnt; ++i) total += int64_t(r.iov[i].iov_len);
+      if (total != r.length) return fail(op + " whose scatter list covers " + std::to_string(total) + " of " +
+                                         std::to_string(r.length) + " bytes");
+      auto lim = inner_->limits();
+      uint32_t a = lim.request_alignment ? lim.request_alignment : 1;
+      if (r.offset % a || r.length % a)
+        return fail(op + " of [" + std::to_string(r.offset) + ", +" + std::to_string(r.length) +
+                    ") not aligned to the driver's " + std::to_string(a) + " bytes");
+      if (lim.max_transfer > 0 && r.length > lim.max_transfer)
+        return fail(op + " of " + std::to_string(r.length) + " bytes over the driver's max transfer " +
+                    std::to_string(lim.max_transfer));
+    }
+    uint32_t allowed = 0;
+    if (r.op == io_op::write) allowed = io_fua;
+    if (r.op == io_op::write_zeroes) allowed = io_fua | io_may_unmap | io_no_fallback;
+    if (r.flags & ~allowed) return fail(op + " with flags it may not carry (" + std::to_string(r.flags) + ")");
+    if ((r.flags & io_fua) && !(inner_->caps() & cap_fua))
+      return fail(op + " with FUA to a driver without cap_fua (the node must emulate it)");
+  }
+
+  void io_done(io_request& s) override {
+    auto it = live_.find(&s);
+    if (it == live_.end()) return fail("a request was completed twice (or one the driver never got)");
+    if (submitting_ > 0) fail(std::string(op_name(s.op)) + " completed inside submit()");
+    check_home("completion");
+    io_request& r = *it->second;
+    live_.erase(it);
+    if (s.result > 0) fail(std::string(op_name(s.op)) + " completed with a positive result " + std::to_string(s.result));
+    if (s.op == io_op::block_status && s.result == 0 && s.length > 0 &&
+        (s.status_length <= 0 || s.status_length > s.length))
+      fail("block_status answered an extent of " + std::to_string(s.status_length) + " bytes for a request of " +
+           std::to_string(s.length));
+    r.result = s.result;
+    r.status = s.status;
+    r.status_length = s.status_length;
+    r.depth = s.depth;
+    // A freed shadow waits a while before reuse, so a late second completion finds it absent from
+    // live_ (and is reported) instead of completing whichever request got it next.
+    quarantine_.push_back(&s);
+    if (quarantine_.size() > 256) {
+      pool_.put(quarantine_.front());
+      quarantine_.pop_front();
+    }
+    r.complete(r.result);
+  }
+
+  std::unique_ptr<block_driver> inner_;
+  std::string name_;
+  driver_env env_;
+  request_pool pool_;
+  std::unordered_map<io_request*, io_request*> live_;  // shadow -> the node's request
+  std::deque<io_request*> quarantine_;
+  int submitting_ = 0;
+};
+
+}  // namespace
+
+void set_contract_handler(contract_handler h) {
+  std::lock_guard<std::mutex> g(handler_mx);
+  handler() = std::move(h);
+}
+
+bool contract_checks_enabled() {
+  int f = forced.load();
+  return f >= 0 ? f != 0 : checks_state() != 0;
+}
+
+void set_contract_checks(bool on) { forced = on ? 1 : 0; }
+
+std::unique_ptr<block_driver> check_contract(std::unique_ptr<block_driver> drv, std::string node_name,
+                                             driver_env env) {
+  return std::make_unique<checked_driver>(std::move(drv), std::move(node_name), std::move(env));
+}
+
+}  // namespace blockd::block
