@@ -24,6 +24,7 @@ struct node_task {
 using quiesce_atom = caf::atom_constant<caf::atom("quiesce")>;  // -> bool once nothing is in flight
 using resume_atom = caf::atom_constant<caf::atom("resume")>;
 using run_atom = caf::atom_constant<caf::atom("run")>;          // node_task -> command_outcome
+using node_lookup_atom = caf::atom_constant<caf::atom("nodelookup")>;  // supervisor: node name -> its actor
 
 // Exports, jobs and the supervisor reach a node only through this actor. The graph (owned by the
 // supervisor) owns the node object; the supervisor stops the actor before the node is destroyed.

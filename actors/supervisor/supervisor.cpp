@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <future>
+#include <unordered_set>
 
 #include "actors/monitor/monitor.h"
 #include "actors/node/node_actor.h"
@@ -39,12 +41,8 @@ result<void> read_param(const boost::json::object& args, const char* name, int64
 
 supervisor_actor::supervisor_actor(caf::actor_config& cfg, iothread* home, supervisor_hooks hooks)
     : caf::event_based_actor(cfg), home_(home), hooks_(std::move(hooks)) {
-  // Every node lives on the main iothread for now (no export or x-blockdev-set-iothread moves one yet),
-  // which is also the supervisor's home: control calls into nodes never cross threads.
-  graph_ = std::make_unique<block::graph>([home] {
-    return block::driver_env{&home->reactor(), [home](std::function<void()> fn) { home->post(std::move(fn)); },
-                             [home] { return home->is_current(); }};
-  });
+  // A new node opens on the home blockdev-add chose for it (see blockdev_add_async).
+  graph_ = std::make_unique<block::graph>([this] { return env_for(new_node_home_ ? new_node_home_ : home_); });
 }
 
 supervisor_actor::~supervisor_actor() = default;
@@ -60,7 +58,16 @@ caf::behavior supervisor_actor::make_behavior() {
   return {
       [this](command_atom, const std::string& name, json_args& args) -> caf::result<command_outcome> {
         if (shutting_down_) return command_outcome::failure(error("blockd is shutting down"));
-        return run_command(name, args.v);
+        auto rp = make_response_promise<command_outcome>();
+        queue_.push_back({name, std::move(args.v), rp});
+        pump();
+        return rp;
+      },
+      // Exports and jobs reach a node through its actor; they ask for it here.
+      [this](node_lookup_atom, const std::string& name) -> caf::result<caf::actor> {
+        auto it = node_actors_.find(name);
+        if (it == node_actors_.end()) return caf::make_error(caf::sec::invalid_argument, "no node " + name);
+        return it->second.actor;
       },
       [this](chardev_atom, const chardev_spec& spec, const std::string& note_prefix) -> command_outcome {
         return add_chardev(spec, note_prefix);
@@ -80,8 +87,10 @@ caf::behavior supervisor_actor::make_behavior() {
         auto left = std::make_shared<size_t>(monitors_.size());
         auto finish = [this, rp]() mutable {
           // Monitors are gone; stop every iothread object (joins its thread) and close chardevs.
-          graph_.reset();
+          // Node actors stop first, on their homes, while those loops still run; then the nodes go.
+          auto g = std::move(graph_);
           sync_node_actors();
+          g.reset();
           objects_.clear();
           chardevs_.clear();
           rp.deliver(true);
@@ -102,33 +111,51 @@ caf::behavior supervisor_actor::make_behavior() {
   };
 }
 
-caf::result<command_outcome> supervisor_actor::run_command(const std::string& name, boost::json::object& args) {
-  if (name == "object-add") return object_add(args);
-  if (name == "blockdev-add") return blockdev_add(args);
-  if (name == "blockdev-del") return blockdev_del(std::string(args.at("node-name").as_string()));
-  if (name == "block_resize") return block_resize(args);
-  if (name == "blockdev-reopen") return blockdev_reopen(args);
-  if (name == "blockdev-set-active") return blockdev_set_active(args);
-  if (name == "block-set-write-threshold") return set_write_threshold(args);
-  if (name == "object-del") return object_del(std::string(args.at("id").as_string()));
+void supervisor_actor::pump() {
+  if (pumping_) return;  // a reply delivered inside run_command: the loop below picks up the next one
+  pumping_ = true;
+  while (!busy_ && !queue_.empty()) {
+    auto p = std::move(queue_.front());
+    queue_.pop_front();
+    busy_ = true;
+    auto rp = p.rp;
+    run_command(p.name, p.args, [this, rp](command_outcome o) mutable {
+      rp.deliver(std::move(o));
+      busy_ = false;
+      pump();
+    });
+  }
+  pumping_ = false;
+}
+
+void supervisor_actor::run_command(const std::string& name, boost::json::object& args, reply_fn reply) {
+  if (name == "object-add") return reply(object_add(args));
+  if (name == "blockdev-add") return blockdev_add_async(args, std::move(reply));
+  if (name == "blockdev-del") return blockdev_del(std::string(args.at("node-name").as_string()), std::move(reply));
+  if (name == "block_resize") return block_resize(args, std::move(reply));
+  if (name == "blockdev-reopen") return blockdev_reopen(args, std::move(reply));
+  if (name == "blockdev-set-active") return blockdev_set_active(args, std::move(reply));
+  if (name == "x-blockdev-set-iothread") return set_iothread(args, std::move(reply));
+  if (name == "block-set-write-threshold") return reply(set_write_threshold(args));
+  if (name == "object-del") return object_del(std::string(args.at("id").as_string()), std::move(reply));
   if (name == "query-named-block-nodes") {
     auto* flat = args.if_contains("flat");
-    return command_outcome::success(block::named_block_nodes(*graph_, flat && flat->as_bool()));
+    return reply(command_outcome::success(block::named_block_nodes(*graph_, flat && flat->as_bool())));
   }
-  if (name == "query-block") return command_outcome::success(boost::json::array());  // no guest devices, as QSD
+  if (name == "query-block") return reply(command_outcome::success(boost::json::array()));  // no guest devices, as QSD
   if (name == "query-blockstats") {
     // Only nodes have statistics in blockd; without query-nodes QSD lists block backends, of which
     // blockd has none (exports will add theirs).
     auto* qn = args.if_contains("query-nodes");
-    if (qn && qn->as_bool()) return command_outcome::success(block::node_blockstats(*graph_));
-    return command_outcome::success(boost::json::array());
+    if (qn && qn->as_bool()) return reply(command_outcome::success(block::node_blockstats(*graph_)));
+    return reply(command_outcome::success(boost::json::array()));
   }
-  if (name == "x-debug-query-block-graph") return command_outcome::success(block::block_graph_dump(*graph_));
+  if (name == "x-debug-query-block-graph") return reply(command_outcome::success(block::block_graph_dump(*graph_)));
   if (name == "quit") {
     if (hooks_.quit_requested) hooks_.quit_requested();
-    return command_outcome::success();
+    return reply(command_outcome::success());
   }
-  return command_outcome::failure(error(error_class::command_not_found, "The command " + name + " has not been found"));
+  reply(command_outcome::failure(error(error_class::command_not_found, "The command " + name + " has not been found")));
 }
 
 supervisor_actor::object_entry* supervisor_actor::find_object(const std::string& id) {
@@ -172,13 +199,30 @@ command_outcome supervisor_actor::object_add(boost::json::object& args) {
   return command_outcome::success();
 }
 
-command_outcome supervisor_actor::object_del(const std::string& id) {
+void supervisor_actor::object_del(const std::string& id, reply_fn reply) {
   auto* o = find_object(id);
-  if (!o) return command_outcome::failure(error("object '" + id + "' not found"));
+  if (!o) return reply(command_outcome::failure(error("object '" + id + "' not found")));
   // The main loop cannot go away while the daemon runs, as in QSD.
-  if (o->type == "main-loop") return command_outcome::failure(error("object '" + id + "' is in use, can not be deleted"));
-  objects_.erase(objects_.begin() + (o - objects_.data()));
-  return command_outcome::success();
+  if (o->type == "main-loop") return reply(command_outcome::failure(error("object '" + id + "' is in use, can not be deleted")));
+  iothread* t = o->thread.get();
+  std::vector<block::node*> living;
+  for (auto& [n, h] : homes_)
+    if (h == t) living.push_back(const_cast<block::node*>(n));
+  auto erase = [this, id] {
+    // Stops and joins the thread; no node and no node actor is left on it.
+    if (auto* o = find_object(id)) objects_.erase(objects_.begin() + (o - objects_.data()));
+  };
+  if (living.empty()) {
+    erase();
+    return reply(command_outcome::success());
+  }
+  // QSD deletes the iothread under its nodes (and crashes on their next request); blockd first
+  // moves them to the main loop, so the deletion succeeds as in QSD and the nodes keep working.
+  move_components(living, home_, [] { return command_outcome::success(); },
+                  [erase, reply = std::move(reply)](command_outcome out) {
+                    erase();
+                    reply(std::move(out));
+                  });
 }
 
 command_outcome supervisor_actor::add_chardev(const chardev_spec& spec, const std::string& note_prefix) {
@@ -207,125 +251,276 @@ command_outcome supervisor_actor::add_monitor(const std::string& chardev_id, boo
 
 // ---- block graph commands -------------------------------------------------------------------
 
-caf::result<command_outcome> supervisor_actor::with_quiesced(block::node& n, std::function<command_outcome()> fn) {
-  return with_quiesced(std::vector<block::node*>{&n}, std::move(fn));
+// ---- placement ------------------------------------------------------------------------------
+//
+// Every node has a home iothread and a connected component (a node, its children and parents,
+// transitively) shares one, so a request never crosses threads inside the graph. Control calls
+// from the supervisor reach a node's driver either with the node quiesced (nothing in the driver,
+// new requests held; the quiesce reply and the resume message order them against the home's data
+// path) or only touch what the data path does not (file locks, counters read as relaxed atomics).
+
+iothread* supervisor_actor::home_of(const block::node* n) const {
+  auto it = homes_.find(n);
+  return it == homes_.end() ? home_ : it->second;
 }
 
-caf::result<command_outcome> supervisor_actor::with_quiesced(const std::vector<block::node*>& nodes,
-                                                             std::function<command_outcome()> fn) {
-  auto rp = make_response_promise<command_outcome>();
-  std::vector<std::string> names;
-  for (auto* n : nodes) names.push_back(n->name());
-  auto left = std::make_shared<size_t>(nodes.size());
-  auto run = [this, rp, names, fn]() mutable {
-    // All drained: run the change, then let held requests go (a node may be gone after a delete).
-    command_outcome out = fn();
-    sync_node_actors();
-    for (auto& name : names)
-      if (auto it = node_actors_.find(name); it != node_actors_.end()) send(it->second.actor, resume_atom::value);
-    rp.deliver(std::move(out));
-  };
-  if (nodes.empty()) {
-    run();
-    return rp;
+block::driver_env supervisor_actor::env_for(iothread* t) const {
+  return block::driver_env{&t->reactor(), [t](std::function<void()> fn) { t->post(std::move(fn)); },
+                           [t] { return t->is_current(); }};
+}
+
+std::vector<block::node*> supervisor_actor::components(const std::vector<block::node*>& seeds) const {
+  std::vector<block::node*> all = graph_->nodes_newest_first();
+  std::vector<block::node*> out;
+  std::unordered_set<const block::node*> seen;
+  std::vector<block::node*> todo(seeds.begin(), seeds.end());
+  while (!todo.empty()) {
+    block::node* n = todo.back();
+    todo.pop_back();
+    if (!seen.insert(n).second) continue;
+    out.push_back(n);
+    for (auto& e : n->children) todo.push_back(e.child);
+    for (block::node* p : all)
+      for (auto& e : p->children)
+        if (e.child == n) todo.push_back(p);
   }
-  // Quiescing goes through each node's actor, so it works wherever the node lives.
-  for (auto* n : nodes)
-    request(node_actors_.at(n->name()).actor, caf::infinite, quiesce_atom::value)
-        .then([left, run](bool) mutable {
-          if (--*left == 0) run();
-        });
-  return rp;
+  return out;
+}
+
+void supervisor_actor::rehome(const std::vector<block::node*>& nodes, iothread* to) {
+  for (block::node* n : nodes) {
+    if (home_of(n) == to) continue;
+    n->rehome(env_for(to));
+    homes_[n] = to;
+  }
+}
+
+void supervisor_actor::move_components(const std::vector<block::node*>& seeds, iothread* to,
+                                       std::function<command_outcome()> then, reply_fn reply) {
+  auto nodes = components(seeds);
+  bool there = std::all_of(nodes.begin(), nodes.end(), [&](const block::node* n) { return home_of(n) == to; });
+  if (there) return reply(then());
+  with_quiesced(
+      nodes,
+      [this, nodes, to, then] {
+        rehome(nodes, to);
+        return then();
+      },
+      std::move(reply));
 }
 
 void supervisor_actor::sync_node_actors() {
-  // One actor per node, on the node's home (the main iothread until exports and
-  // x-blockdev-set-iothread place components elsewhere). Stale entries go first.
+  // Stale actors go first: those of deleted nodes and of nodes that moved. An actor is stopped on
+  // its old loop; before this returns, every other loop that stopped one has run past the stop, so
+  // the caller may delete that iothread right after.
+  std::vector<iothread*> stopped_on;
   for (auto it = node_actors_.begin(); it != node_actors_.end();) {
     block::node* n = graph_ ? graph_->find(it->first) : nullptr;
-    if (n == it->second.n) {
+    if (n == it->second.n && home_of(n) == it->second.home) {
       ++it;
       continue;
     }
     send_exit(it->second.actor, caf::exit_reason::user_shutdown);
+    if (it->second.home != home_ &&
+        std::find(stopped_on.begin(), stopped_on.end(), it->second.home) == stopped_on.end())
+      stopped_on.push_back(it->second.home);
     it = node_actors_.erase(it);
+  }
+  for (iothread* t : stopped_on) {
+    // The stop was queued before this barrier, and a loop runs its actors before posted functions.
+    std::promise<void> passed;
+    t->post([&passed] { passed.set_value(); });
+    passed.get_future().wait();
+  }
+  // Homes of nodes that are gone (a later node may get the same address).
+  for (auto it = homes_.begin(); it != homes_.end();) {
+    bool live = false;
+    if (graph_)
+      for (block::node* n : graph_->nodes_newest_first()) live = live || n == it->first;
+    it = live ? std::next(it) : homes_.erase(it);
   }
   if (!graph_) return;
   for (block::node* n : graph_->nodes_newest_first())
-    if (!node_actors_.count(n->name()))
-      node_actors_.emplace(n->name(), node_entry{n, spawn_pinned<node_actor>(home_->system(), *home_, n)});
+    if (!node_actors_.count(n->name())) {
+      iothread* h = home_of(n);
+      node_actors_.emplace(n->name(), node_entry{n, h, spawn_pinned<node_actor>(h->system(), *h, n)});
+    }
 }
 
-caf::result<command_outcome> supervisor_actor::blockdev_reopen(const boost::json::object& args) {
-  auto plan = graph_->reopen_prepare(args.at("options").as_array());
-  if (!plan) return command_outcome::failure(plan.error());
-  auto shared = std::make_shared<block::graph::reopen_plan>(std::move(*plan));
-  return with_quiesced(shared->nodes(), [this, shared] {
-    graph_->reopen_commit(*shared);
-    return command_outcome::success();
+// ---- block graph commands -------------------------------------------------------------------
+
+void supervisor_actor::with_quiesced(std::vector<block::node*> nodes, std::function<command_outcome()> fn,
+                                     reply_fn reply) {
+  std::vector<std::string> names;
+  for (auto* n : nodes) names.push_back(n->name());
+  auto run = std::make_shared<std::function<void()>>([this, names, fn = std::move(fn), reply = std::move(reply)] {
+    if (!graph_) return reply(command_outcome::failure(error("blockd is shutting down")));
+    // All drained: run the change, put the actors where their nodes now live, let held requests go
+    // (a node may be gone after a delete).
+    command_outcome out = fn();
+    sync_node_actors();
+    for (auto& name : names)
+      if (auto it = node_actors_.find(name); it != node_actors_.end()) send(it->second.actor, resume_atom::value);
+    reply(std::move(out));
   });
+  if (nodes.empty()) return (*run)();
+  // Quiescing goes through each node's actor, so it works wherever the node lives.
+  auto left = std::make_shared<size_t>(nodes.size());
+  auto one_done = [left, run] {
+    if (--*left == 0) (*run)();
+  };
+  for (auto* n : nodes)
+    request(node_actors_.at(n->name()).actor, caf::infinite, quiesce_atom::value)
+        .then([one_done](bool) { one_done(); }, [one_done](const caf::error&) { one_done(); });
 }
 
-caf::result<command_outcome> supervisor_actor::blockdev_set_active(const boost::json::object& args) {
+void supervisor_actor::blockdev_reopen(const boost::json::object& args, reply_fn reply) {
+  auto plan = graph_->reopen_prepare(args.at("options").as_array());
+  if (!plan) return reply(command_outcome::failure(plan.error()));
+  auto shared = std::make_shared<block::graph::reopen_plan>(std::move(*plan));
+  // A child taken from another iothread's component joins its new parent's: that component is
+  // quiesced with the reopened nodes and moved after the commit (QEMU moves the child likewise).
+  std::vector<block::node*> quiesce = shared->nodes();
+  std::vector<std::pair<block::node*, block::node*>> joins;  // (parent, new child)
+  for (auto& e : shared->entries)
+    for (auto& c : e.children)
+      if (home_of(c.child) != home_of(e.n)) joins.emplace_back(e.n, c.child);
+  for (auto& [p, c] : joins)
+    for (block::node* x : components({c}))
+      if (std::find(quiesce.begin(), quiesce.end(), x) == quiesce.end()) quiesce.push_back(x);
+  with_quiesced(
+      quiesce,
+      [this, shared, joins] {
+        graph_->reopen_commit(*shared);
+        for (auto& [p, c] : joins) rehome(components({c}), home_of(p));
+        return command_outcome::success();
+      },
+      std::move(reply));
+}
+
+void supervisor_actor::blockdev_set_active(const boost::json::object& args, reply_fn reply) {
   bool active = args.at("active").as_bool();
   block::node* n = nullptr;
   if (auto* v = args.if_contains("node-name")) {
     std::string name(v->as_string());
     n = graph_->find(name);
-    if (!n) return command_outcome::failure(error("Failed to find node with node-name='" + name + "'"));
+    if (!n) return reply(command_outcome::failure(error("Failed to find node with node-name='" + name + "'")));
   }
   // Nothing may be in flight while a node gives up or takes back its image.
   std::vector<block::node*> affected = n ? std::vector<block::node*>{n} : graph_->nodes_newest_first();
-  return with_quiesced(affected, [this, n, active] {
-    auto r = graph_->set_active(n, active);
-    if (!r) return command_outcome::failure(r.error());
-    return command_outcome::success();
-  });
+  with_quiesced(
+      affected,
+      [this, n, active] {
+        auto r = graph_->set_active(n, active);
+        if (!r) return command_outcome::failure(r.error());
+        return command_outcome::success();
+      },
+      std::move(reply));
+}
+
+void supervisor_actor::set_iothread(const boost::json::object& args, reply_fn reply) {
+  std::string name(args.at("node-name").as_string());
+  block::node* n = graph_->find(name);
+  if (!n) return reply(command_outcome::failure(error("Failed to find node with node-name='" + name + "'")));
+  auto* force = args.if_contains("force");
+  // A node with a user outside the graph (an export) may be serving requests from its home; moving
+  // it needs force, as QEMU's check for a BlockBackend parent.
+  bool has_backend = std::any_of(n->users.begin(), n->users.end(),
+                                 [](const block::node::user& u) { return u.key.rfind("node:", 0) != 0; });
+  if (has_backend && !(force && force->as_bool()))
+    return reply(command_outcome::failure(error("Node " + name +
+                                                " is associated with a BlockBackend and could be in use (use "
+                                                "force=true to override this check)")));
+  iothread* to = home_;
+  const auto& which = args.at("iothread");
+  if (which.is_string()) {
+    std::string id(which.as_string());
+    auto* o = find_object(id);
+    if (!o || o->type != "iothread") return reply(command_outcome::failure(error("Cannot find iothread " + id)));
+    to = o->thread.get();
+  }
+  move_components({n}, to, [] { return command_outcome::success(); }, std::move(reply));
 }
 
 command_outcome supervisor_actor::blockdev_add(const boost::json::object& args) {
+  iothread* where = new_node_home_ ? new_node_home_ : home_;
   auto n = graph_->add(args);
+  new_node_home_ = nullptr;
   if (!n) return command_outcome::failure(n.error());
+  auto self = caf::actor_cast<caf::actor>(this);
+  for (block::node* x : graph_->nodes_newest_first()) {
+    if (homes_.count(x)) continue;
+    homes_[x] = where;
+    // Write-threshold crossings happen on the node's home; the event bus stamps and sends them.
+    std::string name = x->name();
+    x->on_threshold = [self, name](uint64_t exceeded, uint64_t threshold) {
+      caf::anon_send(self, event_atom::value, std::string("BLOCK_WRITE_THRESHOLD"),
+                     json_args{boost::json::object{
+                         {"node-name", name}, {"amount-exceeded", exceeded}, {"write-threshold", threshold}}});
+    };
+  }
   sync_node_actors();
-  std::string name = (*n)->name();
-  // Write-threshold crossings arrive on the node's home thread; the event bus stamps and sends them.
-  (*n)->on_threshold = [this, name](uint64_t exceeded, uint64_t threshold) {
-    emit("BLOCK_WRITE_THRESHOLD",
-         boost::json::object{{"node-name", name}, {"amount-exceeded", exceeded}, {"write-threshold", threshold}});
-  };
   return command_outcome::success();
 }
 
-caf::result<command_outcome> supervisor_actor::blockdev_del(const std::string& name) {
-  if (auto r = graph_->check_del(name); !r) return command_outcome::failure(r.error());
-  return with_quiesced(*graph_->find(name), [this, name] {
-    graph_->del(name);
-    return command_outcome::success();
-  });
+void supervisor_actor::blockdev_add_async(const boost::json::object& args, reply_fn reply) {
+  // A new node lives where the nodes it references live. If they live on different iothreads they
+  // first join the main loop, where QEMU opens every new node and moves its children.
+  auto refs = graph_->referenced_nodes(args);
+  std::vector<iothread*> homes;
+  for (block::node* r : refs)
+    if (std::find(homes.begin(), homes.end(), home_of(r)) == homes.end()) homes.push_back(home_of(r));
+  if (homes.size() <= 1) {
+    new_node_home_ = homes.empty() ? home_ : homes.front();
+    return reply(blockdev_add(args));
+  }
+  boost::json::object copy = args;
+  move_components(
+      refs, home_,
+      [this, copy] {
+        new_node_home_ = home_;
+        return blockdev_add(copy);
+      },
+      std::move(reply));
 }
 
-caf::result<command_outcome> supervisor_actor::block_resize(const boost::json::object& args) {
+void supervisor_actor::blockdev_del(const std::string& name, reply_fn reply) {
+  if (auto r = graph_->check_del(name); !r) return reply(command_outcome::failure(r.error()));
+  with_quiesced(
+      {graph_->find(name)},
+      [this, name] {
+        graph_->del(name);
+        return command_outcome::success();
+      },
+      std::move(reply));
+}
+
+void supervisor_actor::block_resize(const boost::json::object& args, reply_fn reply) {
   std::string device, node_name;
   const std::string* dp = nullptr;
   const std::string* np = nullptr;
   if (auto* v = args.if_contains("device")) dp = &(device = std::string(v->as_string()));
   if (auto* v = args.if_contains("node-name")) np = &(node_name = std::string(v->as_string()));
   auto found = graph_->lookup(dp, np);
-  if (!found) return command_outcome::failure(found.error());
+  if (!found) return reply(command_outcome::failure(found.error()));
   int64_t size = args.at("size").as_int64();
-  if (size < 0) return command_outcome::failure(error("Parameter 'size' expects a >0 size"));
-  block::node& n = **found;
-  if (n.settings().read_only) return command_outcome::failure(error("Device '" + n.name() + "' is read only"));
+  if (size < 0) return reply(command_outcome::failure(error("Parameter 'size' expects a >0 size")));
+  block::node* n = *found;
+  if (n->settings().read_only) return reply(command_outcome::failure(error("Device '" + n->name() + "' is read only")));
   // The resize is a user of the node for its duration, as QEMU's temporary block backend is.
-  block::perm_user u{"an unnamed block device (uses node '" + n.name() + "' as 'root' child)",
+  block::perm_user u{"an unnamed block device (uses node '" + n->name() + "' as 'root' child)",
                      block::perm_resize, block::perm_all};
-  if (auto r = graph_->attach_user(n, "command:block_resize", u); !r) return command_outcome::failure(r.error());
-  return with_quiesced(n, [this, &n, size] {
-    auto r = n.driver().truncate(size);
-    graph_->detach_user(n, "command:block_resize");
-    if (!r) return command_outcome::failure(r.error());
-    return command_outcome::success();
-  });
+  if (auto r = graph_->attach_user(*n, "command:block_resize", u); !r)
+    return reply(command_outcome::failure(r.error()));
+  with_quiesced(
+      {n},
+      [this, n, size] {
+        auto r = n->driver().truncate(size);
+        graph_->detach_user(*n, "command:block_resize");
+        if (!r) return command_outcome::failure(r.error());
+        return command_outcome::success();
+      },
+      std::move(reply));
 }
 
 command_outcome supervisor_actor::set_write_threshold(const boost::json::object& args) {

@@ -3,9 +3,11 @@
 #include <caf/event_based_actor.hpp>
 
 #include <functional>
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "actors/messages.h"
@@ -37,22 +39,43 @@ class supervisor_actor : public caf::event_based_actor {
     std::unique_ptr<iothread> thread;  // iothreads only
   };
 
-  caf::result<command_outcome> run_command(const std::string& name, boost::json::object& args);
+  using reply_fn = std::function<void(command_outcome)>;
+
+  // Commands run one at a time, in arrival order across monitors: a command that waits (for nodes
+  // to drain) holds the next one back, so no change ever sees a graph another change left halfway.
+  struct pending_command {
+    std::string name;
+    boost::json::object args;
+    caf::response_promise rp;
+  };
+  void pump();
+  void run_command(const std::string& name, boost::json::object& args, reply_fn reply);
   command_outcome blockdev_add(const boost::json::object& args);
-  caf::result<command_outcome> blockdev_del(const std::string& name);
-  caf::result<command_outcome> block_resize(const boost::json::object& args);
+  void blockdev_add_async(const boost::json::object& args, reply_fn reply);
+  void blockdev_del(const std::string& name, reply_fn reply);
+  void block_resize(const boost::json::object& args, reply_fn reply);
   command_outcome set_write_threshold(const boost::json::object& args);
-  // Runs `fn` with `n` quiesced (no request in flight, new ones held), then resumes it and answers.
-  caf::result<command_outcome> with_quiesced(block::node& n, std::function<command_outcome()> fn);
-  caf::result<command_outcome> with_quiesced(const std::vector<block::node*>& nodes,
-                                             std::function<command_outcome()> fn);
-  caf::result<command_outcome> blockdev_reopen(const boost::json::object& args);
-  caf::result<command_outcome> blockdev_set_active(const boost::json::object& args);
+  // Runs `fn` with `nodes` quiesced (nothing in flight, new requests held), then resumes them (on
+  // their homes as they are after `fn`) and replies.
+  void with_quiesced(std::vector<block::node*> nodes, std::function<command_outcome()> fn, reply_fn reply);
+  void blockdev_reopen(const boost::json::object& args, reply_fn reply);
+  void blockdev_set_active(const boost::json::object& args, reply_fn reply);
+  void set_iothread(const boost::json::object& args, reply_fn reply);
   command_outcome object_add(boost::json::object& args);
-  command_outcome object_del(const std::string& id);
+  void object_del(const std::string& id, reply_fn reply);
   command_outcome add_chardev(const chardev_spec& spec, const std::string& note_prefix);
   command_outcome add_monitor(const std::string& chardev_id, bool pretty, const std::string& id);
   object_entry* find_object(const std::string& id);
+
+  // ---- placement: every node has a home iothread; a connected component shares one -----------
+  iothread* home_of(const block::node* n) const;
+  block::driver_env env_for(iothread* t) const;
+  // Moves `nodes` (drained, inside with_quiesced) to `to`; their actors follow at the next sync.
+  void rehome(const std::vector<block::node*>& nodes, iothread* to);
+  // Moves the components of `seeds` to `to` (quiesced around the move), then replies.
+  void move_components(const std::vector<block::node*>& seeds, iothread* to, std::function<command_outcome()> then,
+                       reply_fn reply);
+  std::vector<block::node*> components(const std::vector<block::node*>& seeds) const;
 
   iothread* home_;
   supervisor_hooks hooks_;
@@ -61,12 +84,20 @@ class supervisor_actor : public caf::event_based_actor {
   std::vector<caf::actor> monitors_;
   std::vector<caf::actor> subscribers_;
   bool shutting_down_ = false;
+  std::deque<pending_command> queue_;
+  bool busy_ = false;
+  bool pumping_ = false;
   std::unique_ptr<block::graph> graph_;
+  iothread* new_node_home_ = nullptr;  // where graph_->add opens nodes (the main iothread if null)
+  std::unordered_map<const block::node*, iothread*> homes_;
   struct node_entry {
     block::node* n;
+    iothread* home;
     caf::actor actor;
   };
   std::map<std::string, node_entry> node_actors_;  // by node name
+  // Keeps one actor per node on the node's home: stops those of deleted or moved nodes (waiting
+  // until their old loop has processed the stop) and spawns the missing ones.
   void sync_node_actors();
 };
 

@@ -282,6 +282,9 @@ void define_block(schema& s) {
   s.command("block-set-write-threshold", "node-name:str write-threshold:uint64");
   s.command("blockdev-reopen", "options:[BlockdevOptions]");
   s.command("blockdev-set-active", "*node-name:str active:bool");
+  s.alternate("StrOrNull", {"str", "null"});
+  s.command("x-blockdev-set-iothread", "node-name:str iothread:StrOrNull *force:bool");
+  s.command_features("x-blockdev-set-iothread", {"unstable"});
   define_block_queries(s);
 }
 

@@ -61,6 +61,23 @@ graph::~graph() {
   while (!nodes_.empty()) nodes_.pop_back();
 }
 
+std::vector<node*> graph::referenced_nodes(const boost::json::object& options) const {
+  std::vector<node*> out;
+  auto* drv = options.if_contains("driver");
+  const driver_entry* e = drv && drv->is_string() ? find_driver(std::string(drv->as_string())) : nullptr;
+  if (!e) return out;
+  for (auto& role : e->child_roles) {
+    auto* v = options.if_contains(role);
+    if (!v) continue;
+    if (v->is_string()) {
+      if (node* n = find(std::string(v->as_string()))) out.push_back(n);
+    } else if (v->is_object()) {
+      for (node* n : referenced_nodes(v->as_object())) out.push_back(n);
+    }
+  }
+  return out;
+}
+
 node* graph::find(const std::string& name) const {
   for (auto& n : nodes_)
     if (n->name() == name) return n.get();

@@ -48,6 +48,8 @@ class graph {
   result<void> set_active(node* n, bool active);
 
   node* find(const std::string& name) const;
+  // The existing nodes a blockdev-add's options refer to by name (at any depth of inline children).
+  std::vector<node*> referenced_nodes(const boost::json::object& options) const;
   // QEMU's lookup for commands taking device/node-name.
   result<node*> lookup(const std::string* device, const std::string* node_name) const;
 

@@ -68,10 +68,42 @@ def main():
             assert fs["w1"] is None and fs["f0"]["type"] == "file", fs
             assert not resize_ok()
             print("PASS blockdev-set-active releases and retakes the image")
+
+            # Placement: a component moves between iothreads as a whole, new parents join their
+            # child's iothread, and deleting an iothread moves its nodes to the main loop first
+            # (QSD 7.2 answers {} there too, then crashes on the nodes' next request).
+            def threads():
+                out = set()
+                for t in os.listdir(f"/proc/{d.proc.pid}/task"):
+                    with open(f"/proc/{d.proc.pid}/task/{t}/comm") as f:
+                        out.add(f.read().strip())
+                return out
+            for i in ("io1", "io2"):
+                assert c.cmd("object-add", {"qom-type": "iothread", "id": i}) == {"return": {}}
+            assert {"io:io1", "io:io2"} <= threads(), threads()
+            assert c.cmd("x-blockdev-set-iothread", {"node-name": "w1", "iothread": "io1"}) == {"return": {}}
+            assert c.cmd("blockdev-add", {"driver": "raw", "node-name": "w2", "file": "f0", "offset": 4096,
+                                          "size": 4096}) == {"return": {}}
+            assert c.cmd("x-blockdev-set-iothread", {"node-name": "w2", "iothread": "io2"}) == {"return": {}}
+            assert c.cmd("blockdev-set-active", {"active": False}) == {"return": {}}
+            assert resize_ok()
+            assert c.cmd("blockdev-set-active", {"active": True}) == {"return": {}}
+            assert not resize_ok()
+            assert c.cmd("object-del", {"id": "io2"}) == {"return": {}}
+            assert "io:io2" not in threads(), threads()
+            assert c.cmd("blockdev-del", {"node-name": "w2"}) == {"return": {}}
+            assert c.cmd("block_resize", {"node-name": "w1", "size": 4096}) == {
+                "error": {"class": "GenericError", "desc": "Cannot resize fixed-size raw disks"}}
+            assert c.cmd("x-blockdev-set-iothread", {"node-name": "f0", "iothread": "io1"}) == {"return": {}}
+            assert c.cmd("object-del", {"id": "io1"}) == {"return": {}}
+            assert c.cmd("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "w1", "file": "f0",
+                                                          "offset": 0, "size": 8192}]}) == {"return": {}}
+            assert c.cmd("query-version")["return"]["qemu"]["major"] >= 7
+            print("PASS components move between iothreads and leave a deleted one")
             c.close()
         finally:
             assert d.stop() == 0
-    print("4 passed, 0 failed")
+    print("5 passed, 0 failed")
     return 0
 
 

@@ -74,7 +74,7 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
     EXPECT_EQ(canon(resolve(theirs, name, s2)), canon(resolve(ours, name, s1))) << name;
     ++compared;
   }
-  EXPECT_EQ(5 + 1 + 12 + 3 + 1, compared);  // control+introspect, object-del, events, block commands, graph dump
+  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1, compared);  // control+introspect, object-del, events, block commands, graph dump, set-iothread
 }
 
 TEST(Introspection, BlockdevAddFollows102AndMatchesQsdForBuiltDrivers) {
