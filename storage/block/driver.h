@@ -1,4 +1,4 @@
-// The block driver interface (one instance per node) and the driver registry; home iothread only.
+// The block driver interface (one instance per node) and the driver registry; data path on the home iothread, control as documented per call.
 #pragma once
 #include <boost/json.hpp>
 
@@ -63,9 +63,12 @@ class block_driver {
   // Starts `r`; completes it later through r.complete(). Never blocks, never completes inside submit.
   virtual void submit(io_request& r) = 0;
 
-  // Control path, home iothread, may block briefly (file metadata syscalls).
+  // Control path: called on the home iothread, or by the supervisor while the node is drained (no request
+  // in the driver; the quiesce and resume messages order the calls against the data path). May block
+  // briefly (file metadata syscalls); I/O through the reactor belongs in a node task run at home.
   virtual result<void> truncate(int64_t size) { (void)size; return fail("Image format driver does not support resize"); }
-  // The node's cumulative permissions changed: take them (a file updates its OFD locks here).
+  // The node's cumulative permissions changed: take them (a file updates its OFD locks here). This one
+  // may come from the supervisor while requests run, so it must not touch what the data path uses.
   virtual result<void> set_perm(uint32_t perm, uint32_t shared) { (void)perm; (void)shared; return {}; }
   // What this driver asks of its child `role`, given what the node's users need and share.
   virtual void child_perm(const std::string& role, uint32_t node_perm, uint32_t node_shared, uint32_t& perm,
