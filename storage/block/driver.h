@@ -48,7 +48,7 @@ struct image_facts {
   int64_t virtual_size = 0;
   int64_t actual_size = 0;
   bool has_dirty_flag = false;  // QSD shows "dirty-flag": false for file-backed nodes
-  boost::json::value format_specific;  // ImageInfoSpecific ("format-specific"), or null
+  boost::json::value format_specific = nullptr;  // ImageInfoSpecific ("format-specific"), or null
 };
 
 // Every virtual added here must also be forwarded by the contract checker (contract.cpp).
