@@ -273,16 +273,16 @@ std::vector<block::node*> supervisor_actor::components(const std::vector<block::
   std::vector<block::node*> all = graph_->nodes_newest_first();
   std::vector<block::node*> out;
   std::unordered_set<const block::node*> seen;
-  std::vector<block::node*> todo(seeds.begin(), seeds.end());
-  while (!todo.empty()) {
-    block::node* n = todo.back();
-    todo.pop_back();
+  std::vector<block::node*> pending(seeds.begin(), seeds.end());
+  while (!pending.empty()) {
+    block::node* n = pending.back();
+    pending.pop_back();
     if (!seen.insert(n).second) continue;
     out.push_back(n);
-    for (auto& e : n->children) todo.push_back(e.child);
+    for (auto& e : n->children) pending.push_back(e.child);
     for (block::node* p : all)
       for (auto& e : p->children)
-        if (e.child == n) todo.push_back(p);
+        if (e.child == n) pending.push_back(p);
   }
   return out;
 }

@@ -14,44 +14,11 @@
 #include "actors/runtime/pinned.h"
 #include "actors/supervisor/supervisor.h"
 #include "storage/block/contract.h"
+#include "tests/actors/reader_actor.h"
 
 using namespace blockd;
 
 namespace {
-
-// Reads `count` blocks through a node's actor from an actor pinned to `home`; the result says
-// whether every completion came back without error on that same thread.
-class reader_actor : public caf::event_based_actor, private block::io_waiter {
- public:
-  reader_actor(caf::actor_config& cfg, iothread* home, caf::actor node, int count, std::promise<bool>* done)
-      : caf::event_based_actor(cfg), home_(home), node_(std::move(node)), left_(count), done_(done),
-        bufs_(size_t(count), std::vector<char>(4096)) {}
-  caf::behavior make_behavior() override {
-    for (size_t i = 0; i < bufs_.size(); ++i) {
-      block::io_request* r = pool_.get();
-      r->op = block::io_op::read;
-      r->offset = int64_t(i) * 4096;
-      r->set_buffer(bufs_[i].data(), 4096);
-      r->waiter = this;
-      send(node_, io_atom::value, io_request_ref{r});
-    }
-    return {[](int) {}};
-  }
-
- private:
-  void io_done(block::io_request& r) override {
-    if (!home_->is_current() || r.result != 0) ok_ = false;
-    pool_.put(&r);
-    if (--left_ == 0) done_->set_value(ok_);
-  }
-  iothread* home_;
-  caf::actor node_;
-  int left_;
-  std::promise<bool>* done_;
-  std::vector<std::vector<char>> bufs_;
-  block::request_pool pool_;
-  bool ok_ = true;
-};
 
 struct placement : ::testing::Test {
   caf::actor_system_config cfg;
@@ -116,7 +83,7 @@ struct placement : ::testing::Test {
     if (!na) return false;
     std::promise<bool> done;
     auto fut = done.get_future();
-    auto reader = spawn_pinned<reader_actor>(*sys, where, na, 32, &done);
+    auto reader = spawn_pinned<test::reader_actor>(*sys, where, na, 32, &done);
     bool ok = fut.get();
     caf::anon_send_exit(reader, caf::exit_reason::user_shutdown);
     std::lock_guard<std::mutex> g(mx);
