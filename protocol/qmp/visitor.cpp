@@ -24,24 +24,6 @@ error type_error(const std::string& path, const char* expected) {
   return error("Invalid parameter type for '" + path + "', expected: " + expected);
 }
 
-const char* expected_for(const type_def& t) {
-  switch (t.kind) {
-    case meta::enumeration: return "string";
-    case meta::object: return "object";
-    case meta::array: return "array";
-    case meta::alternate: return "value";
-    case meta::builtin: break;
-  }
-  switch (t.sk) {
-    case scalar::str: return "string";
-    case scalar::boolean: return "boolean";
-    case scalar::number: return "number";
-    case scalar::null: return "null";
-    case scalar::any: return "value";
-    default: return "integer";
-  }
-}
-
 // qemu_strtosz: a number (possibly fractional) with an optional binary-multiple suffix.
 std::optional<uint64_t> parse_size(const std::string& s) {
   if (s.empty() || s[0] == '-' || std::isspace(static_cast<unsigned char>(s[0]))) return std::nullopt;

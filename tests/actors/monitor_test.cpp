@@ -135,7 +135,9 @@ TEST_F(monitor_fixture, PrettyMonitorUsesCrlfOnEveryLine) {
   }
   EXPECT_EQ(0u, greeting.find("{\r\n    \"QMP\": {\r\n"));
   for (size_t i = 0; i < greeting.size(); ++i)
-    if (greeting[i] == '\n') EXPECT_EQ('\r', greeting[i - 1]);
+    if (greeting[i] == '\n') {
+      EXPECT_EQ('\r', greeting[i - 1]);
+    }
   ::close(a.fd);
 }
 
