@@ -8,6 +8,8 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <cerrno>
+#include <condition_variable>
 #include <future>
 #include <stdexcept>
 
@@ -103,6 +105,60 @@ void iothread::drain_remote() {
   remote_jobs_.clear();
   for (auto& f : remote_fns_) local_fns_.push_back(std::move(f));
   remote_fns_.clear();
+}
+
+bool iothread::wait_until(const std::function<bool()>& done) {
+  while (!done() && !stop_) {
+    drain_remote();
+    for (size_t n = local_fns_.size(); n > 0 && !local_fns_.empty() && !done(); --n) {
+      auto fn = std::move(local_fns_.front());
+      local_fns_.pop_front();
+      fn();
+    }
+    if (done()) break;
+    bool idle = local_fns_.empty();
+    if (idle) {
+      std::lock_guard<std::mutex> g(mx_);
+      idle = remote_fns_.empty();
+    }
+    // Actors made ready meanwhile (local_jobs_) run when the outer loop gets back; sleeping is fine.
+    reactor_->run_once(idle && !stop_);
+  }
+  return done();
+}
+
+int iothread::block_on(const std::function<void(std::function<void(int)>)>& start) {
+  if (is_current()) {
+    bool fin = false;
+    int res = -ESHUTDOWN;
+    start([&](int r) {
+      res = r;
+      fin = true;
+    });
+    return wait_until([&] { return fin; }) ? res : -ESHUTDOWN;
+  }
+  struct shared_state {
+    std::mutex mx;
+    std::condition_variable cv;
+    bool fin = false;
+    int res = -ESHUTDOWN;
+  };
+  auto st = std::make_shared<shared_state>();
+  post([st, start] {
+    start([st](int r) {
+      std::lock_guard<std::mutex> g(st->mx);
+      st->res = r;
+      st->fin = true;
+      st->cv.notify_all();
+    });
+  });
+  std::unique_lock<std::mutex> g(st->mx);
+  // A loop that stops drops what was posted to it: look again now and then rather than hang.
+  while (!st->fin) {
+    if (stop_) return -ESHUTDOWN;
+    st->cv.wait_for(g, std::chrono::milliseconds(200));
+  }
+  return st->res;
 }
 
 void iothread::run() {

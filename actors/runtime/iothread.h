@@ -53,6 +53,15 @@ class iothread final : public caf::execution_unit {
   const std::string& backend_note() const { return backend_note_; }
   int64_t thread_id() const { return tid_.load(); }
 
+  // Only on this iothread: turns the loop (posted functions and ring completions; actors stay queued)
+  // until `done` holds or the loop is stopping; returns done(). For control calls that must wait for
+  // their own I/O on this loop (driver_env::block_on).
+  bool wait_until(const std::function<bool()>& done);
+  bool stopping() const { return stop_; }
+  // driver_env::block_on for nodes homed here: from this thread a nested wait_until, from any other
+  // a post and a blocking wait (-ESHUTDOWN if the loop stops first).
+  int block_on(const std::function<void(std::function<void(int)>)>& start);
+
   // Asks the loop to finish; resumables still queued are released without running.
   void stop();
 

@@ -266,7 +266,7 @@ iothread* supervisor_actor::home_of(const block::node* n) const {
 
 block::driver_env supervisor_actor::env_for(iothread* t) const {
   return block::driver_env{&t->reactor(), [t](std::function<void()> fn) { t->post(std::move(fn)); },
-                           [t] { return t->is_current(); }};
+                           [t] { return t->is_current(); }, [t](block::driver_env::start_fn start) { return t->block_on(start); }};
 }
 
 std::vector<block::node*> supervisor_actor::components(const std::vector<block::node*>& seeds) const {

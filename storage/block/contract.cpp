@@ -132,6 +132,10 @@ class checked_driver final : public block_driver, private io_waiter {
     drained("inactivate");
     inner_->inactivate();
   }
+  void close() override {
+    drained("close");
+    inner_->close();
+  }
   void rehome(const driver_env& env) override {
     drained("rehome");
     env_ = env;

@@ -28,6 +28,12 @@ struct driver_env {
   std::function<void(std::function<void()>)> defer;
   // Whether the calling thread is this loop's (the contract checker asks); empty = cannot tell.
   std::function<bool()> on_home = nullptr;
+  // Control path only, never the data path: runs `start(done)` on this loop and blocks the caller until
+  // done(result) has been called there. Called on the loop's own thread, it turns the loop meanwhile
+  // (completions and posted functions; actors wait), the nested wait QEMU's open and close also do.
+  // Returns -ESHUTDOWN when the loop is stopping. See sync_io.h for the request-level helper.
+  using start_fn = std::function<void(std::function<void(int)> done)>;
+  std::function<int(start_fn)> block_on = nullptr;
 };
 
 enum driver_cap : uint32_t {
@@ -104,6 +110,10 @@ class block_driver {
   virtual result<void> activate() { return {}; }
   virtual void inactivate() {}
 
+  // Called once before the driver is destroyed, with nothing in flight and the children still open
+  // (parents close first). A format writes back what it caches and marks its image clean here.
+  virtual void close() {}
+
   // The node moves to another iothread (x-blockdev-set-iothread, an export's iothread): from now on
   // use `env`. Called with nothing in flight; a driver keeping loop-bound state rebinds it here.
   virtual void rehome(const driver_env& env) { (void)env; }
@@ -140,6 +150,17 @@ struct open_args {
   }
 };
 
+// What blockdev-create hands a driver's create function. It runs on the create job's own worker
+// thread (never a loop: creation blocks), reaching nodes only through sync_io.
+struct create_args {
+  const boost::json::object& options;  // validated BlockdevCreateOptions (with "driver")
+  // Resolves a BlockdevRef member of `options` (a node name or inline options) to an open node the
+  // job holds for writing; null member = error. The job releases what it opened when it ends.
+  std::function<result<node*>(const boost::json::value& ref)> resolve;
+  // Set when the job is cancelled: a long creation (preallocation) stops at its next check.
+  std::function<bool()> cancelled = [] { return false; };
+};
+
 struct driver_entry {
   std::string name;
   bool protocol = false;                // a leaf that talks to the OS
@@ -148,6 +169,8 @@ struct driver_entry {
   // The filename QEMU reports for a node of this driver: plain for protocol nodes with a filename,
   // otherwise "json:{...}" built from the options (see node_filename in graph).
   std::function<std::string(const boost::json::object& options)> plain_filename;
+  // blockdev-create for this driver; null when the driver cannot create images.
+  std::function<result<void>(const create_args&)> create = nullptr;
 };
 
 // The drivers this build has (registered at start-up by each driver's translation unit).

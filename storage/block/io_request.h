@@ -14,6 +14,9 @@ enum io_flag : uint32_t {
   io_fua = 1u << 0,          // write/zeroes: durable before completion
   io_may_unmap = 1u << 1,    // write_zeroes: the range may be deallocated
   io_no_fallback = 1u << 2,  // write_zeroes: fail with -ENOTSUP instead of writing zero buffers
+  // Issued by a parent driver's control path (open, close, reopen, snapshot) while the node may be
+  // quiesced for that very change: it bypasses the quiesce hold. The node strips it before its driver.
+  io_control = 1u << 3,
 };
 
 // Block-status answer bits (the NBD base:allocation view plus QEMU's allocation depth needs).

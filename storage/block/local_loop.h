@@ -19,7 +19,19 @@ struct local_loop {
   std::thread::id owner = std::this_thread::get_id();  // the thread that turns this loop
   driver_env env() {
     return {reactor.get(), [this](std::function<void()> fn) { deferred.push_back(std::move(fn)); },
-            [this] { return std::this_thread::get_id() == owner; }};
+            [this] { return std::this_thread::get_id() == owner; },
+            [this](driver_env::start_fn start) { return block_on(start); }};
+  }
+  // driver_env::block_on: only the owner thread turns this loop, so it waits by turning it (nested).
+  int block_on(const driver_env::start_fn& start) {
+    bool fin = false;
+    int res = 0;
+    start([&](int r) {
+      res = r;
+      fin = true;
+    });
+    while (!fin) turn();
+    return res;
   }
   void turn() {
     auto batch = std::move(deferred);

@@ -27,7 +27,10 @@ void node::rehome(driver_env env) {
   drv_->rehome(env_);
 }
 
-node::~node() = default;
+node::~node() {
+  // Parents go first (graph::destroy), so a format can still write its metadata to its children.
+  drv_->close();
+}
 
 namespace {
 bool all_zero(const io_request& r) {
@@ -79,7 +82,9 @@ void node::submit(io_request& r) {
     finish_later(r, err);
     return;
   }
-  if (quiesce_depth_ > 0) {
+  bool control = r.flags & io_control;
+  r.flags &= ~uint32_t(io_control);
+  if (quiesce_depth_ > 0 && !control) {
     held_.push_back(&r);
     return;
   }
