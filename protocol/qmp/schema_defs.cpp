@@ -265,6 +265,23 @@ void define_block(schema& s) {
   s.object("BlockdevOptionsNull", "*size:int *latency-ns:uint64 *read-zeroes:bool");
   s.alternate("BlockdevRef", {"BlockdevOptions", "str"});
   s.object("BlockdevOptionsRaw", "file:BlockdevRef *offset:int *size:int");
+  s.alternate("BlockdevRefOrNull", {"BlockdevOptions", "str", "null"});
+  s.enumeration("Qcow2OverlapCheckMode", "none constant cached all");
+  s.object("Qcow2OverlapCheckFlags",
+           "*template:Qcow2OverlapCheckMode *main-header:bool *active-l1:bool *active-l2:bool *refcount-table:bool "
+           "*refcount-block:bool *snapshot-table:bool *inactive-l1:bool *inactive-l2:bool *bitmap-directory:bool");
+  s.alternate("Qcow2OverlapChecks", {"Qcow2OverlapCheckFlags", "Qcow2OverlapCheckMode"});
+  s.enumeration("BlockdevQcow2EncryptionFormat", "aes luks");
+  s.object("QCryptoBlockOptionsQCow", "*key-secret:str");
+  s.object("QCryptoBlockOptionsLUKS", "*key-secret:str");
+  s.flat_union("BlockdevQcow2Encryption", "format:BlockdevQcow2EncryptionFormat", "format",
+               {{"aes", "QCryptoBlockOptionsQCow"}, {"luks", "QCryptoBlockOptionsLUKS"}});
+  s.object("BlockdevOptionsQcow2",
+           "file:BlockdevRef *backing:BlockdevRefOrNull *lazy-refcounts:bool *pass-discard-request:bool "
+           "*pass-discard-snapshot:bool *pass-discard-other:bool *discard-no-unref:bool "
+           "*overlap-check:Qcow2OverlapChecks *cache-size:int *l2-cache-size:int *l2-cache-entry-size:int "
+           "*refcount-cache-size:int *cache-clean-interval:int *encrypt:BlockdevQcow2Encryption "
+           "*data-file:BlockdevRef");
   s.flat_union("BlockdevOptions",
                "driver:BlockdevDriver *node-name:str *discard:BlockdevDiscardOptions *cache:BlockdevCacheOptions "
                "*active:bool *read-only:bool *auto-read-only:bool *force-share:bool "
@@ -274,6 +291,7 @@ void define_block(schema& s) {
                 {"host_device", "BlockdevOptionsFile"},
                 {"null-aio", "BlockdevOptionsNull"},
                 {"null-co", "BlockdevOptionsNull"},
+                {"qcow2", "BlockdevOptionsQcow2"},
                 {"raw", "BlockdevOptionsRaw"}},
                /*open_branches=*/true);
   s.command("blockdev-add", "BlockdevOptions", "", true);
