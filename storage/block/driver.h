@@ -34,6 +34,8 @@ struct driver_env {
   // Returns -ESHUTDOWN when the loop is stopping. See sync_io.h for the request-level helper.
   using start_fn = std::function<void(std::function<void(int)> done)>;
   std::function<int(start_fn)> block_on = nullptr;
+  // Emits a QMP event (BLOCK_IMAGE_CORRUPTED, ...) from any thread; empty = events are dropped (tests).
+  std::function<void(std::string name, boost::json::object data)> emit = nullptr;
 };
 
 enum driver_cap : uint32_t {
@@ -54,7 +56,13 @@ struct image_facts {
   int64_t virtual_size = 0;
   int64_t actual_size = 0;
   bool has_dirty_flag = false;  // QSD shows "dirty-flag": false for file-backed nodes
+  bool dirty = false;           // the value of "dirty-flag" (a qcow2 image with the dirty bit set)
   boost::json::value format_specific = nullptr;  // ImageInfoSpecific ("format-specific"), or null
+  int64_t cluster_size = 0;     // formats with clusters ("cluster-size"); 0 = none
+  std::string backing_filename{};  // as the image names its backing file (empty: none, or not from the image)
+  std::string backing_format{};
+  boost::json::array snapshots{};  // SnapshotInfo list for internal snapshots (formats that have them)
+  bool has_snapshots = false;
 };
 
 // Every virtual added here must also be forwarded by the contract checker (contract.cpp).
@@ -72,6 +80,8 @@ class block_driver {
   // Control path: called on the home iothread, or by the supervisor while the node is drained (no request
   // in the driver; the quiesce and resume messages order the calls against the data path). May block
   // briefly (file metadata syscalls); I/O through the reactor belongs in a node task run at home.
+  // Growing (size >= length) may also be done on the home iothread with requests in flight: a
+  // format extends its image file that way before writing past the end.
   virtual result<void> truncate(int64_t size) { (void)size; return fail("Image format driver does not support resize"); }
   // The node's cumulative permissions changed: take them (a file updates its OFD locks here). This one
   // may come from the supervisor while requests run, so it must not touch what the data path uses.
@@ -137,12 +147,19 @@ struct reopen_args {
 // Everything a driver's open sees: validated options (typed JSON), the resolved children, the env.
 struct open_args {
   const boost::json::object& options;
-  std::vector<std::pair<std::string, node*>> children;  // role -> child, in the driver's order
+  std::vector<std::pair<std::string, node*>> children{};  // role -> child, in the driver's order
   driver_env env;
   bool read_only = false;  // a driver may set it (auto-read-only fallback)
   bool auto_read_only = false;
   bool direct = false;    // cache.direct
   bool no_flush = false;  // cache.no-flush
+  bool discard_unmap = false;  // discard=unmap (a format's default for passing discards down)
+  std::string node_name{};  // the name the node will have (for events and messages)
+  // Opens a child the options did not name but the image does (a qcow2 backing file from its header):
+  // the graph opens `options` as an automatically named node and adds it as `role`. Empty in tests.
+  std::function<result<node*>(const std::string& role, const boost::json::object& options)> open_child = nullptr;
+  // The filename QEMU would show for a node (to resolve a backing file name relative to the image).
+  std::function<std::string(const node&)> filename_of = nullptr;
   node* find_child(const std::string& role) const {
     for (auto& [r, n] : children)
       if (r == role) return n;

@@ -68,7 +68,7 @@ std::vector<node*> graph::referenced_nodes(const boost::json::object& options) c
   if (!e) return out;
   for (auto& role : e->child_roles) {
     auto* v = options.if_contains(role);
-    if (!v) continue;
+    if (!v || v->is_null()) continue;  // null: explicitly none (a qcow2 image without its backing file)
     if (v->is_string()) {
       if (node* n = find(std::string(v->as_string()))) out.push_back(n);
     } else if (v->is_object()) {
@@ -131,7 +131,7 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
   }
   if (!e)
     return fail("Driver '" + driver + "' is not available in this blockd version yet; available drivers: "
-                "file, host_device, null-aio, null-co, raw");
+                "file, host_device, null-aio, null-co, qcow2, raw");
 
   node_settings s;
   s.name = name;
@@ -166,9 +166,17 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
   a.auto_read_only = s.auto_read_only;
   a.direct = s.direct;
   a.no_flush = s.no_flush;
+  a.node_name = name;
+  a.discard_unmap = s.discard_unmap;
+  a.filename_of = [this](const node& n) { return filename(n); };
+  a.open_child = [&, this](const std::string& role, const boost::json::object& child_opts) -> result<node*> {
+    auto r = open_node(child_opts, false, created);
+    if (r) a.children.emplace_back(role, *r);
+    return r;
+  };
   for (auto& role : e->child_roles) {
     auto* v = options.if_contains(role);
-    if (!v) continue;
+    if (!v || v->is_null()) continue;  // null: explicitly none (a qcow2 image without its backing file)
     node* child = nullptr;
     if (v->is_string()) {
       child = find(std::string(v->as_string()));

@@ -27,18 +27,23 @@ int backing_depth(const node& n) {
 boost::json::object image_info(const graph& g, const node& n, bool flat) {
   image_facts f = n.driver().facts();
   boost::json::object img;
+  if (f.has_snapshots && !f.snapshots.empty()) img["snapshots"] = f.snapshots;
   img["virtual-size"] = f.virtual_size;
   img["filename"] = g.filename(n);
+  if (f.cluster_size) img["cluster-size"] = f.cluster_size;
   img["format"] = n.settings().driver;
   img["actual-size"] = f.actual_size;
-  if (f.has_dirty_flag) img["dirty-flag"] = false;
+  if (f.has_dirty_flag) img["dirty-flag"] = f.dirty;
   if (!f.format_specific.is_null()) img["format-specific"] = f.format_specific;
   if (const node* b = child_of(n, "backing")) {
     std::string bf = g.filename(*b);
-    img["backing-filename"] = bf;
+    img["backing-filename"] = f.backing_filename.empty() ? bf : f.backing_filename;
     img["full-backing-filename"] = bf;
-    img["backing-filename-format"] = b->settings().driver;
+    img["backing-filename-format"] = f.backing_format.empty() ? b->settings().driver : f.backing_format;
     if (!flat) img["backing-image"] = image_info(g, *b, flat);
+  } else if (!f.backing_filename.empty()) {
+    img["backing-filename"] = f.backing_filename;
+    if (!f.backing_format.empty()) img["backing-filename-format"] = f.backing_format;
   }
   return img;
 }

@@ -9,6 +9,11 @@ namespace blockd::block {
 void register_null_drivers();
 void register_file_drivers();
 void register_raw_driver();
+}  // namespace blockd::block
+namespace blockd::qcow2 {
+void register_qcow2_driver();
+}  // namespace blockd::qcow2
+namespace blockd::block {
 
 namespace {
 std::vector<driver_entry>& table() {
@@ -25,6 +30,7 @@ void register_builtin_drivers() {
     register_file_drivers();
     register_null_drivers();
     register_raw_driver();
+    qcow2::register_qcow2_driver();
   });
 }
 
