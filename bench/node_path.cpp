@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "storage/block/driver.h"
+#include "storage/block/graph.h"
 #include "storage/block/local_loop.h"
 #include "storage/block/node.h"
 #include "storage/io/reactor.h"
@@ -39,13 +40,16 @@ struct options {
   double seconds = 5;
   bool direct = false;
   int64_t null_size = int64_t(1) << 30;
+  int64_t step = 0;    // sequential patterns: offset increment (default: bs), like qemu-img bench -S
+  int64_t count = 0;   // stop after this many requests (0: run for --seconds), like qemu-img bench -c
 };
 
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "bench_node_path: %s\n"
-               "usage: bench_node_path [--driver null-co|file] [--file PATH] [--rw randread|read]\n"
-               "                       [--bs BYTES] [--qd N] [--seconds S] [--direct 0|1] [--size BYTES (null-co)]\n",
+               "usage: bench_node_path [--driver null-co|file|qcow2] [--file PATH] [--rw randread|read|randwrite|write]\n"
+               "                       [--bs BYTES] [--qd N] [--seconds S] [--count N] [--step BYTES]\n"
+               "                       [--direct 0|1] [--size BYTES (null-co)]\n",
                why);
   std::exit(2);
 }
@@ -65,11 +69,14 @@ options parse(int argc, char** argv) {
     else if (k == "--seconds") o.seconds = std::stod(v);
     else if (k == "--direct") o.direct = v != "0";
     else if (k == "--size") o.null_size = std::stoll(v);
+    else if (k == "--step") o.step = std::stoll(v);
+    else if (k == "--count") o.count = std::stoll(v);
     else usage(("unknown option " + k).c_str());
   }
-  if (o.driver != "null-co" && o.driver != "file") usage("--driver must be null-co or file");
-  if (o.driver == "file" && o.file.empty()) usage("--driver file needs --file");
-  if (o.rw != "randread" && o.rw != "read") usage("--rw must be randread or read");
+  if (o.driver != "null-co" && o.driver != "file" && o.driver != "qcow2") usage("--driver must be null-co, file or qcow2");
+  if (o.driver != "null-co" && o.file.empty()) usage("--driver file/qcow2 needs --file");
+  if (o.rw != "randread" && o.rw != "read" && o.rw != "randwrite" && o.rw != "write")
+    usage("--rw must be randread, read, randwrite or write");
   if (o.bs <= 0 || o.bs % 512) usage("--bs must be a positive multiple of 512");
   if (o.qd <= 0) usage("--qd must be positive");
   return o;
@@ -97,8 +104,10 @@ struct xorshift {
 // Keeps qd requests in flight: every completion immediately resubmits its slot until the deadline.
 class driver_loop final : public block::io_waiter {
  public:
-  driver_loop(block::node& n, const options& o) : node_(n), o_(o), sequential_(o.rw == "read") {
+  driver_loop(block::node& n, const options& o)
+      : node_(n), o_(o), sequential_(o.rw == "read" || o.rw == "write"), writes_(o.rw == "randwrite" || o.rw == "write") {
     blocks_ = n.length() / o.bs;
+    step_blocks_ = o.step > 0 ? o.step / o.bs : 1;
     slots_.resize(size_t(o.qd));
     for (auto& s : slots_) {
       void* p = nullptr;
@@ -134,18 +143,20 @@ class driver_loop final : public block::io_waiter {
   void issue(slot& s) {
     int64_t blk;
     if (sequential_) {
-      blk = seq_next_++;
+      blk = seq_next_;
+      seq_next_ += step_blocks_;
       if (seq_next_ >= blocks_) seq_next_ = 0;  // wrap like fio's time_based sequential job
     } else {
       blk = int64_t(rng_.next() % uint64_t(blocks_));
     }
     s.r = block::io_request{};
-    s.r.op = block::io_op::read;
+    s.r.op = writes_ ? block::io_op::write : block::io_op::read;
     s.r.offset = blk * o_.bs;
     s.r.set_buffer(s.buf, o_.bs);
     s.r.waiter = this;
     s.r.user = &s;
     ++in_flight_;
+    ++issued_;
     node_.submit(s.r);
   }
 
@@ -156,12 +167,16 @@ class driver_loop final : public block::io_waiter {
       if (!errors_++) first_error_ = r.result;
       stopping_ = true;  // a failing path would measure nothing useful
     }
+    if (o_.count > 0 && int64_t(issued_) >= o_.count) stopping_ = true;
     if (!stopping_) issue(*static_cast<slot*>(r.user));
   }
 
   block::node& node_;
   const options& o_;
   bool sequential_;  // decided once: a string compare per request would show in the null-co figure
+  bool writes_;
+  int64_t step_blocks_ = 1;
+  uint64_t issued_ = 0;
   std::vector<slot> slots_;
   int64_t blocks_ = 0;
   int64_t seq_next_ = 0;
@@ -185,28 +200,29 @@ int main(int argc, char** argv) {
   block::register_builtin_drivers();
   const block::driver_entry* e = block::find_driver(o.driver);
   if (!e) usage(("driver not registered: " + o.driver).c_str());
+  bool writes = o.rw == "randwrite" || o.rw == "write";
   boost::json::object opts;
+  boost::json::object cache{{"direct", o.direct}};
   if (o.driver == "file") {
-    opts = {{"filename", o.file}, {"locking", "off"}};
+    opts = {{"driver", "file"}, {"filename", o.file}, {"locking", "off"}};
+  } else if (o.driver == "qcow2") {
+    opts = {{"driver", "qcow2"},
+            {"file", boost::json::object{{"driver", "file"}, {"filename", o.file}, {"locking", "off"}}}};
   } else {
     // read-zeroes off: the null path then costs only the node and the loop, which is the point.
-    opts = {{"size", o.null_size}, {"read-zeroes", false}};
+    opts = {{"driver", "null-co"}, {"size", o.null_size}, {"read-zeroes", false}};
   }
-  block::open_args a{opts, {}, lp.env()};
-  a.read_only = true;
-  a.direct = o.direct;
-  auto drv = e->open(a);
-  if (!drv) {
-    std::fprintf(stderr, "bench_node_path: open failed: %s\n", drv.error().desc.c_str());
+  opts["node-name"] = "bench0";
+  opts["read-only"] = !writes;
+  opts["cache"] = cache;
+  // The graph opens the stack exactly as blockdev-add would (a qcow2 node gets its file child).
+  block::graph g([&lp] { return lp.env(); });
+  auto added = g.add(opts);
+  if (!added) {
+    std::fprintf(stderr, "bench_node_path: open failed: %s\n", added.error().desc.c_str());
     return 1;
   }
-  block::node_settings s;
-  s.name = "bench0";
-  s.driver = o.driver;
-  s.read_only = true;
-  s.direct = o.direct;
-  s.options = opts;
-  block::node n(std::move(s), std::move(*drv), lp.env());
+  block::node& n = **added;
   if (n.length() < o.bs) usage("the device is smaller than one block");
 
   driver_loop d(n, o);
@@ -248,6 +264,7 @@ int main(int argc, char** argv) {
       {"cpu_s_per_gib", gib > 0 ? (user + sys) / gib : 0.0},
       {"cpu_s_per_mio", d.ios() ? (user + sys) * 1e6 / double(d.ios()) : 0.0},
       {"node_reads", n.stats().rd.operations},
+      {"node_writes", n.stats().wr.operations},
   };
   std::printf("%s\n", boost::json::serialize(out).c_str());
   return 0;
