@@ -134,6 +134,15 @@ class checked_driver final : public block_driver, private io_waiter {
     drained("inactivate");
     inner_->inactivate();
   }
+  bool supports_snapshots() const override { return inner_->supports_snapshots(); }
+  result<void> snapshot_create(const std::string& name, int64_t date_sec, int64_t date_nsec) override {
+    drained("snapshot_create");
+    return inner_->snapshot_create(name, date_sec, date_nsec);
+  }
+  result<boost::json::object> snapshot_delete(const std::string* id, const std::string* name) override {
+    drained("snapshot_delete");
+    return inner_->snapshot_delete(id, name);
+  }
   void close() override {
     drained("close");
     inner_->close();

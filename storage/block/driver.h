@@ -120,6 +120,22 @@ class block_driver {
   virtual result<void> activate() { return {}; }
   virtual void inactivate() {}
 
+  // Internal snapshots (formats that keep them inside the image). Control path with the node
+  // drained. `date_sec/nsec` stamp the new snapshot; delete matches by id and/or name (at least
+  // one given) and returns the deleted snapshot's SnapshotInfo.
+  virtual bool supports_snapshots() const { return false; }
+  virtual result<void> snapshot_create(const std::string& name, int64_t date_sec, int64_t date_nsec) {
+    (void)name;
+    (void)date_sec;
+    (void)date_nsec;
+    return fail("internal snapshots are not supported by this driver");
+  }
+  virtual result<boost::json::object> snapshot_delete(const std::string* id, const std::string* name) {
+    (void)id;
+    (void)name;
+    return fail("internal snapshots are not supported by this driver");
+  }
+
   // Called once before the driver is destroyed, with nothing in flight and the children still open
   // (parents close first). A format writes back what it caches and marks its image clean here.
   virtual void close() {}

@@ -245,7 +245,7 @@ void model_run(const std::string& img, const scratch& s, uint64_t seed, int ops,
       ASSERT_EQ(io.write(b, len, off), 0) << "write " << off << "+" << len;
       std::memcpy(model.data() + off, b, size_t(len));
     } else if (op < 8) {
-      ASSERT_EQ(io.write_zeroes(off, len, (rng() & 1) ? io_may_unmap : 0), 0) << "zero " << off << "+" << len;
+      ASSERT_EQ(io.write_zeroes(off, len, (rng() & 1) ? uint32_t(io_may_unmap) : 0u), 0) << "zero " << off << "+" << len;
       std::memset(model.data() + off, 0, size_t(len));
     } else if (op < 9) {
       // Discard is advisory: only the whole clusters it covers change, and they read as zeroes.
@@ -259,7 +259,9 @@ void model_run(const std::string& img, const scratch& s, uint64_t seed, int ops,
       ASSERT_EQ(io.read(b, len, off), 0);
       ASSERT_EQ(std::memcmp(b, model.data() + off, size_t(len)), 0) << "read " << off << "+" << len << " op " << i;
     }
-    if (rng() % 50 == 0) ASSERT_EQ(io.flush(), 0);
+    if (rng() % 50 == 0) {
+      ASSERT_EQ(io.flush(), 0);
+    }
     if (getenv("BLOCKD_Q2_VERIFY_EACH")) {
       int64_t lo = std::max<int64_t>(0, off - 65536), hi = std::min<int64_t>(size, std::min(off + len, lo + (1 << 20) - 65536) + 65536);
       ASSERT_EQ(io.read(b, hi - lo, lo), 0);
@@ -541,7 +543,7 @@ struct qd_runner final : io_waiter {
           s.r.set_buffer(s.buf, len);
         } else if (k < 14) {
           s.r.op = io_op::write_zeroes;
-          s.r.flags = (rng() & 1) ? io_may_unmap : 0;
+          s.r.flags = (rng() & 1) ? uint32_t(io_may_unmap) : 0u;
           std::memset(model.data() + off, 0, size_t(len));
         } else if (k < 19) {
           s.r.op = io_op::read;
@@ -587,6 +589,88 @@ TEST(qcow2_write, many_requests_in_flight_match_a_model) {
     expect_clean(img);
     expect_same(qemu_content(img, s), model, opts);
   }
+}
+
+}  // namespace
+}  // namespace blockd::block
+
+// ---- internal snapshots ------------------------------------------------------------------------
+
+namespace blockd::block {
+namespace {
+
+void write_pattern(node& n, int64_t off, int64_t len, uint8_t v) {
+  void* buf = nullptr;
+  ASSERT_EQ(posix_memalign(&buf, 4096, size_t(len)), 0);
+  std::memset(buf, v, size_t(len));
+  ASSERT_EQ(sync_io(n).write(buf, len, off), 0);
+  free(buf);
+}
+
+TEST(qcow2_snapshot, create_and_delete_interoperate_with_qemu_img) {
+  NEED_QEMU();
+  scratch s;
+  std::string img = s.path("snap.qcow2");
+  int st = 0;
+  qemu_img("create -q -f qcow2 " + img + " 8M", &st);
+  ASSERT_EQ(st, 0);
+  // A snapshot qemu-img made: blockd's writes must copy-on-write around it.
+  run("qemu-io -f qcow2 -c 'write -P 0x11 0 2M' -c 'write -c -P 0x12 4M 64k' " + img, &st);
+  qemu_img("snapshot -c before " + img, &st);
+  ASSERT_EQ(st, 0);
+  {
+    stack k;
+    node* n = k.open_qcow2(img);
+    ASSERT_NE(n, nullptr);
+    EXPECT_EQ(n->driver().facts().snapshots.size(), 1u);
+    write_pattern(*n, 4096, 8192, 0x21);
+    write_pattern(*n, 4 << 20, 4096, 0x22);  // into the compressed cluster
+    ASSERT_TRUE(n->driver().snapshot_create("mine", 1700000000, 5).has_value());
+    write_pattern(*n, 1 << 20, 65536, 0x23);
+    auto facts = n->driver().facts();
+    ASSERT_EQ(facts.snapshots.size(), 2u);
+    EXPECT_EQ(facts.snapshots[1].as_object().at("name").as_string(), "mine");
+    EXPECT_EQ(facts.snapshots[1].as_object().at("id").as_string(), "2");
+    k.close(n);
+  }
+  expect_clean(img);
+  std::string list = qemu_img("snapshot -l " + img);
+  EXPECT_NE(list.find("before"), std::string::npos) << list;
+  EXPECT_NE(list.find("mine"), std::string::npos) << list;
+  // Each snapshot holds what the disk held when it was taken.
+  std::string a = s.path("a.raw"), b = s.path("b.raw");
+  qemu_img("convert -O raw -l snapshot.name=before " + img + " " + a, &st);
+  ASSERT_EQ(st, 0);
+  qemu_img("convert -O raw -l snapshot.name=mine " + img + " " + b, &st);
+  ASSERT_EQ(st, 0);
+  auto va = slurp(a), vb = slurp(b), now = qemu_content(img, s);
+  EXPECT_EQ(va[4096], 0x11);
+  EXPECT_EQ(vb[4096], 0x21);
+  EXPECT_EQ(vb[4 << 20], 0x22);
+  EXPECT_EQ(va[4 << 20], 0x12);
+  EXPECT_EQ(vb[1 << 20], 0x11);
+  EXPECT_EQ(now[1 << 20], 0x23);
+  {
+    stack k;
+    node* n = k.open_qcow2(img);
+    ASSERT_NE(n, nullptr);
+    std::string name = "before";
+    auto info = n->driver().snapshot_delete(nullptr, &name);
+    ASSERT_TRUE(info.has_value()) << info.error().desc;
+    EXPECT_EQ(info->at("id").as_string(), "1");
+    std::string id = "2";
+    ASSERT_TRUE(n->driver().snapshot_delete(&id, nullptr).has_value());
+    EXPECT_FALSE(n->driver().snapshot_delete(&id, nullptr).has_value());
+    write_pattern(*n, 0, 4096, 0x31);
+    k.close(n);
+  }
+  expect_clean(img);
+  list = qemu_img("snapshot -l " + img);
+  EXPECT_EQ(list.find("mine"), std::string::npos) << list;
+  auto after = qemu_content(img, s);
+  now[0] = 0x31;
+  for (int i = 1; i < 4096; ++i) now[size_t(i)] = 0x31;
+  expect_same(after, now, "after deleting both snapshots");
 }
 
 }  // namespace
