@@ -83,7 +83,8 @@ struct stack {
     return nodes.back().get();
   }
   ~stack() {
-    nodes.clear();
+    // Parents first: a format writes its caches back through its child when it closes.
+    while (!nodes.empty()) nodes.pop_back();
     if (loop_dev >= 0) {
       ioctl(loop_dev, LOOP_CLR_FD, 0);
       close(loop_dev);
@@ -158,6 +159,22 @@ struct raw_window_stack {
     s.path = temp_image(image_size + 8192);
     node* f = s.open("file", {{"filename", s.path}});
     s.open("raw", {{"offset", 4096}, {"size", image_size}}, f);
+  }
+};
+// qcow2 over a file, on an image qemu-img made (64 KiB clusters: the suite's 4 KiB requests land
+// in partial clusters, so allocation, copy-on-write and the metadata writeback all take part).
+struct qcow2_stack {
+  static constexpr bool stores_data = true;
+  static constexpr bool owns_every_byte = false;
+  static void build(stack& s) {
+    s.path = temp_image(0);
+    std::string cmd = "qemu-img create -q -f qcow2 " + s.path + " " + std::to_string(image_size) + " >/dev/null 2>&1";
+    if (std::system(cmd.c_str()) != 0) {
+      s.skip = "qemu-img is not installed";
+      return;
+    }
+    node* f = s.open("file", {{"filename", s.path}});
+    s.open("qcow2", {}, f);
   }
 };
 // The same file stacks with file I/O on the poll backend's workers.
@@ -242,6 +259,15 @@ constexpr bool sparse() {
   else
     return true;
 }
+// A format reports what it has not allocated as not allocated (its backing file, or zeroes, shows
+// through); a protocol node owns every byte of its range.
+template <class T>
+constexpr bool owns_every_byte() {
+  if constexpr (requires { T::owns_every_byte; })
+    return T::owns_every_byte;
+  else
+    return true;
+}
 template <class T>
 constexpr bool uses_poll() {
   if constexpr (requires { T::poll; })
@@ -293,7 +319,7 @@ class conformance : public ::testing::Test {
 using stacks = ::testing::Types<null_stack, null_aio_latency_stack, file_stack, raw_over_file_stack, raw_window_stack,
                                 on_poll<file_stack>, on_poll<raw_window_stack>, file_direct_stack,
                                 on_poll<file_direct_stack>, raw_window_direct_stack, host_device_stack,
-                                on_poll<host_device_stack>>;
+                                on_poll<host_device_stack>, qcow2_stack, on_poll<qcow2_stack>>;
 TYPED_TEST_SUITE(conformance, stacks);
 
 TYPED_TEST(conformance, length_is_reported) { EXPECT_EQ(this->s.top()->length(), image_size); }
@@ -358,7 +384,7 @@ TYPED_TEST(conformance, block_status_follows_writes_and_zeroing) {
   EXPECT_EQ(this->run(io_op::block_status, 0, 1 << 20, nullptr, 0, &r), 0);
   EXPECT_GT(r.status_length, 0);
   EXPECT_LE(r.status_length, 1 << 20);
-  EXPECT_TRUE(r.status & bs_allocated);
+  EXPECT_EQ(bool(r.status & bs_allocated), owns_every_byte<TypeParam>());
   if (!TypeParam::stores_data || !sparse<TypeParam>()) return;
   EXPECT_TRUE(r.status & bs_zero) << "a fresh sparse file is a hole";
   if (!holes_follow_requests<TypeParam>()) return;
