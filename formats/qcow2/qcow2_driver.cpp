@@ -343,6 +343,8 @@ class qcow2_driver final : public block_driver {
   uint64_t free_hint_ = 0;
   uint64_t fresh_end_ = 0;  // clusters at or past this offset were never written: they read as zeroes
   uint64_t last_compressed_ = ~0ull;
+  int background_ = 0;  // detached metadata writes (the corrupt mark); close waits for them
+  co::wait_list background_done_{&env_.defer};
   aligned_buf compressed_cache_;
 };
 
@@ -910,13 +912,16 @@ void qcow2_driver::signal_corruption(const std::string& msg, int64_t offset, int
   corrupt_ = true;
   // The image is marked so no later open trusts it for writing; nothing else is written from now on.
   h_.incompatible_features |= incompat_corrupt;
+  ++background_;
   co::start(
       [](qcow2_driver* d) -> task<int> {
         int r = co_await d->write_header();
         if (r >= 0) r = co_await d->io(*d->file_, io_op::flush, 0, 0);
         co_return r;
       }(this),
-      [](int) {});
+      [this](int) {
+        if (--background_ == 0) background_done_.wake_all();
+      });
 }
 
 // ---- reads --------------------------------------------------------------------------------------
@@ -1712,6 +1717,11 @@ task<int> qcow2_driver::close_image() {
 }
 
 void qcow2_driver::close() {
+  if (background_)
+    (void)run_sync([](qcow2_driver* d) -> task<int> {
+      while (d->background_) co_await d->background_done_.wait();
+      co_return 0;
+    }(this));
   if (!writable() || corrupt_ || !l2_cache_) return;
   (void)run_sync(close_image());
 }

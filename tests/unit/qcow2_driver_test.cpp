@@ -675,3 +675,76 @@ TEST(qcow2_snapshot, create_and_delete_interoperate_with_qemu_img) {
 
 }  // namespace
 }  // namespace blockd::block
+
+// ---- corruption ----------------------------------------------------------------------------------
+
+namespace blockd::block {
+namespace {
+
+uint64_t get_be64(int fd, off_t off) {
+  uint8_t b[8];
+  EXPECT_EQ(pread(fd, b, 8, off), 8);
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v = (v << 8) | b[i];
+  return v;
+}
+void set_be64(int fd, off_t off, uint64_t v) {
+  uint8_t b[8];
+  for (int i = 7; i >= 0; --i, v >>= 8) b[i] = uint8_t(v);
+  EXPECT_EQ(pwrite(fd, b, 8, off), 8);
+}
+
+TEST(qcow2_corrupt, a_write_onto_metadata_is_refused_and_the_image_marked) {
+  NEED_QEMU();
+  scratch s;
+  std::string img = s.path("bad.qcow2");
+  int st = 0;
+  qemu_img("create -q -f qcow2 " + img + " 1M", &st);
+  run("qemu-io -f qcow2 -c 'write -P 0x11 0 64k' " + img, &st);
+  ASSERT_EQ(st, 0);
+  // Point guest cluster 0 at the refcount table.
+  int fd = ::open(img.c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  uint64_t l1 = get_be64(fd, 40), reftable = get_be64(fd, 48);
+  uint64_t l2 = get_be64(fd, off_t(l1)) & 0x00fffffffffffe00ull;
+  set_be64(fd, off_t(l2), (1ull << 63) | reftable);
+  ::close(fd);
+
+  std::vector<std::pair<std::string, json::object>> events;
+  local_loop loop{io::reactor::create(64, nullptr)};
+  graph g{[&] {
+    auto e = loop.env();
+    e.emit = [&](std::string name, json::object data) { events.emplace_back(std::move(name), std::move(data)); };
+    return e;
+  }};
+  auto n = g.add({{"driver", "qcow2"}, {"node-name", "disk"}, {"file", json::object{{"driver", "file"}, {"filename", img}}}});
+  ASSERT_TRUE(n.has_value()) << n.error().desc;
+  sync_io io(**n);
+  void* buf = nullptr;
+  ASSERT_EQ(posix_memalign(&buf, 4096, 4096), 0);
+  std::memset(buf, 0x66, 4096);
+  EXPECT_EQ(io.write(buf, 4096, 0), -EIO);
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].first, "BLOCK_IMAGE_CORRUPTED");
+  auto& ev = events[0].second;
+  EXPECT_EQ(ev.at("node-name").as_string(), "disk");
+  EXPECT_EQ(ev.at("device").as_string(), "");
+  EXPECT_TRUE(ev.at("fatal").as_bool());
+  EXPECT_NE(std::string(ev.at("msg").as_string()).find("refcount table"), std::string::npos) << ev;
+  // From now on nothing is written, not even to healthy clusters.
+  EXPECT_EQ(io.write(buf, 4096, 512 << 10), -EIO);
+  free(buf);
+  g.del("disk");
+  std::string info = qemu_img("info --output=json " + img);
+  EXPECT_NE(info.find("\"corrupt\": true"), std::string::npos) << info;
+  // A corrupt image opens read-only only.
+  auto again = g.add({{"driver", "qcow2"}, {"node-name", "d2"}, {"file", json::object{{"driver", "file"}, {"filename", img}}}});
+  ASSERT_FALSE(again.has_value());
+  EXPECT_NE(again.error().desc.find("corrupt"), std::string::npos) << again.error().desc;
+  auto ro = g.add({{"driver", "qcow2"}, {"node-name", "d3"}, {"read-only", true},
+                   {"file", json::object{{"driver", "file"}, {"filename", img}}}});
+  EXPECT_TRUE(ro.has_value());
+}
+
+}  // namespace
+}  // namespace blockd::block
