@@ -76,7 +76,16 @@ class meta_cache {
   void trim();  // evicts clean, unpinned blocks beyond the capacity
   size_t dirty_count() const;
   std::vector<meta_block*> dirty_blocks();
-  void clear_clean();  // drops every clean unpinned block (cache-clean-interval, inactivate)
+  void clear_clean();  // drops every clean unpinned block (inactivate, refcount rebuild)
+  // cache-clean-interval: drops clean, unpinned blocks not used since the previous call.
+  void clean_unused() {
+    for (auto it = map_.begin(); it != map_.end();) {
+      auto& b = *it->second;
+      if (!b.dirty && !b.pins && !b.loading && b.lru <= clean_mark_) it = map_.erase(it);
+      else ++it;
+    }
+    clean_mark_ = clock_;
+  }
   size_t size() const { return map_.size(); }
   size_t capacity() const { return capacity_; }
 
@@ -84,6 +93,7 @@ class meta_cache {
   size_t block_bytes_;
   size_t capacity_;
   uint64_t clock_ = 0;
+  uint64_t clean_mark_ = 0;
   std::unordered_map<uint64_t, std::unique_ptr<meta_block>> map_;
 };
 

@@ -261,8 +261,10 @@ class qcow2_driver final : public block_driver {
   task<int> alloc_clusters(uint64_t n, uint64_t& off, bool& fresh);
   task<int> ensure_l2(uint64_t cluster);
   task<int> write_l1_entry(uint64_t index);
-  void queue_free(uint64_t host, uint64_t len) { pending_frees_.push_back({host, len}); }
-  void free_for_entry(const l2_words& w);
+  // Why clusters are freed decides whether their space is discarded (pass-discard-* options).
+  enum free_reason : uint8_t { free_other, free_request, free_snapshot };
+  void queue_free(uint64_t host, uint64_t len, free_reason why = free_other) { pending_frees_.push_back({host, len, why}); }
+  void free_for_entry(const l2_words& w, free_reason why = free_other);
 
   // ---- writeback ---------------------------------------------------------------------------------
   task<int> write_blocks(meta_cache& c);
@@ -281,6 +283,7 @@ class qcow2_driver final : public block_driver {
   task<int> write_cluster(io_request& r, int64_t pos, uint64_t cluster, uint64_t in, uint64_t n, bool zero);
   task<int> allocating_write(io_request& r, int64_t pos, uint64_t cluster, uint64_t in, uint64_t n, bool zero);
   task<int> do_zero_or_discard(io_request& r, bool discard);
+  task<int> raw_data_zero(io_request& r, bool discard);
   task<int> zero_cluster_units(uint64_t cluster, uint64_t in, uint64_t n, bool discard, bool may_unmap);
   task<int> do_flush();
   task<int> do_block_status(io_request& r);
@@ -336,6 +339,7 @@ class qcow2_driver final : public block_driver {
   co::wait_list cluster_wait_;
   struct pending_free {
     uint64_t host, len;
+    uint8_t why;
   };
   std::vector<pending_free> pending_frees_;
   // Metadata clusters of the image file by cluster index: 'r' refcount block, 'l' active L2 table.
@@ -343,6 +347,8 @@ class qcow2_driver final : public block_driver {
   uint64_t free_hint_ = 0;
   uint64_t fresh_end_ = 0;  // clusters at or past this offset were never written: they read as zeroes
   uint64_t last_compressed_ = ~0ull;
+  uint64_t lookups_ = 0;
+  int64_t last_clean_ns_ = 0;
   int background_ = 0;  // detached metadata writes (the corrupt mark); close waits for them
   co::wait_list background_done_{&env_.defer};
   aligned_buf compressed_cache_;
@@ -416,6 +422,17 @@ task<int> qcow2_driver::l2_slot(uint64_t cluster, pin& p, size_t& index) {
 
 task<int> qcow2_driver::lookup(uint64_t cluster, l2_words& out) {
   out = {};
+  // cache-clean-interval: looked at every 1024 lookups, so the clock costs nothing per request.
+  if (o_.cache_clean_interval > 0 && (++lookups_ & 1023) == 0) {
+    int64_t now = node::now_ns();
+    if (now - last_clean_ns_ >= o_.cache_clean_interval * 1000000000ll) {
+      if (last_clean_ns_) {
+        l2_cache_->clean_unused();
+        rc_cache_->clean_unused();
+      }
+      last_clean_ns_ = now;
+    }
+  }
   uint64_t l1i = cluster >> l2_bits_;
   if (l1i >= l1_.size() || !(l1_[l1i] & offset_mask)) co_return 0;
   pin p;
@@ -664,15 +681,15 @@ task<int> qcow2_driver::alloc_clusters(uint64_t n, uint64_t& off, bool& fresh) {
   co_return 0;
 }
 
-void qcow2_driver::free_for_entry(const l2_words& w) {
+void qcow2_driver::free_for_entry(const l2_words& w, free_reason why) {
   if (w.entry & entry_compressed) {
     auto d = decode_l2(h_, w.entry);
     uint64_t start = d.m.host_offset & ~uint64_t(511);
-    queue_free(start, d.m.host_offset + d.m.compressed_size - start);
+    queue_free(start, d.m.host_offset + d.m.compressed_size - start, why);
     return;
   }
   uint64_t host = w.entry & offset_mask;
-  if (host && !h_.has_data_file()) queue_free(host, cs_);
+  if (host && !h_.has_data_file()) queue_free(host, cs_, why);
 }
 
 task<int> qcow2_driver::write_l1_entry(uint64_t index) {
@@ -801,7 +818,10 @@ task<int> qcow2_driver::writeback() {
         if (rc == 1) {
           free_hint_ = std::min(free_hint_, c);
           meta_clusters_.erase(c);
-          if (o_.pass_discard_other) (void)co_await io(*file_, io_op::discard, int64_t(c * cs_), int64_t(cs_));
+          bool pass = f.why == free_request ? o_.pass_discard_request
+                      : f.why == free_snapshot ? o_.pass_discard_snapshot
+                                               : o_.pass_discard_other;
+          if (pass) (void)co_await io(*file_, io_op::discard, int64_t(c * cs_), int64_t(cs_));
         }
       }
     }
@@ -888,6 +908,9 @@ bool qcow2_driver::overlaps_metadata(uint64_t off, uint64_t len, std::string& wh
     return what = "refcount table", true;
   if ((o & overlap_snapshot_table) && h_.nb_snapshots && hit(h_.snapshots_offset, cs_))
     return what = "snapshot table", true;
+  if (o & overlap_inactive_l1)
+    for (auto& s : snapshots_)
+      if (hit(s.l1_offset, uint64_t(s.l1_size) * 8)) return what = "inactive L1 table", true;
   if (o & (overlap_active_l2 | overlap_refcount_block)) {
     for (uint64_t c = off / cs_; c <= (off + len - 1) / cs_; ++c) {
       auto it = meta_clusters_.find(c);
@@ -1072,7 +1095,7 @@ task<int> qcow2_driver::write_cluster(io_request& r, int64_t pos, uint64_t cl, u
   if (in_place) {
     uint64_t host = (w.entry & offset_mask) + in;
     std::string what;
-    if (o_.overlap && overlaps_metadata(host, n, what)) {
+    if (o_.overlap && !h_.has_data_file() && overlaps_metadata(host, n, what)) {
       unlock_cluster(cl, false);
       signal_corruption("Preventing invalid write on metadata (overlaps with " + what + ")", int64_t(host), int64_t(n));
       co_return -EIO;
@@ -1205,6 +1228,7 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
 // with zeroes (write_zeroes) or left alone (discard, which is advisory).
 task<int> qcow2_driver::do_zero_or_discard(io_request& r, bool discard) {
   if (corrupt_) co_return -EIO;
+  if (h_.has_data_file() && (h_.autoclear_features & autoclear_data_file_raw)) co_return co_await raw_data_zero(r, discard);
   bool may_unmap = discard || (r.flags & io_may_unmap);
   // Zeroing works per subcluster; discard, advisory anyway, per cluster (as QEMU 7.2 does).
   uint64_t u = discard ? cs_ : unit();
@@ -1240,6 +1264,36 @@ task<int> qcow2_driver::do_zero_or_discard(io_request& r, bool discard) {
     pos += int64_t(n);
   }
   co_return co_await maybe_writeback();
+}
+
+// With a raw external data file the data file alone must stay a valid image of the disk: zeroes
+// and discards go to it, and the mapping keeps pointing at it (guest offset = data file offset).
+task<int> qcow2_driver::raw_data_zero(io_request& r, bool discard) {
+  if (discard) {
+    if (!o_.pass_discard_request) co_return 0;
+    uint64_t a0 = (uint64_t(r.offset) + cs_ - 1) / cs_ * cs_, a1 = uint64_t(r.offset + r.length) / cs_ * cs_;
+    if (a1 <= a0) co_return 0;
+    co_return co_await io(*data_, io_op::discard, int64_t(a0), int64_t(a1 - a0));
+  }
+  int64_t pos = 0;
+  while (pos < r.length) {
+    uint64_t goff = uint64_t(r.offset + pos);
+    uint64_t cl = goff >> cbits_, in = goff & (cs_ - 1);
+    uint64_t n = std::min<uint64_t>(uint64_t(r.length - pos), cs_ - in);
+    co_await lock_cluster(cl, true);
+    l2_words w;
+    int rc = co_await lookup(cl, w);
+    bool mapped = rc >= 0 && has_host(w) && !(w.entry & entry_zero) && (!ext() || uint32_t(w.bitmap) == ~0u);
+    if (rc >= 0 && mapped)
+      rc = co_await io(*data_, io_op::write_zeroes, int64_t((w.entry & offset_mask) + in), int64_t(n),
+                       r.flags & io_may_unmap);
+    else if (rc >= 0)
+      rc = co_await allocating_write(r, pos, cl, in, n, true);
+    unlock_cluster(cl, true);
+    if (rc < 0) co_return rc;
+    pos += int64_t(n);
+  }
+  co_return 0;
 }
 
 task<int> qcow2_driver::zero_cluster_units(uint64_t cl, uint64_t in, uint64_t n, bool discard, bool may_unmap) {
@@ -1287,7 +1341,7 @@ task<int> qcow2_driver::zero_cluster_units(uint64_t cl, uint64_t in, uint64_t n,
   p.b->dirty = true;
   bool host_dropped = (w.entry & entry_compressed) || (has_host(w) && !has_host(nw));
   if (host_dropped) {
-    free_for_entry(w);  // the refcount drop waits for the next writeback; nothing in a data file
+    free_for_entry(w, free_request);  // the refcount drop waits for the next writeback; nothing in a data file
     if (discard && o_.pass_discard_request && h_.has_data_file())
       (void)co_await io(*data_, io_op::discard, int64_t(host), int64_t(cs_));
   } else if (keep_host && discard && o_.pass_discard_request) {
@@ -2059,12 +2113,13 @@ task<int> qcow2_driver::do_snapshot_delete(size_t index, std::string& err) {
     if (r < 0) co_return r;
     for (uint64_t j = 0; j < h_.l2_entries(); ++j) {
       l2_words w{be64(table.get() + j * h_.l2_entry_size()), 0};
-      if (w.entry & entry_compressed) free_for_entry(w);
-      else if ((w.entry & offset_mask) && !h_.has_data_file()) queue_free(w.entry & offset_mask, cs_);
+      if (w.entry & entry_compressed) free_for_entry(w, free_snapshot);
+      else if ((w.entry & offset_mask) && !h_.has_data_file()) queue_free(w.entry & offset_mask, cs_, free_snapshot);
     }
-    queue_free(l2, cs_);
+    queue_free(l2, cs_, free_snapshot);
   }
-  if (s.l1_size) queue_free(s.l1_offset, std::max<uint64_t>((uint64_t(s.l1_size) * 8 + cs_ - 1) / cs_, 1) * cs_);
+  if (s.l1_size)
+    queue_free(s.l1_offset, std::max<uint64_t>((uint64_t(s.l1_size) * 8 + cs_ - 1) / cs_, 1) * cs_, free_snapshot);
   r = co_await writeback();
   if (r >= 0) r = co_await writeback();
   if (r >= 0) r = co_await sync_copied_flags();
