@@ -2081,6 +2081,8 @@ task<int> qcow2_driver::do_snapshot_create(const std::string& name, int64_t date
   s.l1_size = uint32_t(l1_.size());
   s.date_sec = uint32_t(date_sec);
   s.date_nsec = uint32_t(date_nsec);
+  // Without a guest the virtual clock is the wall clock, as in qemu-storage-daemon.
+  s.vm_clock_nsec = uint64_t(date_sec) * 1000000000ull + uint64_t(date_nsec);
   s.disk_size = h_.size;
   s.has_disk_size = true;
   auto next = snapshots_;
