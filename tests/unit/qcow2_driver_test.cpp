@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "formats/qcow2/layout.h"
 #include "storage/block/contract.h"
 #include "storage/block/graph.h"
 #include "storage/block/local_loop.h"
@@ -759,6 +760,51 @@ TEST(qcow2_corrupt, a_write_onto_metadata_is_refused_and_the_image_marked) {
   auto ro = g.add({{"driver", "qcow2"}, {"node-name", "d3"}, {"read-only", true},
                    {"file", json::object{{"driver", "file"}, {"filename", img}}}});
   EXPECT_TRUE(ro.has_value());
+}
+
+}  // namespace
+}  // namespace blockd::block
+
+// ---- header extensions ---------------------------------------------------------------------------
+
+namespace blockd::block {
+namespace {
+
+TEST(qcow2_header, unknown_extensions_survive_header_rewrites) {
+  NEED_QEMU();
+  scratch s;
+  std::string img = s.path("ext.qcow2");
+  int st = 0;
+  qemu_img("create -q -f qcow2 -o lazy_refcounts=on " + img + " 1M", &st);
+  ASSERT_EQ(st, 0);
+  auto bytes = slurp(img);
+  auto h = qcow2::parse_header(std::span<const uint8_t>(bytes.data(), 65536), bytes.size());
+  ASSERT_TRUE(h.has_value());
+  h->extensions.push_back({0x12345678, {'k', 'e', 'e', 'p', ' ', 'm', 'e'}});
+  auto out = qcow2::serialize_header(*h);
+  ASSERT_TRUE(out.has_value());
+  int fd = ::open(img.c_str(), O_RDWR);
+  ASSERT_EQ(pwrite(fd, out->data(), out->size(), 0), ssize_t(out->size()));
+  ::close(fd);
+  {
+    // A resize and the lazy-refcount dirty mark both rewrite the header.
+    stack k;
+    node* n = k.open_qcow2(img);
+    ASSERT_NE(n, nullptr);
+    ASSERT_TRUE(n->driver().truncate(4 << 20).has_value());
+    write_pattern(*n, 0, 4096, 0x42);
+    k.close(n);
+  }
+  expect_clean(img);
+  bytes = slurp(img);
+  auto again = qcow2::parse_header(std::span<const uint8_t>(bytes.data(), 65536), bytes.size());
+  ASSERT_TRUE(again.has_value());
+  EXPECT_EQ(again->size, 4u << 20);
+  EXPECT_FALSE(again->incompatible_features & qcow2::incompat_dirty);
+  bool found = false;
+  for (auto& e : again->extensions)
+    if (e.type == 0x12345678 && std::string(e.data.begin(), e.data.end()) == "keep me") found = true;
+  EXPECT_TRUE(found);
 }
 
 }  // namespace
