@@ -9,6 +9,7 @@
 #include <future>
 #include <unordered_set>
 
+#include "actors/job/create_job.h"
 #include "actors/monitor/monitor.h"
 #include "actors/node/node_actor.h"
 #include "actors/runtime/pinned.h"
@@ -78,34 +79,38 @@ caf::behavior supervisor_actor::make_behavior() {
       [this](subscribe_atom, const caf::actor& who) { subscribers_.push_back(who); },
       // Components (nodes, jobs, exports) raise events here; the bus stamps and broadcasts them.
       [this](event_atom, std::string& name, json_args& data) { emit(std::move(name), std::move(data.v)); },
+      // Job bodies ask for graph work; jobs report that they reached null (jobs.cpp).
+      [this](job_graph_atom, job_graph_request& r) { job_graph(std::move(r)); },
+      [this](job_gone_atom, const std::string& id) { job_gone(id); },
       [this](unsubscribe_atom, const caf::actor& who) {
         subscribers_.erase(std::remove(subscribers_.begin(), subscribers_.end(), who), subscribers_.end());
       },
       [this](shutdown_atom) -> caf::result<bool> {
         shutting_down_ = true;
         auto rp = make_response_promise();
-        auto left = std::make_shared<size_t>(monitors_.size());
-        auto finish = [this, rp]() mutable {
-          // Monitors are gone; stop every iothread object (joins its thread) and close chardevs.
-          // Node actors stop first, on their homes, while those loops still run; then the nodes go.
-          auto g = std::move(graph_);
-          sync_node_actors();
-          g.reset();
-          objects_.clear();
-          chardevs_.clear();
-          rp.deliver(true);
-        };
-        if (*left == 0) {
-          finish();
-          return rp;
-        }
-        for (auto& m : monitors_) {
-          // A client that does not read its last replies cannot hold the shutdown forever.
-          request(m, std::chrono::seconds(3), close_atom::value)
-              .then([left, finish](bool) mutable { if (--*left == 0) finish(); },
-                    [left, finish](const caf::error&) mutable { if (--*left == 0) finish(); });
-        }
-        monitors_.clear();
+        // Jobs end first (cancelled, their workers done with the graph) while monitors still see
+        // their events; QSD cancels its jobs at exit the same way.
+        stop_jobs([this, rp]() mutable {
+          auto left = std::make_shared<size_t>(monitors_.size());
+          auto finish = [this, rp]() mutable {
+            // Monitors are gone; stop every iothread object (joins its thread) and close chardevs.
+            // Node actors stop first, on their homes, while those loops still run; then the nodes go.
+            auto g = std::move(graph_);
+            sync_node_actors();
+            g.reset();
+            objects_.clear();
+            chardevs_.clear();
+            rp.deliver(true);
+          };
+          if (*left == 0) return finish();
+          for (auto& m : monitors_) {
+            // A client that does not read its last replies cannot hold the shutdown forever.
+            request(m, std::chrono::seconds(3), close_atom::value)
+                .then([left, finish](bool) mutable { if (--*left == 0) finish(); },
+                      [left, finish](const caf::error&) mutable { if (--*left == 0) finish(); });
+          }
+          monitors_.clear();
+        });
         return rp;
       },
   };
@@ -114,7 +119,14 @@ caf::behavior supervisor_actor::make_behavior() {
 void supervisor_actor::pump() {
   if (pumping_) return;  // a reply delivered inside run_command: the loop below picks up the next one
   pumping_ = true;
-  while (!busy_ && !queue_.empty()) {
+  while (true) {
+    if ((!busy_ || !jobs_hold_queue_) && !job_graph_work_.empty()) {
+      auto work = std::move(job_graph_work_.front());
+      job_graph_work_.pop_front();
+      work();
+      continue;
+    }
+    if (busy_ || queue_.empty()) break;
     auto p = std::move(queue_.front());
     queue_.pop_front();
     busy_ = true;
@@ -131,7 +143,12 @@ void supervisor_actor::pump() {
 void supervisor_actor::run_command(const std::string& name, boost::json::object& args, reply_fn reply) {
   if (name == "object-add") return reply(object_add(args));
   if (name == "blockdev-add") return blockdev_add_async(args, std::move(reply));
-  if (name == "blockdev-del") return blockdev_del(std::string(args.at("node-name").as_string()), std::move(reply));
+  if (name == "blockdev-del") {
+    std::string node(args.at("node-name").as_string());
+    if (auto r = check_del_held(node); !r) return reply(command_outcome::failure(r.error()));
+    return blockdev_del(node, std::move(reply));
+  }
+  if (job_command(name, args, reply)) return;
   if (name == "block_resize") return block_resize(args, std::move(reply));
   if (name == "blockdev-reopen") return blockdev_reopen(args, std::move(reply));
   if (name == "blockdev-set-active") return blockdev_set_active(args, std::move(reply));
@@ -152,8 +169,14 @@ void supervisor_actor::run_command(const std::string& name, boost::json::object&
   }
   if (name == "x-debug-query-block-graph") return reply(command_outcome::success(block::block_graph_dump(*graph_)));
   if (name == "quit") {
-    if (hooks_.quit_requested) hooks_.quit_requested();
-    return reply(command_outcome::success());
+    // QSD cancels and dismisses its jobs before it answers (their events come first). Waiting for
+    // them changes no graph, so their bodies' graph work may run meanwhile.
+    jobs_hold_queue_ = false;
+    return stop_jobs([this, reply = std::move(reply)] {
+      jobs_hold_queue_ = true;
+      if (hooks_.quit_requested) hooks_.quit_requested();
+      reply(command_outcome::success());
+    });
   }
   reply(command_outcome::failure(error(error_class::command_not_found, "The command " + name + " has not been found")));
 }

@@ -10,12 +10,16 @@
 #include <unordered_map>
 #include <vector>
 
+#include "actors/job/job_core.h"
 #include "actors/messages.h"
 #include "actors/monitor/chardev.h"
 #include "actors/runtime/iothread.h"
 #include "storage/block/graph.h"
 
 namespace blockd {
+
+class job_runner;
+struct job_graph_request;
 
 struct supervisor_hooks {
   std::function<void()> quit_requested;  // called on the main iothread when a client sends quit
@@ -48,6 +52,10 @@ class supervisor_actor : public caf::event_based_actor {
     boost::json::object args;
     caf::response_promise rp;
   };
+  // Graph work of job bodies (resolving and releasing nodes) runs between commands, never inside
+  // one; `jobs_hold_queue_` is false only while quit waits for jobs, which changes no graph.
+  std::deque<std::function<void()>> job_graph_work_;
+  bool jobs_hold_queue_ = true;
   void pump();
   void run_command(const std::string& name, boost::json::object& args, reply_fn reply);
   command_outcome blockdev_add(const boost::json::object& args);
@@ -66,6 +74,35 @@ class supervisor_actor : public caf::event_based_actor {
   command_outcome add_chardev(const chardev_spec& spec, const std::string& note_prefix);
   command_outcome add_monitor(const std::string& chardev_id, bool pretty, const std::string& id);
   object_entry* find_object(const std::string& id);
+
+  // ---- jobs (jobs.cpp): the registry, job-* commands, blockdev-create, x-blockdev-amend ---------
+  struct job_entry {
+    std::string id;
+    caf::actor actor;
+    std::vector<std::string> held;    // nodes the job holds as user "job:<id>"
+    std::vector<std::string> opened;  // nodes opened for it from inline options, closed when released
+  };
+  std::deque<job_entry> jobs_;  // newest first, as query-jobs lists them
+  unsigned job_node_counter_ = 0;
+  // Dispatches the job commands; false when `name` is none of them.
+  bool job_command(const std::string& name, const boost::json::object& args, reply_fn& reply);
+  job_entry* find_job(const std::string& id);
+  // Registers and starts a job; `hold` takes the job's nodes first (so they are held when the command
+  // returns, as in QEMU, where the job takes them before its first yield).
+  void start_job(job::options o, std::shared_ptr<job_runner> runner, std::function<void(job_entry&)> hold,
+                 reply_fn reply);
+  void blockdev_create(const boost::json::object& args, reply_fn reply);
+  void blockdev_amend(const boost::json::object& args, reply_fn reply);
+  void query_jobs(reply_fn reply);
+  void job_graph(job_graph_request r);
+  result<block::node*> job_hold(job_entry& j, const boost::json::value& ref);
+  void job_release(const std::string& id);
+  void job_gone(const std::string& id);
+  // blockdev-del of a node a job holds: refused naming the job (after QEMU's own earlier checks).
+  result<void> check_del_held(const std::string& node) const;
+  // Cancels every job and dismisses it (QEMU's job_cancel_sync_all), then calls `then`.
+  void stop_jobs(std::function<void()> then);
+  void stop_next_job(const std::string& stopped, std::function<void()> then);
 
   // ---- placement: every node has a home iothread; a connected component shares one -----------
   iothread* home_of(const block::node* n) const;

@@ -131,6 +131,19 @@ void define_objects(schema& s) {
   s.command("object-del", "id:str");
 }
 
+// job.json: the generic job commands, for every job type (JobType and JobStatus come with the events).
+void define_jobs(schema& s) {
+  s.enumeration("JobVerb", "cancel pause resume set-speed complete dismiss finalize change");
+  s.command("job-pause", "id:str");
+  s.command("job-resume", "id:str");
+  s.command("job-cancel", "id:str");
+  s.command("job-complete", "id:str");
+  s.command("job-dismiss", "id:str");
+  s.command("job-finalize", "id:str");
+  s.object("JobInfo", "id:str type:JobType status:JobStatus current-progress:int total-progress:int *error:str");
+  s.command("query-jobs", "", "[JobInfo]");
+}
+
 // The block graph (block-core.json): node options for every QSD 10.2 driver name; the drivers blockd
 // builds have their exact option structs, the others an open branch (blockdev-add then refuses them).
 // Return types of the block queries (QSD 10.2 layout; introspection masks the names).
@@ -139,7 +152,6 @@ void define_block_info_types(schema& s) {
            "id:str name:str vm-state-size:int date-sec:int date-nsec:int vm-clock-sec:int vm-clock-nsec:int "
            "*icount:int");
   s.enumeration("ImageInfoSpecificKind", "qcow2 vmdk luks rbd file");
-  s.enumeration("QCryptoBlockFormat", "aes luks");
   s.enumeration("QCryptoCipherAlgo",
                 "aes-128 aes-192 aes-256 des 3des cast5-128 serpent-128 serpent-192 serpent-256 twofish-128 "
                 "twofish-192 twofish-256 sm4");
@@ -151,7 +163,8 @@ void define_block_info_types(schema& s) {
            "cipher-alg:QCryptoCipherAlgo cipher-mode:QCryptoCipherMode ivgen-alg:QCryptoIVGenAlgo "
            "*ivgen-hash-alg:QCryptoHashAlgo hash-alg:QCryptoHashAlgo detached-header:bool payload-offset:int "
            "master-key-iters:int uuid:str slots:[QCryptoBlockInfoLUKSSlot]");
-  s.flat_union("ImageInfoSpecificQCow2Encryption", "format:QCryptoBlockFormat", "format",
+  // QEMU's base is ImageInfoSpecificQCow2EncryptionBase {format: BlockdevQcow2EncryptionFormat}.
+  s.flat_union("ImageInfoSpecificQCow2Encryption", "format:BlockdevQcow2EncryptionFormat", "format",
                {{"luks", "QCryptoBlockInfoLUKS"}});
   s.enumeration("Qcow2BitmapInfoFlags", "in-use auto");
   s.object("Qcow2BitmapInfo", "name:str granularity:int flags:[Qcow2BitmapInfoFlags]");
@@ -246,6 +259,42 @@ void define_block_queries(schema& s) {
   s.command_features("x-debug-query-block-graph", {"unstable"});
 }
 
+// Image creation and amend (block-core.json): the create and amend jobs' options. blockd creates with
+// the file and qcow2 drivers; QSD's other creatable drivers are open branches, which blockdev-create
+// refuses by name (their option structs would only be validated to be refused).
+void define_create_amend(schema& s) {
+  s.enumeration("PreallocMode", "off metadata falloc full");
+  s.object("BlockdevCreateOptionsFile",
+           "filename:str size:size *preallocation:PreallocMode *nocow:bool *extent-size-hint:size");
+  s.enumeration("BlockdevQcow2Version", "v2 v3");
+  s.enumeration("QCryptoBlockFormat", "qcow luks");
+  s.object("QCryptoBlockCreateOptionsLUKS",
+           "*key-secret:str *cipher-alg:QCryptoCipherAlgo *cipher-mode:QCryptoCipherMode *ivgen-alg:QCryptoIVGenAlgo "
+           "*ivgen-hash-alg:QCryptoHashAlgo *hash-alg:QCryptoHashAlgo *iter-time:int");
+  s.flat_union("QCryptoBlockCreateOptions", "format:QCryptoBlockFormat", "format",
+               {{"qcow", "QCryptoBlockOptionsQCow"}, {"luks", "QCryptoBlockCreateOptionsLUKS"}});
+  s.object("BlockdevCreateOptionsQcow2",
+           "file:BlockdevRef *data-file:BlockdevRef *data-file-raw:bool *extended-l2:bool size:size "
+           "*version:BlockdevQcow2Version *backing-file:str *backing-fmt:BlockdevDriver "
+           "*encrypt:QCryptoBlockCreateOptions *cluster-size:size *preallocation:PreallocMode *lazy-refcounts:bool "
+           "*refcount-bits:int *compression-type:Qcow2CompressionType");
+  s.flat_union("BlockdevCreateOptions", "driver:BlockdevDriver", "driver",
+               {{"file", "BlockdevCreateOptionsFile"}, {"qcow2", "BlockdevCreateOptionsQcow2"}},
+               /*open_branches=*/true);
+  s.command("blockdev-create", "job-id:str options:BlockdevCreateOptions");
+  s.enumeration("QCryptoBlockLUKSKeyslotState", "active inactive");
+  s.object("QCryptoBlockAmendOptionsLUKS",
+           "state:QCryptoBlockLUKSKeyslotState *new-secret:str *old-secret:str *keyslot:int *iter-time:int *secret:str");
+  s.flat_union("QCryptoBlockAmendOptions", "format:QCryptoBlockFormat", "format",
+               {{"luks", "QCryptoBlockAmendOptionsLUKS"}});
+  s.object("BlockdevAmendOptionsQcow2", "*encrypt:QCryptoBlockAmendOptions");
+  // Only luks and qcow2 have branches in QSD too: every other driver value takes no members.
+  s.flat_union("BlockdevAmendOptions", "driver:BlockdevDriver", "driver",
+               {{"luks", "QCryptoBlockAmendOptionsLUKS"}, {"qcow2", "BlockdevAmendOptionsQcow2"}});
+  s.command("x-blockdev-amend", "job-id:str node-name:str options:BlockdevAmendOptions *force:bool");
+  s.command_features("x-blockdev-amend", {"unstable"});
+}
+
 void define_block(schema& s) {
   s.enumeration("BlockdevDriver",
                 "blkdebug blklogwrites blkreplay blkverify bochs cloop compress copy-before-write copy-on-read dmg "
@@ -300,6 +349,7 @@ void define_block(schema& s) {
   s.command("block-set-write-threshold", "node-name:str write-threshold:uint64");
   s.command("blockdev-reopen", "options:[BlockdevOptions]");
   s.command("blockdev-set-active", "*node-name:str active:bool");
+  define_create_amend(s);
   s.alternate("StrOrNull", {"str", "null"});
   s.command("x-blockdev-set-iothread", "node-name:str iothread:StrOrNull *force:bool");
   s.command_features("x-blockdev-set-iothread", {"unstable"});
@@ -314,11 +364,13 @@ void define_cli(schema& s) {
 
 schema build() {
   schema s;
-  // Module order follows QSD's schema: block-core/job/export/char events, control, introspect, qom.
+  // Module order follows QSD's schema: block-core/job/export/char events, control, introspect, qom;
+  // then job.json before block-core.json, as 10.2 includes them (query-commands lists newest first).
   define_events(s);
   define_control(s);
   define_introspection(s);
   define_objects(s);
+  define_jobs(s);
   define_block(s);
   define_cli(s);
   return s;

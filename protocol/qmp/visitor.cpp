@@ -102,6 +102,9 @@ result<boost::json::value> visit_integer(const ctx& c, const type_def& t, const 
       if (is_unsigned) uval = static_cast<uint64_t>(sval);
     } else if (in.is_uint64() && is_unsigned) {
       uval = in.get_uint64();
+    } else if (is_unsigned) {
+      // Every unsigned kind (and size) goes through QAPI's type_uint64, which words it this way.
+      return fail("Parameter '" + path + "' expects uint64");
     } else {
       return std::unexpected(type_error(path, "integer"));
     }

@@ -17,6 +17,7 @@
 
 #include "storage/block/counter.h"
 #include "storage/block/driver.h"
+#include "storage/file/file_create.h"
 #include "storage/io/reactor.h"
 
 namespace blockd::block {
@@ -881,7 +882,9 @@ result<std::unique_ptr<block_driver>> open_file(open_args& a, bool host_device) 
 
 void register_file_drivers() {
   auto plain = [](const boost::json::object& o) { return std::string(o.at("filename").as_string()); };
-  register_driver({"file", true, {}, [](open_args& a) { return open_file(a, false); }, plain});
+  driver_entry file{"file", true, {}, [](open_args& a) { return open_file(a, false); }, plain};
+  file.create = create_file;  // blockdev-create (file_create.cpp)
+  register_driver(std::move(file));
   register_driver({"host_device", true, {}, [](open_args& a) { return open_file(a, true); }, plain});
 }
 

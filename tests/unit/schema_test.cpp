@@ -63,7 +63,8 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
   // Entities whose type changed between 7.2 and 10.2 are compared separately below.
   std::set<std::string> changed = {"object-add",      "BLOCK_IO_ERROR",          "blockdev-add",
                                    "blockdev-reopen", "query-named-block-nodes", "query-block",
-                                   "query-blockstats", "blockdev-set-active"};
+                                   "query-blockstats", "blockdev-set-active",     "blockdev-create",
+                                   "x-blockdev-amend"};
   int compared = 0;
   for (auto& [name, e] : ours) {
     auto meta = e.at("meta-type").as_string();
@@ -74,7 +75,8 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
     EXPECT_EQ(canon(resolve(theirs, name, s2)), canon(resolve(ours, name, s1))) << name;
     ++compared;
   }
-  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1, compared);  // control+introspect, object-del, events, block commands, graph dump, set-iothread
+  // control+introspect, object-del, events, block commands, graph dump, set-iothread, job-* and query-jobs
+  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1 + 7, compared);
 }
 
 TEST(Introspection, BlockdevAddFollows102AndMatchesQsdForBuiltDrivers) {
@@ -106,6 +108,48 @@ TEST(Introspection, BlockdevAddFollows102AndMatchesQsdForBuiltDrivers) {
     return out;
   };
   EXPECT_EQ(members(theirs, qv.at("raw")), members(ours, ov.at("raw")));
+}
+
+// The variants (case -> type name) of the union a command takes as its argument member `member`.
+std::map<std::string, std::string> arg_variants(table& t, const std::string& cmd, const std::string& member) {
+  std::map<std::string, std::string> out;
+  for (auto& m : t.at(std::string(t.at(cmd).at("arg-type").as_string())).at("members").as_array())
+    if (m.at("name") == member.c_str())
+      for (auto& v : t.at(std::string(m.at("type").as_string())).at("variants").as_array())
+        out[std::string(v.at("case").as_string())] = std::string(v.at("type").as_string());
+  return out;
+}
+
+std::string member_names(table& t, const std::string& type) {
+  std::string out;
+  for (auto& m : t.at(type).at("members").as_array())
+    out += (m.as_object().contains("default") ? "*" : "") + std::string(m.at("name").as_string()) + " ";
+  return out;
+}
+
+TEST(Introspection, ImageJobCommandsFollow102WithQsdsBranches) {
+  auto ours = index(introspect(qsd_schema()));
+  auto theirs = qsd72();
+  // 10.2's BlockdevDriver adds the libblkio drivers 7.2's build lacked; otherwise the same cases.
+  const std::set<std::string> added = {"io_uring", "nvme-io_uring", "virtio-blk-vfio-pci", "virtio-blk-vhost-user",
+                                       "virtio-blk-vhost-vdpa"};
+  auto oc = arg_variants(ours, "blockdev-create", "options"), qc = arg_variants(theirs, "blockdev-create", "options");
+  for (auto& [d, type] : qc) EXPECT_TRUE(oc.count(d)) << d;
+  for (auto& [d, type] : oc) EXPECT_TRUE(qc.count(d) || added.count(d)) << d;
+  std::set<std::string> s1, s2;
+  EXPECT_EQ(canon(resolve(theirs, qc.at("file"), s2)), canon(resolve(ours, oc.at("file"), s1)));
+  // qcow2's encrypt member reaches the crypto enums, which gained values after 7.2 (sm3, sm4).
+  EXPECT_EQ(member_names(theirs, qc.at("qcow2")), member_names(ours, oc.at("qcow2")));
+  auto oa = arg_variants(ours, "x-blockdev-amend", "options"), qa = arg_variants(theirs, "x-blockdev-amend", "options");
+  for (const char* d : {"qcow2", "luks"}) {
+    std::set<std::string> a1, a2;
+    EXPECT_EQ(canon(resolve(theirs, qa.at(d), a2)), canon(resolve(ours, oa.at(d), a1))) << d;
+  }
+  EXPECT_EQ(member_names(theirs, std::string(theirs.at("x-blockdev-amend").at("arg-type").as_string())),
+            member_names(ours, std::string(ours.at("x-blockdev-amend").at("arg-type").as_string())));
+  EXPECT_EQ(member_names(theirs, std::string(theirs.at("blockdev-create").at("arg-type").as_string())),
+            member_names(ours, std::string(ours.at("blockdev-create").at("arg-type").as_string())));
+  EXPECT_EQ("unstable", ours.at("x-blockdev-amend").at("features").as_array()[0].as_string());
 }
 
 // Member names of an object type reached from a command's return type, with '*' for optional ones.
@@ -216,6 +260,14 @@ TEST(Visitor, QmpMessagesAsQsd) {
             err("ObjectOptions", R"({"qom-type": "authz-listfile", "id": "x", "filename": "f", "refresh": "true"})"));
   EXPECT_EQ("Parameter 'serial' expects int32_t",
             err("ObjectOptions", R"({"qom-type": "secret_keyring", "id": "x", "serial": 4294967296})"));
+  // Unsigned members (size included) that are not integers: QAPI's type_uint64 text, with the full name.
+  EXPECT_EQ("Parameter 'options.size' expects uint64",
+            err("q_obj_blockdev-create-arg", R"({"job-id": "c", "options": {"driver": "file", "filename": "f", "size": 1.5}})"));
+  EXPECT_EQ("Parameter 'options.extent-size-hint' expects uint64",
+            err("q_obj_blockdev-create-arg",
+                R"({"job-id": "c", "options": {"driver": "file", "filename": "f", "size": 0, "extent-size-hint": "x"}})"));
+  EXPECT_EQ("Parameter 'write-threshold' expects uint64",
+            err("q_obj_block-set-write-threshold-arg", R"({"node-name": "n", "write-threshold": 18446744073709551616})"));
   EXPECT_EQ("Parameter 'null' does not accept value 'foo'", err("q_obj_qmp_capabilities-arg", R"({"enable": ["foo"]})"));
   EXPECT_EQ("Invalid parameter type for 'enable[0]', expected: string", err("q_obj_qmp_capabilities-arg", R"({"enable": [1]})"));
   EXPECT_EQ("Parameter 'rules[0].policy' is missing",

@@ -1,0 +1,119 @@
+// The job actor: one per job, owning the job's core (state machine) and its runner (the work); pinned to the main iothread.
+#pragma once
+#include <caf/event_based_actor.hpp>
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "actors/job/job_core.h"
+#include "actors/messages.h"
+#include "actors/runtime/iothread.h"
+
+namespace blockd {
+
+// One step a job body hands to its job: runs on the job actor's thread, with the core.
+struct job_step {
+  std::function<void(job::core&)> fn;
+};
+
+using job_start_atom = caf::atom_constant<caf::atom("jobstart")>;  // -> command_outcome (created, running)
+using job_verb_atom = caf::atom_constant<caf::atom("jobverb")>;    // (verb, force) -> command_outcome
+using job_info_atom = caf::atom_constant<caf::atom("jobinfo")>;    // -> json_args (JobInfo)
+using job_post_atom = caf::atom_constant<caf::atom("jobpost")>;    // job_step from the body, any thread
+using job_stop_atom = caf::atom_constant<caf::atom("jobstop")>;    // shutdown: cancel, dismiss; -> bool at null
+using job_gone_atom = caf::atom_constant<caf::atom("jobgone")>;    // job -> supervisor: (id) reached null
+
+// How a body reaches its job from any thread (a worker thread, a copy loop on a node's iothread):
+// each call is a message to the job actor, handled in order on its thread.
+class job_port {
+ public:
+  job_port() = default;
+  explicit job_port(caf::actor job) : job_(std::move(job)) {}
+  void post(std::function<void(job::core&)> fn) const;
+  // The work ended: rc 0, or a negative errno with QEMU's message for the failure.
+  void done(int rc, std::string text) const;
+  void progress(int64_t done) const;
+
+ private:
+  caf::actor job_;
+};
+
+// A kind of job as the job actor runs it: the core's driver hooks plus how the body reports. Block
+// jobs (mirror, backup, stream, commit) derive from this too: their run() starts a copy loop actor on
+// the node's iothread, their enter/pause/cancel hooks message it, and the loop reports through port().
+class job_runner : public job::driver, public std::enable_shared_from_this<job_runner> {
+ public:
+  // Called once, before run(): the job's own actor and the supervisor (graph work, events).
+  void attach(job_port port, caf::actor supervisor) {
+    port_ = std::move(port);
+    supervisor_ = std::move(supervisor);
+  }
+  // The job actor goes away while the work may still run (the daemon is torn down hard): the body
+  // must stop as soon as it can; what it holds of the runner stays alive (shared) until it does.
+  virtual void abandon() {}
+  // The job reached null: its last chance to release what it holds (the supervisor also drops every
+  // node hold of the job then).
+  virtual void dismissed() {}
+
+ protected:
+  const job_port& port() const { return port_; }
+  const caf::actor& supervisor() const { return supervisor_; }
+
+ private:
+  job_port port_;
+  caf::actor supervisor_;
+};
+
+// A body that blocks (image creation): work() runs on a thread of its own and polls `cancelled`;
+// its result comes back to the job as work_done. QEMU's create has no .cancel: a cancel is a force
+// cancel, and the flag is the body's only way to stop early.
+class worker_runner : public job_runner {
+ public:
+  ~worker_runner() override;
+  void run(job::core& j) override;
+  bool cancel(job::core& j, bool force) override;
+  void enter(job::core& j) override;
+  void abandon() override;
+
+ protected:
+  // On the worker thread. Never touches the core; progress goes through port().
+  virtual result<void> work(const std::atomic<bool>& cancelled) = 0;
+  // On the job's thread, before work_done (QEMU's run() updates progress at its end).
+  virtual void finished(job::core& j) { (void)j; }
+
+ private:
+  std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
+  std::thread thread_;
+};
+
+class job_actor : public caf::event_based_actor {
+ public:
+  job_actor(caf::actor_config& cfg, iothread* home, caf::actor supervisor, job::options opts,
+            std::shared_ptr<job_runner> runner);
+  ~job_actor() override;
+  caf::behavior make_behavior() override;
+
+ private:
+  command_outcome verb(const std::string& name, bool force);
+  boost::json::object info() const;
+  // After every message: drive a requested stop, and leave once the job reached null.
+  void settle();
+
+  iothread* home_;
+  caf::actor supervisor_;
+  std::shared_ptr<job_runner> runner_;  // shared: an abandoned worker thread keeps its runner alive
+  job::core core_;
+  bool stopping_ = false;
+  bool stop_cancelled_ = false;
+  caf::response_promise stop_rp_;
+  // Set once the job reached null and the supervisor was told; shared with the exit hook, which
+  // tells the supervisor when the actor fails instead (so the job's nodes are released).
+  std::shared_ptr<bool> gone_ = std::make_shared<bool>(false);
+};
+
+}  // namespace blockd
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(blockd::job_step)
