@@ -2,6 +2,9 @@
 #include "storage/block/query.h"
 
 #include <map>
+#include <optional>
+#include <string>
+#include <vector>
 
 namespace blockd::block {
 namespace {
@@ -18,33 +21,59 @@ const node* primary_child(const node& n) {
   return nullptr;
 }
 
-int backing_depth(const node& n) {
-  int depth = 0;
-  for (const node* b = child_of(n, "backing"); b; b = child_of(*b, "backing")) ++depth;
-  return depth;
+// A node's children in QEMU's bs->children order: each attach inserts at the head, so the newest edge comes
+// first (a qcow2 node lists backing, data-file, file). The graph keeps them in attachment order.
+std::vector<const node::child_edge*> qemu_children(const node& n) {
+  std::vector<const node::child_edge*> out;
+  for (auto it = n.children.rbegin(); it != n.children.rend(); ++it) out.push_back(&*it);
+  return out;
 }
 
+// QEMU's path_has_protocol: a ':' before any '/'.
+bool has_protocol(const std::string& p) {
+  auto i = p.find_first_of(":/");
+  return i != std::string::npos && p[i] == ':';
+}
+
+// bdrv_get_full_backing_filename: the image's own backing file name made absolute against the directory of
+// the node's primary child (its image file), as bdrv_dirname finds it; none where that has no directory
+// (a "json:" filename).
+std::optional<std::string> full_backing_filename(const graph& g, const node& n, const std::string& name) {
+  if (name.empty()) return std::nullopt;
+  if (name[0] == '/' || has_protocol(name)) return name;
+  const node* at = &n;
+  while (const node* c = primary_child(*at)) at = c;
+  std::string base = g.filename(*at);
+  if (base.rfind("json:", 0) == 0) return std::nullopt;
+  auto slash = base.rfind('/');
+  return (slash == std::string::npos ? std::string() : base.substr(0, slash + 1)) + name;
+}
+
+// virtual-size is bdrv_getlength(): whole 512-byte sectors, so a file's odd length rounds up.
+int64_t sectors_rounded(int64_t size) { return size < 0 ? size : (size + 511) / 512 * 512; }
+
+// ImageInfo. The backing-filename members come from the image's own header (bs->backing_file), whatever
+// backing node is attached or not (backing: null, or given by node name); backing-image follows the
+// attached backing node. Members go in in QAPI schema order, as QEMU's output visitor adds them: the
+// writer orders them by QDict bucket, and within a shared bucket the newest comes first.
 boost::json::object image_info(const graph& g, const node& n, bool flat) {
   image_facts f = n.driver().facts();
   boost::json::object img;
-  if (f.has_snapshots && !f.snapshots.empty()) img["snapshots"] = f.snapshots;
-  img["virtual-size"] = f.virtual_size;
   img["filename"] = g.filename(n);
-  if (f.cluster_size) img["cluster-size"] = f.cluster_size;
   img["format"] = n.settings().driver;
-  img["actual-size"] = f.actual_size;
   if (f.has_dirty_flag) img["dirty-flag"] = f.dirty;
-  if (!f.format_specific.is_null()) img["format-specific"] = f.format_specific;
-  if (const node* b = child_of(n, "backing")) {
-    std::string bf = g.filename(*b);
-    img["backing-filename"] = f.backing_filename.empty() ? bf : f.backing_filename;
-    img["full-backing-filename"] = bf;
-    img["backing-filename-format"] = f.backing_format.empty() ? b->settings().driver : f.backing_format;
-    if (!flat) img["backing-image"] = image_info(g, *b, flat);
-  } else if (!f.backing_filename.empty()) {
+  img["actual-size"] = f.actual_size;
+  img["virtual-size"] = sectors_rounded(f.virtual_size);
+  if (f.cluster_size) img["cluster-size"] = f.cluster_size;
+  if (!f.backing_filename.empty()) {
     img["backing-filename"] = f.backing_filename;
+    if (auto full = full_backing_filename(g, n, f.backing_filename)) img["full-backing-filename"] = *full;
     if (!f.backing_format.empty()) img["backing-filename-format"] = f.backing_format;
   }
+  if (f.has_snapshots && !f.snapshots.empty()) img["snapshots"] = f.snapshots;
+  if (!f.format_specific.is_null()) img["format-specific"] = f.format_specific;
+  if (!flat)
+    if (const node* b = child_of(n, "backing")) img["backing-image"] = image_info(g, *b, flat);
   return img;
 }
 
@@ -65,8 +94,15 @@ boost::json::object device_info(const graph& g, const node& n, bool flat) {
   o["iops_wr"] = 0;
   o["ro"] = s.read_only;
   o["node-name"] = s.name;
-  o["backing_file_depth"] = backing_depth(n);
+  // Counts the backing images the reply nests, so a flat reply says 0 (QEMU counts image.backing-image).
+  int depth = 0;
+  for (const boost::json::value* b = o["image"].as_object().if_contains("backing-image"); b;
+       b = b->as_object().if_contains("backing-image"))
+    ++depth;
+  // backing_file shares its QDict bucket with write_threshold and goes in first (schema order), so it
+  // prints after it, as in QSD.
   if (const node* b = child_of(n, "backing")) o["backing_file"] = g.filename(*b);
+  o["backing_file_depth"] = depth;
   o["drv"] = s.driver;
   o["iops"] = 0;
   o["bps_wr"] = 0;
@@ -77,7 +113,8 @@ boost::json::object device_info(const graph& g, const node& n, bool flat) {
   o["cache"] = boost::json::object{{"no-flush", s.no_flush}, {"direct", s.direct}, {"writeback", true}};
   o["file"] = g.filename(n);
   boost::json::array children;
-  for (auto& e : n.children) children.push_back(boost::json::object{{"child", e.role}, {"node-name", e.child->name()}});
+  for (auto* e : qemu_children(n))
+    children.push_back(boost::json::object{{"child", e->role}, {"node-name", e->child->name()}});
   o["children"] = std::move(children);
   o["active"] = s.active;
   return o;
@@ -112,13 +149,21 @@ boost::json::object device_stats(const node& n) {
   return st;
 }
 
+// BlockStats.parent: the primary child where it holds the data, else the one child that does (QEMU's
+// bdrv_query_bds_stats). A qcow2 image with an external data file keeps only metadata in its file, so the
+// data file is its parent there.
+const node* stats_parent(const node& n) {
+  if (auto* d = child_of(n, "data-file")) return d;
+  return primary_child(n);
+}
+
 boost::json::object node_stats_entry(const node& n) {
   boost::json::object o;
   o["stats"] = device_stats(n);
   o["node-name"] = n.name();
   auto ds = n.driver().driver_stats();
   if (!ds.is_null()) o["driver-specific"] = std::move(ds);
-  if (const node* p = primary_child(n)) o["parent"] = node_stats_entry(*p);
+  if (const node* p = stats_parent(n)) o["parent"] = node_stats_entry(*p);
   return o;
 }
 
@@ -150,15 +195,15 @@ boost::json::object block_graph_dump(const graph& g) {
     const node& n = **it;
     out_nodes.insert(out_nodes.begin(),
                      boost::json::object{{"name", n.name()}, {"type", "block-driver"}, {"id", id[&n]}});
-    for (auto& e : n.children) {
+    for (auto* e : qemu_children(n)) {
       boost::json::array perm, shared;
-      for (auto& p : perm_list(e.perm)) perm.push_back(boost::json::value(p));
-      for (auto& p : perm_list(e.shared)) shared.push_back(boost::json::value(p));
-      out_edges.insert(out_edges.begin(), boost::json::object{{"name", e.role},
+      for (auto& p : perm_list(e->perm)) perm.push_back(boost::json::value(p));
+      for (auto& p : perm_list(e->shared)) shared.push_back(boost::json::value(p));
+      out_edges.insert(out_edges.begin(), boost::json::object{{"name", e->role},
                                                               {"parent", id[&n]},
                                                               {"shared-perm", std::move(shared)},
                                                               {"perm", std::move(perm)},
-                                                              {"child", id[e.child]}});
+                                                              {"child", id[e->child]}});
     }
   }
   // Users that are not nodes (exports, jobs, commands) appear as block backends attached as 'root'.
