@@ -150,6 +150,8 @@ void supervisor_actor::run_command(const std::string& name, boost::json::object&
   }
   if (job_command(name, args, reply)) return;
   if (name == "block_resize") return block_resize(args, std::move(reply));
+  if (name == "blockdev-snapshot-internal-sync") return snapshot_internal(args, std::move(reply));
+  if (name == "blockdev-snapshot-delete-internal-sync") return snapshot_delete_internal(args, std::move(reply));
   if (name == "blockdev-reopen") return blockdev_reopen(args, std::move(reply));
   if (name == "blockdev-set-active") return blockdev_set_active(args, std::move(reply));
   if (name == "x-blockdev-set-iothread") return set_iothread(args, std::move(reply));
@@ -288,8 +290,15 @@ iothread* supervisor_actor::home_of(const block::node* n) const {
 }
 
 block::driver_env supervisor_actor::env_for(iothread* t) const {
-  return block::driver_env{&t->reactor(), [t](std::function<void()> fn) { t->post(std::move(fn)); },
-                           [t] { return t->is_current(); }, [t](block::driver_env::start_fn start) { return t->block_on(start); }};
+  block::driver_env e{&t->reactor(), [t](std::function<void()> fn) { t->post(std::move(fn)); },
+                      [t] { return t->is_current(); },
+                      [t](block::driver_env::start_fn start) { return t->block_on(start); }};
+  // Drivers emit from their iothread: the event goes to the bus as a message to this actor.
+  caf::actor self = caf::actor_cast<caf::actor>(const_cast<supervisor_actor*>(this));
+  e.emit = [self](std::string name, boost::json::object data) {
+    caf::anon_send(self, event_atom::value, std::move(name), json_args{std::move(data)});
+  };
+  return e;
 }
 
 std::vector<block::node*> supervisor_actor::components(const std::vector<block::node*>& seeds) const {

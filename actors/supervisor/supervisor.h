@@ -62,6 +62,8 @@ class supervisor_actor : public caf::event_based_actor {
   void blockdev_add_async(const boost::json::object& args, reply_fn reply);
   void blockdev_del(const std::string& name, reply_fn reply);
   void block_resize(const boost::json::object& args, reply_fn reply);
+  void snapshot_internal(const boost::json::object& args, reply_fn reply);         // snapshots.cpp
+  void snapshot_delete_internal(const boost::json::object& args, reply_fn reply);  // snapshots.cpp
   command_outcome set_write_threshold(const boost::json::object& args);
   // Runs `fn` with `nodes` quiesced (nothing in flight, new requests held), then resumes them (on
   // their homes as they are after `fn`) and replies.

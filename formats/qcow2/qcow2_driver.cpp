@@ -206,13 +206,10 @@ class qcow2_driver final : public block_driver {
     return co::child_io(n, op, off, len, flags | ctl_flags_);
   }
   // Allocations go past the end of the image (or data) file, which a node refuses to write: the
-  // file grows first, in steps, so appending clusters is not one ftruncate per cluster. A file
-  // that cannot grow (a device) leaves the write to fail with the node's range error.
+  // file grows first, exactly to what is used (its length is visible as the file node's size, as
+  // in QEMU). A file that cannot grow (a device) leaves the write to fail with the node's range error.
   void grow(node& n, int64_t end) {
-    int64_t cur = n.length();
-    int64_t step = std::max<int64_t>(int64_t(1) << 20, cur / 16);
-    int64_t target = std::max(end, std::min<int64_t>(cur + step, (end + step - 1) / step * step));
-    if (!n.driver().truncate(target)) (void)n.driver().truncate(end);
+    if (end > n.length()) (void)n.driver().truncate(end);
   }
   int run_sync(task<int> t);
 

@@ -346,6 +346,9 @@ void define_block(schema& s) {
   s.command("blockdev-add", "BlockdevOptions", "", true);
   s.command("blockdev-del", "node-name:str");
   s.command("block_resize", "*device:str *node-name:str size:int");
+  s.object("BlockdevSnapshotInternal", "device:str name:str");
+  s.command("blockdev-snapshot-internal-sync", "BlockdevSnapshotInternal", "", true);
+  s.command("blockdev-snapshot-delete-internal-sync", "device:str *id:str *name:str", "SnapshotInfo");
   s.command("block-set-write-threshold", "node-name:str write-threshold:uint64");
   s.command("blockdev-reopen", "options:[BlockdevOptions]");
   s.command("blockdev-set-active", "*node-name:str active:bool");
