@@ -1689,8 +1689,12 @@ result<void> qcow2_driver::open(open_args& a) {
   auto opts = parse_open_options(a.options, h_, h_.size, a.discard_unmap);
   if (!opts) return std::unexpected(opts.error());
   o_ = *opts;
-  if (a.options.contains("encrypt") && !h_.crypt_method)
-    return fail("No encryption in the image header, but options specified format 'aes'");
+  if (auto* enc = a.options.if_contains("encrypt"); enc && !h_.crypt_method) {
+    std::string fmt = enc->is_object() && enc->as_object().contains("format")
+                          ? std::string(enc->as_object().at("format").as_string())
+                          : "aes";
+    return fail("No encryption in image header, but options specified format '" + fmt + "'");
+  }
   l2_cache_ = std::make_unique<meta_cache>(o_.l2_slice_bytes, o_.l2_cache_bytes / o_.l2_slice_bytes);
   rc_cache_ = std::make_unique<meta_cache>(cs_, o_.refcount_cache_bytes / cs_);
   slice_entries_ = o_.l2_slice_bytes / h_.l2_entry_size();
@@ -1702,11 +1706,11 @@ result<void> qcow2_driver::open(open_args& a) {
     if (!df) {
       if (h_.data_file.empty()) return fail("'data-file' is required for this image");
       if (!a.open_child) return fail("'data-file' is required for this image");
-      std::string path = resolve_relative(a.filename_of ? a.filename_of(*file_) : "", h_.data_file);
-      boost::json::object o{{"driver", "file"}, {"filename", path}};
+      // The name is used as it is (relative to the daemon's working directory), as QEMU does.
+      boost::json::object o{{"driver", "file"}, {"filename", h_.data_file}};
       if (read_only_) o["read-only"] = true;
       auto c = a.open_child("data-file", o);
-      if (!c) return fail("Could not open data file: " + c.error().desc);
+      if (!c) return std::unexpected(c.error());
       df = *c;
     }
     data_ = df;
@@ -1887,12 +1891,18 @@ void qcow2_driver::child_perm(const std::string& role, uint32_t node_perm, uint3
     shared = perm_consistent_read | perm_write_unchanged | ((node_shared & perm_write) ? uint32_t(perm_write | perm_resize) : 0u);
     return;
   }
-  // The image file (and data file): metadata is written whenever the node may be written, and the
-  // file grows with allocations; nobody else may write or resize it under the tables.
+  if (role == "data-file") {
+    // Guest data only: what the node's users need, and everything shared but resizing (the
+    // mapping assumes the data file's extent).
+    perm = node_perm;
+    shared = node_shared & ~uint32_t(perm_resize);
+    return;
+  }
+  // The image file: metadata is written whenever the node may be written, and the file grows with
+  // allocations; nobody else may write or resize it under the tables, even while we only read.
   perm = node_perm | perm_consistent_read;
   if (!read_only_) perm |= perm_write | perm_resize;
-  shared = node_shared & ~uint32_t(perm_write | perm_resize);
-  if (read_only_) shared = node_shared | perm_write_unchanged;
+  shared = (node_shared & perm_consistent_read) | perm_write_unchanged;
 }
 
 image_facts qcow2_driver::facts() const {
@@ -2176,7 +2186,12 @@ result<std::unique_ptr<block_driver>> open_qcow2(open_args& a) {
 }  // namespace
 
 void register_qcow2_driver() {
-  register_driver({"qcow2", false, {"file", "backing", "data-file"}, open_qcow2, nullptr, create_qcow2});
+  driver_entry e{"qcow2", false, {"file", "data-file", "backing"}, open_qcow2, nullptr, create_qcow2};
+  e.runtime_options = {"lazy-refcounts",  "pass-discard-request", "pass-discard-snapshot", "pass-discard-other",
+                       "discard-no-unref", "overlap-check",        "cache-size",            "l2-cache-size",
+                       "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval", "data-file"};
+  e.backing_from_image = true;
+  register_driver(std::move(e));
 }
 
 }  // namespace blockd::qcow2

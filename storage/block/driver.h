@@ -204,6 +204,12 @@ struct driver_entry {
   std::function<std::string(const boost::json::object& options)> plain_filename;
   // blockdev-create for this driver; null when the driver cannot create images.
   std::function<result<void>(const create_args&)> create = nullptr;
+  // Options that only tune how the node runs (caches, discard passing): a format node with nothing
+  // but these over a protocol node is named after its file, as QEMU's filename refresh does.
+  std::vector<std::string> runtime_options = {};
+  // The image names its backing file itself (qcow2): an explicit backing that differs, or null
+  // while the image names one, makes the node's filename a json: description.
+  bool backing_from_image = false;
 };
 
 // The drivers this build has (registered at start-up by each driver's translation unit).

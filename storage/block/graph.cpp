@@ -174,6 +174,7 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
     if (r) a.children.emplace_back(role, *r);
     return r;
   };
+  size_t slot = nodes_.size();  // where this node goes in the creation order: after its file child
   for (auto& role : e->child_roles) {
     auto* v = options.if_contains(role);
     if (!v || v->is_null()) continue;  // null: explicitly none (a qcow2 image without its backing file)
@@ -181,21 +182,38 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
     if (v->is_string()) {
       child = find(std::string(v->as_string()));
       std::string ref(v->as_string());
-      if (!child) return fail("Cannot find device='" + ref + "' nor node-name='" + ref + "'");
+      if (!child) {
+        std::string msg = "Cannot find device='" + ref + "' nor node-name='" + ref + "'";
+        return fail(role == "backing" ? "Could not open backing file: " + msg : msg);
+      }
     } else {
-      auto r = open_node(inherited_options(v->as_object(), options), false, created, &v->as_object());
+      auto child_opts = inherited_options(v->as_object(), options);
+      // A backing file is only read: read-only unless its own options say otherwise (QEMU's default).
+      if (role == "backing" && !v->as_object().contains("read-only")) {
+        child_opts["read-only"] = true;
+        child_opts["auto-read-only"] = false;
+      }
+      auto r = open_node(child_opts, false, created, &v->as_object());
       if (!r) return r;
       child = *r;
     }
     a.children.emplace_back(role, child);
+    if (role == e->child_roles.front()) slot = nodes_.size();
   }
   auto drv = e->open(a);
   if (!drv) return std::unexpected(drv.error());
   s.read_only = a.read_only;  // auto-read-only may have fallen back
   auto n = std::make_unique<node>(std::move(s), std::move(*drv), env_for_new_node_());
   node* np = n.get();
+  // Children attach in the driver's role order (file, data-file, backing), whether the options
+  // named them or the image did, as QEMU attaches them.
+  auto rank = [e](const std::string& role) {
+    return std::find(e->child_roles.begin(), e->child_roles.end(), role) - e->child_roles.begin();
+  };
+  std::stable_sort(a.children.begin(), a.children.end(), [&](auto& x, auto& y) { return rank(x.first) < rank(y.first); });
   for (auto& [role, child] : a.children) np->children.push_back({role, child});
-  nodes_.push_back(std::move(n));
+  // QEMU registers a node right after its file child, before the rest of its chain (listing order).
+  nodes_.insert(nodes_.begin() + std::ptrdiff_t(std::min(slot, nodes_.size())), std::move(n));
   created.push_back(np);
   if (!np->settings().active) np->driver().inactivate();
   // Take the edges' permissions on the children (a window forbids resizing under it, ...).
@@ -258,6 +276,11 @@ void graph::detach_user(node& n, const std::string& key) {
 result<void> graph::check_del(const std::string& name) {
   node* n = find(name);
   if (!n) return fail("Failed to find node with node-name='" + name + "'");
+  // A backing file is blocked for deletion by its overlay first (QEMU's op blocker).
+  for (auto& p : nodes_)
+    for (auto& edge : p->children)
+      if (edge.child == n && edge.role == "backing")
+        return fail("Node '" + name + "' is busy: node is used as backing hd of '" + p->name() + "'");
   if (!n->monitor_owned) return fail("Node " + name + " is not owned by the monitor");
   if (!n->users.empty()) return fail("Block device " + name + " is in use");
   return {};
@@ -306,11 +329,37 @@ std::string graph::filename(const node& n) const {
     std::string plain = e->plain_filename(own);
     if (!plain.empty()) return plain;
   }
-  // A format node with no options of its own over a protocol node is named after that node's file
-  // (a format over another format is not: its image could not be probed from the plain name).
-  const driver_entry* ce = n.children.size() == 1 ? find_driver(n.children[0].child->settings().driver) : nullptr;
-  if (own.size() == 1 && ce && ce->protocol && own.contains(n.children[0].role)) {
-    std::string child = filename(*n.children[0].child);
+  // A format node whose own options only tune it (no window, no other backing than its image
+  // names) over a protocol node is named after that node's file; a format over another format is
+  // not (its image could not be probed from the plain name).
+  const node* file = nullptr;
+  for (auto& edge : n.children)
+    if (e && !e->child_roles.empty() && edge.role == e->child_roles.front()) file = edge.child;
+  const driver_entry* fe = file ? find_driver(file->settings().driver) : nullptr;
+  bool plain = e && fe && fe->protocol;
+  for (auto& kv : own) {
+    if (!plain) break;
+    std::string_view k = kv.key();
+    if (k == e->child_roles.front()) continue;
+    if (std::find(e->runtime_options.begin(), e->runtime_options.end(), k) != e->runtime_options.end()) continue;
+    if (k == "backing" && e->backing_from_image) {
+      // An explicit backing keeps the plain name only when it is what the image names anyway.
+      image_facts f = n.driver().facts();
+      if (kv.value().is_null()) {
+        plain = f.backing_filename.empty();
+        continue;
+      }
+      const node* b = nullptr;
+      for (auto& edge : n.children)
+        if (edge.role == "backing") b = edge.child;
+      // Compared as the image spells it: a relative name never equals a node's full filename.
+      plain = b && !f.backing_filename.empty() && filename(*b) == f.backing_filename;
+      continue;
+    }
+    plain = false;
+  }
+  if (plain) {
+    std::string child = filename(*file);
     if (child.rfind("json:", 0) != 0) return child;
   }
   return "json:" + qmp::to_json(boost::json::value(full_options(n)), false);

@@ -322,50 +322,7 @@ CASES += [
 
 # Known differences owned elsewhere: (case substring, path regex, regex QSD's value must match (None: any), what
 # QSD does and where blockd should change). The printed diff shows both values.
-FILENAME = r"(\]\.file|\.filename|\]\.backing_file)$"
-ORDER = r"(query-named-block-nodes|query-blockstats).*return<order>$|x-debug-query-block-graph.*\.(nodes|edge-order)\["
 KNOWN = [
-    ("", FILENAME, r'^"WORKDIR/[^"]*\.qcow2"$',
-     "graph::filename (storage/block/graph.cpp): a format node is named after its primary ('file') child unless it "
-     "has strong runtime options (none for qcow2 but encrypt.key-secret) or its backing is overridden (a backing "
-     "node whose filename differs from the header's name, or none while the header names one): other children "
-     "(an implicit backing chain, a data-file) and runtime options (lazy-refcounts, cache sizes) do not make it "
-     "json:{...}"),
-    ("", ORDER, None,
-     "node order (storage/block/graph.cpp open_node): QEMU names a node after its 'file' child is open and before "
-     "its data-file and backing chain are, and lists nodes newest-named first (query-named-block-nodes), oldest "
-     "first (query-blockstats), and creation-reversed in x-debug-query-block-graph; blockd adds a node after all its "
-     "children"),
-    ("data-file and backing both given by node name", r"children<order>$", None,
-     "child attach order: QEMU attaches file, then data-file, then backing (always last, given or from the header), "
-     "and lists them newest first [backing, data-file, file]; blockd attaches given children in child_roles order "
-     "{file, backing, data-file} (formats/qcow2 register_qcow2_driver) before implicit ones (graph.cpp open_node)"),
-    ("backing given inline", r"\.ro$", None,
-     "inherited_options (storage/block/graph.cpp): a 'backing' child defaults to read-only=on, auto-read-only=off "
-     "(QEMU's bdrv_backing_options) instead of inheriting read-only from its parent"),
-    ("", r"x-debug-query-block-graph.*edges\.(top/data-file|#top/backing/file)\.(perm|shared-perm)$", None,
-     "qcow2_driver::child_perm (formats/qcow2): the image file is shared without write and resize even when the "
-     "node is read-only (bdrv_default_perms_for_storage clears them for every metadata child); a data-file child "
-     "takes only what the node's users need (+write with write-unchanged, +resize with write) and shares all "
-     "but resize"),
-    ("", FILENAME, r'^"d\.raw"$',
-     "qcow2_driver::open (formats/qcow2): a relative data-file name from the header is opened as given, against "
-     "the daemon's working directory (bdrv_open_child with the bare name), not the image's directory; the data "
-     "file node's filename is then that bare name ('d.raw')"),
-    ("data-file, relative name, image in a subdirectory", r"^#[012] ", None,
-     "as above: QSD opens WORKDIR/d.raw (its working directory), blockd looks for WORKDIR/sub/d.raw and fails"),
-    ("blockdev-add errors: images", r"^#2 blockdev-add.*error\.desc$", None,
-     "qcow2_driver::open (formats/qcow2): a missing data file fails with the file open's own text, no 'Could not "
-     "open data file: ' prefix, and with the name as the header gives it (cwd-relative)"),
-    ("blockdev-add errors: options", r"^#9 blockdev-add.*error\.desc$", None,
-     "graph::open_node (storage/block/graph.cpp): a 'backing' reference that names no node fails with 'Could not "
-     "open backing file: ' before the lookup text"),
-    ("blockdev-add errors: options", r"^#10 blockdev-add.*error\.desc$", None,
-     "qcow2_driver::open (formats/qcow2): the text is 'No encryption in image header, ...' (no 'the')"),
-    ("blockdev-del", r"blockdev-del.*error\.desc$", r"is busy: node is used as backing hd of",
-     "graph::check_del (storage/block/graph.cpp): a node attached as some node's backing child is refused first "
-     "(QEMU's op blocker, before the monitor-ownership and in-use checks) with \"Node 'NAME' is busy: node is used "
-     "as backing hd of 'PARENT'\""),
     ("dirty image opened read-write", r"(#top/file\]\.image\.virtual-size|qemu-img check a\.qcow2\.check)$", None,
      "refcount rebuild of a dirty lazy-refcounts image (formats/qcow2 rebuild_refcounts): the image is clean, but "
      "QEMU's rebuilt tables end the file at 393216 bytes where blockd's leave a 1 MiB file ending at 524288"),
