@@ -192,6 +192,7 @@ class qcow2_driver final : public block_driver {
   result<void> activate() override;
   void rehome(const driver_env& env) override { env_ = env; }
   bool supports_snapshots() const override { return true; }
+  result<std::unique_ptr<reopen_state>> reopen_prepare(const reopen_args& a, std::vector<std::string>& consumed) override;
   result<void> snapshot_create(const std::string& name, int64_t date_sec, int64_t date_nsec) override;
   result<boost::json::object> snapshot_delete(const std::string* id, const std::string* name) override;
 
@@ -1941,6 +1942,33 @@ image_facts qcow2_driver::facts() const {
     f.snapshots.push_back(std::move(o));
   }
   return f;
+}
+
+// blockdev-reopen: the common flags may change (read-only both ways); the driver's own options keep
+// their values (the graph refuses changes to options a driver does not consume).
+result<std::unique_ptr<block_driver::reopen_state>> qcow2_driver::reopen_prepare(const reopen_args& a,
+                                                                                 std::vector<std::string>& consumed) {
+  (void)consumed;
+  if (!a.read_only && read_only_ && (h_.incompatible_features & incompat_corrupt))
+    return fail("qcow2: Image is corrupt; cannot be opened read/write");
+  struct state final : reopen_state {
+    qcow2_driver* d;
+    bool to_read_only;
+    bool to_writable;
+    void commit() override {
+      if (to_read_only) {
+        // Everything cached goes out and the image is marked clean before writes stop.
+        if (!d->corrupt_) (void)d->run_sync(d->close_image());
+        d->read_only_ = true;
+      }
+      if (to_writable) d->read_only_ = false;
+    }
+  };
+  auto st = std::make_unique<state>();
+  st->d = this;
+  st->to_read_only = a.read_only && !read_only_;
+  st->to_writable = !a.read_only && read_only_;
+  return std::unique_ptr<reopen_state>(std::move(st));
 }
 
 // ---- internal snapshots -------------------------------------------------------------------------

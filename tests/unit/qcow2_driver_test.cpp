@@ -821,3 +821,45 @@ TEST(qcow2_header, unknown_extensions_survive_header_rewrites) {
 
 }  // namespace
 }  // namespace blockd::block
+
+// ---- reopen ----------------------------------------------------------------------------------------
+
+namespace blockd::block {
+namespace {
+
+TEST(qcow2_reopen, read_only_and_back_writes_everything_first) {
+  NEED_QEMU();
+  scratch s;
+  std::string img = s.path("r.qcow2");
+  int st = 0;
+  qemu_img("create -q -f qcow2 -o lazy_refcounts=on " + img + " 4M", &st);
+  ASSERT_EQ(st, 0);
+  stack k;
+  node* n = k.open_qcow2(img);
+  ASSERT_NE(n, nullptr);
+  write_pattern(*n, 0, 65536, 0x5a);
+  json::object file{{"driver", "file"}, {"filename", img}};
+  auto reopen = [&](bool ro) {
+    json::array list{json::object{{"driver", "qcow2"}, {"node-name", n->name()}, {"read-only", ro},
+                                  {"file", n->children[0].child->name()}}};
+    auto plan = k.g.reopen_prepare(list);
+    ASSERT_TRUE(plan.has_value()) << plan.error().desc;
+    k.g.reopen_commit(*plan);
+  };
+  reopen(true);
+  // Nothing is cached any more and the dirty mark is gone: another reader sees a clean image.
+  expect_clean(img);
+  std::string info = qemu_img("info -U --output=json " + img);
+  EXPECT_NE(info.find("\"dirty-flag\": false"), std::string::npos) << info;
+  EXPECT_EQ(sync_io(*n).write_zeroes(0, 4096), -EPERM);
+  reopen(false);
+  write_pattern(*n, 65536, 4096, 0x5b);
+  k.close(n);
+  expect_clean(img);
+  auto v = qemu_content(img, s);
+  EXPECT_EQ(v[0], 0x5a);
+  EXPECT_EQ(v[65536], 0x5b);
+}
+
+}  // namespace
+}  // namespace blockd::block
