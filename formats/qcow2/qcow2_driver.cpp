@@ -162,6 +162,19 @@ struct extent {
   bool allocated_zero = false;
 };
 
+// SnapshotInfo as QMP shows an internal snapshot.
+boost::json::object snapshot_info(const snapshot& s) {
+  boost::json::object o{{"id", s.id},
+                        {"name", s.name},
+                        {"vm-state-size", int64_t(s.vm_state_size_large ? s.vm_state_size_large : s.vm_state_size)},
+                        {"date-sec", s.date_sec},
+                        {"date-nsec", s.date_nsec},
+                        {"vm-clock-sec", int64_t(s.vm_clock_nsec / 1000000000)},
+                        {"vm-clock-nsec", int64_t(s.vm_clock_nsec % 1000000000)}};
+  if (s.icount != ~0ull) o["icount"] = s.icount;
+  return o;
+}
+
 // A guest cluster's L2 words.
 struct l2_words {
   uint64_t entry = 0;
@@ -1930,17 +1943,7 @@ image_facts qcow2_driver::facts() const {
   d["refcount-bits"] = h_.refcount_bits();
   f.format_specific = boost::json::object{{"type", "qcow2"}, {"data", std::move(d)}};
   f.has_snapshots = true;
-  for (auto& s : snapshots_) {
-    boost::json::object o{{"id", s.id},
-                          {"name", s.name},
-                          {"vm-state-size", int64_t(s.vm_state_size_large ? s.vm_state_size_large : s.vm_state_size)},
-                          {"date-sec", s.date_sec},
-                          {"date-nsec", s.date_nsec},
-                          {"vm-clock-sec", int64_t(s.vm_clock_nsec / 1000000000)},
-                          {"vm-clock-nsec", int64_t(s.vm_clock_nsec % 1000000000)}};
-    if (s.icount != ~0ull) o["icount"] = s.icount;
-    f.snapshots.push_back(std::move(o));
-  }
+  for (auto& s : snapshots_) f.snapshots.push_back(snapshot_info(s));
   return f;
 }
 
@@ -2186,15 +2189,7 @@ result<boost::json::object> qcow2_driver::snapshot_delete(const std::string* id,
     break;
   }
   if (index == snapshots_.size()) return fail("no such snapshot");
-  const snapshot& s = snapshots_[index];
-  boost::json::object info{{"id", s.id},
-                           {"name", s.name},
-                           {"vm-state-size", int64_t(s.vm_state_size_large ? s.vm_state_size_large : s.vm_state_size)},
-                           {"date-sec", s.date_sec},
-                           {"date-nsec", s.date_nsec},
-                           {"vm-clock-sec", int64_t(s.vm_clock_nsec / 1000000000)},
-                           {"vm-clock-nsec", int64_t(s.vm_clock_nsec % 1000000000)}};
-  if (s.icount != ~0ull) info["icount"] = s.icount;
+  boost::json::object info = snapshot_info(snapshots_[index]);
   if (read_only_ || corrupt_) return fail("Read-only file system");
   std::string err;
   int r = run_sync(do_snapshot_delete(index, err));

@@ -14,61 +14,40 @@
 #include <string>
 #include <vector>
 
+#include "storage/file/ofd_lock.h"
+
 namespace blockd::block {
 namespace {
 
-// QEMU's lock bytes (see file_driver.cpp): 100+i held while permission i is used, 200+i while it is
-// not shared. A creation takes them so that it cannot empty a file another user writes.
-constexpr off_t lock_perm_base = 100;
-constexpr off_t lock_shared_base = 200;
-const char* const lock_names[] = {"consistent read", "write", "write unchanged", "resize"};
+// A creation takes QEMU's lock bytes (ofd_lock.h) so that it cannot empty a file another user writes.
 
 std::string errno_text(const std::string& what, int err) { return what + ": " + std::strerror(err); }
-
-int ofd_lock(int fd, off_t byte, short type) {
-  struct flock fl {};
-  fl.l_type = type;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = byte;
-  fl.l_len = 1;
-  return fcntl(fd, F_OFD_SETLK, &fl) == 0 ? 0 : -errno;
-}
-
-bool ofd_taken_by_other(int fd, off_t byte) {
-  struct flock fl {};
-  fl.l_type = F_WRLCK;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = byte;
-  fl.l_len = 1;
-  if (fcntl(fd, F_OFD_GETLK, &fl) != 0) return false;
-  return fl.l_type != F_UNLCK;
-}
 
 // raw_apply_lock_bytes: read-locks the bytes of `perm` and of the permissions not `shared`.
 result<void> apply_locks(int fd, uint32_t perm, uint32_t shared) {
   for (int i = 0; i < 4; ++i) {
-    if ((perm & (1u << i)) && ofd_lock(fd, lock_perm_base + i, F_RDLCK) < 0)
-      return fail("Failed to lock byte " + std::to_string(lock_perm_base + i));
-    if (!(shared & (1u << i)) && ofd_lock(fd, lock_shared_base + i, F_RDLCK) < 0)
-      return fail("Failed to lock byte " + std::to_string(lock_shared_base + i));
+    if ((perm & (1u << i)) && ofd::lock(fd, ofd::perm_base + i, F_RDLCK) < 0)
+      return fail("Failed to lock byte " + std::to_string(ofd::perm_base + i));
+    if (!(shared & (1u << i)) && ofd::lock(fd, ofd::shared_base + i, F_RDLCK) < 0)
+      return fail("Failed to lock byte " + std::to_string(ofd::shared_base + i));
   }
   return {};
 }
 
 void release_locks(int fd) {
   for (int i = 0; i < 4; ++i) {
-    ofd_lock(fd, lock_perm_base + i, F_UNLCK);
-    ofd_lock(fd, lock_shared_base + i, F_UNLCK);
+    ofd::lock(fd, ofd::perm_base + i, F_UNLCK);
+    ofd::lock(fd, ofd::shared_base + i, F_UNLCK);
   }
 }
 
 // raw_check_lock_bytes: someone else refuses what we need, or needs what we refuse.
 result<void> check_locks(int fd, uint32_t perm, uint32_t shared) {
   for (int i = 0; i < 4; ++i) {
-    if ((perm & (1u << i)) && ofd_taken_by_other(fd, lock_shared_base + i))
-      return fail(std::string("Failed to get \"") + lock_names[i] + "\" lock");
-    if (!(shared & (1u << i)) && ofd_taken_by_other(fd, lock_perm_base + i))
-      return fail(std::string("Failed to get shared \"") + lock_names[i] + "\" lock");
+    if ((perm & (1u << i)) && ofd::taken_by_other(fd, ofd::shared_base + i))
+      return fail(std::string("Failed to get \"") + ofd::names[i] + "\" lock");
+    if (!(shared & (1u << i)) && ofd::taken_by_other(fd, ofd::perm_base + i))
+      return fail(std::string("Failed to get shared \"") + ofd::names[i] + "\" lock");
   }
   return {};
 }

@@ -18,17 +18,11 @@
 #include "storage/block/counter.h"
 #include "storage/block/driver.h"
 #include "storage/file/file_create.h"
+#include "storage/file/ofd_lock.h"
 #include "storage/io/reactor.h"
 
 namespace blockd::block {
 namespace {
-
-// QEMU's lock layout: byte 100+i is read-locked while this image is used with permission i, byte
-// 200+i while permission i is not shared. Another process (qemu-img, QSD, a second blockd) sees the
-// same bytes, so neither can take a permission the other refuses.
-constexpr off_t lock_perm_base = 100;
-constexpr off_t lock_shared_base = 200;
-const char* const lock_names[] = {"consistent read", "write", "write unchanged", "resize"};
 
 // A bounced request (O_DIRECT padding, zero-buffer writes) moves through a bounce buffer at most
 // this much at a time, so a huge misaligned request does not pin a buffer of its own size.
@@ -36,25 +30,6 @@ constexpr int64_t bounce_chunk = 1 << 20;
 // Jobs are pooled; a bounce buffer larger than this is returned to the allocator when its job ends,
 // so a burst of large misaligned requests does not keep (queue depth x chunk) bytes alive.
 constexpr size_t bounce_keep = 64 << 10;
-
-int ofd_lock(int fd, off_t byte, short type) {
-  struct flock fl {};
-  fl.l_type = type;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = byte;
-  fl.l_len = 1;
-  return fcntl(fd, F_OFD_SETLK, &fl) == 0 ? 0 : -errno;
-}
-
-bool ofd_taken_by_other(int fd, off_t byte) {
-  struct flock fl {};
-  fl.l_type = F_WRLCK;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = byte;
-  fl.l_len = 1;
-  if (fcntl(fd, F_OFD_GETLK, &fl) != 0) return false;
-  return fl.l_type != F_UNLCK;
-}
 
 int64_t round_down(int64_t v, int64_t a) { return v - v % a; }
 int64_t round_up(int64_t v, int64_t a) { return round_down(v + a - 1, a); }
@@ -190,10 +165,10 @@ class file_driver final : public block_driver {
     if (!s_.locking) return {};
     // Check first, then lock: a refused permission leaves the old locks in place.
     for (int i = 0; i < 4; ++i) {
-      if ((perm & (1u << i)) && ofd_taken_by_other(fd_, lock_shared_base + i))
-        return lock_error(std::string("Failed to get \"") + lock_names[i] + "\" lock");
-      if (!(shared & (1u << i)) && ofd_taken_by_other(fd_, lock_perm_base + i))
-        return lock_error(std::string("Failed to get shared \"") + lock_names[i] + "\" lock");
+      if ((perm & (1u << i)) && ofd::taken_by_other(fd_, ofd::shared_base + i))
+        return lock_error(std::string("Failed to get \"") + ofd::names[i] + "\" lock");
+      if (!(shared & (1u << i)) && ofd::taken_by_other(fd_, ofd::perm_base + i))
+        return lock_error(std::string("Failed to get shared \"") + ofd::names[i] + "\" lock");
     }
     apply_locks(fd_, perm, shared);
     locked_ = true;
@@ -274,8 +249,8 @@ class file_driver final : public block_driver {
 
   static void apply_locks(int fd, uint32_t perm, uint32_t shared) {
     for (int i = 0; i < 4; ++i) {
-      ofd_lock(fd, lock_perm_base + i, (perm & (1u << i)) ? F_RDLCK : F_UNLCK);
-      ofd_lock(fd, lock_shared_base + i, (shared & (1u << i)) ? F_UNLCK : F_RDLCK);
+      ofd::lock(fd, ofd::perm_base + i, (perm & (1u << i)) ? F_RDLCK : F_UNLCK);
+      ofd::lock(fd, ofd::shared_base + i, (shared & (1u << i)) ? F_UNLCK : F_RDLCK);
     }
   }
 
