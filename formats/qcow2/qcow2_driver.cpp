@@ -202,6 +202,7 @@ class qcow2_driver final : public block_driver {
   image_facts facts() const override;
   void close() override;
   void inactivate() override;
+  void wait_background();
   result<void> activate() override;
   void rehome(const driver_env& env) override { env_ = env; }
   bool supports_snapshots() const override { return true; }
@@ -270,6 +271,7 @@ class qcow2_driver final : public block_driver {
   task<int> ensure_refblock(uint64_t rbi);
   task<int> grow_reftable(uint64_t rbi);
   task<int> alloc_clusters(uint64_t n, uint64_t& off, bool& fresh);
+  task<int> alloc_area(uint64_t n, uint64_t& off);
   task<int> ensure_l2(uint64_t cluster);
   task<int> write_l1_entry(uint64_t index);
   // Why clusters are freed decides whether their space is discarded (pass-discard-* options).
@@ -573,8 +575,18 @@ task<int> qcow2_driver::ensure_refblock(uint64_t rbi) {
     if (r < 0) co_return r;
   }
   if (reftable_[rbi] & offset_mask) co_return 0;
+  if (corrupt_) co_return -EIO;
   uint64_t cl = rbi * rb_entries_;
   uint64_t off = cl * cs_;
+  // A range without a block is free by the format's rules; if metadata sits there the refcount
+  // table is lying, and writing the block would destroy that metadata.
+  std::string what;
+  if (overlaps_metadata(off, cs_, what) || cl == 0) {
+    signal_corruption("Preventing invalid allocation of a refcount block at offset " + std::to_string(off) +
+                          " (overlaps with " + (cl == 0 ? std::string("qcow2_header") : what) + ")",
+                      int64_t(off), int64_t(cs_));
+    co_return -EIO;
+  }
   meta_block* b = nullptr;
   int r = co_await load(*rc_cache_, off, b, /*fresh=*/true);
   if (r < 0) co_return r;
@@ -655,7 +667,82 @@ task<int> qcow2_driver::grow_reftable(uint64_t rbi) {
   co_return 0;
 }
 
+// Several contiguous clusters (an L1 table, a snapshot table) go past everything in use: scanning
+// for a free run would never find one longer than a refcount block's range in fresh space, whose
+// first cluster holds the block itself. The refcount blocks the area needs are placed in front of
+// it and count themselves (the same fixed point as a refcount table growth).
+task<int> qcow2_driver::alloc_area(uint64_t n, uint64_t& off) {
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    uint64_t c0 = (fresh_end_ + cs_ - 1) / cs_;
+    uint64_t k = 0;
+    std::vector<uint64_t> missing;
+    bool covered = true;
+    for (int iter = 0; iter < 64; ++iter) {
+      uint64_t last = c0 + k + n - 1;
+      if (last / rb_entries_ >= reftable_.size()) {
+        covered = false;
+        break;
+      }
+      missing.clear();
+      for (uint64_t r = c0 / rb_entries_; r <= last / rb_entries_; ++r)
+        if (!(reftable_[r] & offset_mask)) missing.push_back(r);
+      if (missing.size() <= k) break;
+      k = missing.size();
+    }
+    if (!covered) {
+      // The table must reach the area first; its growth moves the end of the file, so start over.
+      int r = co_await grow_reftable((c0 + 2 * n + 64) / rb_entries_ + 1);
+      if (r < 0) co_return r;
+      continue;
+    }
+    uint64_t first = c0 + k;
+    std::unordered_map<uint64_t, aligned_buf> blocks;  // range -> its new refcount block
+    for (size_t i = 0; i < missing.size(); ++i) blocks[missing[i]] = make_buf(cs_);
+    std::vector<uint64_t> existing;
+    auto count = [&](uint64_t c) {
+      auto it = blocks.find(c / rb_entries_);
+      if (it != blocks.end()) refcount_set(h_, it->second.get(), c % rb_entries_, 1);
+      else existing.push_back(c);
+    };
+    for (size_t i = 0; i < missing.size(); ++i) count(c0 + i);
+    for (uint64_t c = first; c < first + n; ++c) count(c);
+    for (size_t i = 0; i < missing.size(); ++i) {
+      int r = co_await io(*file_, io_op::write, int64_t((c0 + i) * cs_), int64_t(cs_)).buffer(blocks[missing[i]].get());
+      if (r < 0) co_return r;
+    }
+    if (!missing.empty()) {
+      int r = co_await io(*file_, io_op::flush, 0, 0);
+      if (r < 0) co_return r;
+      for (size_t i = 0; i < missing.size(); ++i) {
+        reftable_[missing[i]] = (c0 + i) * cs_;
+        meta_clusters_[c0 + i] = 'r';
+      }
+      // The table entries last: until then the new blocks are unreferenced space.
+      uint64_t lo = missing.front() * 8, hi = missing.back() * 8 + 8;
+      uint64_t a = std::max<uint64_t>(align_, 8);
+      lo = lo / a * a;
+      hi = (hi + a - 1) / a * a;
+      auto buf = make_buf(hi - lo);
+      for (uint64_t b = lo; b < hi; b += 8) put_be64(buf.get() + (b - lo), b / 8 < reftable_.size() ? reftable_[b / 8] : 0);
+      r = co_await io(*file_, io_op::write, int64_t(h_.refcount_table_offset + lo), int64_t(hi - lo)).buffer(buf.get());
+      if (r < 0) co_return r;
+    }
+    for (uint64_t c : existing) {
+      int r = co_await set_refcount(c, 1);
+      if (r < 0) co_return r;
+    }
+    fresh_end_ = (first + n) * cs_;
+    off = first * cs_;
+    co_return 0;
+  }
+  co_return -EFBIG;
+}
+
 task<int> qcow2_driver::alloc_clusters(uint64_t n, uint64_t& off, bool& fresh) {
+  if (n > 1) {
+    fresh = true;
+    co_return co_await alloc_area(n, off);
+  }
   uint64_t c = free_hint_;
   for (;;) {
     uint64_t rbi = c / rb_entries_;
@@ -680,6 +767,11 @@ task<int> qcow2_driver::alloc_clusters(uint64_t n, uint64_t& off, bool& fresh) {
       }
     }
     if (ok) break;
+  }
+  if (c == 0) {
+    // Cluster 0 holds the header: a zero refcount for it means the refcounts cannot be trusted.
+    signal_corruption("Preventing invalid allocation of the header cluster (its refcount is 0)", 0, int64_t(cs_));
+    co_return -EIO;
   }
   for (uint64_t i = 0; i < n; ++i) {
     int r = co_await set_refcount(c + i, 1);
@@ -792,6 +884,8 @@ void qcow2_driver::start_piece(join_state* j, task<int> t) {
 }
 
 task<int> qcow2_driver::writeback() {
+  // A corrupt image gets no more metadata writes: what is cached may be what is wrong.
+  if (corrupt_) co_return -EIO;
   bool wrote = false;
   if (rc_cache_->dirty_count()) {
     int r = co_await write_blocks(*rc_cache_);
@@ -977,8 +1071,16 @@ task<int> qcow2_driver::do_read(io_request& r) {
 task<int> qcow2_driver::read_extent(io_request& r, int64_t pos, uint64_t goff, const extent& e) {
   switch (e.kind) {
     case run_kind::data: {
-      iov_part p(r, pos, int64_t(e.len));
-      co_return co_await io(*data_, io_op::read, int64_t(e.host), int64_t(e.len)).vector(p.v, p.n);
+      // A cluster past the end of the file reads as zeroes there (the file is sparse, as QEMU sees it).
+      uint64_t flen = uint64_t(std::max<int64_t>(data_->length(), 0));
+      uint64_t in_file = e.host < flen ? std::min(e.len, flen - e.host) : 0;
+      if (in_file) {
+        iov_part p(r, pos, int64_t(in_file));
+        int rc = co_await io(*data_, io_op::read, int64_t(e.host), int64_t(in_file)).vector(p.v, p.n);
+        if (rc < 0) co_return rc;
+      }
+      if (in_file < e.len) iov_fill(r, pos + int64_t(in_file), int64_t(e.len - in_file), nullptr);
+      co_return 0;
     }
     case run_kind::zero:
       iov_fill(r, pos, int64_t(e.len), nullptr);
@@ -1106,6 +1208,13 @@ task<int> qcow2_driver::write_cluster(io_request& r, int64_t pos, uint64_t cl, u
   if (in_place) {
     uint64_t host = (w.entry & offset_mask) + in;
     std::string what;
+    if (!h_.has_data_file() && host + n > fresh_end_ + cs_) {
+      // The mapping points past everything the image file holds or was given: a broken table.
+      unlock_cluster(cl, false);
+      signal_corruption("Data cluster of guest offset " + std::to_string(cl * cs_) + " lies beyond the end of the image",
+                        int64_t(host), int64_t(n));
+      co_return -EIO;
+    }
     if (o_.overlap && !h_.has_data_file() && overlaps_metadata(host, n, what)) {
       unlock_cluster(cl, false);
       signal_corruption("Preventing invalid write on metadata (overlaps with " + what + ")", int64_t(host), int64_t(n));
@@ -1552,6 +1661,11 @@ task<int> qcow2_driver::load_metadata(std::string& err) {
       if (r < 0) co_return err = "Could not read snapshot table: " + std::string(std::strerror(-r)), r;
       auto s = parse_snapshots(b.get(), take, h_.nb_snapshots);
       if (s) {
+        for (auto& x : *s) {
+          if (uint64_t(x.l1_size) * 8 > max_l1_bytes) co_return err = "Snapshot L1 table too large", -EFBIG;
+          if (x.l1_size && (x.l1_offset & (cs_ - 1) || x.l1_offset + uint64_t(x.l1_size) * 8 > flen))
+            co_return err = "Snapshot L1 table offset invalid", -EINVAL;
+        }
         snapshots_ = std::move(*s);
         break;
       }
@@ -1576,10 +1690,16 @@ task<int> qcow2_driver::rebuild_refcounts(std::string& err) {
   uint64_t flen = uint64_t(std::max<int64_t>(file_->length(), 0));
   uint64_t nclusters = (flen + cs_ - 1) / cs_;
   std::vector<uint64_t> want(nclusters + 1, 0);
+  bool beyond = false;
+  // Everything counted must lie in the file: a table naming space past its end is corrupt, and
+  // sizing the rebuild by it would let a hostile image ask for any amount of memory.
   auto add = [&](uint64_t off, uint64_t len) -> bool {
     if (!len) return true;
     uint64_t last = (off + len - 1) / cs_;
-    if (last >= want.size()) want.resize(last + 1, 0);
+    if (off >= flen + cs_ || last >= nclusters + 1) {
+      beyond = true;
+      return false;
+    }
     for (uint64_t c = off / cs_; c <= last; ++c) ++want[c];
     return true;
   };
@@ -1622,6 +1742,7 @@ task<int> qcow2_driver::rebuild_refcounts(std::string& err) {
     r = co_await walk_l1(l1, s.l1_offset);
     if (r < 0) co_return err = "Could not rebuild refcounts: " + std::string(std::strerror(-r)), r;
   }
+  if (beyond) co_return err = "Could not rebuild refcounts: a table points beyond the end of the image file", -EIO;
   // The new structures' own clusters, placed after the last cluster anything uses.
   uint64_t used_end = want.size();
   while (used_end > 1 && want[used_end - 1] == 0) --used_end;
@@ -1738,7 +1859,12 @@ result<void> qcow2_driver::open(open_args& a) {
   if (bopt && !bopt->is_null()) {
     backing_ = a.find_child("backing");
   } else if (!bopt && !h_.backing_file.empty() && a.open_child) {
-    std::string path = resolve_relative(a.filename_of ? a.filename_of(*file_) : "", h_.backing_file);
+    std::string self = a.filename_of ? a.filename_of(*file_) : "";
+    std::string path = resolve_relative(self, h_.backing_file);
+    struct stat st_self {}, st_back {};
+    if (!self.empty() && ::stat(self.c_str(), &st_self) == 0 && ::stat(path.c_str(), &st_back) == 0 &&
+        st_self.st_dev == st_back.st_dev && st_self.st_ino == st_back.st_ino)
+      return fail("Backing file '" + path + "' of image '" + self + "' is the image itself");
     std::string fmt = h_.backing_format.empty() ? probe_format(path) : h_.backing_format;
     boost::json::object o{{"driver", fmt}, {"file", boost::json::object{{"driver", "file"}, {"filename", path}}},
                           {"read-only", true}};
@@ -1785,18 +1911,24 @@ task<int> qcow2_driver::close_image() {
   co_return r;
 }
 
-void qcow2_driver::close() {
+void qcow2_driver::wait_background() {
   if (background_)
     (void)run_sync([](qcow2_driver* d) -> task<int> {
       while (d->background_) co_await d->background_done_.wait();
       co_return 0;
     }(this));
-  if (!writable() || corrupt_ || !l2_cache_) return;
-  (void)run_sync(close_image());
+}
+
+void qcow2_driver::close() {
+  wait_background();
+  if (writable() && !corrupt_ && l2_cache_) (void)run_sync(close_image());
+  // Writing back may itself find corruption and start the corrupt mark: it finishes first too.
+  wait_background();
 }
 
 void qcow2_driver::inactivate() {
   if (writable() && !corrupt_ && l2_cache_) (void)run_sync(close_image());
+  wait_background();
 }
 
 result<void> qcow2_driver::activate() {

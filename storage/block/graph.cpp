@@ -170,7 +170,14 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
   a.discard_unmap = s.discard_unmap;
   a.filename_of = [this](const node& n) { return filename(n); };
   a.open_child = [&, this](const std::string& role, const boost::json::object& child_opts) -> result<node*> {
+    // Images name their backing files themselves: a loop (A -> B -> A) or an absurd chain must end
+    // in an error, not in a stack overflow.
+    if (implicit_depth_ >= max_implicit_depth)
+      return fail("Backing chain of node '" + name + "' is longer than " + std::to_string(max_implicit_depth) +
+                  " images (does it loop?)");
+    ++implicit_depth_;
     auto r = open_node(child_opts, false, created);
+    --implicit_depth_;
     if (r) a.children.emplace_back(role, *r);
     return r;
   };

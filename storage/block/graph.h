@@ -76,6 +76,8 @@ class graph {
   void destroy(node* n);
 
   std::function<driver_env()> env_for_new_node_;
+  static constexpr int max_implicit_depth = 64;  // nested opens of children an image names itself
+  int implicit_depth_ = 0;
   std::vector<std::unique_ptr<node>> nodes_;  // creation order
   unsigned auto_name_counter_ = 0;
 };

@@ -122,6 +122,14 @@ std::vector<uint8_t> blockd_content(node& n) {
   return out;
 }
 
+void write_pattern(node& n, int64_t off, int64_t len, uint8_t v) {
+  void* buf = nullptr;
+  ASSERT_EQ(posix_memalign(&buf, 4096, size_t(len)), 0);
+  std::memset(buf, v, size_t(len));
+  ASSERT_EQ(sync_io(n).write(buf, len, off), 0);
+  free(buf);
+}
+
 void expect_same(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b, const std::string& what) {
   ASSERT_EQ(a.size(), b.size()) << what;
   for (size_t i = 0; i < a.size(); ++i)
@@ -369,6 +377,21 @@ TEST(qcow2_write, growing_past_the_refcount_table_and_resizing) {
   expect_clean(img);
   std::string info = qemu_img("info --output=json " + img);
   EXPECT_NE(info.find("\"virtual-size\": 67108864"), std::string::npos) << info;
+  // A big growth of a 512-byte-cluster image: the new L1 table spans many refcount block ranges.
+  std::string big = s.path("big.qcow2");
+  qemu_img("create -q -f qcow2 -o cluster_size=512 " + big + " 1M", &st);
+  ASSERT_EQ(st, 0);
+  {
+    stack k;
+    node* n = k.open_qcow2(big);
+    ASSERT_NE(n, nullptr);
+    ASSERT_TRUE(n->driver().truncate(int64_t(2) << 30).has_value());
+    write_pattern(*n, (int64_t(2) << 30) - 4096, 4096, 0x77);
+    k.close(n);
+  }
+  expect_clean(big);
+  auto tail = qemu_img("info --output=json " + big);
+  EXPECT_NE(tail.find("\"virtual-size\": 2147483648"), std::string::npos) << tail;
 }
 
 TEST(qcow2_open, bad_images_fail_clearly) {
@@ -628,14 +651,6 @@ TEST(qcow2_write, many_requests_in_flight_match_a_model) {
 
 namespace blockd::block {
 namespace {
-
-void write_pattern(node& n, int64_t off, int64_t len, uint8_t v) {
-  void* buf = nullptr;
-  ASSERT_EQ(posix_memalign(&buf, 4096, size_t(len)), 0);
-  std::memset(buf, v, size_t(len));
-  ASSERT_EQ(sync_io(n).write(buf, len, off), 0);
-  free(buf);
-}
 
 TEST(qcow2_snapshot, create_and_delete_interoperate_with_qemu_img) {
   NEED_QEMU();
