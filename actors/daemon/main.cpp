@@ -87,6 +87,17 @@ item_outcome apply_blockdev(caf::scoped_actor& self, const caf::actor& sup, cons
                                                   json_args{v->as_object()}))};
 }
 
+// --export and --nbd-server: the same keyval/JSON as their QMP commands, applied in order. The
+// server's flat SocketAddress goes to nbd-server-start as it is (the supervisor takes both forms).
+item_outcome apply_command_item(caf::scoped_actor& self, const caf::actor& sup, const std::string& arg,
+                                std::string_view implied_key, std::string_view type_name, const char* command) {
+  bool help = false;
+  auto v = parse_structured(arg, implied_key, type_name, &help);
+  if (help) return {false, error("Help is not available for this option")};
+  if (!v) return {false, v.error()};
+  return {false, ask(self, sup, caf::make_message(command_atom::value, std::string(command), json_args{v->as_object()}))};
+}
+
 item_outcome apply_monitor(caf::scoped_actor& self, const caf::actor& sup, const std::string& arg) {
   bool help = false;
   auto v = parse_structured(arg, "chardev", "MonitorOptions", &help);
@@ -178,9 +189,9 @@ item_outcome apply_item(caf::scoped_actor& self, const caf::actor& sup, const cl
     case cli_option::blockdev:
       return apply_blockdev(self, sup, item.arg);
     case cli_option::export_:
-      return {false, error("block exports are not available in this blockd version yet; --export cannot be used")};
+      return apply_command_item(self, sup, item.arg, "type", "BlockExportOptions", "block-export-add");
     case cli_option::nbd_server:
-      return {false, error("the NBD server is not available in this blockd version yet; --nbd-server cannot be used")};
+      return apply_command_item(self, sup, item.arg, "", "NbdServerOptions", "nbd-server-start");
   }
   return {false, error("unknown option")};
 }

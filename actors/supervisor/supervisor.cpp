@@ -9,6 +9,7 @@
 #include <future>
 #include <unordered_set>
 
+#include "actors/export/nbd_connection.h"
 #include "actors/job/create_job.h"
 #include "actors/monitor/monitor.h"
 #include "actors/node/node_actor.h"
@@ -82,15 +83,18 @@ caf::behavior supervisor_actor::make_behavior() {
       // Job bodies ask for graph work; jobs report that they reached null (jobs.cpp).
       [this](job_graph_atom, job_graph_request& r) { job_graph(std::move(r)); },
       [this](job_gone_atom, const std::string& id) { job_gone(id); },
+      // An NBD client closed (its socket is shut and nothing of it is in flight).
+      [this](nbd_gone_atom, const std::string& export_id, uint64_t client_id) { nbd_client_gone(export_id, client_id); },
       [this](unsubscribe_atom, const caf::actor& who) {
         subscribers_.erase(std::remove(subscribers_.begin(), subscribers_.end(), who), subscribers_.end());
       },
       [this](shutdown_atom) -> caf::result<bool> {
         shutting_down_ = true;
         auto rp = make_response_promise();
-        // Jobs end first (cancelled, their workers done with the graph) while monitors still see
-        // their events; QSD cancels its jobs at exit the same way.
-        stop_jobs([this, rp]() mutable {
+        // Exports close first (their clients finish what is in flight), then jobs end (cancelled,
+        // their workers done with the graph) while monitors still see their events; QSD cancels its
+        // jobs at exit the same way.
+        stop_exports(true, [this, rp]() mutable { stop_jobs([this, rp]() mutable {
           auto left = std::make_shared<size_t>(monitors_.size());
           auto finish = [this, rp]() mutable {
             // Monitors are gone; stop every iothread object (joins its thread) and close chardevs.
@@ -110,7 +114,7 @@ caf::behavior supervisor_actor::make_behavior() {
                       [left, finish](const caf::error&) mutable { if (--*left == 0) finish(); });
           }
           monitors_.clear();
-        });
+        }); });
         return rp;
       },
   };
@@ -145,10 +149,15 @@ void supervisor_actor::run_command(const std::string& name, boost::json::object&
   if (name == "blockdev-add") return blockdev_add_async(args, std::move(reply));
   if (name == "blockdev-del") {
     std::string node(args.at("node-name").as_string());
+    // An exported node has a block backend in QEMU: refused before any other check but existence.
+    if (graph_->find(node))
+      for (auto& e : exports_)
+        if (e.node_name == node) return reply(command_outcome::failure(error("Node " + node + " is in use")));
     if (auto r = check_del_held(node); !r) return reply(command_outcome::failure(r.error()));
     return blockdev_del(node, std::move(reply));
   }
   if (job_command(name, args, reply)) return;
+  if (export_command(name, args, reply)) return;
   if (name == "block_resize") return block_resize(args, std::move(reply));
   if (name == "blockdev-snapshot-internal-sync") return snapshot_internal(args, std::move(reply));
   if (name == "blockdev-snapshot-delete-internal-sync") return snapshot_delete_internal(args, std::move(reply));

@@ -10,6 +10,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "actors/export/nbd_server.h"
 #include "actors/job/job_core.h"
 #include "actors/messages.h"
 #include "actors/monitor/chardev.h"
@@ -105,6 +106,42 @@ class supervisor_actor : public caf::event_based_actor {
   // Cancels every job and dismisses it (QEMU's job_cancel_sync_all), then calls `then`.
   void stop_jobs(std::function<void()> then);
   void stop_next_job(const std::string& stopped, std::function<void()> then);
+
+  // ---- exports (exports.cpp): the NBD server, block-export-*, nbd-server-* -------------------
+  struct export_entry {
+    std::string id;
+    std::string node_name;
+    nbd::export_view view;
+    bool writable = false;
+    bool writethrough = false;
+    bool sparse_reads = false;
+    bool shutting_down = false;
+    std::map<uint64_t, caf::actor> clients;
+    std::vector<std::function<void()>> on_gone;  // run once the export is deleted
+  };
+  struct export_catalog final : nbd::export_catalog {
+    supervisor_actor* self = nullptr;
+    const nbd::export_view* find(const std::string& name) const override;
+    std::vector<const nbd::export_view*> all() const override;
+  };
+  std::deque<export_entry> exports_;  // newest first, as query-block-exports lists them
+  export_catalog catalog_;
+  std::unique_ptr<nbd_server> nbd_;
+  uint64_t nbd_client_counter_ = 0;
+  // Dispatches the export commands; false when `name` is none of them.
+  bool export_command(const std::string& name, const boost::json::object& args, reply_fn& reply);
+  void nbd_server_start(const boost::json::object& args, reply_fn reply);
+  void nbd_server_stop(reply_fn reply);
+  command_outcome block_export_add(const boost::json::object& args);
+  void block_export_del(const std::string& id, const std::string& mode, reply_fn reply);
+  export_entry* find_export(const std::string& id);
+  void nbd_negotiated_client(nbd_negotiated n);
+  void nbd_client_gone(const std::string& export_id, uint64_t client_id);
+  // Starts the export's shutdown (clients told to close); `then` runs once it is deleted.
+  void shutdown_export(const std::string& id, std::function<void()> then);
+  void finish_export(const std::string& id);
+  // Closes every export and the NBD server (quit, nbd-server-stop), then calls `then`.
+  void stop_exports(bool server_too, std::function<void()> then);
 
   // ---- placement: every node has a home iothread; a connected component shares one -----------
   iothread* home_of(const block::node* n) const;

@@ -359,6 +359,67 @@ void define_block(schema& s) {
   define_block_queries(s);
 }
 
+// Sockets (sockets.json) and exports (block-export.json): the NBD server and block exports.
+void define_exports(schema& s) {
+  s.object("InetSocketAddressBase", "host:str port:str");
+  s.object("InetSocketAddress",
+           "*numeric:bool *to:uint16 *ipv4:bool *ipv6:bool *keep-alive:bool *keep-alive-count:uint32 "
+           "*keep-alive-idle:uint32 *keep-alive-interval:uint32 *mptcp:bool",
+           "InetSocketAddressBase");
+  s.object("UnixSocketAddress", "path:str *abstract:bool *tight:bool");
+  s.object("VsockSocketAddress", "cid:str port:str");
+  s.object("FdSocketAddress", "str:str");
+  s.enumeration("SocketAddressType", "inet unix vsock fd");
+  s.flat_union("SocketAddress", "type:SocketAddressType", "type",
+               {{"inet", "InetSocketAddress"},
+                {"unix", "UnixSocketAddress"},
+                {"vsock", "VsockSocketAddress"},
+                {"fd", "FdSocketAddress"}});
+  s.object("InetSocketAddressWrapper", "data:InetSocketAddress");
+  s.object("UnixSocketAddressWrapper", "data:UnixSocketAddress");
+  s.object("VsockSocketAddressWrapper", "data:VsockSocketAddress");
+  s.object("FdSocketAddressWrapper", "data:FdSocketAddress");
+  s.flat_union("SocketAddressLegacy", "type:SocketAddressType", "type",
+               {{"inet", "InetSocketAddressWrapper"},
+                {"unix", "UnixSocketAddressWrapper"},
+                {"vsock", "VsockSocketAddressWrapper"},
+                {"fd", "FdSocketAddressWrapper"}});
+  s.object("NbdServerOptionsBase", "*handshake-max-seconds:uint32 *tls-creds:str *tls-authz:str *max-connections:uint32");
+  s.object("NbdServerOptions", "addr:SocketAddress", "NbdServerOptionsBase");
+  s.object("NbdServerOptionsLegacy", "addr:SocketAddressLegacy", "NbdServerOptionsBase");
+  s.command("nbd-server-start", "NbdServerOptionsLegacy", "", true);
+  s.object("BlockDirtyBitmap", "node:str name:str");
+  s.alternate("BlockDirtyBitmapOrStr", {"str", "BlockDirtyBitmap"});
+  s.object("BlockExportOptionsNbdBase", "*name:str *description:str");
+  s.object("BlockExportOptionsNbd", "*bitmaps:[BlockDirtyBitmapOrStr] *allocation-depth:bool",
+           "BlockExportOptionsNbdBase");
+  s.object("BlockExportOptionsVhostUserBlk", "addr:SocketAddress *logical-block-size:size *num-queues:uint16");
+  s.enumeration("FuseExportAllowOther", "off on auto");
+  s.object("BlockExportOptionsFuse", "mountpoint:str *growable:bool *allow-other:FuseExportAllowOther");
+  s.object("BlockExportOptionsVduseBlk",
+           "name:str *num-queues:uint16 *queue-size:uint16 *logical-block-size:size *serial:str");
+  s.object("NbdServerAddOptions", "device:str *writable:bool *bitmap:str", "BlockExportOptionsNbdBase");
+  s.command("nbd-server-add", "NbdServerAddOptions", "", true);
+  s.command_features("nbd-server-add", {"deprecated"});
+  s.enumeration("BlockExportRemoveMode", "safe hard");
+  s.command("nbd-server-remove", "name:str *mode:BlockExportRemoveMode");
+  s.command_features("nbd-server-remove", {"deprecated"});
+  s.command("nbd-server-stop", "");
+  s.enumeration("BlockExportType", "nbd vhost-user-blk fuse vduse-blk");
+  s.flat_union("BlockExportOptions",
+               "type:BlockExportType id:str *fixed-iothread:bool *iothread:str node-name:str *writable:bool "
+               "*writethrough:bool *allow-inactive:bool",
+               "type",
+               {{"nbd", "BlockExportOptionsNbd"},
+                {"vhost-user-blk", "BlockExportOptionsVhostUserBlk"},
+                {"fuse", "BlockExportOptionsFuse"},
+                {"vduse-blk", "BlockExportOptionsVduseBlk"}});
+  s.command("block-export-add", "BlockExportOptions", "", true);
+  s.command("block-export-del", "id:str *mode:BlockExportRemoveMode");
+  s.object("BlockExportInfo", "id:str type:BlockExportType node-name:str shutting-down:bool");
+  s.command("query-block-exports", "", "[BlockExportInfo]");
+}
+
 // Types used only by the command line (never reachable from a command, so never introspected).
 void define_cli(schema& s) {
   s.enumeration("MonitorMode", "readline control");
@@ -375,6 +436,7 @@ schema build() {
   define_objects(s);
   define_jobs(s);
   define_block(s);
+  define_exports(s);
   define_cli(s);
   return s;
 }

@@ -103,13 +103,24 @@ CASES = [
     ("blockdev: raw over file", ["--blockdev", "file,node-name=f0,filename=WORKDIR/disk.img",
                                  "--blockdev", "raw,node-name=r0,file=f0,offset=512"], "ready"),
     ("blockdev: raw reference missing", ["--blockdev", "raw,node-name=r0,file=nope"], "exit"),
+    ("export: node missing", ["--nbd-server", "addr.type=unix,addr.path=WORKDIR/n0.sock",
+                              "--export", "type=nbd,id=e0,node-name=n0"], "exit"),
+    ("export: before the server", ["--blockdev", "null-co,node-name=n0", "--export", "nbd,id=e0,node-name=n0"],
+     "exit"),
+    ("export: bad id", ["--blockdev", "null-co,node-name=n0", "--nbd-server", "addr.type=unix,addr.path=WORKDIR/n1.sock",
+                        "--export", "nbd,id=9 e,node-name=n0"], "exit"),
+    ("export: unexpected member", ["--export", "type=nbd,id=e0,node-name=n0,bogus=1"], "exit"),
+    ("nbd-server: unix ok", ["--nbd-server", "addr.type=unix,addr.path=WORKDIR/n.sock"], "ready"),
+    ("nbd-server: JSON ok, with an export", ["--blockdev", "null-co,node-name=n0", "--nbd-server",
+                                              '{"addr":{"type":"unix","path":"WORKDIR/n2.sock"},"max-connections":2}',
+                                              "--export", '{"type":"nbd","id":"e0","node-name":"n0"}'], "ready"),
+    ("nbd-server: bind fails", ["--nbd-server", "addr.type=unix,addr.path=/nonexistent/dir/n.sock"], "exit"),
+    ("nbd-server: twice", ["--nbd-server", "addr.type=unix,addr.path=WORKDIR/n3.sock",
+                           "--nbd-server", "addr.type=unix,addr.path=WORKDIR/n4.sock"], "exit"),
 ]
 
 # Options whose targets later issues build: blockd must refuse them with a clear error, never start silently.
-DEFERRED = [
-    ("export", ["--export", "type=nbd,id=e0,node-name=n0"]),
-    ("nbd-server", ["--nbd-server", "addr.type=unix,addr.path=WORKDIR/n.sock"]),
-]
+DEFERRED = []
 
 
 def subst(argv, workdir):

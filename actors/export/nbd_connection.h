@@ -1,0 +1,108 @@
+// One NBD client in the transmission phase: a pinned actor on its export's node home iothread.
+#pragma once
+#include <caf/event_based_actor.hpp>
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "actors/messages.h"
+#include "actors/runtime/iothread.h"
+#include "protocol/nbd/handshake.h"
+#include "protocol/nbd/transmission.h"
+#include "storage/block/io_request.h"
+#include "storage/io/reactor.h"
+
+namespace blockd {
+
+// Everything a client brings from its handshake (run on the main iothread) to its home.
+struct nbd_client_setup {
+  int fd = -1;
+  uint64_t client_id = 0;
+  std::string export_id;
+  nbd::export_state xs;          // size, read-only, reply mode
+  nbd::meta_selection contexts;  // negotiated metadata contexts
+  bool writethrough = false;
+  bool sparse_reads = false;     // the node answers block status cheaply: holes go out as hole chunks
+  std::string pending_out;       // the tail of the handshake not yet sent
+  std::string leftover_in;       // requests that arrived together with the handshake
+  caf::actor node;               // the exported node's actor (same iothread)
+  caf::actor supervisor;         // told when the client is gone
+};
+
+// supervisor <- connection: (export id, client id) once the socket is closed and nothing is in flight.
+using nbd_gone_atom = caf::atom_constant<caf::atom("nbdgone")>;
+
+class nbd_connection : public caf::event_based_actor, private block::io_waiter {
+ public:
+  nbd_connection(caf::actor_config& cfg, iothread* home, nbd_client_setup setup);
+  ~nbd_connection() override;
+  caf::behavior make_behavior() override;
+
+ private:
+  struct op;
+  struct io_cb final : io::completion {
+    nbd_connection* self = nullptr;
+    bool is_recv = false;
+    void complete(int res) override;
+  };
+  // One reply segment: batched header bytes (and small payloads), or a large payload sent in place.
+  struct seg {
+    std::string bytes;
+    const uint8_t* data = nullptr;
+    size_t len = 0;
+    op* owner = nullptr;  // released once this segment is sent
+  };
+
+  void io_done(block::io_request& r) override;
+  void on_recv(int res);
+  void on_send(int res);
+  void pump_input();
+  void pump_loop();
+  void post_recv();
+  void dispatch(op* o);
+  void submit(op* o, block::io_op kind, uint64_t off, uint64_t len, uint32_t flags);
+  void step_block_status(op* o);
+  void finish_block_status(op* o);
+  void reply_error(op* o, uint32_t err, const std::string& msg);
+  void reply_done(op* o);
+  void queue_bytes(const std::string& b);
+  void queue_data(const uint8_t* p, size_t n, op* owner);
+  void flush_out();
+  op* get_op();
+  void put_op(op* o);
+  void begin_close(const char* why);
+  void maybe_finish();
+
+  iothread* home_;
+  nbd_client_setup s_;
+  io::reactor& reactor_;
+  block::request_pool pool_;
+  std::vector<std::unique_ptr<op>> ops_;
+  std::vector<op*> free_ops_;
+  size_t in_flight_ = 0;  // requests received and not yet fully answered
+
+  std::vector<uint8_t> in_;
+  size_t in_start_ = 0, in_end_ = 0;
+  op* payload_op_ = nullptr;  // a WRITE (or block-status payload) still arriving
+  uint64_t payload_got_ = 0;
+  bool payload_drop_ = false;
+  std::vector<uint8_t> drop_buf_;
+
+  std::deque<seg> outq_;
+  size_t front_sent_ = 0;
+  bool front_in_flight_ = false;
+
+  io_cb recv_cb_, send_cb_;
+  bool recv_pending_ = false, send_pending_ = false;
+  bool draining_ = false;  // DISC or a fatal error: no new requests; close once replies are out
+  bool closing_ = false;   // the socket is shut down; waiting for in-flight work
+  bool gone_ = false;     // the final message to self is sent
+  bool pumping_ = false;
+};
+
+}  // namespace blockd
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(blockd::nbd_client_setup)

@@ -1,0 +1,344 @@
+// NBD listener: socket set-up from a SocketAddress, accept loop, handshake timeouts, hand-off to the export's home; main iothread only.
+#include "actors/export/nbd_server.h"
+
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+namespace blockd {
+namespace {
+
+std::string errstr(int e) { return std::strerror(e); }
+
+std::string str_of(const boost::json::object& o, const char* k) {
+  auto* v = o.if_contains(k);
+  return v && v->is_string() ? std::string(v->as_string()) : std::string();
+}
+bool bool_of(const boost::json::object& o, const char* k, bool dflt) {
+  auto* v = o.if_contains(k);
+  return v && v->is_bool() ? v->as_bool() : dflt;
+}
+
+result<int> listen_unix(const boost::json::object& a, int backlog, std::string& unlink_path) {
+  std::string path = str_of(a, "path");
+  bool abstract = bool_of(a, "abstract", false);
+  bool tight = bool_of(a, "tight", true);
+  sockaddr_un sun{};
+  sun.sun_family = AF_UNIX;
+  size_t max = sizeof(sun.sun_path) - (abstract ? 1 : 0);
+  if (path.size() >= max + (abstract ? 1 : 0) || (!abstract && path.size() >= sizeof(sun.sun_path)))
+    return fail("UNIX socket path '" + path + "' is too long");
+  socklen_t len;
+  if (abstract) {
+    std::memcpy(sun.sun_path + 1, path.data(), path.size());
+    len = tight ? socklen_t(offsetof(sockaddr_un, sun_path) + 1 + path.size()) : socklen_t(sizeof sun);
+  } else {
+    std::memcpy(sun.sun_path, path.data(), path.size());
+    len = sizeof sun;
+    // QEMU removes whatever is at the path first (a stale socket from an earlier run).
+    if (::unlink(path.c_str()) < 0 && errno != ENOENT)
+      return fail("Failed to unlink socket " + path + ": " + errstr(errno));
+  }
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return fail("Failed to create Unix socket: " + errstr(errno));
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&sun), len) < 0) {
+    int e = errno;
+    ::close(fd);
+    return fail("Failed to bind socket to " + path + ": " + errstr(e));
+  }
+  if (::listen(fd, backlog) < 0) {
+    int e = errno;
+    ::close(fd);
+    return fail("Failed to listen on socket: " + errstr(e));
+  }
+  if (!abstract) unlink_path = path;
+  return fd;
+}
+
+result<int> listen_inet(const boost::json::object& a, int backlog) {
+  std::string host = str_of(a, "host"), port = str_of(a, "port");
+  bool has4 = a.contains("ipv4"), has6 = a.contains("ipv6");
+  bool v4 = bool_of(a, "ipv4", false), v6 = bool_of(a, "ipv6", false);
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  if (bool_of(a, "numeric", false)) hints.ai_flags |= AI_NUMERICHOST | AI_NUMERICSERV;
+  hints.ai_family = (has4 && v4 && !(has6 && v6)) || (has6 && !v6) ? AF_INET
+                    : (has6 && v6 && !(has4 && v4)) || (has4 && !v4) ? AF_INET6
+                                                                     : AF_UNSPEC;
+  addrinfo* res = nullptr;
+  int rc = ::getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &res);
+  if (rc != 0) return fail("address resolution failed for " + host + ":" + port + ": " + ::gai_strerror(rc));
+  int fd = -1, last = 0;
+  for (auto* ai = res; ai && fd < 0; ai = ai->ai_next) {
+    int s = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+    if (s < 0) {
+      last = errno;
+      continue;
+    }
+    int one = 1;
+    (void)::setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (ai->ai_family == AF_INET6) {
+      int only = has6 && v6 && has4 && !v4;
+      (void)::setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &only, sizeof only);
+    }
+    if (bool_of(a, "keep-alive", false)) (void)::setsockopt(s, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    if (::bind(s, ai->ai_addr, ai->ai_addrlen) == 0 && ::listen(s, backlog) == 0) {
+      fd = s;
+      break;
+    }
+    last = errno;
+    ::close(s);
+  }
+  ::freeaddrinfo(res);
+  if (fd < 0) return fail("Failed to find an available port: " + errstr(last));
+  return fd;
+}
+
+}  // namespace
+
+// One client negotiating. It owns its socket until the hand-off and frees itself once its last
+// reactor operation has completed.
+struct nbd_server::conn {
+  struct cb final : io::completion {
+    conn* c = nullptr;
+    int which = 0;  // 0 recv, 1 send, 2 timer
+    void complete(int res) override { c->on(which, res); }
+  };
+
+  nbd_server* srv;
+  int fd;
+  nbd::handshake hs;
+  std::string out;
+  size_t out_sent = 0;
+  std::vector<uint8_t> in;
+  size_t in_len = 0;
+  cb recv_c, send_c, timer_c;
+  bool recv_p = false, send_p = false, timer_p = false;
+  bool closing = false, handed = false;
+
+  conn(nbd_server* s, int f) : srv(s), fd(f), hs(*s->h_.catalog, {}) {
+    recv_c = {};
+    recv_c.c = send_c.c = timer_c.c = this;
+    recv_c.which = 0;
+    send_c.which = 1;
+    timer_c.which = 2;
+    in.resize(64u << 10);
+  }
+
+  io::reactor& r() { return srv->main_.reactor(); }
+
+  void begin() {
+    hs.start(out);
+    if (srv->s_.handshake_max_seconds > 0) {
+      timer_p = true;
+      r().timeout(uint64_t(srv->s_.handshake_max_seconds) * 1000000000ull, &timer_c);
+    }
+    flush();
+    want_more();
+  }
+
+  void flush() {
+    if (send_p || closing || out_sent >= out.size()) return;
+    send_p = true;
+    r().send(fd, out.data() + out_sent, out.size() - out_sent, &send_c);
+  }
+
+  void want_more() {
+    if (recv_p || closing || hs.current() != nbd::handshake::state::negotiating) return;
+    size_t need = std::max<size_t>(hs.need(), 1);
+    if (in.size() < in_len + need) in.resize(in_len + need);
+    recv_p = true;
+    r().recv(fd, in.data() + in_len, in.size() - in_len, &recv_c);
+  }
+
+  void on(int which, int res) {
+    if (which == 0) recv_p = false;
+    if (which == 1) send_p = false;
+    if (which == 2) timer_p = false;
+    if (closing) return maybe_free();
+    if (which == 2) {
+      if (res != -ECANCELED) close();  // the client took too long to negotiate (QEMU's CVE-2024-7409 fix)
+      return maybe_free();
+    }
+    if (which == 1) {
+      if (res <= 0) return close();
+      out_sent += size_t(res);
+      if (out_sent >= out.size()) {
+        out.clear();
+        out_sent = 0;
+      }
+      return progress();
+    }
+    if (res <= 0) return close();
+    in_len += size_t(res);
+    size_t used = hs.feed(in.data(), in_len, out);
+    std::memmove(in.data(), in.data() + used, in_len - used);
+    in_len -= used;
+    progress();
+  }
+
+  void progress() {
+    switch (hs.current()) {
+      case nbd::handshake::state::negotiating:
+        flush();
+        want_more();
+        return;
+      case nbd::handshake::state::closed:
+        // Send what is queued (the ACK of an abort), then hang up.
+        if (out_sent < out.size()) return flush();
+        if (!send_p) close();
+        return;
+      case nbd::handshake::state::transmission:
+        if (send_p) return;  // the hand-off waits for the send in progress
+        handoff();
+        return;
+    }
+  }
+
+  void handoff() {
+    handed = true;
+    closing = true;
+    if (timer_p) r().cancel(&timer_c);
+    nbd_negotiated n;
+    n.fd = fd;
+    fd = -1;
+    n.export_name = hs.export_name();
+    n.mode = hs.mode();
+    n.contexts = hs.contexts();
+    n.pending_out = out.substr(out_sent);
+    n.leftover_in.assign(reinterpret_cast<const char*>(in.data()), in_len);
+    srv->h_.negotiated(std::move(n));
+    maybe_free();
+  }
+
+  void close() {
+    if (closing) return maybe_free();
+    closing = true;
+    if (fd >= 0) ::shutdown(fd, SHUT_RDWR);
+    if (timer_p) r().cancel(&timer_c);
+    maybe_free();
+  }
+
+  void maybe_free() {
+    if (recv_p || send_p || timer_p) return;
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+    nbd_server* s = srv;
+    bool h = handed;
+    // Freed on a later turn: this may run inside one of its own completions.
+    s->main_.post([s, self = this, h] { s->conn_freed(self, h); });
+    recv_p = send_p = timer_p = true;  // no further maybe_free
+  }
+};
+
+result<std::unique_ptr<nbd_server>> nbd_server::start(iothread& main, nbd_server_settings s, hooks h) {
+  std::unique_ptr<nbd_server> srv(new nbd_server(main, std::move(s), std::move(h)));
+  const auto& a = srv->s_.addr;
+  std::string type = str_of(a, "type");
+  int backlog = srv->s_.max_connections > 0 ? int(srv->s_.max_connections) : SOMAXCONN;
+  if (type == "unix") {
+    auto fd = listen_unix(a, backlog, srv->unlink_path_);
+    if (!fd) return std::unexpected(fd.error());
+    srv->listen_fd_ = *fd;
+  } else if (type == "inet") {
+    auto fd = listen_inet(a, backlog);
+    if (!fd) return std::unexpected(fd.error());
+    srv->listen_fd_ = *fd;
+  } else if (type == "fd") {
+    std::string str = str_of(a, "str");
+    bool digits = !str.empty() && std::all_of(str.begin(), str.end(), [](char c) { return c >= '0' && c <= '9'; });
+    if (!digits)
+      return fail("No file descriptor named " + str +
+                  " found (blockd takes listening sockets by number only: pass the descriptor number)");
+    int fd = ::fcntl(std::stoi(str), F_DUPFD_CLOEXEC, 3);
+    if (fd < 0) return fail("Invalid file descriptor number '" + str + "'");
+    int acc = 0;
+    socklen_t l = sizeof acc;
+    if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &l) < 0 || !acc) {
+      ::close(fd);
+      return fail("file descriptor " + str + " is not a listening socket; pass a socket that listen() was called on");
+    }
+    srv->listen_fd_ = fd;
+  } else {
+    return fail("socket family '" + type + "' is not available for the NBD server in blockd yet; use unix, inet or fd");
+  }
+  srv->accept_cb_.self = srv.get();
+  srv->arm_accept();
+  return srv;
+}
+
+nbd_server::~nbd_server() {
+  if (listen_fd_ >= 0) ::close(listen_fd_);
+  if (!unlink_path_.empty()) ::unlink(unlink_path_.c_str());
+}
+
+void nbd_server::accept_cb::complete(int res) { self->on_accept(res); }
+
+void nbd_server::arm_accept() {
+  if (accept_pending_ || stopping_) return;
+  // At the limit the server stops accepting: new clients wait in the listen backlog (QEMU does the same).
+  if (s_.max_connections > 0 && clients_ >= s_.max_connections) return;
+  accept_pending_ = true;
+  main_.reactor().accept(listen_fd_, &accept_cb_);
+}
+
+void nbd_server::on_accept(int res) {
+  accept_pending_ = false;
+  if (stopping_) {
+    if (res >= 0) ::close(res);
+    return check_stopped();
+  }
+  if (res >= 0) {
+    int one = 1;
+    (void)::setsockopt(res, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // fails harmlessly on unix sockets
+    ++clients_;
+    conn* c = new conn(this, res);
+    conns_.push_back(c);
+    c->begin();
+  } else if (res != -EAGAIN && res != -EINTR && res != -ECONNABORTED && res != -EMFILE && res != -ENFILE) {
+    return;  // the listener is broken: stop accepting rather than spin
+  }
+  arm_accept();
+}
+
+void nbd_server::conn_freed(conn* c, bool handed_off) {
+  std::erase(conns_, c);
+  delete c;
+  // A handed-off client keeps its slot until client_gone().
+  if (!handed_off) {
+    --clients_;
+    arm_accept();
+  }
+  check_stopped();
+}
+
+void nbd_server::client_gone() {
+  if (clients_ > 0) --clients_;
+  arm_accept();
+}
+
+void nbd_server::stop(std::function<void()> done) {
+  stopping_ = true;
+  stopped_ = std::move(done);
+  if (accept_pending_) main_.reactor().cancel(&accept_cb_);
+  for (conn* c : std::vector<conn*>(conns_)) c->close();
+  check_stopped();
+}
+
+void nbd_server::check_stopped() {
+  if (!stopping_ || accept_pending_ || !conns_.empty() || !stopped_) return;
+  auto f = std::move(stopped_);
+  stopped_ = nullptr;
+  f();
+}
+
+}  // namespace blockd

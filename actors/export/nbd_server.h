@@ -1,0 +1,78 @@
+// The NBD server's listener and handshakes: accepts through the main iothread's reactor and negotiates; main iothread only.
+#pragma once
+#include <boost/json.hpp>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "actors/runtime/iothread.h"
+#include "protocol/error.h"
+#include "protocol/nbd/handshake.h"
+
+namespace blockd {
+
+struct nbd_server_settings {
+  boost::json::object addr;  // a flat SocketAddress (the --nbd-server form)
+  uint32_t max_connections = 100;  // 0 = unlimited; QSD 10.2's default
+  uint32_t handshake_max_seconds = 10;  // 0 = no limit
+};
+
+// A client that finished its handshake. The receiver owns `fd` from then on and must call
+// nbd_server::client_gone() once that client is closed, or at once if it refuses it.
+struct nbd_negotiated {
+  int fd = -1;
+  std::string export_name;
+  nbd::reply_mode mode = nbd::reply_mode::simple;
+  nbd::meta_selection contexts;
+  std::string pending_out;
+  std::string leftover_in;
+};
+
+class nbd_server {
+ public:
+  struct hooks {
+    const nbd::export_catalog* catalog = nullptr;
+    std::function<void(nbd_negotiated)> negotiated;
+  };
+
+  // Binds and listens (errors in QEMU's words); accepting starts at once.
+  static result<std::unique_ptr<nbd_server>> start(iothread& main, nbd_server_settings s, hooks h);
+  ~nbd_server();
+
+  const nbd_server_settings& settings() const { return s_; }
+  // A transmission client handed out by `negotiated` is gone: its slot is free again.
+  void client_gone();
+  // Stops listening and drops clients still negotiating; `done` runs once nothing of the listener
+  // is in flight any more (the object may then be destroyed).
+  void stop(std::function<void()> done);
+
+ private:
+  struct conn;
+  struct accept_cb final : io::completion {
+    nbd_server* self = nullptr;
+    void complete(int res) override;
+  };
+
+  nbd_server(iothread& main, nbd_server_settings s, hooks h) : main_(main), s_(std::move(s)), h_(std::move(h)) {}
+  void arm_accept();
+  void on_accept(int res);
+  void conn_freed(conn* c, bool handed_off);
+  void check_stopped();
+
+  iothread& main_;
+  nbd_server_settings s_;
+  hooks h_;
+  int listen_fd_ = -1;
+  std::string unlink_path_;
+  accept_cb accept_cb_;
+  bool accept_pending_ = false;
+  bool stopping_ = false;
+  std::function<void()> stopped_;
+  size_t clients_ = 0;  // negotiating plus transmitting
+  std::vector<conn*> conns_;
+};
+
+}  // namespace blockd

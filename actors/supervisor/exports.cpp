@@ -1,0 +1,301 @@
+// Supervisor: the NBD server and block exports (nbd-server-*, block-export-*, BLOCK_EXPORT_DELETED); main iothread only.
+#include <caf/all.hpp>
+
+#include <algorithm>
+#include <memory>
+#include <unistd.h>
+
+#include "actors/export/nbd_connection.h"
+#include "actors/runtime/pinned.h"
+#include "actors/supervisor/supervisor.h"
+#include "config/chardev_spec.h"
+#include "protocol/nbd/wire.h"
+
+namespace blockd {
+namespace {
+
+const std::string* str_arg(const boost::json::object& a, const char* k, std::string& store) {
+  auto* v = a.if_contains(k);
+  if (!v || !v->is_string()) return nullptr;
+  store = std::string(v->as_string());
+  return &store;
+}
+bool bool_arg(const boost::json::object& a, const char* k, bool dflt = false) {
+  auto* v = a.if_contains(k);
+  return v && v->is_bool() ? v->as_bool() : dflt;
+}
+int64_t int_arg(const boost::json::object& a, const char* k, int64_t dflt) {
+  auto* v = a.if_contains(k);
+  if (!v) return dflt;
+  if (v->is_int64()) return v->as_int64();
+  if (v->is_uint64()) return int64_t(v->as_uint64());
+  return dflt;
+}
+
+}  // namespace
+
+const nbd::export_view* supervisor_actor::export_catalog::find(const std::string& name) const {
+  for (auto& e : self->exports_)
+    if (!e.shutting_down && e.view.name == name) return &e.view;
+  return nullptr;
+}
+
+std::vector<const nbd::export_view*> supervisor_actor::export_catalog::all() const {
+  // NBD_OPT_LIST in creation order, as QEMU walks its export list.
+  std::vector<const nbd::export_view*> out;
+  for (auto it = self->exports_.rbegin(); it != self->exports_.rend(); ++it)
+    if (!it->shutting_down) out.push_back(&it->view);
+  return out;
+}
+
+supervisor_actor::export_entry* supervisor_actor::find_export(const std::string& id) {
+  for (auto& e : exports_)
+    if (e.id == id) return &e;
+  return nullptr;
+}
+
+bool supervisor_actor::export_command(const std::string& name, const boost::json::object& args, reply_fn& reply) {
+  std::string s;
+  if (name == "nbd-server-start") {
+    nbd_server_start(args, std::move(reply));
+  } else if (name == "nbd-server-stop") {
+    nbd_server_stop(std::move(reply));
+  } else if (name == "block-export-add") {
+    reply(block_export_add(args));
+  } else if (name == "block-export-del" || name == "nbd-server-remove") {
+    std::string id(args.at(name == "block-export-del" ? "id" : "name").as_string());
+    std::string mode = str_arg(args, "mode", s) ? s : "safe";
+    if (name == "nbd-server-remove") {
+      // Every blockd export is an NBD export; the check stays for when other types exist.
+      if (auto* e = find_export(id); e && e->view.name.empty())
+        return reply(command_outcome::failure(error("Block export '" + id + "' is not an NBD export"))), true;
+    }
+    block_export_del(id, mode, std::move(reply));
+  } else if (name == "nbd-server-add") {
+    // The deprecated form: the export id and name default to the device, looked up as QEMU does.
+    std::string device(args.at("device").as_string());
+    if (!graph_->find(device))
+      return reply(command_outcome::failure(
+                 error("Cannot find device='" + device + "' nor node-name='" + device + "'"))),
+             true;
+    if (!nbd_) return reply(command_outcome::failure(error("NBD server not running"))), true;
+    boost::json::object o{{"type", "nbd"}, {"node-name", device}};
+    std::string n = str_arg(args, "name", s) ? s : device;
+    o["id"] = n;
+    o["name"] = n;
+    if (auto* d = args.if_contains("description")) o["description"] = *d;
+    if (auto* w = args.if_contains("writable")) o["writable"] = *w;
+    if (auto* b = args.if_contains("bitmap")) o["bitmaps"] = boost::json::array{*b};
+    reply(block_export_add(o));
+  } else if (name == "query-block-exports") {
+    boost::json::array out;
+    for (auto& e : exports_)
+      out.push_back(boost::json::object{
+          {"id", e.id}, {"type", "nbd"}, {"node-name", e.node_name}, {"shutting-down", e.shutting_down}});
+    reply(command_outcome::success(std::move(out)));
+  } else {
+    return false;
+  }
+  return true;
+}
+
+void supervisor_actor::nbd_server_start(const boost::json::object& args, reply_fn reply) {
+  if (nbd_) return reply(command_outcome::failure(error("NBD server already running")));
+  std::string s;
+  if (str_arg(args, "tls-creds", s))
+    return reply(command_outcome::failure(error(
+        "No TLS credentials with id '" + s +
+        "' (TLS for the NBD server is not available in this blockd version yet; start the server without tls-creds)")));
+  if (str_arg(args, "tls-authz", s))
+    return reply(command_outcome::failure(error(
+        "tls-authz '" + s +
+        "' cannot be used: TLS for the NBD server is not available in this blockd version yet; "
+        "start the server without tls-authz")));
+  nbd_server_settings st;
+  // nbd-server-start takes SocketAddressLegacy ({type, data: {...}}); --nbd-server the flat form.
+  const auto& addr = args.at("addr").as_object();
+  if (auto* data = addr.if_contains("data"); data && data->is_object()) {
+    st.addr = data->as_object();
+    st.addr["type"] = addr.at("type");
+  } else {
+    st.addr = addr;
+  }
+  st.max_connections = uint32_t(int_arg(args, "max-connections", 100));
+  st.handshake_max_seconds = uint32_t(int_arg(args, "handshake-max-seconds", 10));
+  catalog_.self = this;
+  nbd_server::hooks h;
+  h.catalog = &catalog_;
+  h.negotiated = [this](nbd_negotiated n) { nbd_negotiated_client(std::move(n)); };
+  auto srv = nbd_server::start(*home_, std::move(st), std::move(h));
+  if (!srv) return reply(command_outcome::failure(srv.error()));
+  nbd_ = std::move(*srv);
+  reply(command_outcome::success());
+}
+
+void supervisor_actor::nbd_server_stop(reply_fn reply) {
+  if (!nbd_) return reply(command_outcome::failure(error("NBD server not running")));
+  stop_exports(true, [reply = std::move(reply)] { reply(command_outcome::success()); });
+}
+
+void supervisor_actor::stop_exports(bool server_too, std::function<void()> then) {
+  std::vector<std::string> ids;
+  for (auto& e : exports_) ids.push_back(e.id);
+  auto left = std::make_shared<size_t>(ids.size() + 1);
+  auto one = [this, left, server_too, then = std::move(then)]() mutable {
+    if (--*left > 0) return;
+    if (!server_too || !nbd_) return then();
+    nbd_->stop([this, then]() mutable {
+      // Destroyed on a later turn: stop() may call back from inside the server's own completion.
+      home_->post([this, then] {
+        nbd_.reset();
+        then();
+      });
+    });
+  };
+  for (auto& id : ids) {
+    auto* e = find_export(id);
+    if (e && e->shutting_down) e->on_gone.push_back(one);
+    else shutdown_export(id, one);
+  }
+  one();
+}
+
+command_outcome supervisor_actor::block_export_add(const boost::json::object& args) {
+  std::string type(args.at("type").as_string());
+  std::string id(args.at("id").as_string());
+  std::string node_name(args.at("node-name").as_string());
+  std::string s;
+  if (type != "nbd")
+    return command_outcome::failure(error("export type '" + type +
+                                          "' is not available in this blockd version yet; use type 'nbd'"));
+  if (!id_wellformed(id)) return command_outcome::failure(error("Invalid block export id"));
+  if (find_export(id)) return command_outcome::failure(error("Block export id '" + id + "' is already in use"));
+  block::node* n = graph_->find(node_name);
+  if (!n) return command_outcome::failure(error("Cannot find device='' nor node-name='" + node_name + "'"));
+  bool writable = bool_arg(args, "writable");
+  if (str_arg(args, "iothread", s)) {
+    auto* o = find_object(s);
+    if (!o || o->type != "iothread") return command_outcome::failure(error("iothread \"" + s + "\" not found"));
+    if (home_of(n) != o->thread.get())
+      return command_outcome::failure(error(
+          "node '" + node_name + "' runs in iothread '" + (home_of(n) == home_ ? std::string("main") : home_of(n)->id()) +
+          "', not in '" + s + "'; move it first with x-blockdev-set-iothread (blockd does not move nodes for exports yet)"));
+  }
+  if (writable && n->settings().read_only)
+    return command_outcome::failure(error("Cannot export read-only node as writable"));
+  if (!nbd_) return command_outcome::failure(error("NBD server not running"));
+  std::string name = str_arg(args, "name", s) ? s : node_name;
+  if (name.size() > nbd::max_string_size) return command_outcome::failure(error("export name '" + name + "' too long"));
+  std::string description = str_arg(args, "description", s) ? s : std::string();
+  if (description.size() > nbd::max_string_size)
+    return command_outcome::failure(error("description '" + description + "' too long"));
+  if (catalog_.find(name)) return command_outcome::failure(error("NBD server already has export named '" + name + "'"));
+  if (auto* bm = args.if_contains("bitmaps"); bm && bm->is_array() && !bm->as_array().empty()) {
+    // No node has dirty bitmaps yet, so every named bitmap is missing (QEMU's text).
+    const auto& b = bm->as_array().front();
+    std::string bname = b.is_string() ? std::string(b.as_string())
+                                      : std::string(b.as_object().at("name").as_string());
+    return command_outcome::failure(error("Bitmap '" + bname + "' is not found"));
+  }
+  uint32_t perm = block::perm_consistent_read | (writable ? uint32_t(block::perm_write) : 0u);
+  // Exports do not let the node be resized under their clients (QEMU's NBD export does the same).
+  block::perm_user u{"block export '" + id + "' (uses node '" + node_name + "' as 'root' child)", perm,
+                     block::perm_all & ~uint32_t(block::perm_resize)};
+  if (auto r = graph_->attach_user(*n, "export:" + id, u); !r) return command_outcome::failure(r.error());
+  export_entry e;
+  e.id = id;
+  e.node_name = node_name;
+  e.writable = writable;
+  e.writethrough = bool_arg(args, "writethrough");
+  e.view.name = name;
+  e.view.description = description;
+  e.view.size = uint64_t(n->length()) & ~uint64_t(511);
+  uint16_t f = nbd::tf_has_flags | nbd::tf_send_flush | nbd::tf_send_fua | nbd::tf_send_cache;
+  if (nbd_->settings().max_connections != 1) f |= nbd::tf_can_multi_conn;
+  if (!writable) f |= nbd::tf_read_only;
+  else f |= nbd::tf_send_trim | nbd::tf_send_write_zeroes | nbd::tf_send_fast_zero;
+  e.view.flags = f;
+  auto lim = n->driver().limits();
+  e.view.min_block = std::max<uint32_t>(1, lim.request_alignment);
+  e.view.max_block = lim.max_transfer > 0 ? uint32_t(std::min<int64_t>(lim.max_transfer, nbd::max_buffer_size))
+                                          : nbd::max_buffer_size;
+  e.view.allocation_depth = bool_arg(args, "allocation-depth");
+  e.sparse_reads = n->driver().caps() & block::cap_block_status;
+  exports_.push_front(std::move(e));
+  return command_outcome::success();
+}
+
+void supervisor_actor::block_export_del(const std::string& id, const std::string& mode, reply_fn reply) {
+  auto* e = find_export(id);
+  if (!e) return reply(command_outcome::failure(error("Export '" + id + "' is not found")));
+  if (e->shutting_down) return reply(command_outcome::failure(error("Export '" + id + "' is already shutting down")));
+  if (mode != "hard" && !e->clients.empty()) {
+    error err("export '" + id + "' still in use");
+    err.hint = "Use mode='hard' to force client disconnect";
+    return reply(command_outcome::failure(err));
+  }
+  // Clients close at once (in-flight requests finish first), so the reply waits for the deletion
+  // and BLOCK_EXPORT_DELETED comes before it, as QSD shows.
+  shutdown_export(id, [reply = std::move(reply)] { reply(command_outcome::success()); });
+}
+
+void supervisor_actor::shutdown_export(const std::string& id, std::function<void()> then) {
+  auto* e = find_export(id);
+  if (!e) return then();
+  e->shutting_down = true;
+  e->on_gone.push_back(std::move(then));
+  if (e->clients.empty()) return finish_export(id);
+  for (auto& [cid, a] : e->clients) send(a, close_atom::value);
+}
+
+void supervisor_actor::finish_export(const std::string& id) {
+  auto* e = find_export(id);
+  if (!e) return;
+  if (graph_)
+    if (block::node* n = graph_->find(e->node_name)) graph_->detach_user(*n, "export:" + id);
+  auto gone = std::move(e->on_gone);
+  exports_.erase(exports_.begin() + (e - &exports_[0]));
+  emit("BLOCK_EXPORT_DELETED", boost::json::object{{"id", id}});
+  for (auto& f : gone) f();
+}
+
+void supervisor_actor::nbd_negotiated_client(nbd_negotiated n) {
+  export_entry* e = nullptr;
+  for (auto& x : exports_)
+    if (!x.shutting_down && x.view.name == n.export_name) e = &x;
+  block::node* node = e && graph_ ? graph_->find(e->node_name) : nullptr;
+  auto actor_it = e ? node_actors_.find(e->node_name) : node_actors_.end();
+  if (!e || !node || actor_it == node_actors_.end()) {
+    // The export went away between the client's GO and now.
+    ::close(n.fd);
+    if (nbd_) nbd_->client_gone();
+    return;
+  }
+  nbd_client_setup s;
+  s.fd = n.fd;
+  s.client_id = ++nbd_client_counter_;
+  s.export_id = e->id;
+  s.xs.size = e->view.size;
+  s.xs.read_only = !e->writable;
+  s.xs.mode = n.mode;
+  s.contexts = n.contexts;
+  s.writethrough = e->writethrough;
+  s.sparse_reads = e->sparse_reads;
+  s.pending_out = std::move(n.pending_out);
+  s.leftover_in = std::move(n.leftover_in);
+  s.node = actor_it->second.actor;
+  s.supervisor = caf::actor_cast<caf::actor>(this);
+  iothread* h = home_of(node);
+  uint64_t cid = s.client_id;
+  e->clients.emplace(cid, spawn_pinned<nbd_connection>(h->system(), *h, std::move(s)));
+}
+
+void supervisor_actor::nbd_client_gone(const std::string& export_id, uint64_t client_id) {
+  if (nbd_) nbd_->client_gone();
+  auto* e = find_export(export_id);
+  if (!e) return;
+  e->clients.erase(client_id);
+  if (e->shutting_down && e->clients.empty()) finish_export(export_id);
+}
+
+}  // namespace blockd
