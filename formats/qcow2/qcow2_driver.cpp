@@ -360,6 +360,7 @@ class qcow2_driver final : public block_driver {
   uint64_t free_hint_ = 0;
   uint64_t fresh_end_ = 0;  // clusters at or past this offset were never written: they read as zeroes
   uint64_t last_compressed_ = ~0ull;
+  uint64_t snapshot_table_bytes_ = 0;  // the snapshot table's extent in the file (overlap checks)
   uint64_t lookups_ = 0;
   int64_t last_clean_ns_ = 0;
   int background_ = 0;  // detached metadata writes (the corrupt mark); close waits for them
@@ -1011,7 +1012,7 @@ bool qcow2_driver::overlaps_metadata(uint64_t off, uint64_t len, std::string& wh
   if ((o & overlap_active_l1) && hit(h_.l1_table_offset, uint64_t(h_.l1_size) * 8)) return what = "active L1 table", true;
   if ((o & overlap_refcount_table) && hit(h_.refcount_table_offset, uint64_t(h_.refcount_table_clusters) * cs_))
     return what = "refcount table", true;
-  if ((o & overlap_snapshot_table) && h_.nb_snapshots && hit(h_.snapshots_offset, cs_))
+  if ((o & overlap_snapshot_table) && h_.nb_snapshots && hit(h_.snapshots_offset, snapshot_table_bytes_))
     return what = "snapshot table", true;
   if (o & overlap_inactive_l1)
     for (auto& s : snapshots_)
@@ -1667,6 +1668,7 @@ task<int> qcow2_driver::load_metadata(std::string& err) {
             co_return err = "Snapshot L1 table offset invalid", -EINVAL;
         }
         snapshots_ = std::move(*s);
+        snapshot_table_bytes_ = serialize_snapshots(snapshots_).size();
         break;
       }
       if (take < len || len >= (64u << 20)) co_return err = s.error().desc, -EINVAL;
@@ -2139,6 +2141,7 @@ task<int> qcow2_driver::write_snapshot_table(std::vector<snapshot> next) {
   }
   if (old_n && old_off) queue_free(old_off, old_clusters * cs_);
   snapshots_ = std::move(next);
+  snapshot_table_bytes_ = bytes.size();
   co_return 0;
 }
 
