@@ -3,7 +3,7 @@
 set -euo pipefail
 build_pkgs=(cmake ninja-build g++ pkg-config libcaf-dev libboost-json1.81-dev liburing-dev googletest libgtest-dev
             zlib1g-dev libzstd-dev)
-oracle_pkgs=(qemu-utils qemu-system-common libnbd-bin fio python3)
+oracle_pkgs=(qemu-utils qemu-system-common libnbd-bin nbdkit fio python3)
 want=("${build_pkgs[@]}")
 [ "${1:-}" = "--with-oracles" ] && want+=("${oracle_pkgs[@]}")
 missing=()
