@@ -71,10 +71,20 @@ class meta_cache {
   size_t block_bytes() const { return block_bytes_; }
   meta_block* find(uint64_t offset);
   meta_block* insert(uint64_t offset, std::function<void(std::function<void()>)>* defer);
-  void erase(uint64_t offset) { map_.erase(offset); }
+  void erase(uint64_t offset) {
+    auto it = map_.find(offset);
+    if (it == map_.end()) return;
+    if (it->second->dirty) --dirty_;
+    map_.erase(it);
+  }
+  // Every change of a block's dirty state goes through here, so dirty_count() is O(1) on the write path.
+  void set_dirty(meta_block* b, bool d) {
+    if (b->dirty != d) dirty_ += d ? 1 : -1;
+    b->dirty = d;
+  }
   void touch(meta_block* b) { b->lru = ++clock_; }
   void trim();  // evicts clean, unpinned blocks beyond the capacity
-  size_t dirty_count() const;
+  size_t dirty_count() const { return dirty_; }
   std::vector<meta_block*> dirty_blocks();
   void clear_clean();  // drops every clean unpinned block (inactivate, refcount rebuild)
   // cache-clean-interval: drops clean, unpinned blocks not used since the previous call.
@@ -94,6 +104,7 @@ class meta_cache {
   size_t capacity_;
   uint64_t clock_ = 0;
   uint64_t clean_mark_ = 0;
+  size_t dirty_ = 0;
   std::unordered_map<uint64_t, std::unique_ptr<meta_block>> map_;
 };
 

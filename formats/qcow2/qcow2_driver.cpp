@@ -66,12 +66,6 @@ void meta_cache::trim() {
   for (size_t i = 0; i < excess; ++i) map_.erase(victims[i]->offset);
 }
 
-size_t meta_cache::dirty_count() const {
-  size_t n = 0;
-  for (auto& [off, b] : map_) n += b->dirty;
-  return n;
-}
-
 std::vector<meta_block*> meta_cache::dirty_blocks() {
   std::vector<meta_block*> v;
   for (auto& [off, b] : map_)
@@ -563,7 +557,7 @@ task<int> qcow2_driver::set_refcount(uint64_t cl, uint64_t v) {
   r = co_await load(*rc_cache_, reftable_[rbi] & offset_mask, b);
   if (r < 0) co_return r;
   refcount_set(h_, b->data.get(), cl % rb_entries_, v);
-  b->dirty = true;
+  rc_cache_->set_dirty(b, true);
   unpin(*rc_cache_, b);
   co_return 0;
 }
@@ -865,7 +859,7 @@ task<int> qcow2_driver::write_blocks(meta_cache& c) {
     ++b->pins;
     start_piece(&j, [](qcow2_driver* d, meta_cache* c, meta_block* b) -> task<int> {
       int r = co_await d->io(*d->file_, io_op::write, int64_t(b->offset), int64_t(c->block_bytes())).buffer(b->data.get());
-      if (r >= 0) b->dirty = false;
+      if (r >= 0) c->set_dirty(b, false);
       d->unpin(*c, b);
       co_return r;
     }(this, &c, b));
@@ -970,8 +964,11 @@ task<int> qcow2_driver::mark_dirty_flag() {
   co_return 0;
 }
 
+// Dirty tables stay cached until a flush, or until a cache is full of them (clean blocks are evicted
+// first; dirty ones can only go once written): writing back early would rewrite the same tables over
+// and over under a random write load, holding the metadata lock each time.
 task<int> qcow2_driver::maybe_writeback() {
-  if (l2_cache_->dirty_count() * 2 < l2_cache_->capacity() && rc_cache_->dirty_count() * 2 < rc_cache_->capacity() &&
+  if (l2_cache_->dirty_count() < l2_cache_->capacity() && rc_cache_->dirty_count() < rc_cache_->capacity() &&
       pending_frees_.size() < 4096)
     co_return 0;
   co_await meta_lock_.lock();
@@ -1340,7 +1337,7 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
     nw.bitmap = uint64_t(alloc) | (uint64_t(zeros) << 32);
   }
   put_words(p.b, idx, ext(), nw);
-  p.b->dirty = true;
+  l2_cache_->set_dirty(p.b, true);
   if (!reuse && (old_host || (w.entry & entry_compressed))) free_for_entry(w);
   co_return 0;
 }
@@ -1459,7 +1456,7 @@ task<int> qcow2_driver::zero_cluster_units(uint64_t cl, uint64_t in, uint64_t n,
   rc = co_await l2_slot(cl, p, idx);
   if (rc < 0) co_return rc;
   put_words(p.b, idx, ext(), nw);
-  p.b->dirty = true;
+  l2_cache_->set_dirty(p.b, true);
   bool host_dropped = (w.entry & entry_compressed) || (has_host(w) && !has_host(nw));
   if (host_dropped) {
     free_for_entry(w, free_request);  // the refcount drop waits for the next writeback; nothing in a data file
@@ -1964,7 +1961,7 @@ task<int> qcow2_driver::do_truncate(int64_t size, std::string& err) {
       r = co_await l2_slot(c, p, idx);
       if (r < 0) co_return err = "Could not shrink the image", r;
       put_words(p.b, idx, ext(), l2_words{});
-      p.b->dirty = true;
+      l2_cache_->set_dirty(p.b, true);
       free_for_entry(w);
     }
     int r = co_await writeback();
