@@ -74,7 +74,8 @@ caf::behavior nbd_connection::make_behavior() {
   // Exit messages (a link, the system shutting down) must not drop the actor while the ring or the
   // node still hold pointers into it: they start the same orderly close as a hard export delete.
   set_exit_handler([this](const caf::exit_msg&) { begin_close("export shutting down"); });
-  if (!s_.pending_out.empty()) queue_bytes(s_.pending_out);
+  if (s_.tls) tls_wire_ = std::move(s_.pending_out);  // already encrypted by the handshake
+  else if (!s_.pending_out.empty()) queue_bytes(s_.pending_out);
   size_t n = std::min(s_.leftover_in.size(), in_.size());
   std::memcpy(in_.data(), s_.leftover_in.data(), n);
   in_end_ = n;
@@ -97,6 +98,12 @@ caf::behavior nbd_connection::make_behavior() {
 void nbd_connection::post_recv() {
   if (recv_pending_ || closing_) return;
   recv_pending_ = true;
+  if (s_.tls) {
+    // Ciphertext only: pump_loop takes plaintext out of the session through tls_fill().
+    if (cin_.empty()) cin_.resize(64u << 10);
+    reactor_.recv(s_.fd, cin_.data(), cin_.size(), &recv_cb_);
+    return;
+  }
   if (payload_op_ && !payload_drop_) {
     size_t left = size_t(payload_op_->req.length - payload_got_);
     reactor_.recv(s_.fd, payload_op_->buf + payload_got_, left, &recv_cb_);
@@ -126,7 +133,8 @@ void nbd_connection::on_recv(int res) {
     begin_close(res == 0 ? "client closed the connection" : "receive failed");
     return;
   }
-  if (payload_op_) payload_got_ += uint64_t(res);
+  if (s_.tls) s_.tls->feed(cin_.data(), size_t(res));
+  else if (payload_op_) payload_got_ += uint64_t(res);
   else in_end_ += size_t(res);
   pump_input();
 }
@@ -150,7 +158,10 @@ void nbd_connection::pump_loop() {
         in_start_ += avail;
         payload_got_ += avail;
       }
-      if (payload_got_ < payload_op_->req.length) return post_recv();
+      if (payload_got_ < payload_op_->req.length) {
+        if (s_.tls && tls_fill()) continue;
+        return post_recv();
+      }
       op* o = payload_op_;
       payload_op_ = nullptr;
       if (payload_drop_) {
@@ -167,7 +178,10 @@ void nbd_connection::pump_loop() {
     nbd::request r;
     size_t used = 0;
     auto st = nbd::parse_request(in_.data() + in_start_, in_end_ - in_start_, s_.xs.mode, r, used);
-    if (st == nbd::parse_status::need_more) return post_recv();
+    if (st == nbd::parse_status::need_more) {
+      if (s_.tls && tls_fill()) continue;
+      return post_recv();
+    }
     if (st == nbd::parse_status::bad_magic) return begin_close("bad request magic");
     in_start_ += used;
     auto chk = nbd::check_request(r, s_.xs);
@@ -254,11 +268,11 @@ void nbd_connection::dispatch(op* o) {
       o->phase = 1;
       return submit(o, block::io_op::read, q.offset, q.length, 0);
     case nbd::cmd_write:
-      return submit(o, block::io_op::write, q.offset, q.length, fua ? block::io_fua : 0);
+      return submit(o, block::io_op::write, q.offset, q.length, fua ? uint32_t(block::io_fua) : 0u);
     case nbd::cmd_flush: return submit(o, block::io_op::flush, 0, 0, 0);
     case nbd::cmd_trim: return submit(o, block::io_op::discard, q.offset, q.length, 0);
     case nbd::cmd_write_zeroes: {
-      uint32_t f = fua ? block::io_fua : 0;
+      uint32_t f = fua ? uint32_t(block::io_fua) : 0u;
       if (!(q.flags & nbd::cf_no_hole)) f |= block::io_may_unmap;
       if (q.flags & nbd::cf_fast_zero) f |= block::io_no_fallback;
       return submit(o, block::io_op::write_zeroes, q.offset, q.length, f);
@@ -435,7 +449,58 @@ void nbd_connection::queue_data(const uint8_t* p, size_t n, op* owner) {
   outq_.push_back(seg{{}, p, n, owner});
 }
 
+bool nbd_connection::tls_fill() {
+  if (in_start_ > 0) {
+    std::memmove(in_.data(), in_.data() + in_start_, in_end_ - in_start_);
+    in_end_ -= in_start_;
+    in_start_ = 0;
+  }
+  if (in_end_ >= in_.size()) return false;
+  long n = s_.tls->read(in_.data() + in_end_, in_.size() - in_end_);
+  if (n < 0) {
+    // close_notify or a broken record: the same as the client hanging up.
+    draining_ = true;
+    begin_close("TLS session ended");
+    return false;
+  }
+  in_end_ += size_t(n);
+  return n > 0;
+}
+
+void nbd_connection::flush_tls() {
+  if (send_pending_ || closing_ || tls_flushing_) return;
+  tls_flushing_ = true;
+  if (tls_wire_sent_ >= tls_wire_.size()) {
+    tls_wire_.clear();
+    tls_wire_sent_ = 0;
+  }
+  // Every queued segment is encrypted at once (one copy, as the plaintext path's batching); a
+  // reply finished meanwhile (put_op may pump input) joins the queue and this loop.
+  bool ok = true;
+  while (!outq_.empty() && ok) {
+    seg& f = outq_.front();
+    const uint8_t* p = f.data ? f.data : reinterpret_cast<const uint8_t*>(f.bytes.data());
+    size_t total = f.data ? f.len : f.bytes.size();
+    ok = s_.tls->write(p + front_sent_, total - front_sent_);
+    op* owner = f.owner;
+    outq_.pop_front();
+    front_sent_ = 0;
+    if (owner) put_op(owner);
+    if (closing_) break;
+  }
+  tls_wire_ += s_.tls->out();
+  s_.tls->consumed(s_.tls->out().size());
+  tls_flushing_ = false;
+  if (!ok) return begin_close("TLS encryption failed");
+  if (closing_) return;
+  if (tls_wire_sent_ >= tls_wire_.size()) return maybe_finish();
+  send_pending_ = true;
+  reactor_.send(s_.fd, reinterpret_cast<const uint8_t*>(tls_wire_.data()) + tls_wire_sent_,
+                tls_wire_.size() - tls_wire_sent_, &send_cb_);
+}
+
 void nbd_connection::flush_out() {
+  if (s_.tls) return flush_tls();
   if (send_pending_ || closing_) return;
   while (!outq_.empty()) {
     seg& f = outq_.front();
@@ -461,6 +526,10 @@ void nbd_connection::on_send(int res) {
   front_in_flight_ = false;
   if (closing_) return maybe_finish();
   if (res <= 0) return begin_close("send failed");
+  if (s_.tls) {
+    tls_wire_sent_ += size_t(res);
+    return flush_out();
+  }
   front_sent_ += size_t(res);
   flush_out();
 }
@@ -493,7 +562,8 @@ void nbd_connection::maybe_finish() {
   if (gone_) return;
   if (!closing_) {
     // After DISC (or a fatal request): close once every answer is out.
-    if (draining_ && in_flight_ == 0 && outq_.empty() && !send_pending_) begin_close("client disconnected");
+    bool wire_idle = !tls_flushing_ && tls_wire_sent_ >= tls_wire_.size();
+    if (draining_ && in_flight_ == 0 && outq_.empty() && !send_pending_ && wire_idle) begin_close("client disconnected");
     return;
   }
   if (send_pending_ || recv_pending_) return;

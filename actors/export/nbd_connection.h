@@ -12,6 +12,7 @@
 #include "actors/runtime/iothread.h"
 #include "protocol/nbd/handshake.h"
 #include "protocol/nbd/transmission.h"
+#include "protocol/tls/tls.h"
 #include "storage/block/io_request.h"
 #include "storage/io/reactor.h"
 
@@ -26,8 +27,9 @@ struct nbd_client_setup {
   nbd::meta_selection contexts;  // negotiated metadata contexts
   bool writethrough = false;
   bool sparse_reads = false;     // the node answers block status cheaply: holes go out as hole chunks
-  std::string pending_out;       // the tail of the handshake not yet sent
-  std::string leftover_in;       // requests that arrived together with the handshake
+  std::string pending_out;       // the tail of the handshake not yet sent (ciphertext under TLS)
+  std::string leftover_in;       // requests that arrived together with the handshake (plaintext)
+  std::shared_ptr<tls::session> tls;  // the client's TLS session, if it negotiated one
   caf::actor node;               // the exported node's actor (same iothread)
   caf::actor supervisor;         // told when the client is gone
 };
@@ -71,6 +73,10 @@ class nbd_connection : public caf::event_based_actor, private block::io_waiter {
   void queue_bytes(const std::string& b);
   void queue_data(const uint8_t* p, size_t n, op* owner);
   void flush_out();
+  // TLS: the socket carries ciphertext; plaintext requests are decrypted into in_ and replies
+  // encrypted into tls_wire_, so everything above keeps working on plaintext.
+  bool tls_fill();
+  void flush_tls();
   op* get_op();
   void put_op(op* o);
   void begin_close(const char* why);
@@ -101,6 +107,11 @@ class nbd_connection : public caf::event_based_actor, private block::io_waiter {
   bool closing_ = false;   // the socket is shut down; waiting for in-flight work
   bool gone_ = false;     // the final message to self is sent
   bool pumping_ = false;
+
+  std::vector<uint8_t> cin_;   // ciphertext received
+  std::string tls_wire_;       // ciphertext to send; not touched while a send of it is in flight
+  size_t tls_wire_sent_ = 0;
+  bool tls_flushing_ = false;
 };
 
 }  // namespace blockd

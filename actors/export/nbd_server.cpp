@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 
 namespace blockd {
@@ -106,7 +107,8 @@ result<int> listen_inet(const boost::json::object& a, int backlog) {
 }  // namespace
 
 // One client negotiating. It owns its socket until the hand-off and frees itself once its last
-// reactor operation has completed.
+// reactor operation has completed. With tls-creds, STARTTLS switches it to a TLS session whose
+// record layer runs in memory: ciphertext goes through the reactor like any other bytes.
 struct nbd_server::conn {
   struct cb final : io::completion {
     conn* c = nullptr;
@@ -117,15 +119,26 @@ struct nbd_server::conn {
   nbd_server* srv;
   int fd;
   nbd::handshake hs;
-  std::string out;
+  std::string out;       // bytes on the wire being sent (never touched while a send is in flight)
   size_t out_sent = 0;
-  std::vector<uint8_t> in;
+  std::string next_out;  // bytes queued behind them
+  std::vector<uint8_t> in;  // plaintext for the handshake
   size_t in_len = 0;
+  std::vector<uint8_t> cin;  // ciphertext received, once TLS is on
+  std::shared_ptr<tls::session> tls;
+  bool tls_up = false;
+  bool failed = false;  // TLS failed: send what is queued (the alert), then hang up
   cb recv_c, send_c, timer_c;
   bool recv_p = false, send_p = false, timer_p = false;
   bool closing = false, handed = false;
 
-  conn(nbd_server* s, int f) : srv(s), fd(f), hs(*s->h_.catalog, {}) {
+  static nbd::handshake::settings hs_settings(const nbd_server* s) {
+    nbd::handshake::settings st;
+    st.tls_required = s->h_.tls_creds != nullptr;
+    return st;
+  }
+
+  conn(nbd_server* s, int f) : srv(s), fd(f), hs(*s->h_.catalog, hs_settings(s)) {
     recv_c = {};
     recv_c.c = send_c.c = timer_c.c = this;
     recv_c.which = 0;
@@ -137,7 +150,7 @@ struct nbd_server::conn {
   io::reactor& r() { return srv->main_.reactor(); }
 
   void begin() {
-    hs.start(out);
+    hs.start(next_out);
     if (srv->s_.handshake_max_seconds > 0) {
       timer_p = true;
       r().timeout(uint64_t(srv->s_.handshake_max_seconds) * 1000000000ull, &timer_c);
@@ -147,17 +160,111 @@ struct nbd_server::conn {
   }
 
   void flush() {
-    if (send_p || closing || out_sent >= out.size()) return;
+    if (send_p || closing) return;
+    if (out_sent >= out.size()) {
+      out.swap(next_out);
+      next_out.clear();
+      out_sent = 0;
+    }
+    if (out.empty()) return;
     send_p = true;
     r().send(fd, out.data() + out_sent, out.size() - out_sent, &send_c);
   }
 
+  bool sending() const { return send_p || out_sent < out.size() || !next_out.empty(); }
+
   void want_more() {
-    if (recv_p || closing || hs.current() != nbd::handshake::state::negotiating) return;
+    if (recv_p || closing || failed) return;
+    auto st = hs.current();
+    if (st != nbd::handshake::state::negotiating && st != nbd::handshake::state::starttls) return;
+    if (tls) {
+      if (cin.empty()) cin.resize(32u << 10);
+      recv_p = true;
+      r().recv(fd, cin.data(), cin.size(), &recv_c);
+      return;
+    }
     size_t need = std::max<size_t>(hs.need(), 1);
     if (in.size() < in_len + need) in.resize(in_len + need);
     recv_p = true;
     r().recv(fd, in.data() + in_len, in.size() - in_len, &recv_c);
+  }
+
+  // Handshake replies: straight to the wire, or through the TLS session once it is up.
+  void emit(const std::string& plain) {
+    if (plain.empty()) return;
+    if (!tls_up) {
+      next_out += plain;
+      return;
+    }
+    if (!tls->write(reinterpret_cast<const uint8_t*>(plain.data()), plain.size())) fail_tls(tls->error());
+    take_cipher();
+  }
+
+  void take_cipher() {
+    if (!tls || tls->out().empty()) return;
+    next_out += tls->out();
+    tls->consumed(tls->out().size());
+  }
+
+  void fail_tls(const std::string& why) {
+    // QSD reports every failed negotiation on stderr; blockd does so for TLS, where the reason
+    // (an untrusted certificate, a refused identity) is otherwise invisible to the operator.
+    if (!failed) std::fprintf(stderr, "blockd: option negotiation failed: %s\n", why.c_str());
+    failed = true;
+  }
+
+  void run_hs() {
+    // Alternates decrypting and negotiating until neither makes progress.
+    while (hs.current() == nbd::handshake::state::negotiating && !failed) {
+      size_t got = tls_up ? decrypt() : 0;
+      if (failed) return;
+      std::string produced;
+      size_t used = hs.feed(in.data(), in_len, produced);
+      std::memmove(in.data(), in.data() + used, in_len - used);
+      in_len -= used;
+      emit(produced);
+      if (hs.current() == nbd::handshake::state::starttls) return start_tls();
+      if (used == 0 && got == 0) return;
+    }
+  }
+
+  size_t decrypt() {
+    size_t need = std::max<size_t>(hs.need(), 1);
+    if (in.size() < in_len + need) in.resize(in_len + need);
+    long n = tls->read(in.data() + in_len, in.size() - in_len);
+    if (n < 0) {
+      if (!tls->error().empty()) fail_tls(tls->error());
+      else failed = true;  // close_notify: the client is gone
+      return 0;
+    }
+    in_len += size_t(n);
+    return size_t(n);
+  }
+
+  void start_tls() {
+    authorizer_for_tls();
+    auto s = tls::session::server(srv->h_.tls_creds, authz);
+    if (!s) return fail_tls(s.error().desc);
+    tls = std::move(*s);
+    // Bytes after STARTTLS are already the client's TLS hello.
+    if (in_len) tls->feed(in.data(), in_len);
+    in_len = 0;
+    run_tls_handshake();
+  }
+
+  tls::authorizer authz;
+  void authorizer_for_tls() {
+    if (srv->h_.tls_authz) authz = srv->h_.tls_authz;
+  }
+
+  void run_tls_handshake() {
+    auto st = tls->handshake();
+    take_cipher();
+    if (st == tls::session::status::again) return;
+    if (st == tls::session::status::failed) return fail_tls(tls->error());
+    tls_up = true;
+    hs.tls_started();
+    run_hs();
   }
 
   void on(int which, int res) {
@@ -172,30 +279,36 @@ struct nbd_server::conn {
     if (which == 1) {
       if (res <= 0) return close();
       out_sent += size_t(res);
-      if (out_sent >= out.size()) {
-        out.clear();
-        out_sent = 0;
-      }
       return progress();
     }
     if (res <= 0) return close();
-    in_len += size_t(res);
-    size_t used = hs.feed(in.data(), in_len, out);
-    std::memmove(in.data(), in.data() + used, in_len - used);
-    in_len -= used;
+    if (tls) {
+      tls->feed(cin.data(), size_t(res));
+      if (!tls_up) run_tls_handshake();
+      else run_hs();
+    } else {
+      in_len += size_t(res);
+      run_hs();
+    }
     progress();
   }
 
   void progress() {
+    if (failed) {
+      // Send what is queued (a TLS alert), then hang up.
+      if (sending()) return flush();
+      return close();
+    }
     switch (hs.current()) {
       case nbd::handshake::state::negotiating:
+      case nbd::handshake::state::starttls:
         flush();
         want_more();
         return;
       case nbd::handshake::state::closed:
         // Send what is queued (the ACK of an abort), then hang up.
-        if (out_sent < out.size()) return flush();
-        if (!send_p) close();
+        if (sending()) return flush();
+        close();
         return;
       case nbd::handshake::state::transmission:
         if (send_p) return;  // the hand-off waits for the send in progress
@@ -214,8 +327,9 @@ struct nbd_server::conn {
     n.export_name = hs.export_name();
     n.mode = hs.mode();
     n.contexts = hs.contexts();
-    n.pending_out = out.substr(out_sent);
+    n.pending_out = out.substr(out_sent) + next_out;
     n.leftover_in.assign(reinterpret_cast<const char*>(in.data()), in_len);
+    n.tls = std::move(tls);
     srv->h_.negotiated(std::move(n));
     maybe_free();
   }

@@ -11,6 +11,7 @@
 #include "actors/runtime/iothread.h"
 #include "protocol/error.h"
 #include "protocol/nbd/handshake.h"
+#include "protocol/tls/tls.h"
 
 namespace blockd {
 
@@ -27,8 +28,9 @@ struct nbd_negotiated {
   std::string export_name;
   nbd::reply_mode mode = nbd::reply_mode::simple;
   nbd::meta_selection contexts;
-  std::string pending_out;
-  std::string leftover_in;
+  std::string pending_out;  // on the wire as it is (ciphertext under TLS)
+  std::string leftover_in;  // plaintext the handshake did not consume
+  std::shared_ptr<tls::session> tls;  // set when the client negotiated TLS; the connection keeps it
 };
 
 class nbd_server {
@@ -36,6 +38,10 @@ class nbd_server {
   struct hooks {
     const nbd::export_catalog* catalog = nullptr;
     std::function<void(nbd_negotiated)> negotiated;
+    // tls-creds: TLS is required of every client. tls-authz: the check of the peer's identity,
+    // resolved by the supervisor when a client uses it (main iothread).
+    std::shared_ptr<const tls::credentials> tls_creds;
+    tls::authorizer tls_authz;
   };
 
   // Binds and listens (errors in QEMU's words); accepting starts at once.

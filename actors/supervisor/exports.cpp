@@ -102,15 +102,21 @@ bool supervisor_actor::export_command(const std::string& name, const boost::json
 void supervisor_actor::nbd_server_start(const boost::json::object& args, reply_fn reply) {
   if (nbd_) return reply(command_outcome::failure(error("NBD server already running")));
   std::string s;
-  if (str_arg(args, "tls-creds", s))
-    return reply(command_outcome::failure(error(
-        "No TLS credentials with id '" + s +
-        "' (TLS for the NBD server is not available in this blockd version yet; start the server without tls-creds)")));
-  if (str_arg(args, "tls-authz", s))
-    return reply(command_outcome::failure(error(
-        "tls-authz '" + s +
-        "' cannot be used: TLS for the NBD server is not available in this blockd version yet; "
-        "start the server without tls-authz")));
+  nbd_server::hooks h;
+  if (str_arg(args, "tls-creds", s)) {
+    // QEMU's nbd_get_tls_creds, texts verbatim. The server holds the credentials from here on.
+    auto* o = find_object(s);
+    if (!o) return reply(command_outcome::failure(error("No TLS credentials with id '" + s + "'")));
+    if (!o->creds) return reply(command_outcome::failure(error("Object with id '" + s + "' is not TLS credentials")));
+    if (!o->creds->options().server)
+      return reply(command_outcome::failure(error("Expected TLS credentials for a server endpoint")));
+    h.tls_creds = o->creds;
+  }
+  if (str_arg(args, "tls-authz", s) && h.tls_creds) {
+    // Resolved per client, so the object may be replaced while the server runs. Without
+    // tls-creds QSD accepts tls-authz and never consults it; so does blockd.
+    h.tls_authz = [this, id = s](const std::string& identity) { return authorize(id, identity); };
+  }
   nbd_server_settings st;
   // nbd-server-start takes SocketAddressLegacy ({type, data: {...}}); --nbd-server the flat form.
   const auto& addr = args.at("addr").as_object();
@@ -123,7 +129,6 @@ void supervisor_actor::nbd_server_start(const boost::json::object& args, reply_f
   st.max_connections = uint32_t(int_arg(args, "max-connections", 100));
   st.handshake_max_seconds = uint32_t(int_arg(args, "handshake-max-seconds", 10));
   catalog_.self = this;
-  nbd_server::hooks h;
   h.catalog = &catalog_;
   h.negotiated = [this](nbd_negotiated n) { nbd_negotiated_client(std::move(n)); };
   auto srv = nbd_server::start(*home_, std::move(st), std::move(h));
@@ -283,6 +288,7 @@ void supervisor_actor::nbd_negotiated_client(nbd_negotiated n) {
   s.sparse_reads = e->sparse_reads;
   s.pending_out = std::move(n.pending_out);
   s.leftover_in = std::move(n.leftover_in);
+  s.tls = std::move(n.tls);
   s.node = actor_it->second.actor;
   s.supervisor = caf::actor_cast<caf::actor>(this);
   iothread* h = home_of(node);

@@ -203,6 +203,11 @@ command_outcome supervisor_actor::object_add(boost::json::object& args) {
   std::string id(args.at("id").as_string());
   // Checks run in QSD's order: identifier, type, property values, duplicate id, completion.
   if (!id_wellformed(id)) return command_outcome::failure(identifier_error());
+  if (type.starts_with("tls-creds-") || type == "authz-simple" || type == "authz-list")
+    return tls_object_add(type, id, args);
+  if (type == "authz-listfile")
+    // QSD's own enum/type-name mismatch makes this type impossible to create (inventory T92).
+    return command_outcome::failure(error("invalid object type: " + type));
   if (type != "iothread" && type != "main-loop") {
     if (qsd_links_type(type))
       return command_outcome::failure(error("invalid object type: " + type + " (not available in blockd yet)"));
@@ -218,7 +223,7 @@ command_outcome supervisor_actor::object_add(boost::json::object& args) {
         error("attempt to add duplicate property '" + id + "' to object (type 'container')"));
   if (p.thread_pool_min > p.thread_pool_max || p.thread_pool_max == 0)
     return command_outcome::failure(error("bad thread-pool-min/thread-pool-max values"));
-  object_entry e{id, type, p, nullptr};
+  object_entry e{id, type, p, nullptr, nullptr, nullptr};
   if (type == "main-loop") {
     bool exists = std::any_of(objects_.begin(), objects_.end(), [](auto& o) { return o.type == "main-loop"; });
     if (exists) return command_outcome::failure(error("only one main-loop instance allowed"));
@@ -233,11 +238,76 @@ command_outcome supervisor_actor::object_add(boost::json::object& args) {
   return command_outcome::success();
 }
 
+command_outcome supervisor_actor::tls_object_add(const std::string& type, const std::string& id,
+                                                 const boost::json::object& args) {
+  auto str = [&](const char* k) {
+    auto* v = args.if_contains(k);
+    return v && v->is_string() ? std::string(v->as_string()) : std::string();
+  };
+  auto flag = [&](const char* k, bool dflt) {
+    auto* v = args.if_contains(k);
+    return v && v->is_bool() ? v->as_bool() : dflt;
+  };
+  object_entry e{id, type, {}, nullptr, nullptr, nullptr};
+  if (type.starts_with("tls-creds-")) {
+    tls::creds_options o;
+    o.type = type == "tls-creds-psk" ? tls::kind::psk : type == "tls-creds-anon" ? tls::kind::anon : tls::kind::x509;
+    o.dir = str("dir");
+    o.server = str("endpoint") == "server";
+    o.verify_peer = flag("verify-peer", true);
+    o.priority = str("priority");
+    o.sanity_check = flag("sanity-check", true);
+    o.username = str("username");
+    if (find_object(id))
+      return command_outcome::failure(
+          error("attempt to add duplicate property '" + id + "' to object (type 'container')"));
+    if (args.contains("passwordid"))
+      return command_outcome::failure(error("tls-creds-x509 'passwordid' (an encrypted private key) is not "
+                                            "supported by blockd; decrypt the key file instead"));
+    auto c = tls::credentials::load(o);
+    if (!c) return command_outcome::failure(c.error());
+    e.creds = std::move(*c);
+  } else {
+    auto p = std::make_shared<tls::authz_policy>();
+    if (type == "authz-simple") {
+      p->rules.push_back({str("identity"), true, false});
+    } else {
+      p->default_allow = str("policy") == "allow";
+      if (auto* rs = args.if_contains("rules"); rs && rs->is_array())
+        for (auto& r : rs->as_array()) {
+          const auto& ro = r.as_object();
+          auto* f = ro.if_contains("format");
+          p->rules.push_back({std::string(ro.at("match").as_string()), ro.at("policy").as_string() == "allow",
+                              f && f->is_string() && f->as_string() == "glob"});
+        }
+    }
+    if (find_object(id))
+      return command_outcome::failure(
+          error("attempt to add duplicate property '" + id + "' to object (type 'container')"));
+    e.authz = std::move(p);
+  }
+  objects_.push_back(std::move(e));
+  return command_outcome::success();
+}
+
+result<bool> supervisor_actor::authorize(const std::string& authz_id, const std::string& identity) {
+  auto* o = find_object(authz_id);
+  if (!o) return fail("Cannot find QAuthZ object ID " + authz_id);
+  if (!o->authz) return fail("Object '" + authz_id + "' is not a QAuthZ subclass");
+  return o->authz->allows(identity);
+}
+
 void supervisor_actor::object_del(const std::string& id, reply_fn reply) {
   auto* o = find_object(id);
   if (!o) return reply(command_outcome::failure(error("object '" + id + "' not found")));
   // The main loop cannot go away while the daemon runs, as in QSD.
   if (o->type == "main-loop") return reply(command_outcome::failure(error("object '" + id + "' is in use, can not be deleted")));
+  if (!o->thread) {
+    // TLS credentials and authz objects: an NBD server that uses credentials keeps its own
+    // reference, so deleting them succeeds, as in QSD; authz is looked up again per client.
+    objects_.erase(objects_.begin() + (o - objects_.data()));
+    return reply(command_outcome::success());
+  }
   iothread* t = o->thread.get();
   std::vector<block::node*> living;
   for (auto& [n, h] : homes_)

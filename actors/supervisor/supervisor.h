@@ -39,9 +39,13 @@ class supervisor_actor : public caf::event_based_actor {
  private:
   struct object_entry {
     std::string id;
-    std::string type;  // "iothread" or "main-loop"
+    std::string type;  // the qom-type
     iothread_params params;
     std::unique_ptr<iothread> thread;  // iothreads only
+    // tls-creds-*: shared with the NBD server that uses them, which keeps them past object-del
+    // (QEMU holds a reference the same way).
+    std::shared_ptr<const tls::credentials> creds;
+    std::shared_ptr<const tls::authz_policy> authz;  // authz-simple, authz-list
   };
 
   using reply_fn = std::function<void(command_outcome)>;
@@ -73,6 +77,10 @@ class supervisor_actor : public caf::event_based_actor {
   void blockdev_set_active(const boost::json::object& args, reply_fn reply);
   void set_iothread(const boost::json::object& args, reply_fn reply);
   command_outcome object_add(boost::json::object& args);
+  // tls-creds-* and authz-* objects (the rest of object_add is for iothreads).
+  command_outcome tls_object_add(const std::string& type, const std::string& id, const boost::json::object& args);
+  // tls-authz, resolved by id each time a client presents its identity (as QEMU does).
+  result<bool> authorize(const std::string& authz_id, const std::string& identity);
   void object_del(const std::string& id, reply_fn reply);
   command_outcome add_chardev(const chardev_spec& spec, const std::string& note_prefix);
   command_outcome add_monitor(const std::string& chardev_id, bool pretty, const std::string& id);

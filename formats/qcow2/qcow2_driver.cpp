@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -354,6 +355,7 @@ class qcow2_driver final : public block_driver {
   uint64_t free_hint_ = 0;
   uint64_t fresh_end_ = 0;  // clusters at or past this offset were never written: they read as zeroes
   uint64_t last_compressed_ = ~0ull;
+  std::atomic<uint64_t> shown_incompat_{0};  // incompatible feature bits as facts() shows them (any thread)
   uint64_t snapshot_table_bytes_ = 0;  // the snapshot table's extent in the file (overlap checks)
   uint64_t lookups_ = 0;
   int64_t last_clean_ns_ = 0;
@@ -940,6 +942,7 @@ task<int> qcow2_driver::flush_all() {
 }
 
 task<int> qcow2_driver::write_header() {
+  shown_incompat_.store(h_.incompatible_features, std::memory_order_relaxed);
   auto bytes = serialize_header(h_);
   if (!bytes) co_return -EINVAL;
   uint64_t len = (bytes->size() + std::max<uint64_t>(align_, 1) - 1) / std::max<uint64_t>(align_, 1) * std::max<uint64_t>(align_, 1);
@@ -1679,6 +1682,7 @@ task<int> qcow2_driver::load_metadata(std::string& err) {
     if (e & offset_mask) meta_clusters_[(e & offset_mask) / cs_] = 'l';
   fresh_end_ = (flen + cs_ - 1) / cs_ * cs_;
   free_hint_ = 0;
+  shown_incompat_.store(h_.incompatible_features, std::memory_order_relaxed);
   co_return 0;
 }
 
@@ -2055,7 +2059,10 @@ image_facts qcow2_driver::facts() const {
   f.virtual_size = int64_t(h_.size);
   f.actual_size = file_->driver().facts().actual_size;
   f.has_dirty_flag = true;
-  f.dirty = h_.incompatible_features & incompat_dirty;
+  // The data path may change the feature bits meanwhile (dirty mark, corrupt mark): read the copy
+  // published with each header write, not the header itself.
+  uint64_t incompat = shown_incompat_.load(std::memory_order_relaxed);
+  f.dirty = incompat & incompat_dirty;
   f.cluster_size = int64_t(cs_);
   f.backing_filename = h_.backing_file;
   f.backing_format = h_.backing_format;
@@ -2069,7 +2076,7 @@ image_facts qcow2_driver::facts() const {
     }
     d["extended-l2"] = ext();
     d["lazy-refcounts"] = bool(h_.compatible_features & compat_lazy_refcounts);
-    d["corrupt"] = bool(h_.incompatible_features & incompat_corrupt);
+    d["corrupt"] = bool(incompat & incompat_corrupt);
   }
   d["refcount-bits"] = h_.refcount_bits();
   f.format_specific = boost::json::object{{"type", "qcow2"}, {"data", std::move(d)}};

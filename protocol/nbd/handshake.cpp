@@ -81,6 +81,13 @@ size_t handshake::need() const {
   return 0;
 }
 
+void handshake::tls_started() {
+  if (state_ != state::starttls) return;
+  tls_active_ = true;
+  state_ = state::negotiating;
+  phase_ = phase::option_header;
+}
+
 void handshake::close(std::string why) {
   state_ = state::closed;
   reason_ = std::move(why);
@@ -131,6 +138,44 @@ size_t handshake::feed(const uint8_t* p, size_t n, std::string& out) {
         if (optlen_ > max_buffer_size) {
           close("len (" + std::to_string(optlen_) + ") is larger than max len (" + std::to_string(max_buffer_size) + ")");
           return used;
+        }
+        if (s_.tls_required && !tls_active_) {
+          // QEMU's order: before TLS only STARTTLS is served; nothing else reaches the handlers.
+          char hex[16];
+          std::snprintf(hex, sizeof hex, "0x%x", opt_);
+          if (!fixed_) {
+            close(std::string("Unsupported option ") + hex);
+            return used;
+          }
+          if (opt_ == opt_starttls) {
+            if (optlen_ > 0) {
+              // A client that cannot start TLS correctly is dropped, not answered.
+              close("option 'starttls' has unexpected length");
+              return used;
+            }
+            reply(out, rep_ack);
+            state_ = state::starttls;
+            return used;
+          }
+          if (opt_ == opt_export_name) {
+            // EXPORT_NAME has no error reply: the connection ends.
+            close(std::string("Option ") + hex + " not permitted before TLS");
+            return used;
+          }
+          drain_reply_ = rep_err_tls_reqd;
+          drain_msg_ = std::string("Option ") + hex + " not permitted before TLS";
+          close_after_drain_ = opt_ == opt_abort;
+          if (optlen_ > 0) {
+            phase_ = phase::drain;
+            drain_left_ = optlen_;
+            break;
+          }
+          reply_err(out, drain_reply_, drain_msg_);
+          if (close_after_drain_) {
+            close("client aborted the handshake");
+            return used;
+          }
+          break;
         }
         if (!fixed_ && opt_ != opt_export_name) {
           // A client that did not agree to fixed newstyle cannot be told about errors.
@@ -188,6 +233,10 @@ size_t handshake::feed(const uint8_t* p, size_t n, std::string& out) {
         if (drain_left_ > 0) return used;
         reply_err(out, drain_reply_, drain_msg_);
         phase_ = phase::option_header;
+        if (close_after_drain_) {
+          close("client aborted the handshake");
+          return used;
+        }
         break;
       }
     }
@@ -204,7 +253,8 @@ void handshake::handle_option(const uint8_t* p, size_t n, std::string& out) {
     case opt_list_meta_context:
     case opt_set_meta_context: return handle_meta(p, n, out);
     case opt_starttls:
-      // TLS is not built yet: the server runs without it (the spec's NOTLS mode, QEMU's wording).
+      // Reached only without tls-creds (the spec's NOTLS mode) or once TLS is up; QEMU's wording.
+      if (tls_active_) return reply_err(out, rep_err_invalid, "TLS already enabled");
       return reply_err(out, rep_err_policy, "TLS not configured");
     case opt_structured_reply:
       if (mode_ == reply_mode::extended)

@@ -46,12 +46,16 @@ struct meta_selection {
 
 class handshake {
  public:
-  enum class state { negotiating, transmission, closed };
+  // starttls: the client's STARTTLS was acknowledged; the caller runs the TLS handshake over the
+  // socket, then calls tls_started() and feeds decrypted bytes from then on.
+  enum class state { negotiating, starttls, transmission, closed };
 
   struct settings {
     // Options larger than this are drained and answered NBD_REP_ERR_TOO_BIG instead of buffered;
     // QEMU's hard cap (32 MiB) still disconnects.
     uint32_t buffered_option_limit = 64u << 10;
+    // The server has tls-creds: every option but STARTTLS is refused until TLS is up (QEMU's rule).
+    bool tls_required = false;
   };
 
   handshake(const export_catalog& catalog, settings s);
@@ -68,6 +72,9 @@ class handshake {
   size_t need() const;
 
   state current() const { return state_; }
+  // The TLS handshake after STARTTLS succeeded: negotiation goes on (encrypted by the caller).
+  void tls_started();
+  bool tls_active() const { return tls_active_; }
   // Why the connection closes (client abort, protocol violation), for the trace.
   const std::string& close_reason() const { return reason_; }
 
@@ -98,6 +105,8 @@ class handshake {
   state state_ = state::negotiating;
   phase phase_ = phase::client_flags;
   bool fixed_ = false;
+  bool tls_active_ = false;
+  bool close_after_drain_ = false;  // ABORT before TLS: refused, then the connection ends
   bool no_zeroes_ = false;
   uint32_t opt_ = 0;
   uint32_t optlen_ = 0;
