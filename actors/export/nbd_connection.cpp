@@ -259,6 +259,14 @@ void nbd_connection::dispatch(op* o) {
   bool fua = (q.flags & nbd::cf_fua) || s_.writethrough;
   switch (q.type) {
     case nbd::cmd_read:
+      if (q.length == 0) {
+        // Nothing to read: a data chunk may not be empty, so structured replies end with a NONE chunk.
+        std::string out;
+        nbd::put_read_done(out, s_.xs.mode, q.cookie, q.offset);
+        queue_bytes(out);
+        put_op(o);
+        return flush_out();
+      }
       if (!o->reserve(size_t(q.length))) return reply_error(o, nbd::e_nomem, "cannot allocate the read buffer");
       if (s_.xs.mode != nbd::reply_mode::simple && !(q.flags & nbd::cf_df) && s_.sparse_reads &&
           q.length >= sparse_read_min) {
@@ -397,9 +405,12 @@ void nbd_connection::io_done(block::io_request& r) {
       o->pos += len;
       bool one = q.flags & nbd::cf_req_one;
       bool full = o->base.size() >= max_extents || o->depth.size() >= max_extents;
-      if (one || full || o->pos >= o->end) {
-        // REQ_ONE: one extent per context, each its own first run. A stop at the extent cap leaves
-        // both contexts covering the same prefix of the range; the client asks again for the rest.
+      // REQ_ONE: one extent per context, each its own first run, merged over as many node answers as
+      // keep the same flags (as QEMU reports it); the first change of flags ends it.
+      bool one_done = one && (o->base.size() > 1 || o->depth.size() > 1);
+      if (one_done || full || o->pos >= o->end) {
+        // A stop at the extent cap leaves both contexts covering the same prefix of the range; the
+        // client asks again for the rest.
         if (one) {
           o->base.resize(1);
           o->depth.resize(1);

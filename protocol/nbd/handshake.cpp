@@ -192,6 +192,11 @@ size_t handshake::feed(const uint8_t* p, size_t n, std::string& out) {
           close("Bad length received");
           return used;
         }
+        if (opt_ == opt_export_name && optlen_ > s_.buffered_option_limit) {
+          // EXPORT_NAME has no reply format to refuse with: too long a name ends the connection.
+          close("Bad length received");
+          return used;
+        }
         if (needs_payload(opt_) && optlen_ > s_.buffered_option_limit) {
           // Bounded memory: a legitimate INFO/GO/META payload is far below this.
           phase_ = phase::drain;

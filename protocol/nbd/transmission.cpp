@@ -65,6 +65,16 @@ request_check check_request(const request& r, const export_state& x) {
       break;
     default: break;
   }
+  if (ext && (r.flags & cf_payload_len) && r.type != cmd_write && r.type != cmd_block_status) {
+    // A payload announced for a command that takes none is still in the stream: it is read and
+    // dropped (up to the largest buffer) and the request refused, or the client is hung up on.
+    // Left unread, it would be parsed as the next request headers.
+    c.payload = r.length;
+    c.error = e_inval;
+    c.message = "unexpected payload for command " + std::string(cmd_name(r.type));
+    c.disconnect = r.length > max_buffer_size;
+    return c;
+  }
   if (check_length && r.length > max_buffer_size) {
     c.error = e_inval;
     c.message = "len (" + std::to_string(r.length) + ") is larger than max len (" + std::to_string(max_buffer_size) + ")";
@@ -125,6 +135,11 @@ static void put_simple(std::string& out, uint64_t cookie, uint32_t err) {
 void put_done(std::string& out, reply_mode m, uint64_t cookie, uint64_t offset) {
   if (m == reply_mode::extended) return put_chunk_header(out, m, reply_flag_done, rt_none, cookie, offset, 0);
   put_simple(out, cookie, 0);
+}
+
+void put_read_done(std::string& out, reply_mode m, uint64_t cookie, uint64_t offset) {
+  if (m == reply_mode::simple) return put_simple(out, cookie, 0);
+  put_chunk_header(out, m, reply_flag_done, rt_none, cookie, offset, 0);
 }
 
 void put_error(std::string& out, reply_mode m, uint64_t cookie, uint64_t offset, uint32_t err,

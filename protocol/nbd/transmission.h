@@ -48,6 +48,9 @@ void put_done(std::string& out, reply_mode m, uint64_t cookie, uint64_t offset);
 void put_error(std::string& out, reply_mode m, uint64_t cookie, uint64_t offset, uint32_t err, const std::string& msg);
 // The header in front of `len` bytes of read data: a simple reply, or an OFFSET_DATA chunk.
 void put_read_header(std::string& out, reply_mode m, uint64_t cookie, uint64_t offset, uint64_t len, bool done);
+// The end of a READ that carries no data: a simple reply, or a NONE chunk with DONE (a data chunk
+// may not be empty).
+void put_read_done(std::string& out, reply_mode m, uint64_t cookie, uint64_t offset);
 // An OFFSET_HOLE chunk (structured or extended only).
 void put_hole(std::string& out, reply_mode m, uint64_t cookie, uint64_t offset, uint32_t len, bool done);
 
