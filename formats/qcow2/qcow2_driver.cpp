@@ -967,11 +967,13 @@ task<int> qcow2_driver::mark_dirty_flag() {
   co_return 0;
 }
 
-// Dirty tables stay cached until a flush, or until a cache is full of them (clean blocks are evicted
-// first; dirty ones can only go once written): writing back early would rewrite the same tables over
-// and over under a random write load, holding the metadata lock each time.
+// Dirty tables stay cached until a flush, or until a cache overflows with them (clean blocks are
+// evicted first; dirty ones can only go once written): writing back early would rewrite the same
+// tables over and over under a random write load, holding the metadata lock and flushing each time.
 task<int> qcow2_driver::maybe_writeback() {
-  if (l2_cache_->dirty_count() < l2_cache_->capacity() && rc_cache_->dirty_count() < rc_cache_->capacity() &&
+  // Only a cache that has outgrown its capacity (every block it could evict is dirty) forces one: a
+  // cache exactly as large as the image's tables stays dirty until the next flush.
+  if (l2_cache_->size() <= l2_cache_->capacity() && rc_cache_->size() <= rc_cache_->capacity() &&
       pending_frees_.size() < 4096)
     co_return 0;
   co_await meta_lock_.lock();
