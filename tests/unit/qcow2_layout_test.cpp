@@ -11,30 +11,15 @@
 #include <string>
 #include <vector>
 
+#include "tests/unit/shell_tools.h"
 #include "formats/qcow2/compress.h"
 #include "formats/qcow2/layout.h"
 
 namespace blockd::qcow2 {
 namespace {
 
-// Runs a shell command; returns its stdout (stderr folded in when `with_err`) and sets `rc`.
-std::string sh(const std::string& cmd, int* rc = nullptr, bool with_err = false) {
-  std::string full = cmd + (with_err ? " 2>&1" : " 2>/dev/null");
-  FILE* f = popen(full.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while (f && (n = fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
-  int st = f ? pclose(f) : -1;
-  if (rc) *rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return out;
-}
-
-bool have_qemu_tools() {
-  int rc = 0;
-  sh("command -v qemu-img && command -v qemu-io", &rc);
-  return rc == 0;
-}
+using test::have_qemu_tools;
+using test::sh;
 
 std::vector<uint8_t> read_at(const std::string& path, uint64_t off, size_t len) {
   std::vector<uint8_t> b(len, 0);
