@@ -42,6 +42,7 @@ using unsubscribe_atom = caf::atom_constant<caf::atom("unsubscr")>;
 using chardev_atom = caf::atom_constant<caf::atom("chardev")>;    // supervisor: --chardev
 using monitor_atom = caf::atom_constant<caf::atom("monitor")>;    // supervisor: --monitor
 using shutdown_atom = caf::atom_constant<caf::atom("shutdown")>;  // supervisor: close everything
+using ready_atom = caf::atom_constant<caf::atom("ready")>;        // supervisor: the command line is applied
 using close_atom = caf::atom_constant<caf::atom("close")>;        // monitor: flush and close
 using io_atom = caf::atom_constant<caf::atom("io")>;              // completion of an I/O operation
 using start_atom = caf::atom_constant<caf::atom("start")>;

@@ -263,6 +263,7 @@ int main(int argc, char** argv) {
         }
       }
       if (started && !help_exit) {
+        self->send(sup, ready_atom::value);
         process::daemonize_ready();
         process::wait_for_stop(quit_fd);
       }

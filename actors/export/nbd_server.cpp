@@ -354,7 +354,7 @@ struct nbd_server::conn {
   }
 };
 
-result<std::unique_ptr<nbd_server>> nbd_server::start(iothread& main, nbd_server_settings s, hooks h) {
+result<std::unique_ptr<nbd_server>> nbd_server::start(iothread& main, nbd_server_settings s, hooks h, bool hold) {
   std::unique_ptr<nbd_server> srv(new nbd_server(main, std::move(s), std::move(h)));
   const auto& a = srv->s_.addr;
   std::string type = str_of(a, "type");
@@ -386,6 +386,7 @@ result<std::unique_ptr<nbd_server>> nbd_server::start(iothread& main, nbd_server
     return fail("socket family '" + type + "' is not available for the NBD server in blockd yet; use unix, inet or fd");
   }
   srv->accept_cb_.self = srv.get();
+  srv->held_ = hold;
   srv->arm_accept();
   return srv;
 }
@@ -397,8 +398,13 @@ nbd_server::~nbd_server() {
 
 void nbd_server::accept_cb::complete(int res) { self->on_accept(res); }
 
+void nbd_server::accept_clients() {
+  held_ = false;
+  arm_accept();
+}
+
 void nbd_server::arm_accept() {
-  if (accept_pending_ || stopping_) return;
+  if (accept_pending_ || stopping_ || held_) return;
   // At the limit the server stops accepting: new clients wait in the listen backlog (QEMU does the same).
   if (s_.max_connections > 0 && clients_ >= s_.max_connections) return;
   accept_pending_ = true;

@@ -44,8 +44,11 @@ class nbd_server {
     tls::authorizer tls_authz;
   };
 
-  // Binds and listens (errors in QEMU's words); accepting starts at once.
-  static result<std::unique_ptr<nbd_server>> start(iothread& main, nbd_server_settings s, hooks h);
+  // Binds and listens (errors in QEMU's words). Accepting starts at once, or with accept_clients()
+  // when `hold` is set: during start-up the socket exists but clients wait in the backlog until
+  // every --export is in place, as with QSD, whose main loop runs only after the command line.
+  static result<std::unique_ptr<nbd_server>> start(iothread& main, nbd_server_settings s, hooks h, bool hold = false);
+  void accept_clients();
   ~nbd_server();
 
   const nbd_server_settings& settings() const { return s_; }
@@ -76,6 +79,7 @@ class nbd_server {
   accept_cb accept_cb_;
   bool accept_pending_ = false;
   bool stopping_ = false;
+  bool held_ = false;
   std::function<void()> stopped_;
   size_t clients_ = 0;  // negotiating plus transmitting
   std::vector<conn*> conns_;

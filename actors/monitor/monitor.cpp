@@ -54,7 +54,7 @@ caf::actor monitor_actor::self_handle() { return caf::actor_cast<caf::actor>(thi
 
 caf::behavior monitor_actor::make_behavior() {
   send(supervisor_, subscribe_atom::value, self_handle());
-  send(this, start_atom::value);
+  // start_atom comes from the supervisor once the command line is applied.
   return {
       [this](start_atom) {
         if (dev_->connected())

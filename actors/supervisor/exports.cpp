@@ -131,7 +131,7 @@ void supervisor_actor::nbd_server_start(const boost::json::object& args, reply_f
   catalog_.self = this;
   h.catalog = &catalog_;
   h.negotiated = [this](nbd_negotiated n) { nbd_negotiated_client(std::move(n)); };
-  auto srv = nbd_server::start(*home_, std::move(st), std::move(h));
+  auto srv = nbd_server::start(*home_, std::move(st), std::move(h), starting_);
   if (!srv) return reply(command_outcome::failure(srv.error()));
   nbd_ = std::move(*srv);
   reply(command_outcome::success());

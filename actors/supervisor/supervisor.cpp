@@ -78,6 +78,13 @@ caf::behavior supervisor_actor::make_behavior() {
         return add_monitor(chardev_id, pretty, id);
       },
       [this](subscribe_atom, const caf::actor& who) { subscribers_.push_back(who); },
+      // main(): every command-line item is applied; clients may come in now.
+      [this](ready_atom) {
+        if (!starting_) return;
+        starting_ = false;
+        for (auto& m : monitors_) send(m, start_atom::value);
+        if (nbd_) nbd_->accept_clients();
+      },
       // Components (nodes, jobs, exports) raise events here; the bus stamps and broadcasts them.
       [this](event_atom, std::string& name, json_args& data) { emit(std::move(name), std::move(data.v)); },
       // Job bodies ask for graph work; jobs report that they reached null (jobs.cpp).
@@ -350,6 +357,7 @@ command_outcome supervisor_actor::add_monitor(const std::string& chardev_id, boo
   auto m = spawn_pinned<monitor_actor>(home_->system(), *home_, caf::actor_cast<caf::actor>(this), dev,
                                        monitor_options{id, pretty});
   monitors_.push_back(m);
+  if (!starting_) send(m, start_atom::value);
   return command_outcome::success();
 }
 
@@ -444,12 +452,10 @@ void supervisor_actor::sync_node_actors() {
     passed.get_future().wait();
   }
   // Homes of nodes that are gone (a later node may get the same address).
-  for (auto it = homes_.begin(); it != homes_.end();) {
-    bool live = false;
-    if (graph_)
-      for (block::node* n : graph_->nodes_newest_first()) live = live || n == it->first;
-    it = live ? std::next(it) : homes_.erase(it);
-  }
+  std::unordered_set<const block::node*> live;
+  if (graph_)
+    for (block::node* n : graph_->nodes_newest_first()) live.insert(n);
+  for (auto it = homes_.begin(); it != homes_.end();) it = live.count(it->first) ? std::next(it) : homes_.erase(it);
   if (!graph_) return;
   for (block::node* n : graph_->nodes_newest_first())
     if (!node_actors_.count(n->name())) {

@@ -168,6 +168,9 @@ class supervisor_actor : public caf::event_based_actor {
   std::vector<caf::actor> monitors_;
   std::vector<caf::actor> subscribers_;
   bool shutting_down_ = false;
+  // Until main() reports the command line applied, monitors and the NBD server hold their clients
+  // (QSD serves nobody before its main loop runs, so no client sees a half-built configuration).
+  bool starting_ = true;
   std::deque<pending_command> queue_;
   bool busy_ = false;
   bool pumping_ = false;

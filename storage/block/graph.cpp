@@ -58,6 +58,7 @@ graph::graph(std::function<driver_env()> env_for_new_node) : env_for_new_node_(s
 
 graph::~graph() {
   // Parents first, so no node is destroyed while a parent still points at it.
+  by_name_.clear();
   while (!nodes_.empty()) nodes_.pop_back();
 }
 
@@ -79,9 +80,8 @@ std::vector<node*> graph::referenced_nodes(const boost::json::object& options) c
 }
 
 node* graph::find(const std::string& name) const {
-  for (auto& n : nodes_)
-    if (n->name() == name) return n.get();
-  return nullptr;
+  auto it = by_name_.find(name);
+  return it == by_name_.end() ? nullptr : it->second;
 }
 
 result<node*> graph::lookup(const std::string* device, const std::string* node_name) const {
@@ -220,6 +220,7 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
   std::stable_sort(a.children.begin(), a.children.end(), [&](auto& x, auto& y) { return rank(x.first) < rank(y.first); });
   for (auto& [role, child] : a.children) np->children.push_back({role, child});
   // QEMU registers a node right after its file child, before the rest of its chain (listing order).
+  by_name_[np->name()] = np;
   nodes_.insert(nodes_.begin() + std::ptrdiff_t(std::min(slot, nodes_.size())), std::move(n));
   created.push_back(np);
   if (!np->settings().active) np->driver().inactivate();
@@ -302,6 +303,7 @@ void graph::destroy(node* n) {
   for (auto& edge : children) {
     std::erase_if(edge.child->users, [&](auto& x) { return x.key == user_key(*n, edge.role); });
   }
+  by_name_.erase(n->name());
   std::erase_if(nodes_, [&](auto& p) { return p.get() == n; });
   for (auto& edge : children) {
     node* c = edge.child;

@@ -5,6 +5,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "protocol/error.h"
@@ -79,6 +80,7 @@ class graph {
   static constexpr int max_implicit_depth = 64;  // nested opens of children an image names itself
   int implicit_depth_ = 0;
   std::vector<std::unique_ptr<node>> nodes_;  // creation order
+  std::unordered_map<std::string, node*> by_name_;  // the same nodes, for find() (graphs of thousands)
   unsigned auto_name_counter_ = 0;
 };
 

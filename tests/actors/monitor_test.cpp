@@ -51,6 +51,9 @@ struct monitor_fixture : ::testing::Test {
     supervisor_hooks hooks;
     hooks.quit_requested = [this] { quit_called = true; };
     sup = spawn_pinned<supervisor_actor>(*sys, *io, hooks);
+    // As main() does once the command line is applied: monitors serve from here on.
+    caf::scoped_actor self{*sys};
+    self->send(sup, ready_atom::value);
   }
   void TearDown() override {
     {

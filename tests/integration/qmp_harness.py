@@ -78,6 +78,9 @@ class Daemon:
     def __init__(self, binary, args, tmp, env=None, stdin=None):
         self.tmp = tmp
         self.pidfile = os.path.join(tmp, "blockd.pid")
+        # A daemon killed with SIGKILL leaves its pid file: a stale one would read as "ready" at once.
+        if os.path.exists(self.pidfile):
+            os.unlink(self.pidfile)
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.proc = subprocess.Popen([binary] + args + ["--pidfile", self.pidfile], stdin=stdin or subprocess.DEVNULL,

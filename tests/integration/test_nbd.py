@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -301,7 +302,37 @@ def case_option_haggling(binary, tmp):
     assert d.stop() == 0
 
 
-CASES = [case_clients_end_to_end, case_tcp_and_qmp_lifecycle, case_option_haggling]
+def case_clients_wait_for_the_command_line(binary, tmp):
+    """A client that connects the moment the sockets appear (before the pid file) is served only once
+    every command-line item is applied: the export named by the last --export is there, and QMP sees
+    the whole configuration. Many --blockdev items between --nbd-server and --export widen the window."""
+    args, qmp = monitor_args(tmp)
+    sock = os.path.join(tmp, "nbd.sock")
+    many = []
+    for i in range(2000):
+        many += ["--blockdev", f"driver=null-co,node-name=n{i},size=1048576"]
+    proc = subprocess.Popen([binary] + args + ["--nbd-server", f"addr.type=unix,addr.path={sock}"] + many +
+                            ["--export", "type=nbd,id=e0,node-name=n1999,name=last"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        end = time.monotonic() + DEADLINE
+        while not (os.path.exists(sock) and os.path.exists(qmp)):
+            assert proc.poll() is None and time.monotonic() < end, "daemon did not create its sockets"
+            time.sleep(0.001)
+        r = Raw(sock)
+        r.flags()
+        assert r.go("last")[0] == 1 << 20
+        c = Client.unix(qmp)
+        c.negotiate()
+        assert [e["id"] for e in c.cmd("query-block-exports")["return"]] == ["e0"]
+        assert len(c.cmd("query-named-block-nodes", {"flat": True})["return"]) == 2000
+    finally:
+        proc.terminate()
+        rc = proc.wait(DEADLINE)
+        assert rc == 0, (rc, proc.stderr.read())
+
+
+CASES = [case_clients_wait_for_the_command_line, case_clients_end_to_end, case_tcp_and_qmp_lifecycle, case_option_haggling]
 
 
 def main():
