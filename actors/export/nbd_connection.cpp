@@ -21,9 +21,15 @@ constexpr size_t in_buffer_size = 256u << 10;
 // QEMU serves at most 16 requests of one client at once; blockd allows 64 so deep queues keep the
 // node busy, and stops reading the socket beyond that (the client's own queue then waits).
 constexpr size_t max_in_flight = 64;
-// Payloads up to this size are copied into the batched reply buffer (one copy, many replies per
-// send); larger ones are sent from their own buffer.
-constexpr size_t copy_limit = 64u << 10;
+// Payloads up to this size are copied into the batched reply buffer (a small copy costs less than
+// an iovec entry); larger ones are sent from their own buffer, gathered with the headers.
+constexpr size_t copy_limit = 4u << 10;
+// Write payloads at least this large are received into their own buffer; while they come, the
+// request stream is read in windows of header_window bytes.
+constexpr uint64_t direct_payload_min = 32u << 10;
+constexpr size_t header_window = 4u << 10;
+// Segments in one gathered send (IOV_MAX is 1024).
+constexpr size_t max_send_iov = 256;
 // Structured reads at least this large ask for block status first, to send holes as hole chunks.
 constexpr uint64_t sparse_read_min = 64u << 10;
 // Extents per context in one BLOCK_STATUS reply (QEMU allows 128 Ki; clients ask again for the rest).
@@ -121,7 +127,11 @@ void nbd_connection::post_recv() {
     in_end_ -= in_start_;
     in_start_ = 0;
   }
-  reactor_.recv(s_.fd, in_.data() + in_end_, in_.size() - in_end_, &recv_cb_);
+  // After a large write, the next one is likely large too: take little more than its header, so
+  // its payload is received straight into its own buffer rather than copied out of this one.
+  size_t room = in_.size() - in_end_;
+  if (big_payloads_) room = std::min(room, header_window);
+  reactor_.recv(s_.fd, in_.data() + in_end_, room, &recv_cb_);
 }
 
 void nbd_connection::on_recv(int res) {
@@ -210,8 +220,10 @@ void nbd_connection::pump_loop() {
       payload_op_ = o;
       payload_got_ = 0;
       payload_drop_ = chk.error != 0;
+      big_payloads_ = chk.payload >= direct_payload_min;
       continue;
     }
+    big_payloads_ = false;
     if (chk.error) {
       reply_error(o, chk.error, chk.message);
       continue;
@@ -444,14 +456,14 @@ void nbd_connection::reply_done(op* o) {
 
 void nbd_connection::queue_bytes(const std::string& b) {
   // Appends to the last batch unless that batch is being sent right now (its buffer must not move).
-  bool can_append = !outq_.empty() && !outq_.back().data && !(outq_.size() == 1 && front_in_flight_);
+  bool can_append = !outq_.empty() && !outq_.back().data && outq_.size() > segs_in_flight_;
   if (can_append) outq_.back().bytes += b;
   else outq_.push_back(seg{b});
 }
 
 void nbd_connection::queue_data(const uint8_t* p, size_t n, op* owner) {
   if (n <= copy_limit) {
-    bool can_append = !outq_.empty() && !outq_.back().data && !(outq_.size() == 1 && front_in_flight_);
+    bool can_append = !outq_.empty() && !outq_.back().data && outq_.size() > segs_in_flight_;
     if (can_append) outq_.back().bytes.append(reinterpret_cast<const char*>(p), n);
     else outq_.push_back(seg{std::string(reinterpret_cast<const char*>(p), n)});
     put_op(owner);
@@ -518,23 +530,33 @@ void nbd_connection::flush_out() {
     size_t total = f.data ? f.len : f.bytes.size();
     if (front_sent_ < total) break;
     op* owner = f.owner;
+    front_sent_ -= total;
     outq_.pop_front();
-    front_sent_ = 0;
-    if (owner) put_op(owner);
-    if (closing_) return;
+    if (owner) put_op(owner);  // may queue and send more replies itself
+    if (closing_ || send_pending_) return;
   }
   if (outq_.empty()) return maybe_finish();
-  seg& f = outq_.front();
-  const uint8_t* p = f.data ? f.data : reinterpret_cast<const uint8_t*>(f.bytes.data());
-  size_t total = f.data ? f.len : f.bytes.size();
+  // Every queued segment goes out in one gathered send: batched headers and read payloads in place,
+  // so a read's bytes are not copied again on their way to the socket.
+  send_iov_.clear();
+  for (auto& f : outq_) {
+    if (send_iov_.size() == max_send_iov) break;
+    const uint8_t* p = f.data ? f.data : reinterpret_cast<const uint8_t*>(f.bytes.data());
+    size_t total = f.data ? f.len : f.bytes.size();
+    size_t skip = send_iov_.empty() ? front_sent_ : 0;
+    send_iov_.push_back({const_cast<uint8_t*>(p) + skip, total - skip});
+  }
+  segs_in_flight_ = send_iov_.size();
+  send_msg_ = {};
+  send_msg_.msg_iov = send_iov_.data();
+  send_msg_.msg_iovlen = send_iov_.size();
   send_pending_ = true;
-  front_in_flight_ = true;
-  reactor_.send(s_.fd, p + front_sent_, total - front_sent_, &send_cb_);
+  reactor_.sendmsg(s_.fd, &send_msg_, &send_cb_);
 }
 
 void nbd_connection::on_send(int res) {
   send_pending_ = false;
-  front_in_flight_ = false;
+  segs_in_flight_ = 0;
   if (closing_) return maybe_finish();
   if (res <= 0) return begin_close("send failed");
   if (s_.tls) {

@@ -2,6 +2,9 @@
 #pragma once
 #include <caf/event_based_actor.hpp>
 
+#include <sys/socket.h>
+#include <sys/uio.h>
+
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -95,11 +98,14 @@ class nbd_connection : public caf::event_based_actor, private block::io_waiter {
   op* payload_op_ = nullptr;  // a WRITE (or block-status payload) still arriving
   uint64_t payload_got_ = 0;
   bool payload_drop_ = false;
+  bool big_payloads_ = false;  // the last request carried a large payload (see post_recv)
   std::vector<uint8_t> drop_buf_;
 
   std::deque<seg> outq_;
-  size_t front_sent_ = 0;
-  bool front_in_flight_ = false;
+  size_t front_sent_ = 0;      // bytes of outq_.front() already on the wire
+  size_t segs_in_flight_ = 0;  // the first segments of outq_, handed to one gathered send (must not change)
+  std::vector<struct iovec> send_iov_;
+  struct msghdr send_msg_ {};
 
   io_cb recv_cb_, send_cb_;
   bool recv_pending_ = false, send_pending_ = false;

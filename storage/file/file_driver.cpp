@@ -5,6 +5,8 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -78,6 +80,9 @@ void copy_to_iov(const iovec* iov, int iovcnt, int64_t skip, const char* src, in
 dio_alignment probe_dio(int fd, bool blockdev);
 bool option_bool(const boost::json::object& o, const char* name, bool dflt);
 
+// Largest write to a memory-backed file made as a plain system call on the iothread (see issue()).
+constexpr int64_t inline_copy_max = 128 << 10;
+
 struct file_settings {
   std::string path;
   bool blockdev = false;      // S_ISBLK: size, discard and zeroing by ioctl
@@ -87,6 +92,8 @@ struct file_settings {
   uint32_t dev_block = 512;   // logical block size of a block device: the unit of BLKDISCARD/BLKZEROOUT
   bool drop_cache = true;     // activate() drops the host page cache
   bool check_cache_dropped = false;
+  bool memory_backed = false;  // tmpfs: buffered writes copy into memory and never wait for a device
+  bool ring_only = false;      // aio=io_uring or native: every read and write goes through the ring
 };
 
 class file_driver final : public block_driver {
@@ -392,10 +399,15 @@ class file_driver final : public block_driver {
       return;
     }
     j->last = {op, iov, iovcnt, off};
+    // tmpfs: io_uring hands every buffered write of a file system without async buffered writes
+    // (and some reads) to a worker thread, one at a time per file; a copy into memory is cheaper
+    // made here than the two thread switches. Large writes stay on the ring, where the worker's copy
+    // overlaps this thread's socket work.
+    bool run_here = s_.memory_backed && !s_.direct && !s_.ring_only && (op == io_op::read || j->r->length <= inline_copy_max);
     if (op == io_op::read)
-      env_.reactor->readv(fd_, iov, iovcnt, off, j);
+      env_.reactor->readv(fd_, iov, iovcnt, off, j, run_here);
     else
-      env_.reactor->writev(fd_, iov, iovcnt, off, j);
+      env_.reactor->writev(fd_, iov, iovcnt, off, j, run_here);
   }
 
   void on_complete(job* j, int res) {
@@ -872,6 +884,8 @@ result<std::unique_ptr<block_driver>> open_file(open_args& a, bool host_device) 
   if (int bs = 0; s.blockdev && ioctl(fd, BLKSSZGET, &bs) == 0 && bs > 0) s.dev_block = uint32_t(bs);
   s.drop_cache = option_bool(a.options, "drop-cache", true);
   s.check_cache_dropped = option_bool(a.options, "x-check-cache-dropped", false);
+  if (struct statfs fs {}; ::fstatfs(fd, &fs) == 0 && fs.f_type == TMPFS_MAGIC) s.memory_backed = true;
+  s.ring_only = aio != "threads";
   return std::unique_ptr<block_driver>(new file_driver(a.env, fd, std::move(s)));
 }
 

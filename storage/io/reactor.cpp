@@ -27,7 +27,7 @@
 namespace blockd::io {
 namespace {
 
-enum class op_kind { read, write, readv, writev, fsync, fallocate, recv, send, accept, connect, timeout, cancel, call };
+enum class op_kind { read, write, readv, writev, fsync, fallocate, recv, send, sendmsg, accept, connect, timeout, cancel, call };
 
 struct op {
   op_kind kind;
@@ -248,11 +248,15 @@ class op_reactor : public reactor {
   void write(int fd, const void* buf, size_t len, int64_t off, completion* c) override {
     push({.kind = op_kind::write, .fd = fd, .buf = const_cast<void*>(buf), .len = len, .off = off, .c = c});
   }
-  void readv(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c) override {
-    push({.kind = op_kind::readv, .fd = fd, .off = off, .iov = iov, .iovcnt = iovcnt, .c = c});
+  void readv(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c, bool run_here) override {
+    op o{.kind = op_kind::readv, .fd = fd, .off = off, .iov = iov, .iovcnt = iovcnt, .c = c};
+    if (run_here) return complete_soon(c, run_blocking(o));
+    push(std::move(o));
   }
-  void writev(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c) override {
-    push({.kind = op_kind::writev, .fd = fd, .off = off, .iov = iov, .iovcnt = iovcnt, .c = c});
+  void writev(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c, bool run_here) override {
+    op o{.kind = op_kind::writev, .fd = fd, .off = off, .iov = iov, .iovcnt = iovcnt, .c = c};
+    if (run_here) return complete_soon(c, run_blocking(o));
+    push(std::move(o));
   }
   void fsync(int fd, bool datasync, completion* c) override {
     push({.kind = op_kind::fsync, .fd = fd, .mode = datasync ? 1 : 0, .c = c});
@@ -266,6 +270,9 @@ class op_reactor : public reactor {
   void send(int fd, const void* buf, size_t len, completion* c) override {
     push({.kind = op_kind::send, .fd = fd, .buf = const_cast<void*>(buf), .len = len, .c = c});
   }
+  void sendmsg(int fd, const msghdr* msg, completion* c) override {
+    push({.kind = op_kind::sendmsg, .fd = fd, .addr = msg, .c = c});
+  }
   void accept(int fd, completion* c) override { push({.kind = op_kind::accept, .fd = fd, .c = c}); }
   void offload(std::function<int()> fn, completion* c) override {
     push({.kind = op_kind::call, .c = c, .fn = std::move(fn)});
@@ -273,6 +280,8 @@ class op_reactor : public reactor {
 
  protected:
   virtual void push(op o) = 0;
+  // A result known now, delivered on the next turn (never inside the call that produced it).
+  virtual void complete_soon(completion* c, int res) = 0;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -387,6 +396,10 @@ class uring_reactor final : public op_reactor {
     if (pool_.start()) return pool_.stage(std::move(o));
     cancelled_.emplace_back(o.c, run_blocking(o));  // no threads: run here, complete next turn
   }
+  void complete_soon(completion* c, int res) override {
+    ++in_flight_;
+    cancelled_.emplace_back(c, res);
+  }
   void queue(op o) {
     if (o.c && o.c != &pool_wake_) ++in_flight_;
     if (!overflow_.empty() || !prep(o)) overflow_.push_back(std::move(o));
@@ -423,6 +436,9 @@ class uring_reactor final : public op_reactor {
       case op_kind::fallocate: io_uring_prep_fallocate(sqe, o.fd, o.mode, o.off, static_cast<off_t>(o.len)); break;
       case op_kind::recv: io_uring_prep_recv(sqe, o.fd, o.buf, o.len, 0); break;
       case op_kind::send: io_uring_prep_send(sqe, o.fd, o.buf, o.len, MSG_NOSIGNAL); break;
+      case op_kind::sendmsg:
+        io_uring_prep_sendmsg(sqe, o.fd, static_cast<const msghdr*>(o.addr), MSG_NOSIGNAL);
+        break;
       case op_kind::accept: io_uring_prep_accept(sqe, o.fd, nullptr, nullptr, SOCK_CLOEXEC); break;
       case op_kind::connect:
         io_uring_prep_connect(sqe, o.fd, static_cast<const sockaddr*>(o.addr), o.addrlen);
@@ -510,7 +526,7 @@ class poll_reactor final : public op_reactor {
     for (size_t i = 0; i < pending_.size(); ++i) {
       auto& o = pending_[i];
       if (o.kind == op_kind::timeout) continue;
-      short ev = (o.kind == op_kind::write || o.kind == op_kind::send) ? POLLOUT : POLLIN;
+      short ev = (o.kind == op_kind::write || o.kind == op_kind::send || o.kind == op_kind::sendmsg) ? POLLOUT : POLLIN;
       fds.push_back({o.fd, ev, 0});
       which.push_back(i);
     }
@@ -570,6 +586,7 @@ class poll_reactor final : public op_reactor {
     }
   }
 
+  void complete_soon(completion* c, int res) override { ready_.emplace_back(c, res); }
   void push(op o) override {
     // Handed to the workers at the next turn, one lock for the whole batch.
     if (is_blocking_op(o) && pool_.start()) return pool_.stage(std::move(o));
@@ -583,6 +600,9 @@ class poll_reactor final : public op_reactor {
       case op_kind::write: n = ::write(o.fd, o.buf, o.len); break;
       case op_kind::recv: n = ::recv(o.fd, o.buf, o.len, MSG_DONTWAIT); break;
       case op_kind::send: n = ::send(o.fd, o.buf, o.len, MSG_DONTWAIT | MSG_NOSIGNAL); break;
+      case op_kind::sendmsg:
+        n = ::sendmsg(o.fd, static_cast<const msghdr*>(o.addr), MSG_DONTWAIT | MSG_NOSIGNAL);
+        break;
       case op_kind::accept: n = ::accept4(o.fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK); break;
       default: return -EINVAL;
     }

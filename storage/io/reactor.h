@@ -7,6 +7,7 @@
 #include <string>
 
 struct iovec;
+struct msghdr;
 
 namespace blockd::io {
 
@@ -37,12 +38,16 @@ class reactor {
   virtual void read(int fd, void* buf, size_t len, int64_t off, completion* c) = 0;
   virtual void write(int fd, const void* buf, size_t len, int64_t off, completion* c) = 0;
   // Vectored positioned I/O and file control for block drivers; `iov` must stay alive until completion.
-  virtual void readv(int fd, const struct iovec* iov, int iovcnt, int64_t off, completion* c) = 0;
-  virtual void writev(int fd, const struct iovec* iov, int iovcnt, int64_t off, completion* c) = 0;
+  // With run_here the call is made on this thread and completes on the next turn: for files whose
+  // I/O is a memory copy (tmpfs), where io_uring would hand a buffered write to a worker thread.
+  virtual void readv(int fd, const struct iovec* iov, int iovcnt, int64_t off, completion* c, bool run_here = false) = 0;
+  virtual void writev(int fd, const struct iovec* iov, int iovcnt, int64_t off, completion* c, bool run_here = false) = 0;
   virtual void fsync(int fd, bool datasync, completion* c) = 0;
   virtual void fallocate(int fd, int mode, int64_t off, int64_t len, completion* c) = 0;
   virtual void recv(int fd, void* buf, size_t len, completion* c) = 0;
   virtual void send(int fd, const void* buf, size_t len, completion* c) = 0;  // never raises SIGPIPE
+  // Gathered send (never raises SIGPIPE); `msg`, its iovecs and their bytes stay alive until completion.
+  virtual void sendmsg(int fd, const struct msghdr* msg, completion* c) = 0;
   virtual void accept(int fd, completion* c) = 0;                               // res: new fd, CLOEXEC
   virtual void connect(int fd, const void* addr, unsigned addrlen, completion* c) = 0;
   virtual void timeout(uint64_t nanoseconds, completion* c) = 0;              // res: 0 or -ECANCELED

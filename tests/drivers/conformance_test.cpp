@@ -145,11 +145,13 @@ struct file_stack {
     s.open("file", {{"filename", s.path}});
   }
 };
+// aio=io_uring: reads and writes of this tmpfs file go through the ring (file_stack makes them on
+// the iothread), so both paths of the file driver take the suite.
 struct raw_over_file_stack {
   static constexpr bool stores_data = true;
   static void build(stack& s) {
     s.path = temp_image(image_size);
-    node* f = s.open("file", {{"filename", s.path}});
+    node* f = s.open("file", {{"filename", s.path}, {"aio", "io_uring"}});
     s.open("raw", {}, f);
   }
 };

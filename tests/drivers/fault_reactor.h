@@ -40,11 +40,13 @@ class fault_reactor final : public reactor {
   void write(int fd, const void* buf, size_t len, int64_t off, completion* c) override {
     inner_->write(fd, buf, len, off, c);
   }
-  void readv(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c) override {
-    if (auto* w = intercept(op_class::readv, c, iov, iovcnt)) return inner_->readv(fd, w->iov.data(), int(w->iov.size()), off, w);
+  void readv(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c, bool run_here) override {
+    if (auto* w = intercept(op_class::readv, c, iov, iovcnt))
+      return inner_->readv(fd, w->iov.data(), int(w->iov.size()), off, w, run_here);
   }
-  void writev(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c) override {
-    if (auto* w = intercept(op_class::writev, c, iov, iovcnt)) return inner_->writev(fd, w->iov.data(), int(w->iov.size()), off, w);
+  void writev(int fd, const iovec* iov, int iovcnt, int64_t off, completion* c, bool run_here) override {
+    if (auto* w = intercept(op_class::writev, c, iov, iovcnt))
+      return inner_->writev(fd, w->iov.data(), int(w->iov.size()), off, w, run_here);
   }
   void fsync(int fd, bool datasync, completion* c) override {
     if (auto* w = intercept(op_class::fsync, c)) inner_->fsync(fd, datasync, w);
@@ -57,6 +59,7 @@ class fault_reactor final : public reactor {
   }
   void recv(int fd, void* buf, size_t len, completion* c) override { inner_->recv(fd, buf, len, c); }
   void send(int fd, const void* buf, size_t len, completion* c) override { inner_->send(fd, buf, len, c); }
+  void sendmsg(int fd, const struct msghdr* m, completion* c) override { inner_->sendmsg(fd, m, c); }
   void accept(int fd, completion* c) override { inner_->accept(fd, c); }
   void connect(int fd, const void* addr, unsigned addrlen, completion* c) override { inner_->connect(fd, addr, addrlen, c); }
   void timeout(uint64_t ns, completion* c) override { inner_->timeout(ns, c); }
