@@ -289,6 +289,7 @@ class qcow2_driver final : public block_driver {
   task<int> decompress(uint64_t host, uint64_t csize, uint8_t* out);
   task<int> do_write(io_request& r);
   task<int> write_cluster(io_request& r, int64_t pos, uint64_t cluster, uint64_t in, uint64_t n, bool zero);
+  task<int> write_in_place_run(io_request& r);
   task<int> allocating_write(io_request& r, int64_t pos, uint64_t cluster, uint64_t in, uint64_t n, bool zero);
   task<int> do_zero_or_discard(io_request& r, bool discard);
   task<int> raw_data_zero(io_request& r, bool discard);
@@ -1173,8 +1174,17 @@ task<int> qcow2_driver::read_old(uint64_t cluster, const l2_words& w, uint64_t i
 
 // ---- writes -------------------------------------------------------------------------------------
 
+// write_in_place_run: the request cannot go out as one write; it is split per cluster instead.
+constexpr int split_per_cluster = 1;
+// Clusters one in-place run may span (a few MiB with the default cluster size).
+constexpr uint64_t max_run_clusters = 64;
+
 task<int> qcow2_driver::do_write(io_request& r) {
   if (corrupt_) co_return -EIO;
+  if (r.op == io_op::write && uint64_t(r.length) > cs_ && !ext()) {
+    int rc = co_await write_in_place_run(r);
+    if (rc != split_per_cluster) co_return rc < 0 ? rc : co_await maybe_writeback();
+  }
   join_state j;
   int64_t pos = 0;
   while (pos < r.length) {
@@ -1187,6 +1197,44 @@ task<int> qcow2_driver::do_write(io_request& r) {
   while (j.left > 0) co_await j.done.wait();
   if (j.err < 0) co_return j.err;
   co_return co_await maybe_writeback();
+}
+
+// A write over several clusters that are all allocated, ours alone (COPIED) and back to back in the
+// image file goes out as one write, as large as the guest's: a 1 MiB sequential write on a filled
+// image is one host write rather than sixteen. The clusters are locked shared in ascending order
+// (every other path holds one cluster lock at a time), so nothing reallocates them meanwhile.
+// Anything else (a hole, a zero or compressed cluster, a gap on the host, a range the corruption
+// checks would refuse) returns split_per_cluster and the per-cluster path takes the request.
+task<int> qcow2_driver::write_in_place_run(io_request& r) {
+  uint64_t first = uint64_t(r.offset) >> cbits_, last = (uint64_t(r.offset + r.length) - 1) >> cbits_;
+  if (last - first + 1 > max_run_clusters) co_return split_per_cluster;
+  uint64_t locked = 0, host0 = 0;
+  int rc = 0;
+  for (uint64_t cl = first; cl <= last; ++cl) {
+    co_await lock_cluster(cl, false);
+    ++locked;
+    l2_words w;
+    rc = co_await lookup(cl, w);
+    if (rc < 0) break;
+    bool usable = (w.entry & entry_copied) && has_host(w) && !(w.entry & entry_zero);
+    uint64_t host = w.entry & offset_mask;
+    if (cl == first) host0 = host;
+    if (!usable || host != host0 + (cl - first) * cs_) {
+      rc = split_per_cluster;
+      break;
+    }
+  }
+  if (rc == 0) {
+    uint64_t start = host0 + (uint64_t(r.offset) & (cs_ - 1)), len = uint64_t(r.length);
+    std::string what;
+    if ((!h_.has_data_file() && start + len > fresh_end_ + cs_) ||
+        (o_.overlap && !h_.has_data_file() && overlaps_metadata(start, len, what)))
+      rc = split_per_cluster;  // the per-cluster path reports exactly which cluster is broken
+    else
+      rc = co_await io(*data_, io_op::write, int64_t(start), int64_t(len), r.flags & io_fua).vector(r.iov, r.iovcnt);
+  }
+  for (uint64_t i = 0; i < locked; ++i) unlock_cluster(first + i, false);
+  co_return rc;
 }
 
 task<int> qcow2_driver::write_cluster(io_request& r, int64_t pos, uint64_t cl, uint64_t in, uint64_t n, bool zero) {
