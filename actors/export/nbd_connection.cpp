@@ -16,6 +16,7 @@ namespace blockd {
 namespace {
 
 using finish_atom = caf::atom_constant<caf::atom("nbdfinish")>;
+using handed_atom = caf::atom_constant<caf::atom("nbdhanded")>;
 
 constexpr size_t in_buffer_size = 256u << 10;
 // QEMU serves at most 16 requests of one client at once; blockd allows 64 so deep queues keep the
@@ -82,7 +83,9 @@ caf::behavior nbd_connection::make_behavior() {
   set_exit_handler([this](const caf::exit_msg&) { begin_close("export shutting down"); });
   if (s_.tls) tls_wire_ = std::move(s_.pending_out);  // already encrypted by the handshake
   else if (!s_.pending_out.empty()) queue_bytes(s_.pending_out);
-  size_t n = std::min(s_.leftover_in.size(), in_.size());
+  // A client handed over in the middle of a write brings its payload so far: the buffer takes it all.
+  if (s_.leftover_in.size() > in_.size()) in_.resize(s_.leftover_in.size());
+  size_t n = s_.leftover_in.size();
   std::memcpy(in_.data(), s_.leftover_in.data(), n);
   in_end_ = n;
   s_.leftover_in.clear();
@@ -90,6 +93,18 @@ caf::behavior nbd_connection::make_behavior() {
   pump_input();
   return {
       [this](close_atom) { begin_close("export removed"); },
+      [this](handed_atom) {
+        handoff_rp_.deliver(std::move(handed_));
+        quit();
+      },
+      [this](handoff_atom) -> caf::result<nbd_client_setup> {
+        if (closing_ || draining_ || handoff_) return caf::make_error(caf::sec::request_receiver_down);
+        handoff_ = true;
+        handoff_rp_ = make_response_promise();
+        auto rp = handoff_rp_;
+        try_handoff();
+        return rp;
+      },
       [this](finish_atom) {
         if (s_.fd >= 0) ::close(s_.fd);
         s_.fd = -1;
@@ -102,7 +117,8 @@ caf::behavior nbd_connection::make_behavior() {
 // ---- input ----------------------------------------------------------------------------------
 
 void nbd_connection::post_recv() {
-  if (recv_pending_ || closing_) return;
+  if (recv_pending_ || closing_ || gone_) return;
+  if (handoff_) return try_handoff();  // input waits for the next home
   recv_pending_ = true;
   if (s_.tls) {
     // Ciphertext only: pump_loop takes plaintext out of the session through tls_fill().
@@ -137,6 +153,7 @@ void nbd_connection::post_recv() {
 void nbd_connection::on_recv(int res) {
   recv_pending_ = false;
   if (closing_) return maybe_finish();
+  if (handoff_ && res == -ECANCELED) return try_handoff();
   if (res <= 0) {
     // The client hung up (or the socket failed): finish what is in flight, then close.
     draining_ = true;
@@ -151,10 +168,11 @@ void nbd_connection::on_recv(int res) {
 
 void nbd_connection::pump_input() {
   // A reply sent from inside this loop may free a slot and call back in: the running loop goes on.
-  if (pumping_) return;
+  if (pumping_ || gone_) return;
   pumping_ = true;
   pump_loop();
   pumping_ = false;
+  try_handoff();
 }
 
 void nbd_connection::pump_loop() {
@@ -184,6 +202,7 @@ void nbd_connection::pump_loop() {
       }
       continue;
     }
+    if (handoff_) return;  // pump_input hands off once this loop is left
     if (in_flight_ >= max_in_flight) return;  // resumed when a reply goes out
     nbd::request r;
     size_t used = 0;
@@ -251,6 +270,7 @@ void nbd_connection::put_op(op* o) {
   --in_flight_;
   if (!recv_pending_ && !payload_op_ && !draining_ && !closing_ && in_flight_ + 1 == max_in_flight) pump_input();
   maybe_finish();
+  try_handoff();
 }
 
 void nbd_connection::submit(op* o, block::io_op kind, uint64_t off, uint64_t len, uint32_t flags) {
@@ -523,6 +543,7 @@ void nbd_connection::flush_tls() {
 }
 
 void nbd_connection::flush_out() {
+  if (gone_) return;
   if (s_.tls) return flush_tls();
   if (send_pending_ || closing_) return;
   while (!outq_.empty()) {
@@ -561,10 +582,47 @@ void nbd_connection::on_send(int res) {
   if (res <= 0) return begin_close("send failed");
   if (s_.tls) {
     tls_wire_sent_ += size_t(res);
-    return flush_out();
+    flush_out();
+    return try_handoff();
   }
   front_sent_ += size_t(res);
   flush_out();
+  try_handoff();
+}
+
+// ---- moving to another iothread ----------------------------------------------------------------
+
+void nbd_connection::try_handoff() {
+  if (!handoff_ || closing_ || gone_ || pumping_) return;
+  // Everything parsed is answered and on the wire, except a write whose payload is still arriving:
+  // its header and the bytes it has so far travel with the client (a slow sender holds nothing).
+  bool wire_idle = !tls_flushing_ && tls_wire_sent_ >= tls_wire_.size();
+  if (in_flight_ > (payload_op_ ? 1u : 0u) || send_pending_ || !outq_.empty() || !wire_idle) return;
+  if (recv_pending_) {
+    // The receive completes with -ECANCELED, or with bytes that arrived first (kept below).
+    reactor_.cancel(&recv_cb_);
+    return;
+  }
+  nbd_client_setup out = s_;
+  out.leftover_in.clear();
+  if (op* o = payload_op_) {
+    nbd::put_request(out.leftover_in, s_.xs.mode, o->req);
+    // A refused request's payload is dropped, whatever its bytes: the next connection refuses it again.
+    if (payload_drop_) out.leftover_in.append(size_t(payload_got_), '\0');
+    else out.leftover_in.append(reinterpret_cast<const char*>(o->buf), size_t(payload_got_));
+    payload_op_ = nullptr;
+    free_ops_.push_back(o);
+    --in_flight_;
+  }
+  out.leftover_in.append(reinterpret_cast<const char*>(in_.data()) + in_start_, in_end_ - in_start_);
+  out.pending_out.clear();
+  s_.fd = -1;  // the socket now belongs to the next connection actor
+  s_.tls.reset();
+  gone_ = true;  // nothing of this actor touches the socket or the ring again
+  handed_ = std::move(out);
+  // The answer goes out from a message handler: once the supervisor has it, it drops its handle on
+  // this actor, which must then not be running outside a handler (this may be a ring completion).
+  send(caf::actor_cast<caf::actor>(this), handed_atom::value);
 }
 
 // ---- closing --------------------------------------------------------------------------------
@@ -572,6 +630,10 @@ void nbd_connection::on_send(int res) {
 void nbd_connection::begin_close(const char* why) {
   if (closing_) return maybe_finish();
   closing_ = true;
+  if (handoff_ && !gone_) {
+    handoff_ = false;
+    handoff_rp_.deliver(caf::make_error(caf::sec::request_receiver_down));
+  }
   draining_ = true;
   // Wakes a pending receive or send; each completes (with 0 or an error) and is not renewed.
   if (s_.fd >= 0) ::shutdown(s_.fd, SHUT_RDWR);

@@ -39,6 +39,11 @@ struct nbd_client_setup {
 
 // supervisor <- connection: (export id, client id) once the socket is closed and nothing is in flight.
 using nbd_gone_atom = caf::atom_constant<caf::atom("nbdgone")>;
+// supervisor -> connection, before its export's node moves to another iothread: stop taking new
+// requests, let those in flight finish and their replies go out, then answer with the client's
+// state (socket, unparsed input, TLS session) and stop without closing the socket; the supervisor
+// starts the client again on the node's new home. Answers an error if the client is closing.
+using handoff_atom = caf::atom_constant<caf::atom("handoff")>;
 
 class nbd_connection : public caf::event_based_actor, private block::io_waiter {
  public:
@@ -83,6 +88,7 @@ class nbd_connection : public caf::event_based_actor, private block::io_waiter {
   op* get_op();
   void put_op(op* o);
   void begin_close(const char* why);
+  void try_handoff();
   void maybe_finish();
 
   iothread* home_;
@@ -113,6 +119,9 @@ class nbd_connection : public caf::event_based_actor, private block::io_waiter {
   bool closing_ = false;   // the socket is shut down; waiting for in-flight work
   bool gone_ = false;     // the final message to self is sent
   bool pumping_ = false;
+  bool handoff_ = false;  // a handoff is asked for: no new requests are parsed
+  caf::response_promise handoff_rp_;
+  nbd_client_setup handed_;  // the client's state, packed; answered from the next message handler
 
   std::vector<uint8_t> cin_;   // ciphertext received
   std::string tls_wire_;       // ciphertext to send; not touched while a send of it is in flight

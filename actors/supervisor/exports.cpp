@@ -291,9 +291,70 @@ void supervisor_actor::nbd_negotiated_client(nbd_negotiated n) {
   s.tls = std::move(n.tls);
   s.node = actor_it->second.actor;
   s.supervisor = caf::actor_cast<caf::actor>(this);
-  iothread* h = home_of(node);
   uint64_t cid = s.client_id;
+  if (parking_) {
+    // Its node is (perhaps) about to move: the client starts once the move is done.
+    parked_.push_back({e->id, cid, std::move(s)});
+    return;
+  }
+  iothread* h = home_of(node);
   e->clients.emplace(cid, spawn_pinned<nbd_connection>(h->system(), *h, std::move(s)));
+}
+
+// Before nodes move to another iothread, the clients of exports on them leave their connection
+// actors (pinned to the old home, holding the old node actor): each finishes what it has in flight
+// and hands back its socket and unparsed input. A client that does not finish in time (it stopped
+// reading its replies, or sends a payload too slowly) is disconnected instead. `then` runs once
+// every client is parked or closing.
+void supervisor_actor::park_clients(const std::vector<block::node*>& nodes, std::function<void()> then) {
+  std::vector<std::pair<std::string, std::pair<uint64_t, caf::actor>>> todo;
+  for (auto& e : exports_) {
+    block::node* n = graph_ ? graph_->find(e.node_name) : nullptr;
+    if (!n || std::find(nodes.begin(), nodes.end(), n) == nodes.end()) continue;
+    for (auto& [cid, a] : e.clients) todo.push_back({e.id, {cid, a}});
+  }
+  parking_ = true;
+  auto left = std::make_shared<size_t>(todo.size() + 1);
+  auto one = [left, then = std::move(then)] {
+    if (--*left == 0) then();
+  };
+  for (auto& [eid, c] : todo) {
+    auto [cid, a] = c;
+    request(a, std::chrono::seconds(5), handoff_atom::value)
+        .then(
+            [this, eid = eid, cid = cid, one](nbd_client_setup& s) mutable {
+              if (auto* e = find_export(eid)) e->clients.erase(cid);
+              parked_.push_back({eid, cid, std::move(s)});
+              one();
+            },
+            [this, a = a, one](const caf::error&) mutable {
+              // Closing already, or too slow: it goes away through nbd_gone like any client.
+              send(a, close_atom::value);
+              one();
+            });
+  }
+  one();
+}
+
+// After the move: every parked client continues on its export node's (new) home, with the node's
+// new actor; the bytes it had received and not parsed come along.
+void supervisor_actor::unpark_clients() {
+  parking_ = false;
+  auto parked = std::move(parked_);
+  parked_.clear();
+  for (auto& p : parked) {
+    auto* e = find_export(p.export_id);
+    block::node* node = e && graph_ ? graph_->find(e->node_name) : nullptr;
+    auto actor_it = e ? node_actors_.find(e->node_name) : node_actors_.end();
+    if (!e || e->shutting_down || !node || actor_it == node_actors_.end()) {
+      ::close(p.setup.fd);
+      if (nbd_) nbd_->client_gone();
+      continue;
+    }
+    p.setup.node = actor_it->second.actor;
+    iothread* h = home_of(node);
+    e->clients.emplace(p.client_id, spawn_pinned<nbd_connection>(h->system(), *h, std::move(p.setup)));
+  }
 }
 
 void supervisor_actor::nbd_client_gone(const std::string& export_id, uint64_t client_id) {

@@ -419,13 +419,19 @@ void supervisor_actor::move_components(const std::vector<block::node*>& seeds, i
   auto nodes = components(seeds);
   bool there = std::all_of(nodes.begin(), nodes.end(), [&](const block::node* n) { return home_of(n) == to; });
   if (there) return reply(then());
-  with_quiesced(
-      nodes,
-      [this, nodes, to, then] {
-        rehome(nodes, to);
-        return then();
-      },
-      std::move(reply));
+  // Exported nodes take their NBD clients along (QEMU moves an export with its node).
+  park_clients(nodes, [this, nodes, to, then, reply = std::move(reply)]() mutable {
+    with_quiesced(
+        nodes,
+        [this, nodes, to, then] {
+          rehome(nodes, to);
+          return then();
+        },
+        [this, reply = std::move(reply)](command_outcome o) mutable {
+          unpark_clients();
+          reply(std::move(o));
+        });
+  });
 }
 
 void supervisor_actor::sync_node_actors() {
@@ -505,14 +511,22 @@ void supervisor_actor::blockdev_reopen(const boost::json::object& args, reply_fn
   for (auto& [p, c] : joins)
     for (block::node* x : components({c}))
       if (std::find(quiesce.begin(), quiesce.end(), x) == quiesce.end()) quiesce.push_back(x);
-  with_quiesced(
-      quiesce,
-      [this, shared, joins] {
-        graph_->reopen_commit(*shared);
-        for (auto& [p, c] : joins) rehome(components({c}), home_of(p));
-        return command_outcome::success();
-      },
-      std::move(reply));
+  std::vector<block::node*> moving;
+  for (auto& [p, c] : joins)
+    for (block::node* x : components({c})) moving.push_back(x);
+  park_clients(moving, [this, quiesce, shared, joins, reply = std::move(reply)]() mutable {
+    with_quiesced(
+        quiesce,
+        [this, shared, joins] {
+          graph_->reopen_commit(*shared);
+          for (auto& [p, c] : joins) rehome(components({c}), home_of(p));
+          return command_outcome::success();
+        },
+        [this, reply = std::move(reply)](command_outcome o) mutable {
+          unpark_clients();
+          reply(std::move(o));
+        });
+  });
 }
 
 void supervisor_actor::blockdev_set_active(const boost::json::object& args, reply_fn reply) {

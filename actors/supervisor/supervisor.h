@@ -10,6 +10,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "actors/export/nbd_connection.h"
 #include "actors/export/nbd_server.h"
 #include "actors/job/job_core.h"
 #include "actors/messages.h"
@@ -133,6 +134,16 @@ class supervisor_actor : public caf::event_based_actor {
     std::vector<const nbd::export_view*> all() const override;
   };
   std::deque<export_entry> exports_;  // newest first, as query-block-exports lists them
+  // NBD clients between two homes while their export's node moves (exports.cpp).
+  struct parked_client {
+    std::string export_id;
+    uint64_t client_id = 0;
+    nbd_client_setup setup;
+  };
+  std::vector<parked_client> parked_;
+  bool parking_ = false;  // a move is under way: new clients wait in parked_ too
+  void park_clients(const std::vector<block::node*>& nodes, std::function<void()> then);
+  void unpark_clients();
   export_catalog catalog_;
   std::unique_ptr<nbd_server> nbd_;
   uint64_t nbd_client_counter_ = 0;

@@ -22,6 +22,17 @@ parse_status parse_request(const uint8_t* p, size_t n, reply_mode m, request& r,
   return parse_status::ok;
 }
 
+void put_request(std::string& out, reply_mode m, const request& r) {
+  bool ext = m == reply_mode::extended;
+  put32(out, ext ? extended_request_magic : request_magic);
+  put16(out, r.flags);
+  put16(out, r.type);
+  put64(out, r.cookie);
+  put64(out, r.offset);
+  if (ext) put64(out, r.length);
+  else put32(out, uint32_t(r.length));
+}
+
 request_check check_request(const request& r, const export_state& x) {
   request_check c;
   bool ext = x.mode == reply_mode::extended;

@@ -21,6 +21,8 @@ enum class parse_status { need_more, ok, bad_magic };
 
 // Parses one request header from `n` bytes (compact or extended, as negotiated); `used` is its size.
 parse_status parse_request(const uint8_t* p, size_t n, reply_mode m, request& r, size_t& used);
+// The header parse_request reads back as `r` (a client handed to another connection mid-request).
+void put_request(std::string& out, reply_mode m, const request& r);
 
 // What the server does with a parsed request before touching the node (QEMU's nbd_co_receive_request).
 struct request_check {

@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data")
@@ -129,3 +130,19 @@ def thread_names(pid):
     return names
 
 
+
+
+def import_libnbd():
+    """libnbd's Python bindings (Debian's python3-libnbd, module 'nbd'), or None. They are installed for
+    the system Python: a test run by another Python re-executes itself with /usr/bin/python3 when that
+    one has them."""
+    try:
+        import nbd
+        return nbd
+    except ImportError:
+        pass
+    if os.path.exists("/usr/bin/python3") and os.path.realpath(sys.executable) != os.path.realpath("/usr/bin/python3"):
+        r = subprocess.run(["/usr/bin/python3", "-c", "import nbd"], capture_output=True)
+        if r.returncode == 0:
+            os.execv("/usr/bin/python3", ["/usr/bin/python3"] + sys.argv)
+    return None

@@ -332,7 +332,69 @@ def case_clients_wait_for_the_command_line(binary, tmp):
         assert rc == 0, (rc, proc.stderr.read())
 
 
-CASES = [case_clients_wait_for_the_command_line, case_clients_end_to_end, case_tcp_and_qmp_lifecycle, case_option_haggling]
+def case_clients_follow_their_node_to_another_iothread(binary, tmp):
+    """x-blockdev-set-iothread (force) on an exported node: connected clients keep working on the
+    node's new home, requests pipelined across the move are all answered, and data written before,
+    during and after the move reads back, also for a client that stopped in the middle of a payload."""
+    sock = os.path.join(tmp, "nbd.sock")
+    d, c, path, _ = start(binary, tmp, ["--object", "iothread,id=io1",
+                                        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                                        "--export", "nbd,id=e0,node-name=q0,writable=on"])
+    a = Raw(sock)
+    a.flags()
+    a.go("q0")
+    b = Raw(sock)
+    b.flags()
+    b.go("q0")
+
+    def pipelined_writes(cl, base, count, val):
+        for i in range(count):
+            cl.request(1, base + i * 4096, 4096, cookie=1000 + i, payload=bytes([val]) * 4096)
+
+    def collect(cl, count):
+        got = set()
+        for _ in range(count):
+            err, cookie = cl.simple_reply()
+            assert err == 0, (err, cookie)
+            got.add(cookie)
+        assert len(got) == count
+
+    def read_back(cl, off, ln):
+        cl.request(0, off, ln, cookie=7)
+        err, cookie = cl.simple_reply()
+        assert err == 0 and cookie == 7
+        return cl.recv(ln)
+
+    for where, val in (("io1", 0x41), (None, 0x42), ("io1", 0x43)):
+        pipelined_writes(a, 0, 200, val)        # in the socket and the connection while the node moves
+        pipelined_writes(b, 4 << 20, 50, val)
+        r = c.cmd("x-blockdev-set-iothread", {"node-name": "q0", "iothread": where, "force": True})
+        assert r == {"return": {}}, r
+        collect(a, 200)
+        collect(b, 50)
+        assert read_back(a, 0, 200 * 4096) == bytes([val]) * (200 * 4096)
+        assert read_back(b, 4 << 20, 50 * 4096) == bytes([val]) * (50 * 4096)
+    # A new client after the moves lands on the node's home too.
+    n = Raw(sock)
+    n.flags()
+    n.go("q0")
+    assert read_back(n, 0, 4096) == bytes([0x43]) * 4096
+    # A client stalled in the middle of a write payload does not hold the move: its header and the
+    # payload bytes so far travel with it, and the rest arrives on the new home.
+    n.s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 9, 1 << 20, 65536) + b"x" * 1000)
+    r = c.cmd("x-blockdev-set-iothread", {"node-name": "q0", "iothread": None, "force": True})
+    assert r == {"return": {}}, r
+    n.s.sendall(b"y" * (65536 - 1000))
+    assert n.simple_reply() == (0, 9)
+    assert read_back(n, 1 << 20, 65536) == b"x" * 1000 + b"y" * (65536 - 1000)
+    assert read_back(a, 0, 4096) == bytes([0x43]) * 4096
+    a.request(2, 0, 0, cookie=3)  # DISC
+    assert a.closed()
+    assert d.stop() == 0
+    run("qemu-img", "check", path)
+
+
+CASES = [case_clients_follow_their_node_to_another_iothread, case_clients_wait_for_the_command_line, case_clients_end_to_end, case_tcp_and_qmp_lifecycle, case_option_haggling]
 
 
 def main():

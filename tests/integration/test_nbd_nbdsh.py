@@ -21,18 +21,13 @@ import sys
 import tempfile
 import traceback
 
-try:
-    import nbd
-except ImportError:
-    if os.path.exists("/usr/bin/python3") and os.path.realpath(sys.executable) != os.path.realpath("/usr/bin/python3"):
-        r = subprocess.run(["/usr/bin/python3", "-c", "import nbd"], capture_output=True)
-        if r.returncode == 0:
-            os.execv("/usr/bin/python3", ["/usr/bin/python3"] + sys.argv)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qmp_harness import Daemon, import_libnbd  # noqa: E402
+
+nbd = import_libnbd()
+if nbd is None:
     print("SKIP: no libnbd Python bindings (apt-get install python3-libnbd)")
     sys.exit(0)
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_harness import Daemon  # noqa: E402
 
 MiB = 1 << 20
 SIZE = 64 * MiB

@@ -15,7 +15,9 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_harness import Client, Daemon, free_port, monitor_args  # noqa: E402
+from qmp_harness import Client, Daemon, free_port, import_libnbd, monitor_args  # noqa: E402
+
+nbd = import_libnbd()
 
 CLIENT_DN = "C=GB,O=blockd,CN=client1"
 failures = []
@@ -125,6 +127,7 @@ def functional(blockd, pki, tmp):
     d = Daemon(blockd, args + [
         "--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={pki}/srv",
         "--object", f"tls-creds-psk,id=psk0,endpoint=server,dir={pki}/psk",
+        "--object", "iothread,id=io1",
         "--blockdev", f"driver=file,node-name=f0,filename={img}",
         "--nbd-server", f"addr.type=unix,addr.path={sock},tls-creds=tls0",
         "--export", "nbd,id=e0,node-name=f0,name=e0,writable=on"], tmp)
@@ -132,6 +135,28 @@ def functional(blockd, pki, tmp):
     c.negotiate()
     cli = f"{pki}/cli"
     try:
+        # A TLS client keeps its session when the exported node moves to another iothread (and back),
+        # with writes in flight across each move.
+        check("python3-libnbd installed (scripts/test installs it)", nbd is not None)
+        if nbd:
+            h = nbd.NBD()
+            h.set_tls(nbd.TLS_REQUIRE)
+            h.set_tls_certificates(cli)
+            h.set_export_name("e0")
+            h.connect_unix(sock)
+            for where, val in (("io1", 0x61), (None, 0x62)):
+                cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray([val]) * 65536), i * 65536)
+                           for i in range(32)]
+                r = c.cmd("x-blockdev-set-iothread", {"node-name": "f0", "iothread": where, "force": True})
+                check(f"move to {where} with a TLS client connected", r == {"return": {}}, str(r))
+                while h.aio_in_flight() > 0:
+                    h.poll(-1)
+                for ck in cookies:
+                    h.aio_command_completed(ck)
+                got = h.pread(32 * 65536, 0)
+                check(f"TLS client reads its writes after the move to {where}", got == bytes([val]) * (32 * 65536))
+            h.shutdown()
+
         p = nbdinfo(f"nbds+unix:///e0?socket={sock}&tls-certificates={cli}")
         check("nbdinfo x509 over unix", p.returncode == 0 and json.loads(p.stdout)["exports"][0]["export-size"]
               == 8 << 20, p.stderr)

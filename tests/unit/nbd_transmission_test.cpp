@@ -38,6 +38,20 @@ TEST(NbdTransmission, ParsesCompactAndExtendedHeaders) {
   EXPECT_EQ(parse_status::bad_magic, parse_request(u(h), h.size(), reply_mode::extended, r, used));
 }
 
+// put_request writes back exactly the bytes a client sent (a handed-over client's half-read write).
+TEST(NbdTransmission, PutRequestIsTheInverseOfParse) {
+  for (auto m : {reply_mode::simple, reply_mode::structured, reply_mode::extended}) {
+    uint64_t len = m == reply_mode::extended ? (1ull << 33) + 5 : 0xfffffff0u;
+    auto h = header(m, cf_fua | cf_no_hole, cmd_write_zeroes, 0x0102030405060708ull, 0x1122334455667788ull, len);
+    request r;
+    size_t used = 0;
+    ASSERT_EQ(parse_status::ok, parse_request(u(h), h.size(), m, r, used));
+    std::string back;
+    put_request(back, m, r);
+    EXPECT_EQ(h, back);
+  }
+}
+
 TEST(NbdTransmission, ChecksAsQemu) {
   export_state rw{1 << 20, false, reply_mode::structured};
   export_state ro{1 << 20, true, reply_mode::simple};
