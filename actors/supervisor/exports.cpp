@@ -61,7 +61,7 @@ bool supervisor_actor::export_command(const std::string& name, const boost::json
   } else if (name == "nbd-server-stop") {
     nbd_server_stop(std::move(reply));
   } else if (name == "block-export-add") {
-    reply(block_export_add(args));
+    block_export_add_async(args, std::move(reply));
   } else if (name == "block-export-del" || name == "nbd-server-remove") {
     std::string id(args.at(name == "block-export-del" ? "id" : "name").as_string());
     std::string mode = str_arg(args, "mode", s) ? s : "safe";
@@ -179,12 +179,10 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   if (!n) return command_outcome::failure(error("Cannot find device='' nor node-name='" + node_name + "'"));
   bool writable = bool_arg(args, "writable");
   if (str_arg(args, "iothread", s)) {
+    // block_export_add_async has moved the node there when it could (or left it, without
+    // fixed-iothread, where an export pins it).
     auto* o = find_object(s);
     if (!o || o->type != "iothread") return command_outcome::failure(error("iothread \"" + s + "\" not found"));
-    if (home_of(n) != o->thread.get())
-      return command_outcome::failure(error(
-          "node '" + node_name + "' runs in iothread '" + (home_of(n) == home_ ? std::string("main") : home_of(n)->id()) +
-          "', not in '" + s + "'; move it first with x-blockdev-set-iothread (blockd does not move nodes for exports yet)"));
   }
   if (writable && n->settings().read_only)
     return command_outcome::failure(error("Cannot export read-only node as writable"));
@@ -212,6 +210,7 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   e.node_name = node_name;
   e.writable = writable;
   e.writethrough = bool_arg(args, "writethrough");
+  e.fixed_iothread = bool_arg(args, "fixed-iothread");
   e.view.name = name;
   e.view.description = description;
   e.view.size = uint64_t(n->length()) & ~uint64_t(511);
@@ -228,6 +227,36 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   e.sparse_reads = n->driver().caps() & block::cap_block_status;
   exports_.push_front(std::move(e));
   return command_outcome::success();
+}
+
+// An export given an iothread runs there: its node (with its component) moves first, as QEMU's
+// blk_exp_add does after the id and node checks. If an export with fixed-iothread keeps the node
+// where it is, the new export stays with it, unless it asks for fixed-iothread itself (QEMU's rules
+// and text).
+void supervisor_actor::block_export_add_async(const boost::json::object& args, reply_fn reply) {
+  std::string s, id(args.at("id").as_string()), node_name(args.at("node-name").as_string());
+  block::node* n = graph_->find(node_name);
+  bool early_error = std::string(args.at("type").as_string()) != "nbd" || !id_wellformed(id) || find_export(id) || !n;
+  if (early_error || !str_arg(args, "iothread", s)) return reply(block_export_add(args));
+  auto* o = find_object(s);
+  if (!o || o->type != "iothread") return reply(block_export_add(args));
+  iothread* to = o->thread.get();
+  if (home_of(n) == to) return reply(block_export_add(args));
+  if (pinning_export(components({n}))) {
+    if (bool_arg(args, "fixed-iothread"))
+      return reply(command_outcome::failure(error("Cannot change iothread of active block backend")));
+    return reply(block_export_add(args));
+  }
+  move_components({n}, to, [this, args] { return block_export_add(args); }, std::move(reply));
+}
+
+const supervisor_actor::export_entry* supervisor_actor::pinning_export(const std::vector<block::node*>& nodes) const {
+  for (auto& e : exports_) {
+    if (!e.fixed_iothread || e.shutting_down) continue;
+    block::node* n = graph_ ? graph_->find(e.node_name) : nullptr;
+    if (n && std::find(nodes.begin(), nodes.end(), n) != nodes.end()) return &e;
+  }
+  return nullptr;
 }
 
 void supervisor_actor::block_export_del(const std::string& id, const std::string& mode, reply_fn reply) {
@@ -253,13 +282,15 @@ void supervisor_actor::shutdown_export(const std::string& id, std::function<void
   for (auto& [cid, a] : e->clients) send(a, close_atom::value);
 }
 
-void supervisor_actor::finish_export(const std::string& id) {
+void supervisor_actor::finish_export(const std::string& id_ref) {
+  const std::string id = id_ref;  // the caller's string may live in the entry erased below
   auto* e = find_export(id);
   if (!e) return;
   if (graph_)
     if (block::node* n = graph_->find(e->node_name)) graph_->detach_user(*n, "export:" + id);
   auto gone = std::move(e->on_gone);
-  exports_.erase(exports_.begin() + (e - &exports_[0]));
+  // A deque is not contiguous: the entry is found by its id, not by pointer arithmetic.
+  exports_.erase(std::find_if(exports_.begin(), exports_.end(), [&](const export_entry& x) { return x.id == id; }));
   emit("BLOCK_EXPORT_DELETED", boost::json::object{{"id", id}});
   for (auto& f : gone) f();
 }

@@ -419,6 +419,8 @@ void supervisor_actor::move_components(const std::vector<block::node*>& seeds, i
   auto nodes = components(seeds);
   bool there = std::all_of(nodes.begin(), nodes.end(), [&](const block::node* n) { return home_of(n) == to; });
   if (there) return reply(then());
+  // An export created with fixed-iothread holds its node (QEMU's text).
+  if (pinning_export(nodes)) return reply(command_outcome::failure(error("Cannot change iothread of active block backend")));
   // Exported nodes take their NBD clients along (QEMU moves an export with its node).
   park_clients(nodes, [this, nodes, to, then, reply = std::move(reply)]() mutable {
     with_quiesced(
@@ -514,6 +516,7 @@ void supervisor_actor::blockdev_reopen(const boost::json::object& args, reply_fn
   std::vector<block::node*> moving;
   for (auto& [p, c] : joins)
     for (block::node* x : components({c})) moving.push_back(x);
+  if (pinning_export(moving)) return reply(command_outcome::failure(error("Cannot change iothread of active block backend")));
   park_clients(moving, [this, quiesce, shared, joins, reply = std::move(reply)]() mutable {
     with_quiesced(
         quiesce,

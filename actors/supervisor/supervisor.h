@@ -124,6 +124,7 @@ class supervisor_actor : public caf::event_based_actor {
     bool writable = false;
     bool writethrough = false;
     bool sparse_reads = false;
+    bool fixed_iothread = false;  // its node may not move while the export exists
     bool shutting_down = false;
     std::map<uint64_t, caf::actor> clients;
     std::vector<std::function<void()>> on_gone;  // run once the export is deleted
@@ -152,6 +153,9 @@ class supervisor_actor : public caf::event_based_actor {
   void nbd_server_start(const boost::json::object& args, reply_fn reply);
   void nbd_server_stop(reply_fn reply);
   command_outcome block_export_add(const boost::json::object& args);
+  void block_export_add_async(const boost::json::object& args, reply_fn reply);
+  // The export (fixed-iothread) that keeps one of `nodes` where it is, or nullptr.
+  const export_entry* pinning_export(const std::vector<block::node*>& nodes) const;
   void block_export_del(const std::string& id, const std::string& mode, reply_fn reply);
   export_entry* find_export(const std::string& id);
   void nbd_negotiated_client(nbd_negotiated n);

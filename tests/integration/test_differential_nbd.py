@@ -32,6 +32,24 @@ COMMANDS = [
     ("block-export-add", {"type": "nbd", "id": "r3", "node-name": "q0", "bitmaps": ["b"]}),
     ("block-export-add", {"type": "nbd", "id": "r3", "node-name": "q0", "iothread": "t"}),
     ("block-export-add", {"type": "nbd", "id": "r3", "node-name": "q0", "description": "d" * 4097}),
+    # iothread and fixed-iothread: an export moves its node unless a fixed export holds it there.
+    ("blockdev-add", {"driver": "null-co", "node-name": "n1"}),
+    ("blockdev-add", {"driver": "null-co", "node-name": "n2"}),
+    ("block-export-add", {"type": "nbd", "id": "f0", "node-name": "n1", "iothread": "io1", "fixed-iothread": True}),
+    ("x-blockdev-set-iothread", {"node-name": "n1", "iothread": None, "force": True}),
+    ("x-blockdev-set-iothread", {"node-name": "n1", "iothread": "io2", "force": True}),
+    ("block-export-add", {"type": "nbd", "id": "f1", "node-name": "n2", "iothread": "io1"}),
+    ("x-blockdev-set-iothread", {"node-name": "n2", "iothread": None}),
+    ("x-blockdev-set-iothread", {"node-name": "n2", "iothread": None, "force": True}),
+    ("block-export-add", {"type": "nbd", "id": "f2", "node-name": "n1", "name": "x2", "iothread": "io2",
+                          "fixed-iothread": True}),
+    ("block-export-add", {"type": "nbd", "id": "f3", "node-name": "n1", "name": "x3", "iothread": "io2"}),
+    ("block-export-add", {"type": "nbd", "id": "f4", "node-name": "n1", "name": "x4", "iothread": "nope"}),
+    ("block-export-add", {"type": "nbd", "id": "f5", "node-name": "n1", "name": "x5", "fixed-iothread": True}),
+    ("block-export-del", {"id": "f0"}),
+    ("x-blockdev-set-iothread", {"node-name": "n1", "iothread": "io2", "force": True}),
+    ("block-export-del", {"id": "f5"}),
+    ("x-blockdev-set-iothread", {"node-name": "n1", "iothread": "io2", "force": True}),
     ("blockdev-del", {"node-name": "q0"}),
     ("nbd-server-remove", {"name": "zz"}),
     ("block-export-del", {"id": "zz"}),
@@ -48,7 +66,8 @@ def collect(binary, tmp):
     run("qemu-img", "create", "-f", "qcow2", img, "16M")
     run("qemu-io", "-c", "write -P 1 1M 1M", "-c", "write -z 4M 1M", img)
     args, qmp = monitor_args(tmp)
-    d = Daemon(binary, args + ["--blockdev", f"driver=file,node-name=f0,filename={img}",
+    d = Daemon(binary, args + ["--object", "iothread,id=io1", "--object", "iothread,id=io2",
+                               "--blockdev", f"driver=file,node-name=f0,filename={img}",
                                "--blockdev", "driver=qcow2,node-name=q0,file=f0"], tmp)
     c = Client.unix(qmp)
     c.negotiate()
