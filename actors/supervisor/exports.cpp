@@ -200,10 +200,16 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
                                       : std::string(b.as_object().at("name").as_string());
     return command_outcome::failure(error("Bitmap '" + bname + "' is not found"));
   }
+  // Without allow-inactive an export activates its node (an image handed over by migration is
+  // taken back) and later keeps it active; with it, the node stays as it is and may be inactivated
+  // under the export (QEMU 10's rules). The caller has quiesced the node when it is inactive.
+  bool allow_inactive = bool_arg(args, "allow-inactive");
+  if (!allow_inactive && !n->settings().active)
+    if (auto r = graph_->set_active(n, true); !r) return command_outcome::failure(r.error());
   uint32_t perm = block::perm_consistent_read | (writable ? uint32_t(block::perm_write) : 0u);
   // Exports do not let the node be resized under their clients (QEMU's NBD export does the same).
   block::perm_user u{"block export '" + id + "' (uses node '" + node_name + "' as 'root' child)", perm,
-                     block::perm_all & ~uint32_t(block::perm_resize)};
+                     block::perm_all & ~uint32_t(block::perm_resize), allow_inactive};
   if (auto r = graph_->attach_user(*n, "export:" + id, u); !r) return command_outcome::failure(r.error());
   export_entry e;
   e.id = id;
@@ -237,15 +243,22 @@ void supervisor_actor::block_export_add_async(const boost::json::object& args, r
   std::string s, id(args.at("id").as_string()), node_name(args.at("node-name").as_string());
   block::node* n = graph_->find(node_name);
   bool early_error = std::string(args.at("type").as_string()) != "nbd" || !id_wellformed(id) || find_export(id) || !n;
-  if (early_error || !str_arg(args, "iothread", s)) return reply(block_export_add(args));
+  if (early_error) return reply(block_export_add(args));
+  // Activating a node reloads its image: nothing may be in flight meanwhile.
+  bool activates = !n->settings().active && !bool_arg(args, "allow-inactive");
+  auto add_here = [&] {
+    if (!activates) return reply(block_export_add(args));
+    with_quiesced({n}, [this, args] { return block_export_add(args); }, std::move(reply));
+  };
+  if (!str_arg(args, "iothread", s)) return add_here();
   auto* o = find_object(s);
   if (!o || o->type != "iothread") return reply(block_export_add(args));
   iothread* to = o->thread.get();
-  if (home_of(n) == to) return reply(block_export_add(args));
+  if (home_of(n) == to) return add_here();
   if (pinning_export(components({n}))) {
     if (bool_arg(args, "fixed-iothread"))
       return reply(command_outcome::failure(error("Cannot change iothread of active block backend")));
-    return reply(block_export_add(args));
+    return add_here();
   }
   move_components({n}, to, [this, args] { return block_export_add(args); }, std::move(reply));
 }

@@ -629,7 +629,7 @@ result<void> graph::inactivate(node& n) {
     if (u.key.rfind("node:", 0) == 0) {
       std::string parent = u.key.substr(5, u.key.find('/') - 5);
       if (node* p = find(parent); p && p->settings().active) return fail("Node has active parent node");
-    } else if (writes(u.p.perm)) {
+    } else if (writes(u.p.perm) && !u.p.allows_inactive) {
       return fail("node '" + n.name() + "' is in use by " + u.p.description + " with write permission; "
                   "remove that user first");
     }

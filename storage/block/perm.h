@@ -26,6 +26,7 @@ struct perm_user {
   std::string description;  // "node 'r0' (uses node 'f0' as 'file' child)"
   uint32_t perm = 0;
   uint32_t shared = perm_all;
+  bool allows_inactive = false;  // the node may be inactivated under it (an export with allow-inactive)
 };
 
 // Refuses `added` if it needs what an existing user does not share, or does not share what one

@@ -394,7 +394,49 @@ def case_clients_follow_their_node_to_another_iothread(binary, tmp):
     run("qemu-img", "check", path)
 
 
-CASES = [case_clients_follow_their_node_to_another_iothread, case_clients_wait_for_the_command_line, case_clients_end_to_end, case_tcp_and_qmp_lifecycle, case_option_haggling]
+def case_allow_inactive(binary, tmp):
+    """An export without allow-inactive activates its node and keeps it active (inactivating it then
+    fails); with allow-inactive the node stays inactive, reads are served, writes fail, and the node
+    may be inactivated again under the export."""
+    sock = os.path.join(tmp, "nbd.sock")
+    img2 = os.path.join(tmp, "two.qcow2")
+    run("qemu-img", "create", "-f", "qcow2", img2, "1M")
+    d, c, path, _ = start(binary, tmp, [
+        "--blockdev", f"driver=file,node-name=f1,filename={img2},active=off",
+        "--blockdev", "driver=qcow2,node-name=q1,file=f1,active=off",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}"])
+
+    def active(name):
+        return {n["node-name"]: n["active"] for n in c.cmd("query-named-block-nodes")["return"]}[name]
+
+    assert c.cmd("blockdev-set-active", {"node-name": "q0", "active": False}) == {"return": {}}
+    assert not active("q0") and not active("q1")
+    r = c.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "q0", "writable": True,
+                                   "allow-inactive": True})
+    assert r == {"return": {}}, r
+    assert not active("q0")
+    uri = f"nbd+unix:///q0?socket={sock}"
+    run("qemu-io", "-f", "raw", "-c", "read -P 0xab 1M 2M", uri)
+    w = run("qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", uri, check=False)
+    assert "write failed" in (w.stdout + w.stderr), w.stdout + w.stderr
+    assert c.cmd("blockdev-set-active", {"node-name": "q0", "active": True}) == {"return": {}}
+    run("qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", uri)
+    assert c.cmd("blockdev-set-active", {"node-name": "q0", "active": False}) == {"return": {}}
+    # Without allow-inactive: activated at once, and kept active.
+    r = c.cmd("block-export-add", {"type": "nbd", "id": "e1", "node-name": "q1", "writable": True})
+    assert r == {"return": {}}, r
+    assert active("q1") and active("f1")
+    r = c.cmd("blockdev-set-active", {"node-name": "q1", "active": False})
+    assert "error" in r and "block export 'e1'" in r["error"]["desc"], r
+    run("qemu-io", "-f", "raw", "-c", "write -P 2 0 4k", "-c", "read -P 2 0 4k", f"nbd+unix:///q1?socket={sock}")
+    assert c.cmd("block-export-del", {"id": "e1"}) == {"return": {}}
+    assert c.cmd("blockdev-set-active", {"node-name": "q1", "active": False}) == {"return": {}}
+    assert d.stop() == 0
+    run("qemu-img", "check", img2)
+    run("qemu-io", "-c", "read -P 2 0 4k", img2)
+
+
+CASES = [case_allow_inactive, case_clients_follow_their_node_to_another_iothread, case_clients_wait_for_the_command_line, case_clients_end_to_end, case_tcp_and_qmp_lifecycle, case_option_haggling]
 
 
 def main():
