@@ -7,6 +7,7 @@
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <linux/vm_sockets.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -61,6 +62,37 @@ result<int> listen_unix(const boost::json::object& a, int backlog, std::string& 
     return fail("Failed to listen on socket: " + errstr(e));
   }
   if (!abstract) unlink_path = path;
+  return fd;
+}
+
+// A decimal number that fits 32 bits and is the whole string (QEMU's parse of vsock cid and port).
+bool parse_u32(const std::string& str, uint32_t& out) {
+  if (str.empty() || str.size() > 10 || !std::all_of(str.begin(), str.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    return false;
+  uint64_t v = std::stoull(str);
+  if (v > UINT32_MAX) return false;
+  out = uint32_t(v);
+  return true;
+}
+
+result<int> listen_vsock(const boost::json::object& a, int backlog) {
+  std::string cid = str_of(a, "cid"), port = str_of(a, "port");
+  sockaddr_vm svm{};
+  svm.svm_family = AF_VSOCK;
+  if (!parse_u32(cid, svm.svm_cid)) return fail("Failed to parse cid '" + cid + "'");
+  if (!parse_u32(port, svm.svm_port)) return fail("Failed to parse port '" + port + "'");
+  int fd = ::socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return fail("Failed to create socket: " + errstr(errno));
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&svm), sizeof svm) < 0) {
+    int e = errno;
+    ::close(fd);
+    return fail("Failed to bind socket: " + errstr(e));
+  }
+  if (::listen(fd, backlog) < 0) {
+    int e = errno;
+    ::close(fd);
+    return fail("Failed to listen on socket: " + errstr(e));
+  }
   return fd;
 }
 
@@ -367,6 +399,10 @@ result<std::unique_ptr<nbd_server>> nbd_server::start(iothread& main, nbd_server
     auto fd = listen_inet(a, backlog);
     if (!fd) return std::unexpected(fd.error());
     srv->listen_fd_ = *fd;
+  } else if (type == "vsock") {
+    auto fd = listen_vsock(a, backlog);
+    if (!fd) return std::unexpected(fd.error());
+    srv->listen_fd_ = *fd;
   } else if (type == "fd") {
     std::string str = str_of(a, "str");
     bool digits = !str.empty() && std::all_of(str.begin(), str.end(), [](char c) { return c >= '0' && c <= '9'; });
@@ -383,7 +419,7 @@ result<std::unique_ptr<nbd_server>> nbd_server::start(iothread& main, nbd_server
     }
     srv->listen_fd_ = fd;
   } else {
-    return fail("socket family '" + type + "' is not available for the NBD server in blockd yet; use unix, inet or fd");
+    return fail("socket family '" + type + "' is not available for the NBD server; use unix, inet, vsock or fd");
   }
   srv->accept_cb_.self = srv.get();
   srv->held_ = hold;

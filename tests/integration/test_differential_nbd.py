@@ -20,6 +20,14 @@ KNOWN_702 = {"can_multi_conn"}
 COMMANDS = [
     ("block-export-add", {"type": "nbd", "id": "x", "node-name": "q0"}),
     ("nbd-server-stop", None),
+    # vsock: the parse errors, a bind this host refuses (or takes), and any-CID, which binds where
+    # vsock exists at all (both daemons run on the same host, so they meet the same kernel).
+    ("nbd-server-start", {"addr": {"type": "vsock", "data": {"cid": "x", "port": "10809"}}}),
+    ("nbd-server-start", {"addr": {"type": "vsock", "data": {"cid": "1", "port": "p"}}}),
+    ("nbd-server-start", {"addr": {"type": "vsock", "data": {"cid": "4294967296", "port": "1"}}}),
+    ("nbd-server-start", {"addr": {"type": "vsock", "data": {"cid": "1", "port": "10809"}}}),
+    ("nbd-server-start", {"addr": {"type": "vsock", "data": {"cid": "4294967295", "port": "10812"}}}),
+    ("nbd-server-stop", None),
     ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "WORK/nbd.sock"}}}),
     ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "WORK/nbd.sock"}}}),
     ("block-export-add", {"type": "nbd", "id": "e 0", "node-name": "q0"}),
