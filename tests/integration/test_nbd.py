@@ -436,7 +436,82 @@ def case_allow_inactive(binary, tmp):
     run("qemu-io", "-c", "read -P 2 0 4k", img2)
 
 
-CASES = [case_allow_inactive, case_clients_follow_their_node_to_another_iothread, case_clients_wait_for_the_command_line, case_clients_end_to_end, case_tcp_and_qmp_lifecycle, case_option_haggling]
+def case_extended_headers(binary, tmp):
+    """NBD_OPT_EXTENDED_HEADERS end to end (libnbd 1.14 and QSD 7.2 cannot speak it): 32-byte requests
+    with 64-bit lengths, extended reply chunks for writes, reads and errors, 64-bit block status
+    descriptors, and a write-zeroes longer than 4 GiB on a large null-co node."""
+    sock = os.path.join(tmp, "nbd.sock")
+    d, c, path, _ = start(binary, tmp, ["--blockdev", "driver=null-co,node-name=big,size=8589934592,read-zeroes=on",
+                                        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                                        "--export", "nbd,id=e0,node-name=q0,writable=on",
+                                        "--export", "nbd,id=e1,node-name=big,writable=on"])
+    EXT_REQ, EXT_REP = 0x21E41C71, 0x6E8A278C
+
+    def connect(name):
+        r = Raw(sock)
+        r.flags()
+        r.opt(11)  # EXTENDED_HEADERS
+        assert r.reply()[1] == NBD_REP_ACK
+        q = b"base:allocation"
+        r.opt(10, struct.pack(">I", len(name)) + name.encode() + struct.pack(">I", 1) +
+              struct.pack(">I", len(q)) + q)  # SET_META_CONTEXT
+        reps = r.replies_until_final()
+        assert reps[-1][0] == NBD_REP_ACK and reps[0][0] == 4, reps  # NBD_REP_META_CONTEXT
+        ctx = struct.unpack(">I", reps[0][1][:4])[0]
+        r.go(name)
+        return r, ctx
+
+    def request(r, typ, off, ln, cookie, flags=0, payload=b""):
+        r.s.sendall(struct.pack(">IHHQQQ", EXT_REQ, flags, typ, cookie, off, ln) + payload)
+
+    def chunk(r):
+        magic, flags, typ, cookie, off, ln = struct.unpack(">IHHQQQ", r.recv(32))
+        assert magic == EXT_REP, hex(magic)
+        return flags, typ, cookie, off, r.recv(ln)
+
+    r, ctx = connect("q0")
+    request(r, 1, 3 << 20, 8192, 5, payload=b"\x5c" * 8192)  # WRITE
+    assert chunk(r)[:3] == (1, 0, 5)  # NONE with DONE
+    request(r, 0, 3 << 20, 8192, 6)  # READ
+    data = b""
+    while True:
+        flags, typ, cookie, off, pl = chunk(r)
+        assert cookie == 6
+        if typ == 1:  # OFFSET_DATA
+            assert struct.unpack(">Q", pl[:8])[0] == (3 << 20) + len(data)
+            data += pl[8:]
+        if flags & 1:
+            break
+    assert data == b"\x5c" * 8192
+    request(r, 7, 0, 64 << 20, 7)  # BLOCK_STATUS over the whole disk
+    flags, typ, cookie, off, pl = chunk(r)
+    assert typ == 6 and cookie == 7, typ  # BLOCK_STATUS_EXT
+    cid, count = struct.unpack(">II", pl[:8])
+    assert cid == ctx and count == (len(pl) - 8) // 16
+    ext = [struct.unpack(">QQ", pl[8 + 16 * i:24 + 16 * i]) for i in range(count)]
+    pos, seen_data = 0, False
+    for ln, st in ext:
+        if pos <= 3 << 20 < pos + ln:
+            seen_data = st & 1 == 0
+        pos += ln
+    assert seen_data and pos <= 64 << 20, ext
+    if not flags & 1:
+        assert chunk(r)[1] == 0
+    request(r, 0, 64 << 20, 4096, 8)  # READ past the end: an error chunk, the connection goes on
+    flags, typ, cookie, off, pl = chunk(r)
+    assert typ == (1 << 15) + 1 and cookie == 8 and flags & 1, typ  # NBD_REPLY_TYPE_ERROR
+    assert struct.unpack(">I", pl[:4])[0] == 22  # EINVAL
+    request(r, 2, 0, 0, 9)  # DISC
+    assert r.closed()
+    # 64-bit lengths: zero 5 GiB in one request.
+    r, _ = connect("big")
+    request(r, 6, 1 << 30, 5 << 30, 10)  # WRITE_ZEROES
+    flags, typ, cookie, off, pl = chunk(r)
+    assert (flags & 1, typ, cookie) == (1, 0, 10), (flags, typ, pl)
+    assert d.stop() == 0
+
+
+CASES = [case_extended_headers, case_allow_inactive, case_clients_follow_their_node_to_another_iothread, case_clients_wait_for_the_command_line, case_clients_end_to_end, case_tcp_and_qmp_lifecycle, case_option_haggling]
 
 
 def main():
