@@ -351,18 +351,18 @@ void supervisor_actor::nbd_negotiated_client(nbd_negotiated n) {
 // reading its replies, or sends a payload too slowly) is disconnected instead. `then` runs once
 // every client is parked or closing.
 void supervisor_actor::park_clients(const std::vector<block::node*>& nodes, std::function<void()> then) {
-  std::vector<std::pair<std::string, std::pair<uint64_t, caf::actor>>> todo;
+  std::vector<std::pair<std::string, std::pair<uint64_t, caf::actor>>> waiting;
   for (auto& e : exports_) {
     block::node* n = graph_ ? graph_->find(e.node_name) : nullptr;
     if (!n || std::find(nodes.begin(), nodes.end(), n) == nodes.end()) continue;
-    for (auto& [cid, a] : e.clients) todo.push_back({e.id, {cid, a}});
+    for (auto& [cid, a] : e.clients) waiting.push_back({e.id, {cid, a}});
   }
   parking_ = true;
-  auto left = std::make_shared<size_t>(todo.size() + 1);
+  auto left = std::make_shared<size_t>(waiting.size() + 1);
   auto one = [left, then = std::move(then)] {
     if (--*left == 0) then();
   };
-  for (auto& [eid, c] : todo) {
+  for (auto& [eid, c] : waiting) {
     auto [cid, a] = c;
     request(a, std::chrono::seconds(5), handoff_atom::value)
         .then(
