@@ -316,13 +316,20 @@ def case_clients_wait_for_the_command_line(binary, tmp):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         end = time.monotonic() + DEADLINE
-        while not (os.path.exists(sock) and os.path.exists(qmp)):
-            assert proc.poll() is None and time.monotonic() < end, "daemon did not create its sockets"
-            time.sleep(0.001)
-        r = Raw(sock)
+
+        def first_connect(make):
+            # A socket file exists from bind() on; connecting succeeds once listen() follows.
+            while True:
+                assert proc.poll() is None and time.monotonic() < end, "daemon did not listen"
+                try:
+                    return make()
+                except (FileNotFoundError, ConnectionRefusedError):
+                    time.sleep(0.001)
+
+        r = first_connect(lambda: Raw(sock))
         r.flags()
         assert r.go("last")[0] == 1 << 20
-        c = Client.unix(qmp)
+        c = first_connect(lambda: Client.unix(qmp))
         c.negotiate()
         assert [e["id"] for e in c.cmd("query-block-exports")["return"]] == ["e0"]
         assert len(c.cmd("query-named-block-nodes", {"flat": True})["return"]) == 2000
