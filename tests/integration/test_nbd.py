@@ -397,6 +397,21 @@ def case_clients_follow_their_node_to_another_iothread(binary, tmp):
     assert read_back(a, 0, 4096) == bytes([0x43]) * 4096
     a.request(2, 0, 0, cookie=3)  # DISC
     assert a.closed()
+    # An iothread that a fixed-iothread export pins a node to cannot be deleted (QSD 7.2 deletes it
+    # and crashes at the next export command); after the export goes, the node moves to main.
+    assert c.cmd("blockdev-add", {"driver": "null-co", "node-name": "n1"}) == {"return": {}}
+    r = c.cmd("block-export-add", {"type": "nbd", "id": "fx", "node-name": "n1", "name": "fx", "iothread": "io1",
+                                   "fixed-iothread": True})
+    assert r == {"return": {}}, r
+    r = c.cmd("object-del", {"id": "io1"})
+    assert r["error"]["desc"] == ("iothread 'io1' runs node 'n1', which export 'fx' keeps there (fixed-iothread); "
+                                  "delete the export first"), r
+    assert c.cmd("block-export-del", {"id": "fx"}) == {"return": {}}
+    assert c.cmd("object-del", {"id": "io1"}) == {"return": {}}
+    fx = Raw(sock)  # q0 was last moved to the main loop: it serves with io1 gone
+    fx.flags()
+    fx.go("q0")
+    assert read_back(fx, 0, 4096) == bytes([0x43]) * 4096
     assert d.stop() == 0
     run("qemu-img", "check", path)
 
