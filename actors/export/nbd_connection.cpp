@@ -29,6 +29,8 @@ constexpr size_t copy_limit = 4u << 10;
 // request stream is read in windows of header_window bytes.
 constexpr uint64_t direct_payload_min = 32u << 10;
 constexpr size_t header_window = 4u << 10;
+// Plaintext encrypted per TLS batch: bounds the ciphertext buffered per client.
+constexpr size_t tls_batch_max = 1u << 20;
 // Segments in one gathered send (IOV_MAX is 1024).
 constexpr size_t max_send_iov = 256;
 // Structured reads at least this large ask for block status first, to send holes as hole chunks.
@@ -81,7 +83,7 @@ caf::behavior nbd_connection::make_behavior() {
   // Exit messages (a link, the system shutting down) must not drop the actor while the ring or the
   // node still hold pointers into it: they start the same orderly close as a hard export delete.
   set_exit_handler([this](const caf::exit_msg&) { begin_close("export shutting down"); });
-  if (s_.tls) tls_wire_ = std::move(s_.pending_out);  // already encrypted by the handshake
+  if (s_.tls && !s_.pending_out.empty()) tls_wire_.push_back(std::move(s_.pending_out));  // encrypted already
   else if (!s_.pending_out.empty()) queue_bytes(s_.pending_out);
   // A client handed over in the middle of a write brings its payload so far: the buffer takes it all.
   if (s_.leftover_in.size() > in_.size()) in_.resize(s_.leftover_in.size());
@@ -513,33 +515,58 @@ bool nbd_connection::tls_fill() {
 void nbd_connection::flush_tls() {
   if (send_pending_ || closing_ || tls_flushing_) return;
   tls_flushing_ = true;
-  if (tls_wire_sent_ >= tls_wire_.size()) {
-    tls_wire_.clear();
-    tls_wire_sent_ = 0;
-  }
-  // Every queued segment is encrypted at once (one copy, as the plaintext path's batching); a
-  // reply finished meanwhile (put_op may pump input) joins the queue and this loop.
+  // Queued segments are encrypted in batches of about tls_batch_max bytes (one copy, as the
+  // plaintext path's batching), so a deep queue of large reads does not double in memory; a reply
+  // finished meanwhile (put_op may pump input) joins the queue and this loop.
   bool ok = true;
-  while (!outq_.empty() && ok) {
+  while (!outq_.empty() && ok && s_.tls->out().size() < tls_batch_max) {
     seg& f = outq_.front();
     const uint8_t* p = f.data ? f.data : reinterpret_cast<const uint8_t*>(f.bytes.data());
     size_t total = f.data ? f.len : f.bytes.size();
-    ok = s_.tls->write(p + front_sent_, total - front_sent_);
+    size_t n = std::min(total - front_sent_, tls_batch_max);
+    ok = s_.tls->write(p + front_sent_, n);
+    front_sent_ += n;
+    if (front_sent_ < total) continue;
     op* owner = f.owner;
     outq_.pop_front();
     front_sent_ = 0;
     if (owner) put_op(owner);
     if (closing_) break;
   }
-  tls_wire_ += s_.tls->out();
-  s_.tls->consumed(s_.tls->out().size());
+  if (!s_.tls->out().empty()) {
+    std::string chunk;
+    if (!tls_spare_.empty()) {
+      chunk = std::move(tls_spare_.back());
+      tls_spare_.pop_back();
+      chunk.clear();
+    }
+    s_.tls->take_out(chunk);  // swaps: the session encrypts into the spare's memory next time
+    tls_wire_.push_back(std::move(chunk));
+  }
   tls_flushing_ = false;
   if (!ok) return begin_close("TLS encryption failed");
   if (closing_) return;
-  if (tls_wire_sent_ >= tls_wire_.size()) return maybe_finish();
+  if (tls_wire_.empty()) return maybe_finish();
+  send_iov_.clear();
+  for (auto& c : tls_wire_) {
+    if (send_iov_.size() == max_send_iov) break;
+    size_t skip = send_iov_.empty() ? tls_wire_sent_ : 0;
+    send_iov_.push_back({c.data() + skip, c.size() - skip});
+  }
+  send_msg_ = {};
+  send_msg_.msg_iov = send_iov_.data();
+  send_msg_.msg_iovlen = send_iov_.size();
   send_pending_ = true;
-  reactor_.send(s_.fd, reinterpret_cast<const uint8_t*>(tls_wire_.data()) + tls_wire_sent_,
-                tls_wire_.size() - tls_wire_sent_, &send_cb_);
+  reactor_.sendmsg(s_.fd, &send_msg_, &send_cb_);
+}
+
+void nbd_connection::tls_sent(size_t n) {
+  tls_wire_sent_ += n;
+  while (!tls_wire_.empty() && tls_wire_sent_ >= tls_wire_.front().size()) {
+    tls_wire_sent_ -= tls_wire_.front().size();
+    if (tls_spare_.size() < 2) tls_spare_.push_back(std::move(tls_wire_.front()));
+    tls_wire_.pop_front();
+  }
 }
 
 void nbd_connection::flush_out() {
@@ -581,7 +608,7 @@ void nbd_connection::on_send(int res) {
   if (closing_) return maybe_finish();
   if (res <= 0) return begin_close("send failed");
   if (s_.tls) {
-    tls_wire_sent_ += size_t(res);
+    tls_sent(size_t(res));
     flush_out();
     return try_handoff();
   }
@@ -596,7 +623,7 @@ void nbd_connection::try_handoff() {
   if (!handoff_ || closing_ || gone_ || pumping_) return;
   // Everything parsed is answered and on the wire, except a write whose payload is still arriving:
   // its header and the bytes it has so far travel with the client (a slow sender holds nothing).
-  bool wire_idle = !tls_flushing_ && tls_wire_sent_ >= tls_wire_.size();
+  bool wire_idle = tls_wire_idle();
   if (in_flight_ > (payload_op_ ? 1u : 0u) || send_pending_ || !outq_.empty() || !wire_idle) return;
   if (recv_pending_) {
     // The receive completes with -ECANCELED, or with bytes that arrived first (kept below).
@@ -657,7 +684,7 @@ void nbd_connection::maybe_finish() {
   if (gone_) return;
   if (!closing_) {
     // After DISC (or a fatal request): close once every answer is out.
-    bool wire_idle = !tls_flushing_ && tls_wire_sent_ >= tls_wire_.size();
+    bool wire_idle = tls_wire_idle();
     if (draining_ && in_flight_ == 0 && outq_.empty() && !send_pending_ && wire_idle) begin_close("client disconnected");
     return;
   }

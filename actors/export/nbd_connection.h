@@ -82,9 +82,10 @@ class nbd_connection : public caf::event_based_actor, private block::io_waiter {
   void queue_data(const uint8_t* p, size_t n, op* owner);
   void flush_out();
   // TLS: the socket carries ciphertext; plaintext requests are decrypted into in_ and replies
-  // encrypted into tls_wire_, so everything above keeps working on plaintext.
+  // encrypted into tls_wire_ chunks, so everything above keeps working on plaintext.
   bool tls_fill();
   void flush_tls();
+  void tls_sent(size_t n);
   op* get_op();
   void put_op(op* o);
   void begin_close(const char* why);
@@ -124,8 +125,12 @@ class nbd_connection : public caf::event_based_actor, private block::io_waiter {
   nbd_client_setup handed_;  // the client's state, packed; answered from the next message handler
 
   std::vector<uint8_t> cin_;   // ciphertext received
-  std::string tls_wire_;       // ciphertext to send; not touched while a send of it is in flight
-  size_t tls_wire_sent_ = 0;
+  // Ciphertext to send, one chunk per encryption batch (chunks in flight are not touched); sent
+  // chunks are kept as spares so their memory is reused rather than faulted in again.
+  std::deque<std::string> tls_wire_;
+  size_t tls_wire_sent_ = 0;  // bytes of tls_wire_.front() already on the wire
+  std::vector<std::string> tls_spare_;
+  bool tls_wire_idle() const { return !tls_flushing_ && tls_wire_.empty(); }
   bool tls_flushing_ = false;
 };
 

@@ -82,6 +82,13 @@ class session {
   // Ciphertext waiting to be sent; the caller sends a prefix and erases it with consumed().
   const std::string& out() const { return out_; }
   void consumed(size_t n) { out_.erase(0, n); }
+  // Moves all of out() to the end of `dst`: by swapping buffers when `dst` is empty, so a connection
+  // that alternates the two reuses their memory instead of copying every record once more.
+  void take_out(std::string& dst) {
+    if (dst.empty()) dst.swap(out_);
+    else dst.append(out_);
+    out_.clear();
+  }
 
   const std::string& error() const { return err_; }
   // The authenticated peer: the client certificate's DN or the PSK username (empty if none).
