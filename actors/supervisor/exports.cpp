@@ -312,36 +312,45 @@ void supervisor_actor::nbd_negotiated_client(nbd_negotiated n) {
   export_entry* e = nullptr;
   for (auto& x : exports_)
     if (!x.shutting_down && x.view.name == n.export_name) e = &x;
-  block::node* node = e && graph_ ? graph_->find(e->node_name) : nullptr;
-  auto actor_it = e ? node_actors_.find(e->node_name) : node_actors_.end();
-  if (!e || !node || actor_it == node_actors_.end()) {
-    // The export went away between the client's GO and now.
-    ::close(n.fd);
-    if (nbd_) nbd_->client_gone();
-    return;
-  }
   nbd_client_setup s;
   s.fd = n.fd;
   s.client_id = ++nbd_client_counter_;
-  s.export_id = e->id;
-  s.xs.size = e->view.size;
-  s.xs.read_only = !e->writable;
+  if (e) {
+    s.export_id = e->id;
+    s.xs.size = e->view.size;
+    s.xs.read_only = !e->writable;
+    s.writethrough = e->writethrough;
+    s.sparse_reads = e->sparse_reads;
+  }
   s.xs.mode = n.mode;
   s.contexts = n.contexts;
-  s.writethrough = e->writethrough;
-  s.sparse_reads = e->sparse_reads;
   s.pending_out = std::move(n.pending_out);
   s.leftover_in = std::move(n.leftover_in);
   s.tls = std::move(n.tls);
-  s.node = actor_it->second.actor;
   s.supervisor = caf::actor_cast<caf::actor>(this);
-  uint64_t cid = s.client_id;
-  if (parking_) {
+  if (parking_ && e) {
     // Its node is (perhaps) about to move: the client starts once the move is done.
-    parked_.push_back({e->id, cid, std::move(s)});
+    parked_.push_back(std::move(s));
     return;
   }
+  start_client(std::move(s));
+}
+
+// A client's connection actor starts on its export node's home, with that node's actor. If the
+// export or its node went away meanwhile (between GO and now, or during a move), the client is
+// disconnected.
+void supervisor_actor::start_client(nbd_client_setup s) {
+  auto* e = s.export_id.empty() ? nullptr : find_export(s.export_id);
+  block::node* node = e && graph_ ? graph_->find(e->node_name) : nullptr;
+  auto actor_it = e ? node_actors_.find(e->node_name) : node_actors_.end();
+  if (!e || e->shutting_down || !node || actor_it == node_actors_.end()) {
+    ::close(s.fd);
+    if (nbd_) nbd_->client_gone();
+    return;
+  }
+  s.node = actor_it->second.actor;
   iothread* h = home_of(node);
+  uint64_t cid = s.client_id;
   e->clients.emplace(cid, spawn_pinned<nbd_connection>(h->system(), *h, std::move(s)));
 }
 
@@ -368,7 +377,7 @@ void supervisor_actor::park_clients(const std::vector<block::node*>& nodes, std:
         .then(
             [this, eid = eid, cid = cid, one](nbd_client_setup& s) mutable {
               if (auto* e = find_export(eid)) e->clients.erase(cid);
-              parked_.push_back({eid, cid, std::move(s)});
+              parked_.push_back(std::move(s));
               one();
             },
             [this, a = a, one](const caf::error&) mutable {
@@ -386,19 +395,7 @@ void supervisor_actor::unpark_clients() {
   parking_ = false;
   auto parked = std::move(parked_);
   parked_.clear();
-  for (auto& p : parked) {
-    auto* e = find_export(p.export_id);
-    block::node* node = e && graph_ ? graph_->find(e->node_name) : nullptr;
-    auto actor_it = e ? node_actors_.find(e->node_name) : node_actors_.end();
-    if (!e || e->shutting_down || !node || actor_it == node_actors_.end()) {
-      ::close(p.setup.fd);
-      if (nbd_) nbd_->client_gone();
-      continue;
-    }
-    p.setup.node = actor_it->second.actor;
-    iothread* h = home_of(node);
-    e->clients.emplace(p.client_id, spawn_pinned<nbd_connection>(h->system(), *h, std::move(p.setup)));
-  }
+  for (auto& s : parked) start_client(std::move(s));
 }
 
 void supervisor_actor::nbd_client_gone(const std::string& export_id, uint64_t client_id) {

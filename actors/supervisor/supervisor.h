@@ -136,15 +136,11 @@ class supervisor_actor : public caf::event_based_actor {
   };
   std::deque<export_entry> exports_;  // newest first, as query-block-exports lists them
   // NBD clients between two homes while their export's node moves (exports.cpp).
-  struct parked_client {
-    std::string export_id;
-    uint64_t client_id = 0;
-    nbd_client_setup setup;
-  };
-  std::vector<parked_client> parked_;
+  std::vector<nbd_client_setup> parked_;
   bool parking_ = false;  // a move is under way: new clients wait in parked_ too
   void park_clients(const std::vector<block::node*>& nodes, std::function<void()> then);
   void unpark_clients();
+  void start_client(nbd_client_setup s);
   export_catalog catalog_;
   std::unique_ptr<nbd_server> nbd_;
   uint64_t nbd_client_counter_ = 0;
