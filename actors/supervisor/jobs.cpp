@@ -258,7 +258,7 @@ void supervisor_actor::job_release(const std::string& id) {
   // its body has returned; a node someone else started to use meanwhile stays.
   bool deleted = false;
   for (auto& name : j->opened)
-    if (block::node* n = graph_->find(name); n && n->users.empty()) {
+    if (block::node* n = graph_->find(name); n && !n->has_users()) {
       graph_->del(name);
       deleted = true;
     }

@@ -11,9 +11,7 @@ namespace {
 result<block::node*> root_node(block::graph& g, const std::string& device) {
   auto found = g.lookup(&device, &device);
   if (!found) return found;
-  for (block::node* p : g.nodes_newest_first())
-    for (auto& e : p->children)
-      if (e.child == *found) return fail("Need a root block node");
+  if (!(*found)->parents.empty()) return fail("Need a root block node");
   return found;
 }
 

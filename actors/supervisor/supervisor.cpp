@@ -394,7 +394,6 @@ block::driver_env supervisor_actor::env_for(iothread* t) const {
 }
 
 std::vector<block::node*> supervisor_actor::components(const std::vector<block::node*>& seeds) const {
-  std::vector<block::node*> all = graph_->nodes_newest_first();
   std::vector<block::node*> out;
   std::unordered_set<const block::node*> seen;
   std::vector<block::node*> pending(seeds.begin(), seeds.end());
@@ -403,10 +402,8 @@ std::vector<block::node*> supervisor_actor::components(const std::vector<block::
     pending.pop_back();
     if (!seen.insert(n).second) continue;
     out.push_back(n);
-    for (auto& e : n->children) pending.push_back(e.child);
-    for (block::node* p : all)
-      for (auto& e : p->children)
-        if (e.child == n) pending.push_back(p);
+    for (block::child_edge* e : n->children()) pending.push_back(e->child);
+    for (block::child_edge* e : n->parents) pending.push_back(e->parent);
   }
   return out;
 }
@@ -512,9 +509,8 @@ void supervisor_actor::blockdev_reopen(const boost::json::object& args, reply_fn
   // quiesced with the reopened nodes and moved after the commit (QEMU moves the child likewise).
   std::vector<block::node*> quiesce = shared->nodes();
   std::vector<std::pair<block::node*, block::node*>> joins;  // (parent, new child)
-  for (auto& e : shared->entries)
-    for (auto& c : e.children)
-      if (home_of(c.child) != home_of(e.n)) joins.emplace_back(e.n, c.child);
+  for (auto& [p, c] : shared->new_children())
+    if (home_of(c) != home_of(p)) joins.emplace_back(p, c);
   for (auto& [p, c] : joins)
     for (block::node* x : components({c}))
       if (std::find(quiesce.begin(), quiesce.end(), x) == quiesce.end()) quiesce.push_back(x);
@@ -526,8 +522,13 @@ void supervisor_actor::blockdev_reopen(const boost::json::object& args, reply_fn
     with_quiesced(
         quiesce,
         [this, shared, joins] {
-          graph_->reopen_commit(*shared);
-          for (auto& [p, c] : joins) rehome(components({c}), home_of(p));
+          // Children and settings change, permissions follow for the whole affected subgraph;
+          // a refused permission (another process's lock) puts every node back as it was.
+          std::vector<std::unique_ptr<block::action>> list;
+          list.push_back(graph_->reopen_action(std::move(*shared)));
+          if (auto r = graph_->run(std::move(list)); !r) return command_outcome::failure(r.error());
+          for (auto& [p, c] : joins)
+            if (graph_->alive(c) && graph_->alive(p)) rehome(components({c}), home_of(p));
           return command_outcome::success();
         },
         [this, reply = std::move(reply)](command_outcome o) mutable {
@@ -564,8 +565,7 @@ void supervisor_actor::set_iothread(const boost::json::object& args, reply_fn re
   auto* force = args.if_contains("force");
   // A node with a user outside the graph (an export) may be serving requests from its home; moving
   // it needs force, as QEMU's check for a BlockBackend parent.
-  bool has_backend = std::any_of(n->users.begin(), n->users.end(),
-                                 [](const block::node::user& u) { return u.key.rfind("node:", 0) != 0; });
+  bool has_backend = std::any_of(n->roots.begin(), n->roots.end(), [](const block::root* r) { return r->block_backend; });
   if (has_backend && !(force && force->as_bool()))
     return reply(command_outcome::failure(error("Node " + name +
                                                 " is associated with a BlockBackend and could be in use (use "

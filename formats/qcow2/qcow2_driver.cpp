@@ -192,8 +192,8 @@ class qcow2_driver final : public block_driver {
   int64_t length() const override { return int64_t(h_.size); }
   void submit(io_request& r) override;
   result<void> truncate(int64_t size) override;
-  void child_perm(const std::string& role, uint32_t node_perm, uint32_t node_shared, uint32_t& perm,
-                  uint32_t& shared) const override;
+  void child_perm(const std::string& role, bool read_only, uint32_t node_perm, uint32_t node_shared,
+                  uint32_t& perm, uint32_t& shared) const override;
   image_facts facts() const override;
   void close() override;
   void inactivate() override;
@@ -323,9 +323,11 @@ class qcow2_driver final : public block_driver {
  public:
   driver_env env_;
   std::string node_name_;
-  node* file_ = nullptr;
-  node* data_ = nullptr;     // file_ unless the image has an external data file
-  node* backing_ = nullptr;
+  // Handles on the node's child slots: a child replaced by blockdev-reopen is used from the next
+  // request on (see edge.h).
+  child_ref file_;
+  child_ref data_;     // the file slot unless the image has an external data file
+  child_ref backing_;  // an empty slot: no backing file
   header h_;
   open_options o_;
   bool read_only_ = false;
@@ -1866,7 +1868,8 @@ std::string probe_format(const std::string& path) {
 }
 
 result<void> qcow2_driver::open(open_args& a) {
-  file_ = a.find_child("file");
+  file_ = child_ref(a.edge("file"));
+  if (!file_) return fail("qcow2 node needs a file child");
   data_ = file_;
   read_only_ = a.read_only;
   align_ = std::max<uint32_t>(file_->driver().limits().request_alignment, 1);
@@ -1901,7 +1904,7 @@ result<void> qcow2_driver::open(open_args& a) {
       if (!c) return std::unexpected(c.error());
       df = *c;
     }
-    data_ = df;
+    data_ = child_ref(a.edge("data-file"));
     align_ = std::max(align_, df->driver().limits().request_alignment);
   } else if (df) {
     return fail("'data-file' can only be set for images with an external data file");
@@ -1909,8 +1912,9 @@ result<void> qcow2_driver::open(open_args& a) {
 
   // Backing file: given (a node, a reference, or null for none), or from the header.
   auto* bopt = a.options.if_contains("backing");
-  if (bopt && !bopt->is_null()) {
-    backing_ = a.find_child("backing");
+  backing_ = child_ref(a.edge("backing"));
+  if (bopt) {
+    // given: the slot holds it (or stays empty for null)
   } else if (!bopt && !h_.backing_file.empty() && a.open_child) {
     std::string self = a.filename_of ? a.filename_of(*file_) : "";
     std::string path = resolve_relative(self, h_.backing_file);
@@ -1924,7 +1928,6 @@ result<void> qcow2_driver::open(open_args& a) {
     if (!find_driver(fmt)) return fail("Could not open backing file: Unknown driver '" + fmt + "'");
     auto c = a.open_child("backing", o);
     if (!c) return fail("Could not open backing file: " + c.error().desc);
-    backing_ = *c;
   }
   if (backing_) align_ = std::max(align_, backing_->driver().limits().request_alignment);
 
@@ -2082,8 +2085,8 @@ result<void> qcow2_driver::truncate(int64_t size) {
   return {};
 }
 
-void qcow2_driver::child_perm(const std::string& role, uint32_t node_perm, uint32_t node_shared, uint32_t& perm,
-                              uint32_t& shared) const {
+void qcow2_driver::child_perm(const std::string& role, bool read_only, uint32_t node_perm, uint32_t node_shared,
+                              uint32_t& perm, uint32_t& shared) const {
   if (role == "backing") {
     // A backing file is only read; others may write it only if they keep its content (QEMU's COW rule).
     perm = (node_perm & (perm_consistent_read | perm_write | perm_write_unchanged)) ? uint32_t(perm_consistent_read) : 0u;
@@ -2100,7 +2103,7 @@ void qcow2_driver::child_perm(const std::string& role, uint32_t node_perm, uint3
   // The image file: metadata is written whenever the node may be written, and the file grows with
   // allocations; nobody else may write or resize it under the tables, even while we only read.
   perm = node_perm | perm_consistent_read;
-  if (!read_only_) perm |= perm_write | perm_resize;
+  if (!read_only) perm |= perm_write | perm_resize;
   shared = (node_shared & perm_consistent_read) | perm_write_unchanged;
 }
 

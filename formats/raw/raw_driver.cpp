@@ -9,7 +9,7 @@ namespace {
 
 class raw_driver final : public block_driver, private io_waiter {
  public:
-  raw_driver(node* child, int64_t offset, int64_t size, bool windowed)
+  raw_driver(child_ref child, int64_t offset, int64_t size, bool windowed)
       : child_(child), offset_(offset), size_(size), windowed_(windowed) {}
 
   uint32_t caps() const override {
@@ -40,18 +40,22 @@ class raw_driver final : public block_driver, private io_waiter {
     child_->submit(*c);
   }
 
-  // offset and size may change, and the child may be replaced; the window is checked as at open.
+  // offset and size may change, and the child may be replaced (the slot then holds the new one);
+  // the window is checked against the child the node will have, as at open.
   result<std::unique_ptr<reopen_state>> reopen_prepare(const reopen_args& a, std::vector<std::string>& consumed) override {
     consumed = {"offset", "size"};
     node* child = a.find_child("file");
+    if (!child) return fail("raw node needs a file child");
     auto w = check_window(a.options, child->length());
     if (!w) return std::unexpected(w.error());
     struct state final : reopen_state {
       raw_driver* d;
-      node* child;
       window w;
+      void child_perm(const block_driver&, const std::string&, bool, uint32_t node_perm, uint32_t node_shared,
+                      uint32_t& perm, uint32_t& shared) const override {
+        window_perm(w.windowed, node_perm, node_shared, perm, shared);
+      }
       void commit() override {
-        d->child_ = child;
         d->offset_ = w.offset;
         d->size_ = w.size;
         d->windowed_ = w.windowed;
@@ -59,7 +63,6 @@ class raw_driver final : public block_driver, private io_waiter {
     };
     auto st = std::make_unique<state>();
     st->d = this;
-    st->child = child;
     st->w = *w;
     return std::unique_ptr<reopen_state>(std::move(st));
   }
@@ -76,11 +79,14 @@ class raw_driver final : public block_driver, private io_waiter {
     return child_->driver().truncate(size + offset_);
   }
 
-  void child_perm(const std::string&, uint32_t node_perm, uint32_t node_shared, uint32_t& perm,
+  void child_perm(const std::string&, bool, uint32_t node_perm, uint32_t node_shared, uint32_t& perm,
                   uint32_t& shared) const override {
+    window_perm(windowed_, node_perm, node_shared, perm, shared);
+  }
+  // A window cannot follow the child's size, so nobody may resize it underneath.
+  static void window_perm(bool windowed, uint32_t node_perm, uint32_t node_shared, uint32_t& perm, uint32_t& shared) {
     perm = node_perm;
-    // A window cannot follow the child's size, so nobody may resize it underneath.
-    shared = windowed_ ? node_shared & ~uint32_t(perm_resize) : node_shared;
+    shared = windowed ? node_shared & ~uint32_t(perm_resize) : node_shared;
   }
 
  private:
@@ -94,7 +100,7 @@ class raw_driver final : public block_driver, private io_waiter {
     r.complete(res);
   }
 
-  node* child_;
+  child_ref child_;
   int64_t offset_;
   int64_t size_;
   bool windowed_;
@@ -124,9 +130,10 @@ result<raw_driver::window> raw_driver::check_window(const boost::json::object& o
 
 result<std::unique_ptr<block_driver>> open_raw(open_args& a) {
   node* child = a.find_child("file");
+  if (!child) return fail("raw node needs a file child");
   auto w = raw_driver::check_window(a.options, child->length());
   if (!w) return std::unexpected(w.error());
-  return std::unique_ptr<block_driver>(new raw_driver(child, w->offset, w->size, w->windowed));
+  return std::unique_ptr<block_driver>(new raw_driver(child_ref(a.edge("file")), w->offset, w->size, w->windowed));
 }
 
 }  // namespace

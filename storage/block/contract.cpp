@@ -92,10 +92,11 @@ class checked_driver final : public block_driver, private io_waiter {
     if (size < inner_->length()) drained("truncate");
     return inner_->truncate(size);
   }
-  result<void> set_perm(uint32_t perm, uint32_t shared) override { return inner_->set_perm(perm, shared); }
-  void child_perm(const std::string& role, uint32_t node_perm, uint32_t node_shared, uint32_t& perm,
+  result<void> check_perm(uint32_t perm, uint32_t shared) override { return inner_->check_perm(perm, shared); }
+  void set_perm(uint32_t perm, uint32_t shared) override { inner_->set_perm(perm, shared); }
+  void child_perm(const std::string& role, bool read_only, uint32_t node_perm, uint32_t node_shared, uint32_t& perm,
                   uint32_t& shared) const override {
-    inner_->child_perm(role, node_perm, node_shared, perm, shared);
+    inner_->child_perm(role, read_only, node_perm, node_shared, perm, shared);
   }
   image_facts facts() const override { return inner_->facts(); }
   boost::json::value driver_stats() const override { return inner_->driver_stats(); }

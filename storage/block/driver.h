@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "protocol/error.h"
+#include "storage/block/edge.h"
 #include "storage/block/io_request.h"
 #include "storage/block/perm.h"
 
@@ -83,13 +84,19 @@ class block_driver {
   // Growing (size >= length) may also be done on the home iothread with requests in flight: a
   // format extends its image file that way before writing past the end.
   virtual result<void> truncate(int64_t size) { (void)size; return fail("Image format driver does not support resize"); }
-  // The node's cumulative permissions changed: take them (a file updates its OFD locks here). This one
-  // may come from the supervisor while requests run, so it must not touch what the data path uses.
-  virtual result<void> set_perm(uint32_t perm, uint32_t shared) { (void)perm; (void)shared; return {}; }
-  // What this driver asks of its child `role`, given what the node's users need and share.
-  virtual void child_perm(const std::string& role, uint32_t node_perm, uint32_t node_shared, uint32_t& perm,
-                          uint32_t& shared) const {
+  // Permission changes are two-phase over the whole affected subgraph (graph::update_perms):
+  // check_perm() says whether the node can take the new cumulative permissions (a file asks whether
+  // another process holds conflicting OFD locks) without changing anything; once every node of the
+  // change agreed, set_perm() takes them (a file updates its locks). Either may come from the
+  // supervisor while requests run, so they must not touch what the data path uses.
+  virtual result<void> check_perm(uint32_t perm, uint32_t shared) { (void)perm; (void)shared; return {}; }
+  virtual void set_perm(uint32_t perm, uint32_t shared) { (void)perm; (void)shared; }
+  // What this driver asks of its child `role`, given what the node's users need and share and
+  // whether the node is read-only (the graph's view, which a pending reopen may already have changed).
+  virtual void child_perm(const std::string& role, bool read_only, uint32_t node_perm, uint32_t node_shared,
+                          uint32_t& perm, uint32_t& shared) const {
     (void)role;
+    (void)read_only;
     perm = node_perm;
     shared = node_shared;
   }
@@ -105,6 +112,12 @@ class block_driver {
     virtual ~reopen_state() = default;
     virtual void commit() {}
     virtual void abort() {}
+    // The permissions are taken for the state after the reopen, before commit(): a driver whose
+    // child permissions depend on what the reopen changes (a raw window) answers for that state.
+    virtual void child_perm(const block_driver& d, const std::string& role, bool read_only, uint32_t node_perm,
+                            uint32_t node_shared, uint32_t& perm, uint32_t& shared) const {
+      d.child_perm(role, read_only, node_perm, node_shared, perm, shared);
+    }
   };
   virtual result<std::unique_ptr<reopen_state>> reopen_prepare(const reopen_args& a,
                                                                std::vector<std::string>& consumed) {
@@ -147,6 +160,9 @@ class block_driver {
 
 // What a reopen asks of a driver: its own new options (children resolved away), the children it
 // will have after the reopen (a child may be replaced), and the new common flags.
+// Children are given as the nodes each role will hold after the commit (null: none); the driver's
+// slots (child_ref) then hold them without the driver doing anything, so a driver only checks here
+// that it can work with them (a raw window must fit in a new file child).
 struct reopen_args {
   const boost::json::object& options;
   std::vector<std::pair<std::string, node*>> children;
@@ -163,7 +179,9 @@ struct reopen_args {
 // Everything a driver's open sees: validated options (typed JSON), the resolved children, the env.
 struct open_args {
   const boost::json::object& options;
-  std::vector<std::pair<std::string, node*>> children{};  // role -> child, in the driver's order
+  // One slot per child role (filled or empty), made by the graph before the driver opens; the
+  // driver keeps child_ref handles on them (edge()) and the graph moves them into the node.
+  std::vector<std::unique_ptr<child_edge>> edges{};
   driver_env env;
   bool read_only = false;  // a driver may set it (auto-read-only fallback)
   bool auto_read_only = false;
@@ -176,10 +194,27 @@ struct open_args {
   std::function<result<node*>(const std::string& role, const boost::json::object& options)> open_child = nullptr;
   // The filename QEMU would show for a node (to resolve a backing file name relative to the image).
   std::function<std::string(const node&)> filename_of = nullptr;
-  node* find_child(const std::string& role) const {
-    for (auto& [r, n] : children)
-      if (r == role) return n;
+  // The slot of `role`, or null when the driver has no such role.
+  child_edge* edge(const std::string& role) const {
+    for (auto& e : edges)
+      if (e->role == role) return e.get();
     return nullptr;
+  }
+  // The node `role` holds now (null: empty or no such slot).
+  node* find_child(const std::string& role) const {
+    child_edge* e = edge(role);
+    return e ? e->child : nullptr;
+  }
+  // Fills (or makes) the slot of `role` with `n`: the graph does this, and tests that build nodes by hand.
+  child_edge* set_child(const std::string& role, node* n) {
+    child_edge* e = edge(role);
+    if (!e) {
+      edges.push_back(std::make_unique<child_edge>());
+      e = edges.back().get();
+      e->role = role;
+    }
+    e->child = n;
+    return e;
   }
 };
 

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
+#include <unordered_set>
 
 #include "protocol/qmp/json_writer.h"
 
@@ -24,7 +25,6 @@ bool get_bool(const boost::json::object& o, const char* k, bool dflt) {
   return v ? v->as_bool() : dflt;
 }
 
-std::string user_key(const node& parent, const std::string& role) { return "node:" + parent.name() + "/" + role; }
 
 // An inline child takes what it does not set itself from its parent, as QEMU's option inheritance
 // does: read-only, auto-read-only, force-share and the cache flags; discard defaults to unmap below
@@ -98,16 +98,62 @@ std::vector<node*> graph::nodes_newest_first() const {
   return out;
 }
 
-result<node*> graph::add(const boost::json::object& options) {
-  std::vector<node*> created;
-  auto r = open_node(options, true, created);
-  if (!r) {
-    // All or nothing: close what this call opened, newest first.
-    for (auto it = created.rbegin(); it != created.rend(); ++it) destroy(*it);
-    return r;
+// ---- blockdev-add -------------------------------------------------------------------------------
+
+namespace {
+// blockdev-add as an action: prepare opens the node with its inline children (permissions are
+// taken by the transaction), abort closes what it opened, newest first.
+class add_action final : public action {
+ public:
+  add_action(graph& g, boost::json::object options, std::function<result<node*>(std::vector<node*>&)> open,
+             std::function<void(node*)> destroy, node** out)
+      : g_(g), options_(std::move(options)), open_(std::move(open)), destroy_(std::move(destroy)), out_(out) {}
+  result<void> prepare() override {
+    auto r = open_(created_);
+    if (!r) {
+      for (auto it = created_.rbegin(); it != created_.rend(); ++it) destroy_(*it);
+      created_.clear();
+      return std::unexpected(r.error());
+    }
+    top_ = *r;
+    perm_seeds = {top_};
+    return {};
   }
-  (*r)->monitor_owned = true;
-  return r;
+  void commit() override {
+    top_->monitor_owned = true;
+    if (out_) *out_ = top_;
+  }
+  void abort() override {
+    for (auto it = created_.rbegin(); it != created_.rend(); ++it) destroy_(*it);
+    created_.clear();
+  }
+
+ private:
+  graph& g_;
+  boost::json::object options_;
+  std::function<result<node*>(std::vector<node*>&)> open_;
+  std::function<void(node*)> destroy_;
+  node** out_;
+  std::vector<node*> created_;
+  node* top_ = nullptr;
+};
+}  // namespace
+
+std::unique_ptr<action> graph::add_action(const boost::json::object& options, node** out) {
+  return std::make_unique<block::add_action>(
+      *this, options, [this, options](std::vector<node*>& created) { return open_node(options, true, created); },
+      [this](node* n) {
+        if (alive(n)) destroy(n);  // an inline child may have gone with its parent already
+      },
+      out);
+}
+
+result<node*> graph::add(const boost::json::object& options) {
+  node* out = nullptr;
+  std::vector<std::unique_ptr<action>> list;
+  list.push_back(add_action(options, &out));
+  if (auto r = run(std::move(list)); !r) return std::unexpected(r.error());
+  return out;
 }
 
 result<node*> graph::open_node(const boost::json::object& options, bool top_level, std::vector<node*>& created,
@@ -169,6 +215,9 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
   a.node_name = name;
   a.discard_unmap = s.discard_unmap;
   a.filename_of = [this](const node& n) { return filename(n); };
+  // A slot for every role the driver has, in its order (file, data-file, backing), filled or not:
+  // the driver keeps handles on them, and the graph may fill, replace or empty them later.
+  for (auto& role : e->child_roles) a.set_child(role, nullptr);
   a.open_child = [&, this](const std::string& role, const boost::json::object& child_opts) -> result<node*> {
     // Images name their backing files themselves: a loop (A -> B -> A) or an absurd chain must end
     // in an error, not in a stack overflow.
@@ -178,7 +227,7 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
     ++implicit_depth_;
     auto r = open_node(child_opts, false, created);
     --implicit_depth_;
-    if (r) a.children.emplace_back(role, *r);
+    if (r) a.set_child(role, *r);
     return r;
   };
   size_t slot = nodes_.size();  // where this node goes in the creation order: after its file child
@@ -204,7 +253,7 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
       if (!r) return r;
       child = *r;
     }
-    a.children.emplace_back(role, child);
+    a.set_child(role, child);
     if (role == e->child_roles.front()) slot = nodes_.size();
   }
   auto drv = e->open(a);
@@ -214,83 +263,301 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
   node* np = n.get();
   // Children attach in the driver's role order (file, data-file, backing), whether the options
   // named them or the image did, as QEMU attaches them.
-  auto rank = [e](const std::string& role) {
-    return std::find(e->child_roles.begin(), e->child_roles.end(), role) - e->child_roles.begin();
-  };
-  std::stable_sort(a.children.begin(), a.children.end(), [&](auto& x, auto& y) { return rank(x.first) < rank(y.first); });
-  for (auto& [role, child] : a.children) np->children.push_back({role, child});
+  np->slots = std::move(a.edges);
+  for (auto& sl : np->slots) {
+    sl->parent = np;
+    node* c = sl->child;
+    sl->child = nullptr;
+    link(*sl, c);
+  }
   // QEMU registers a node right after its file child, before the rest of its chain (listing order).
   by_name_[np->name()] = np;
+  alive_.insert(np);
   nodes_.insert(nodes_.begin() + std::ptrdiff_t(std::min(slot, nodes_.size())), std::move(n));
   created.push_back(np);
   if (!np->settings().active) np->driver().inactivate();
-  // Take the edges' permissions on the children (a window forbids resizing under it, ...).
-  if (auto r = refresh_perms(*np); !r) return std::unexpected(r.error());
   return np;
 }
 
-result<void> graph::refresh_perms(node& n) {
-  uint32_t perm = 0, shared = perm_all;
-  for (auto& u : n.users) {
-    perm |= u.p.perm;
-    shared &= u.p.shared;
+// ---- edges, roots and permissions ---------------------------------------------------------------
+
+namespace {
+std::string parent_description(const child_edge& e) {
+  return "node '" + e.parent->name() + "' (uses node '" + e.child->name() + "' as '" + e.role + "' child)";
+}
+}  // namespace
+
+void graph::link(child_edge& e, node* to) {
+  if (e.child) std::erase(e.child->parents, &e);
+  e.child = to;
+  if (to) {
+    to->parents.push_back(&e);
+    e.attached_seq = ++attach_seq_;
+  } else {
+    e.perm = 0;
+    e.shared = perm_all;
   }
-  if (n.settings().force_share) shared = perm_all;
-  // An inactive node holds nothing: its image may be in another process's hands (migration handover).
-  if (!n.settings().active) {
-    perm = 0;
-    shared = perm_all;
+}
+
+result<void> graph::update_perms(const std::vector<node*>& seeds) {
+  // The affected subgraph: the seeds that still exist and everything below them, parents before
+  // children (reverse post-order of a depth-first walk; the graph has no cycles).
+  std::vector<node*> order;
+  std::unordered_set<node*> seen;
+  std::function<void(node*)> visit = [&](node* n) {
+    if (!seen.insert(n).second) return;
+    for (child_edge* e : n->children()) visit(e->child);
+    order.push_back(n);
+  };
+  for (node* n : seeds)
+    if (alive(n)) visit(n);
+  std::reverse(order.begin(), order.end());
+
+  struct perms {
+    uint32_t perm, shared;
+  };
+  std::unordered_map<const child_edge*, perms> edge_next;
+  std::unordered_map<const node*, perms> node_next;
+  for (node* n : order) {
+    struct user {
+      uint64_t seq;
+      uint32_t perm, shared;
+      std::string description;
+    };
+    std::vector<user> users;
+    for (child_edge* e : n->parents) {
+      auto it = edge_next.find(e);
+      perms p = it != edge_next.end() ? it->second : perms{e->perm, e->shared};
+      users.push_back({e->attached_seq, p.perm, p.shared, parent_description(*e)});
+    }
+    for (root* r : n->roots) users.push_back({r->attached_seq, r->perm, r->shared, r->description});
+    // Every pair of users must agree. The newest user is checked first, against the others oldest
+    // first, so a refused new user is the one the text names (QEMU's wording and order).
+    std::sort(users.begin(), users.end(), [](auto& a, auto& b) { return a.seq > b.seq; });
+    for (size_t i = 0; i < users.size(); ++i)
+      for (size_t j = users.size(); j-- > i + 1;) {
+        const user& a = users[i];
+        const user& b = users[j];
+        auto conflict = [&](uint32_t bits, const user& needs, const user& refuses) {
+          return fail("Permission conflict on node '" + n->name() + "': permissions '" + perm_names(bits) +
+                      "' are both required by " + needs.description + " and unshared by " + refuses.description +
+                      ".");
+        };
+        if (uint32_t bad = a.perm & ~b.shared) return conflict(bad, a, b);
+        if (uint32_t bad = b.perm & ~a.shared) return conflict(bad, b, a);
+      }
+    uint32_t perm = 0, shared = perm_all;
+    for (auto& u : users) {
+      perm |= u.perm;
+      shared &= u.shared;
+    }
+    if (n->settings().force_share) shared = perm_all;
+    // An inactive node holds nothing: its image may be in another process's hands (migration handover).
+    if (!n->settings().active) {
+      perm = 0;
+      shared = perm_all;
+    }
+    node_next[n] = {perm, shared};
+    for (child_edge* e : n->children()) {
+      uint32_t cp = 0, cs = perm_all;
+      bool ro = n->settings().read_only;
+      if (auto pr = pending_.find(n); pr != pending_.end())
+        pr->second.state->child_perm(n->driver(), e->role, pr->second.read_only, perm, shared, cp, cs);
+      else
+        n->driver().child_perm(e->role, ro, perm, shared, cp, cs);
+      edge_next[e] = {cp, cs};
+    }
   }
-  if (auto r = n.driver().set_perm(perm, shared); !r) return r;
-  n.cum_perm = perm;
-  n.cum_shared = shared;
-  for (auto& edge : n.children) {
-    uint32_t cp = 0, cs = perm_all;
-    n.driver().child_perm(edge.role, perm, shared, cp, cs);
-    edge.perm = cp;
-    edge.shared = cs;
-    node& c = *edge.child;
-    std::string key = user_key(n, edge.role);
-    perm_user u{"node '" + n.name() + "' (uses node '" + c.name() + "' as '" + edge.role + "' child)", cp, cs};
-    std::vector<perm_user> others;
-    for (auto& x : c.users)
-      if (x.key != key) others.push_back(x.p);
-    if (auto r = check_conflict(c.name(), others, u); !r) return r;
-    auto it = std::find_if(c.users.begin(), c.users.end(), [&](auto& x) { return x.key == key; });
-    if (it == c.users.end()) c.users.push_back({key, u});
-    else it->p = u;
-    if (auto r = refresh_perms(c); !r) return r;
+  // Every driver whose permissions change must be able to take them (file locks of other processes).
+  for (node* n : order) {
+    perms p = node_next[n];
+    if (p.perm == n->cum_perm && p.shared == n->cum_shared) continue;
+    if (auto r = n->driver().check_perm(p.perm, p.shared); !r) return r;
+  }
+  // All agree: take them.
+  for (node* n : order) {
+    perms p = node_next[n];
+    if (p.perm != n->cum_perm || p.shared != n->cum_shared) n->driver().set_perm(p.perm, p.shared);
+    n->cum_perm = p.perm;
+    n->cum_shared = p.shared;
+    for (child_edge* e : n->children()) {
+      e->perm = edge_next[e].perm;
+      e->shared = edge_next[e].shared;
+    }
+  }
+  return {};
+}
+
+result<void> graph::run(std::vector<std::unique_ptr<action>> actions) {
+  size_t prepared = 0;
+  result<void> res;
+  for (auto& a : actions) {
+    res = a->prepare();
+    if (!res) break;
+    ++prepared;
+  }
+  if (res) {
+    std::vector<node*> seeds;
+    for (auto& a : actions) seeds.insert(seeds.end(), a->perm_seeds.begin(), a->perm_seeds.end());
+    res = update_perms(seeds);
+  }
+  if (res) {
+    for (auto& a : actions) a->commit();
+  } else {
+    while (prepared > 0) actions[--prepared]->abort();
+  }
+  for (auto& a : actions) a->clean();
+  return res;
+}
+
+result<void> graph::attach_root(root& r, node& n) {
+  r.target = &n;
+  r.attached_seq = ++attach_seq_;
+  n.roots.push_back(&r);
+  if (auto res = update_perms({&n}); !res) {
+    std::erase(n.roots, &r);
+    r.target = nullptr;
+    return res;
+  }
+  return {};
+}
+
+void graph::detach_root(root& r) {
+  node* n = r.target;
+  if (!n) return;
+  std::erase(n->roots, &r);
+  r.target = nullptr;
+  (void)update_perms({n});  // giving permissions up cannot conflict
+}
+
+result<void> graph::repoint_root(root& r, node& to) {
+  node* from = r.target;
+  if (from == &to) return {};
+  uint64_t seq = r.attached_seq;
+  if (from) std::erase(from->roots, &r);
+  r.target = &to;
+  to.roots.push_back(&r);
+  if (auto res = update_perms({from, &to}); !res) {
+    std::erase(to.roots, &r);
+    r.target = from;
+    r.attached_seq = seq;
+    if (from) from->roots.push_back(&r);
+    return res;
   }
   return {};
 }
 
 result<void> graph::attach_user(node& n, const std::string& key, perm_user u) {
-  std::vector<perm_user> others;
-  for (auto& x : n.users) others.push_back(x.p);
-  if (auto r = check_conflict(n.name(), others, u); !r) return r;
-  n.users.push_back({key, std::move(u)});
-  if (auto r = refresh_perms(n); !r) {
-    detach_user(n, key);
-    return r;
-  }
+  if (owned_roots_.count(key)) return fail("internal error: user '" + key + "' is already attached");
+  auto r = std::make_unique<root>();
+  r->key = key;
+  r->description = u.description;
+  r->perm = u.perm;
+  r->shared = u.shared;
+  r->allows_inactive = u.allows_inactive;
+  if (auto res = attach_root(*r, n); !res) return res;
+  owned_roots_[key] = std::move(r);
   return {};
 }
 
 void graph::detach_user(node& n, const std::string& key) {
-  std::erase_if(n.users, [&](auto& x) { return x.key == key; });
-  (void)refresh_perms(n);  // dropping permissions cannot conflict
+  auto it = owned_roots_.find(key);
+  if (it == owned_roots_.end() || it->second->target != &n) return;
+  detach_root(*it->second);
+  owned_roots_.erase(it);
+}
+
+root* graph::find_root(const std::string& key) const {
+  auto it = owned_roots_.find(key);
+  return it == owned_roots_.end() ? nullptr : it->second.get();
+}
+
+result<void> graph::set_child(child_edge& e, node* to) {
+  node* old = e.child;
+  if (old == to) return {};
+  if (to && reaches(*to, *e.parent))
+    return fail("Making '" + to->name() + "' a " + e.role + " child of '" + e.parent->name() +
+                "' would create a cycle");
+  uint64_t seq = e.attached_seq;
+  uint32_t perm = e.perm, shared = e.shared;
+  link(e, to);
+  if (auto r = update_perms({e.parent, old}); !r) {
+    link(e, old);
+    e.attached_seq = seq;
+    e.perm = perm;
+    e.shared = shared;
+    return r;
+  }
+  if (old) collect({old});
+  return {};
+}
+
+result<void> graph::replace_node(node& from, node& to) {
+  if (&from == &to) return {};
+  // Users below `to` keep `from` (a filter inserted above `from` holds it as its own child).
+  struct moved_edge {
+    child_edge* e;
+    uint64_t seq;
+  };
+  std::vector<moved_edge> edges;
+  for (child_edge* e : std::vector<child_edge*>(from.parents))
+    if (!reaches(to, *e->parent)) edges.push_back({e, e->attached_seq});
+  std::vector<root*> roots = from.roots;
+  for (auto& m : edges) link(*m.e, &to);
+  for (root* r : roots) {
+    std::erase(from.roots, r);
+    r->target = &to;
+    to.roots.push_back(r);
+  }
+  if (auto res = update_perms({&from, &to}); !res) {
+    for (auto& m : edges) {
+      link(*m.e, &from);
+      m.e->attached_seq = m.seq;
+    }
+    for (root* r : roots) {
+      std::erase(to.roots, r);
+      r->target = &from;
+      from.roots.push_back(r);
+    }
+    return res;
+  }
+  return {};
+}
+
+result<void> graph::insert_filter(node& filter, node& below) {
+  auto kids = filter.children();
+  if (kids.empty() || kids.front()->child != &below)
+    return fail("node '" + filter.name() + "' cannot be inserted above node '" + below.name() +
+                "': its first child must be that node");
+  return replace_node(below, filter);
+}
+
+result<void> graph::remove_filter(node& filter) {
+  auto kids = filter.children();
+  if (kids.empty()) return fail("node '" + filter.name() + "' has no child to give its users back to");
+  node& child = *kids.front()->child;
+  if (auto r = replace_node(filter, child); !r) return r;
+  collect({&filter});
+  return {};
+}
+
+void graph::collect(std::vector<node*> candidates) {
+  for (node* c : candidates) {
+    if (!alive(c)) continue;
+    if (!c->monitor_owned && !c->has_users()) destroy(c);  // an inline child goes with its last parent
+    else (void)update_perms({c});
+  }
 }
 
 result<void> graph::check_del(const std::string& name) {
   node* n = find(name);
   if (!n) return fail("Failed to find node with node-name='" + name + "'");
   // A backing file is blocked for deletion by its overlay first (QEMU's op blocker).
-  for (auto& p : nodes_)
-    for (auto& edge : p->children)
-      if (edge.child == n && edge.role == "backing")
-        return fail("Node '" + name + "' is busy: node is used as backing hd of '" + p->name() + "'");
+  for (child_edge* e : n->parents)
+    if (e->role == "backing")
+      return fail("Node '" + name + "' is busy: node is used as backing hd of '" + e->parent->name() + "'");
   if (!n->monitor_owned) return fail("Node " + name + " is not owned by the monitor");
-  if (!n->users.empty()) return fail("Block device " + name + " is in use");
+  if (n->has_users()) return fail("Block device " + name + " is in use");
   return {};
 }
 
@@ -299,18 +566,17 @@ void graph::del(const std::string& name) {
 }
 
 void graph::destroy(node* n) {
-  auto children = n->children;
-  for (auto& edge : children) {
-    std::erase_if(edge.child->users, [&](auto& x) { return x.key == user_key(*n, edge.role); });
+  std::vector<node*> children;
+  for (child_edge* e : n->children()) {
+    children.push_back(e->child);
+    std::erase(e->child->parents, e);
   }
+  for (root* r : n->roots) r->target = nullptr;  // their owners are gone or going (shutdown)
   by_name_.erase(n->name());
+  alive_.erase(n);
+  // The node closes here, while its children are still open (a format writes back through them).
   std::erase_if(nodes_, [&](auto& p) { return p.get() == n; });
-  for (auto& edge : children) {
-    node* c = edge.child;
-    if (!find(c->name())) continue;
-    if (!c->monitor_owned && c->users.empty()) destroy(c);  // an inline child goes with its parent
-    else (void)refresh_perms(*c);
-  }
+  collect(children);
 }
 
 boost::json::object graph::full_options(const node& n) const {
@@ -319,9 +585,9 @@ boost::json::object graph::full_options(const node& n) const {
   for (auto& kv : n.settings().options) {
     if (is_common(kv.key())) continue;
     bool child = false;
-    for (auto& edge : n.children)
-      if (edge.role == kv.key()) {
-        o[kv.key()] = full_options(*edge.child);
+    for (child_edge* edge : n.children())
+      if (edge->role == kv.key()) {
+        o[kv.key()] = full_options(*edge->child);
         child = true;
       }
     if (!child) o[kv.key()] = kv.value();
@@ -342,8 +608,8 @@ std::string graph::filename(const node& n) const {
   // names) over a protocol node is named after that node's file; a format over another format is
   // not (its image could not be probed from the plain name).
   const node* file = nullptr;
-  for (auto& edge : n.children)
-    if (e && !e->child_roles.empty() && edge.role == e->child_roles.front()) file = edge.child;
+  for (child_edge* edge : n.children())
+    if (e && !e->child_roles.empty() && edge->role == e->child_roles.front()) file = edge->child;
   const driver_entry* fe = file ? find_driver(file->settings().driver) : nullptr;
   bool plain = e && fe && fe->protocol;
   for (auto& kv : own) {
@@ -359,8 +625,8 @@ std::string graph::filename(const node& n) const {
         continue;
       }
       const node* b = nullptr;
-      for (auto& edge : n.children)
-        if (edge.role == "backing") b = edge.child;
+      for (child_edge* edge : n.children())
+        if (edge->role == "backing") b = edge->child;
       // Compared as the image spells it: a relative name never equals a node's full filename.
       plain = b && !f.backing_filename.empty() && filename(*b) == f.backing_filename;
       continue;
@@ -395,8 +661,8 @@ bool writes(uint32_t perm) { return perm & (perm_write | perm_write_unchanged); 
 
 bool graph::reaches(const node& from, const node& to) const {
   if (&from == &to) return true;
-  for (auto& e : from.children)
-    if (reaches(*e.child, to)) return true;
+  for (child_edge* e : from.children())
+    if (reaches(*e->child, to)) return true;
   return false;
 }
 
@@ -428,15 +694,15 @@ result<graph::reopen_plan> graph::reopen_prepare(const boost::json::array& list)
   // becoming read-only in the same reopen.
   for (auto& e : plan.entries) {
     if (!e.next.read_only || e.n->settings().read_only) continue;
-    for (auto& u : e.n->users) {
-      if (!writes(u.p.perm)) continue;
-      bool parent_goes_ro = std::any_of(plan.entries.begin(), plan.entries.end(), [&](auto& p) {
-        return p.next.read_only && u.key.rfind("node:" + p.n->name() + "/", 0) == 0;
-      });
-      if (!parent_goes_ro) {
-        reopen_abort(plan);
-        return fail("Cannot make block node read-only, there is a writer on it");
-      }
+    bool root_writes = std::any_of(e.n->roots.begin(), e.n->roots.end(), [](root* r) { return writes(r->perm); });
+    bool parent_writes = std::any_of(e.n->parents.begin(), e.n->parents.end(), [&](child_edge* pe) {
+      if (!writes(pe->perm)) return false;
+      return !std::any_of(plan.entries.begin(), plan.entries.end(),
+                          [&](auto& p) { return p.next.read_only && p.n == pe->parent; });
+    });
+    if (root_writes || parent_writes) {
+      reopen_abort(plan);
+      return fail("Cannot make block node read-only, there is a writer on it");
     }
   }
   return plan;
@@ -476,21 +742,35 @@ result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object
   }
 
   // Children: the same node (an inline one is reopened with what it inherits), another node (the
-  // child is replaced), or an inline definition of the current inline child.
-  std::vector<node::child_edge> children = n.children;
+  // child is replaced), null (a backing file dropped), or an inline definition of the current
+  // inline child. Only the file and backing children can change (QEMU's rule); any other role,
+  // such as a qcow2 data-file, must stay as it is.
+  std::vector<std::pair<child_edge*, node*>> children;  // every slot, with its node after the reopen
   struct inline_reopen {
     node* child;
     boost::json::object options;  // with what it inherits from the new parent options
     boost::json::object given;    // its own options, as the user gave them
   };
   std::vector<inline_reopen> inline_reopens;
-  for (auto& edge : children) {
+  for (auto& sl : n.slots) {
+    child_edge& edge = *sl;
     node* current = edge.child;
+    children.emplace_back(&edge, current);
     auto* v = options.if_contains(edge.role);
-    bool inline_child = !current->monitor_owned;
-    if (!v) {
+    bool inline_child = current && !current->monitor_owned;
+    auto keep_inline = [&] {
       if (inline_child)
         inline_reopens.push_back({current, inherited_options(current->settings().given, options), current->settings().given});
+    };
+    if (!v) {
+      keep_inline();
+      continue;
+    }
+    bool changeable = edge.role == "file" || edge.role == "backing";
+    if (v->is_null()) {
+      if (!current) continue;
+      if (!changeable) return fail("Cannot change the option '" + edge.role + "'");
+      children.back().second = nullptr;
       continue;
     }
     if (v->is_string()) {
@@ -498,13 +778,13 @@ result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object
       node* target = find(ref);
       if (!target) return fail("Cannot find device='' nor node-name='" + ref + "'");
       if (target == current) {
-        if (inline_child)
-          inline_reopens.push_back({current, inherited_options(current->settings().given, options), current->settings().given});
+        keep_inline();
         continue;
       }
+      if (!changeable) return fail("Cannot change the option '" + edge.role + "'");
       if (reaches(*target, n))
         return fail("Making '" + ref + "' a " + edge.role + " child of '" + n.name() + "' would create a cycle");
-      edge.child = target;
+      children.back().second = target;
       continue;
     }
     const auto& dict = v->as_object();
@@ -522,11 +802,17 @@ result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object
   for (auto& kv : options)
     if (!is_common(kv.key()) && !(de && contains(de->child_roles, kv.key()))) own[kv.key()] = kv.value();
   reopen_args a{own, {}, next.read_only, next.direct, next.no_flush};
-  for (auto& edge : children) a.children.emplace_back(edge.role, edge.child);
+  for (auto& [edge, child] : children) a.children.emplace_back(edge->role, child);
   std::vector<std::string> consumed;
   auto st = n.driver().reopen_prepare(a, consumed);
   if (!st) return std::unexpected(st.error());
-  reopen_plan::entry entry{&n, {}, children, std::move(*st)};
+  reopen_plan::entry entry;
+  entry.n = &n;
+  for (auto& [edge, child] : children) {
+    entry.prev_children.emplace_back(edge, edge->child);
+    if (edge->child != child) entry.children.emplace_back(edge, child);
+  }
+  entry.state = std::move(*st);
 
   // Whatever the driver did not take must be as it was.
   auto unchanged = [&](std::string_view k) -> result<void> {
@@ -554,28 +840,87 @@ result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object
   return {};
 }
 
-void graph::reopen_commit(reopen_plan& plan) {
-  std::vector<node*> dropped;
-  for (auto& e : plan.entries) {
-    e.state->commit();
-    for (auto& old : e.n->children) {
-      bool kept = std::any_of(e.children.begin(), e.children.end(),
-                              [&](auto& c) { return c.role == old.role && c.child == old.child; });
-      if (kept) continue;
-      std::erase_if(old.child->users, [&](auto& x) { return x.key == user_key(*e.n, old.role); });
-      dropped.push_back(old.child);
+std::vector<std::pair<node*, node*>> graph::reopen_plan::new_children() const {
+  std::vector<std::pair<node*, node*>> out;
+  for (auto& e : entries)
+    for (auto& [edge, child] : e.children)
+      if (child) out.emplace_back(e.n, child);
+  return out;
+}
+
+namespace {
+// blockdev-reopen as an action. prepare puts the new settings and children in place (the
+// drivers were readied by reopen_prepare); the transaction then takes the permissions of the new
+// state; commit lets the drivers switch and closes inline children nobody holds any more; abort
+// puts everything back.
+class reopen_action final : public action {
+ public:
+  using pending_map = std::unordered_map<const node*, graph::pending_reopen>;
+  reopen_action(graph& g, graph::reopen_plan plan, std::function<void(child_edge&, node*)> link,
+                std::function<void(std::vector<node*>)> collect, pending_map& pending)
+      : g_(g), plan_(std::move(plan)), link_(std::move(link)), collect_(std::move(collect)), pending_(pending) {}
+  ~reopen_action() override {
+    for (auto& e : plan_.entries)
+      if (e.state) e.state->abort();  // never run (the transaction stopped before it)
+  }
+  result<void> prepare() override {
+    for (auto& e : plan_.entries) {
+      perm_seeds.push_back(e.n);
+      for (auto& [edge, child] : e.children) {
+        if (edge->child) {
+          dropped_.push_back(edge->child);
+          perm_seeds.push_back(edge->child);
+        }
+        link_(*edge, child);
+      }
+      // The settings change at commit, after the driver's own commit (a format going read-only
+      // writes its tables back through children that are still writable then); until then the
+      // permissions are computed from the pending state.
+      pending_[e.n] = {e.state.get(), e.next.read_only};
     }
-    e.n->children = e.children;
-    e.n->update_settings(std::move(e.next));
+    return {};
   }
-  // Permissions follow the new flags and edges (file locks included); parents first.
-  for (auto& e : plan.entries) (void)refresh_perms(*e.n);
-  for (node* c : dropped) {
-    if (!find(c->name())) continue;
-    if (!c->monitor_owned && c->users.empty()) destroy(c);  // a replaced inline child goes away
-    else (void)refresh_perms(*c);
+  void commit() override {
+    for (auto& e : plan_.entries) {
+      pending_.erase(e.n);
+      e.state->commit();
+      e.state.reset();
+      e.n->update_settings(std::move(e.next));
+    }
+    collect_(dropped_);  // a replaced inline child goes away
   }
-  plan.entries.clear();
+  void abort() override {
+    for (auto it = plan_.entries.rbegin(); it != plan_.entries.rend(); ++it) {
+      for (auto& [edge, child] : it->prev_children)
+        if (edge->child != child) link_(*edge, child);
+      pending_.erase(it->n);
+      it->state->abort();
+      it->state.reset();
+    }
+  }
+
+ private:
+  graph& g_;
+  graph::reopen_plan plan_;
+  std::function<void(child_edge&, node*)> link_;
+  std::function<void(std::vector<node*>)> collect_;
+  pending_map& pending_;
+  std::vector<node*> dropped_;
+};
+}  // namespace
+
+std::unique_ptr<action> graph::reopen_action(reopen_plan plan) {
+  return std::make_unique<block::reopen_action>(
+      *this, std::move(plan), [this](child_edge& e, node* to) { link(e, to); },
+      [this](std::vector<node*> c) { collect(std::move(c)); }, pending_);
+}
+
+result<void> graph::reopen(const boost::json::array& list) {
+  auto plan = reopen_prepare(list);
+  if (!plan) return std::unexpected(plan.error());
+  std::vector<std::unique_ptr<action>> actions;
+  actions.push_back(reopen_action(std::move(*plan)));
+  return run(std::move(actions));
 }
 
 void graph::reopen_abort(reopen_plan& plan) {
@@ -592,19 +937,17 @@ result<void> graph::set_active(node* n, bool active) {
       if (auto r = activate(*p); !r) return r;
     return {};
   }
-  // Every root (a node no other node uses); inactivating it takes its children along.
-  for (node* p : nodes_newest_first()) {
-    bool root = std::none_of(p->users.begin(), p->users.end(), [](auto& u) { return u.key.rfind("node:", 0) == 0; });
-    if (root)
+  // Every top node (one no other node uses); inactivating it takes its children along.
+  for (node* p : nodes_newest_first())
+    if (p->parents.empty())
       if (auto r = inactivate(*p); !r) return r;
-  }
   return {};
 }
 
 result<void> graph::activate(node& n) {
   if (n.settings().active) return {};
-  for (auto& e : n.children)
-    if (auto r = activate(*e.child); !r) return r;
+  for (child_edge* e : n.children())
+    if (auto r = activate(*e->child); !r) return r;
   node_settings s = n.settings();
   s.active = true;
   n.update_settings(s);
@@ -613,10 +956,9 @@ result<void> graph::activate(node& n) {
     n.update_settings(s);
     return r;
   }
-  if (auto r = refresh_perms(n); !r) {
+  if (auto r = update_perms({&n}); !r) {
     s.active = false;
     n.update_settings(s);
-    (void)refresh_perms(n);
     n.driver().inactivate();
     return r;
   }
@@ -625,28 +967,22 @@ result<void> graph::activate(node& n) {
 
 result<void> graph::inactivate(node& n) {
   if (!n.settings().active) return {};
-  for (auto& u : n.users) {
-    if (u.key.rfind("node:", 0) == 0) {
-      std::string parent = u.key.substr(5, u.key.find('/') - 5);
-      if (node* p = find(parent); p && p->settings().active) return fail("Node has active parent node");
-    } else if (writes(u.p.perm) && !u.p.allows_inactive) {
-      return fail("node '" + n.name() + "' is in use by " + u.p.description + " with write permission; "
+  for (child_edge* e : n.parents)
+    if (e->parent->settings().active) return fail("Node has active parent node");
+  for (root* r : n.roots)
+    if (writes(r->perm) && !r->allows_inactive)
+      return fail("node '" + n.name() + "' is in use by " + r->description + " with write permission; "
                   "remove that user first");
-    }
-  }
   node_settings s = n.settings();
   s.active = false;
   n.update_settings(s);
-  (void)refresh_perms(n);  // drops every permission, so the file locks go
+  (void)update_perms({&n});  // drops every permission, so the file locks go
   n.driver().inactivate();
   // Children nobody active uses any more follow.
-  for (auto& e : n.children) {
-    node& c = *e.child;
-    bool used = std::any_of(c.users.begin(), c.users.end(), [&](auto& u) {
-      if (u.key.rfind("node:", 0) != 0) return true;
-      node* p = find(u.key.substr(5, u.key.find('/') - 5));
-      return p && p->settings().active;
-    });
+  for (child_edge* e : n.children()) {
+    node& c = *e->child;
+    bool used = !c.roots.empty() ||
+                std::any_of(c.parents.begin(), c.parents.end(), [](child_edge* pe) { return pe->parent->settings().active; });
     if (!used)
       if (auto r = inactivate(c); !r) return r;
   }

@@ -5,6 +5,7 @@
 
 #include <time.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -188,6 +189,24 @@ void node::resume() {
   auto held = std::move(held_);
   held_.clear();
   for (auto* r : held) start(*r);
+}
+
+}  // namespace blockd::block
+
+namespace blockd::block {
+
+std::vector<child_edge*> node::children() const {
+  std::vector<child_edge*> out;
+  for (auto& s : slots)
+    if (s->child) out.push_back(s.get());
+  std::stable_sort(out.begin(), out.end(), [](auto* a, auto* b) { return a->attached_seq < b->attached_seq; });
+  return out;
+}
+
+child_edge* node::slot(const std::string& role) const {
+  for (auto& s : slots)
+    if (s->role == role) return s.get();
+  return nullptr;
 }
 
 }  // namespace blockd::block

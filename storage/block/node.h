@@ -11,6 +11,7 @@
 
 #include "storage/block/counter.h"
 #include "storage/block/driver.h"
+#include "storage/block/edge.h"
 #include "storage/block/io_request.h"
 #include "storage/block/perm.h"
 
@@ -83,18 +84,16 @@ class node final : private io_waiter {
   uint64_t write_threshold() const { return write_threshold_.load(std::memory_order_relaxed); }
   std::function<void(uint64_t exceeded, uint64_t threshold)> on_threshold;
 
-  // Graph bookkeeping, owned by the graph (supervisor): children and users with their permissions.
-  struct child_edge {
-    std::string role;
-    node* child;
-    uint32_t perm = 0, shared = perm_all;
-  };
-  std::vector<child_edge> children;
-  struct user {
-    std::string key;  // identifies the user for removal ("node:r0/file", "export:e0", ...)
-    perm_user p;
-  };
-  std::vector<user> users;
+  // Graph bookkeeping, owned by the graph (changed on the supervisor's thread, with the node
+  // quiesced where a driver could see it): one slot per child role of the driver (see edge.h),
+  // the filled slots of parents that hold this node, and the roots (exports, jobs, commands).
+  std::vector<std::unique_ptr<child_edge>> slots;  // in the driver's role order
+  std::vector<child_edge*> parents;
+  std::vector<root*> roots;
+  // The filled slots, in the order they were attached (QEMU's listing reverses it).
+  std::vector<child_edge*> children() const;
+  child_edge* slot(const std::string& role) const;
+  bool has_users() const { return !parents.empty() || !roots.empty(); }
   uint32_t cum_perm = 0, cum_shared = perm_all;
   bool monitor_owned = false;  // added by blockdev-add / --blockdev as a top-level node
 

@@ -10,8 +10,8 @@ namespace blockd::block {
 namespace {
 
 const node* child_of(const node& n, const char* role) {
-  for (auto& e : n.children)
-    if (e.role == role) return e.child;
+  for (const child_edge* e : n.children())
+    if (e->role == role) return e->child;
   return nullptr;
 }
 
@@ -23,10 +23,9 @@ const node* primary_child(const node& n) {
 
 // A node's children in QEMU's bs->children order: each attach inserts at the head, so the newest edge comes
 // first (a qcow2 node lists backing, data-file, file). The graph keeps them in attachment order.
-std::vector<const node::child_edge*> qemu_children(const node& n) {
-  std::vector<const node::child_edge*> out;
-  for (auto it = n.children.rbegin(); it != n.children.rend(); ++it) out.push_back(&*it);
-  return out;
+std::vector<const child_edge*> qemu_children(const node& n) {
+  auto kids = n.children();
+  return std::vector<const child_edge*>(kids.rbegin(), kids.rend());
 }
 
 // QEMU's path_has_protocol: a ':' before any '/'.
@@ -209,13 +208,12 @@ boost::json::object block_graph_dump(const graph& g) {
   // Users that are not nodes (exports, jobs, commands) appear as block backends attached as 'root'.
   for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {
     const node& n = **it;
-    for (auto& u : n.users) {
-      if (u.key.rfind("node:", 0) == 0) continue;
+    for (const root* u : n.roots) {
       uint64_t uid = next++;
       out_nodes.insert(out_nodes.begin(), boost::json::object{{"name", ""}, {"type", "block-backend"}, {"id", uid}});
       boost::json::array perm, shared;
-      for (auto& p : perm_list(u.p.perm)) perm.push_back(boost::json::value(p));
-      for (auto& p : perm_list(u.p.shared)) shared.push_back(boost::json::value(p));
+      for (auto& p : perm_list(u->perm)) perm.push_back(boost::json::value(p));
+      for (auto& p : perm_list(u->shared)) shared.push_back(boost::json::value(p));
       out_edges.insert(out_edges.begin(), boost::json::object{{"name", "root"},
                                                               {"parent", uid},
                                                               {"shared-perm", std::move(shared)},

@@ -169,20 +169,24 @@ class file_driver final : public block_driver {
     return {};
   }
 
-  result<void> set_perm(uint32_t perm, uint32_t shared) override {
+  result<void> check_perm(uint32_t perm, uint32_t shared) override {
     if (!s_.locking) return {};
-    // Check first, then lock: a refused permission leaves the old locks in place.
+    // Only asks: the locks this process holds stay as they are until set_perm.
     for (int i = 0; i < 4; ++i) {
       if ((perm & (1u << i)) && ofd::taken_by_other(fd_, ofd::shared_base + i))
         return lock_error(std::string("Failed to get \"") + ofd::names[i] + "\" lock");
       if (!(shared & (1u << i)) && ofd::taken_by_other(fd_, ofd::perm_base + i))
         return lock_error(std::string("Failed to get shared \"") + ofd::names[i] + "\" lock");
     }
+    return {};
+  }
+
+  void set_perm(uint32_t perm, uint32_t shared) override {
+    if (!s_.locking) return;
     apply_locks(fd_, perm, shared);
     locked_ = true;
     held_perm_ = perm;
     held_shared_ = shared;
-    return {};
   }
 
   // blockdev-reopen. As in QEMU, drop-cache and x-check-cache-dropped may change (the latter may

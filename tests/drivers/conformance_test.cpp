@@ -70,7 +70,7 @@ struct stack {
     EXPECT_NE(e, nullptr) << driver;
     open_args a{opts, {}, loop.env()};
     a.direct = direct;
-    if (child) a.children.emplace_back("file", child);
+    if (child) a.set_child("file", child);
     auto drv = e->open(a);
     EXPECT_TRUE(drv.has_value()) << (drv ? "" : drv.error().desc);
     node_settings s;
@@ -80,6 +80,7 @@ struct stack {
     s.discard_unmap = true;
     s.options = opts;
     nodes.push_back(std::make_unique<node>(std::move(s), std::move(*drv), loop.env()));
+    nodes.back()->slots = std::move(a.edges);  // the driver's child handles point into these
     return nodes.back().get();
   }
   ~stack() {
@@ -601,10 +602,12 @@ TEST(conformance_file, read_only_node_refuses_writes) {
   ro.driver = "raw";
   ro.read_only = true;
   boost::json::object none;
-  open_args a{none, {{"file", f}}, s.loop.env()};
+  open_args a{none, {}, s.loop.env()};
+  a.set_child("file", f);
   auto drv = find_driver("raw")->open(a);
   ASSERT_TRUE(drv);
   node top(ro, std::move(*drv), s.loop.env());
+  top.slots = std::move(a.edges);
   std::vector<char> b(512, 1);
   io_request r;
   r.op = io_op::write;
@@ -942,7 +945,8 @@ TEST(file_reopen, direct_and_read_only_change_the_descriptor_and_keep_the_locks)
   s.path = temp_image(1 << 20, dir);
   node* f = s.open("file", {{"filename", s.path}});
   auto& drv = f->driver();
-  ASSERT_TRUE(drv.set_perm(perm_consistent_read | perm_write, perm_all & ~uint32_t(perm_write)));
+  ASSERT_TRUE(drv.check_perm(perm_consistent_read | perm_write, perm_all & ~uint32_t(perm_write)));
+  drv.set_perm(perm_consistent_read | perm_write, perm_all & ~uint32_t(perm_write));
   ASSERT_TRUE(lock_byte_held(s.path, 201)) << "write is not shared";
   EXPECT_EQ(open_flags_of(s.path) & O_DIRECT, 0);
 

@@ -904,10 +904,9 @@ TEST(qcow2_reopen, read_only_and_back_writes_everything_first) {
   json::object file{{"driver", "file"}, {"filename", img}};
   auto reopen = [&](bool ro) {
     json::array list{json::object{{"driver", "qcow2"}, {"node-name", n->name()}, {"read-only", ro},
-                                  {"file", n->children[0].child->name()}}};
-    auto plan = k.g.reopen_prepare(list);
-    ASSERT_TRUE(plan.has_value()) << plan.error().desc;
-    k.g.reopen_commit(*plan);
+                                  {"file", n->children()[0]->child->name()}}};
+    auto r = k.g.reopen(list);
+    ASSERT_TRUE(r.has_value()) << r.error().desc;
   };
   reopen(true);
   // Nothing is cached any more and the dirty mark is gone: another reader sees a clean image.
