@@ -16,6 +16,7 @@
 #include "actors/supervisor/supervisor.h"
 #include "config/chardev_spec.h"
 #include "config/command_line.h"
+#include "config/inherited_fds.h"
 #include "config/help_text.h"
 #include "config/keyval.h"
 #include "config/object_help.h"
@@ -207,6 +208,7 @@ void print_item_error(const cli_item& item, const error& e) {
 
 int main(int argc, char** argv) {
   using namespace blockd;
+  capture_inherited_fds();  // before anything of blockd's own is open
   auto plan = parse_command_line(argc, argv);
   if (!plan) {
     std::fputs((plan.error().message + "\n").c_str(), stderr);

@@ -1,5 +1,6 @@
 // NBD listener: socket set-up from a SocketAddress, accept loop, handshake timeouts, hand-off to the export's home; main iothread only.
 #include "actors/export/nbd_server.h"
+#include "config/inherited_fds.h"
 
 #include <fcntl.h>
 #include <netdb.h>
@@ -405,11 +406,11 @@ result<std::unique_ptr<nbd_server>> nbd_server::start(iothread& main, nbd_server
     srv->listen_fd_ = *fd;
   } else if (type == "fd") {
     std::string str = str_of(a, "str");
-    bool digits = !str.empty() && std::all_of(str.begin(), str.end(), [](char c) { return c >= '0' && c <= '9'; });
-    if (!digits)
-      return fail("No file descriptor named " + str +
-                  " found (blockd takes listening sockets by number only: pass the descriptor number)");
-    int fd = ::fcntl(std::stoi(str), F_DUPFD_CLOEXEC, 3);
+    // Only a descriptor inherited at start-up may be named: a number chosen over QMP must never
+    // let blockd take over one of its own sockets.
+    auto inherited = take_inherited_fd(str);
+    if (!inherited) return std::unexpected(inherited.error());
+    int fd = ::fcntl(*inherited, F_DUPFD_CLOEXEC, 3);
     if (fd < 0) return fail("Invalid file descriptor number '" + str + "'");
     int acc = 0;
     socklen_t l = sizeof acc;

@@ -100,6 +100,12 @@ bool supervisor_actor::export_command(const std::string& name, const boost::json
 }
 
 void supervisor_actor::nbd_server_start(const boost::json::object& args, reply_fn reply) {
+  // Over QMP, as in QSD, no descriptor is taken by number (QEMU's fd passing is not available);
+  // command-line items may name descriptors blockd inherited (see inherited_fds.h).
+  if (!starting_)
+    if (auto* addr = args.if_contains("addr"); addr && addr->is_object())
+      if (auto* t = addr->as_object().if_contains("type"); t && t->is_string() && t->as_string() == "fd")
+        return reply(command_outcome::failure(error("only QEMU supports file descriptor passing")));
   if (nbd_) return reply(command_outcome::failure(error("NBD server already running")));
   std::string s;
   nbd_server::hooks h;

@@ -142,11 +142,23 @@ void supervisor_actor::pump() {
     queue_.pop_front();
     busy_ = true;
     auto rp = p.rp;
-    run_command(p.name, p.args, [this, rp](command_outcome o) mutable {
+    auto done = std::make_shared<bool>(false);
+    reply_fn reply = [this, rp, done](command_outcome o) mutable {
+      if (*done) return;
+      *done = true;
       rp.deliver(std::move(o));
       busy_ = false;
       pump();
-    });
+    };
+    // No handler may take the daemon down: a failure thrown inside a command ends as its error
+    // reply, and the supervisor goes on with the next command.
+    try {
+      run_command(p.name, p.args, reply);
+    } catch (const std::exception& ex) {
+      reply(command_outcome::failure(error("internal error in '" + p.name + "': " + ex.what())));
+    } catch (...) {
+      reply(command_outcome::failure(error("internal error in '" + p.name + "'")));
+    }
   }
   pumping_ = false;
 }

@@ -110,6 +110,10 @@ class checked_driver final : public block_driver, private io_waiter {
       bool done = false;
       void commit() override { finish("reopen commit", true); }
       void abort() override { finish("reopen abort", false); }
+      void child_perm(const block_driver&, const std::string& role, bool read_only, uint32_t node_perm,
+                      uint32_t node_shared, uint32_t& perm, uint32_t& shared) const override {
+        inner->child_perm(*d->inner_, role, read_only, node_perm, node_shared, perm, shared);
+      }
       void finish(const char* what, bool commit) {
         if (done) d->fail(std::string(what) + " after the reopen was already committed or aborted");
         done = true;

@@ -57,9 +57,15 @@ bool node_name_valid(const std::string& name) {
 graph::graph(std::function<driver_env()> env_for_new_node) : env_for_new_node_(std::move(env_for_new_node)) {}
 
 graph::~graph() {
-  // Parents first, so no node is destroyed while a parent still points at it.
-  by_name_.clear();
-  while (!nodes_.empty()) nodes_.pop_back();
+  // Parents first, so no node is destroyed while a parent still points at it. Creation order is
+  // not enough: a reopen may have given an old node a newer child.
+  while (!nodes_.empty()) {
+    node* top = nullptr;
+    for (auto it = nodes_.rbegin(); it != nodes_.rend() && !top; ++it)
+      if ((*it)->parents.empty()) top = it->get();
+    if (!top) top = nodes_.back().get();  // cannot happen: the graph has no cycles
+    destroy(top);
+  }
 }
 
 std::vector<node*> graph::referenced_nodes(const boost::json::object& options) const {

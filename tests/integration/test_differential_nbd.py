@@ -109,7 +109,7 @@ def main():
     a = ap.parse_args()
     if not shutil.which(a.qsd):
         print("SKIP: no qemu-storage-daemon")
-        return 0
+        return 77  # ctest: skipped (SKIP_RETURN_CODE)
     t1, t2 = tempfile.mkdtemp(prefix="nbd-qsd-"), tempfile.mkdtemp(prefix="nbd-blockd-")
     try:
         want = collect(a.qsd, t1)
@@ -118,6 +118,10 @@ def main():
         shutil.rmtree(t1, ignore_errors=True)
         shutil.rmtree(t2, ignore_errors=True)
     failed = 0
+    if len(want) != len(got) or [n for n, _ in want] != [n for n, _ in got]:
+        # A missing or extra entry on one side is a failure, never a silent pass.
+        failed += 1
+        print("FAIL entry lists differ\n   qsd:   ", [n for n, _ in want], "\n   blockd:", [n for n, _ in got])
     for (n1, w), (n2, g) in zip(want, got):
         if w != g:
             failed += 1
