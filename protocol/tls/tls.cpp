@@ -306,7 +306,8 @@ result<std::shared_ptr<credentials>> credentials::load(const creds_options& o) {
   rc = gnutls_certificate_set_x509_trust_file(x, cacert.c_str(), GNUTLS_X509_FMT_PEM);
   if (rc < 0) return fail("Cannot load CA certificate '" + cacert + "': " + gerr(rc));
   if (!cert.empty() && !key.empty()) {
-    rc = gnutls_certificate_set_x509_key_file2(x, cert.c_str(), key.c_str(), GNUTLS_X509_FMT_PEM, nullptr, 0);
+    rc = gnutls_certificate_set_x509_key_file2(x, cert.c_str(), key.c_str(), GNUTLS_X509_FMT_PEM,
+                                               o.key_password ? o.key_password->c_str() : nullptr, 0);
     if (rc < 0) return fail("Cannot load certificate '" + cert + "' & key '" + key + "': " + gerr(rc));
   }
   if (!cacrl.empty()) {

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,8 @@ struct creds_options {
   std::string priority;       // empty: QEMU's default "NORMAL"
   bool sanity_check = true;   // x509 only
   std::string username;       // psk only
+  // x509 only: the password of an encrypted (PKCS#8) private key, from the passwordid secret.
+  std::optional<std::string> key_password;
 };
 
 // Loaded credentials, immutable once made: sessions on any thread share them (gnutls allows
@@ -116,6 +119,7 @@ struct authz_rule {
   std::string match;
   bool allow = false;
   bool glob = false;
+  bool format_given = false;  // qom-get of authz-list rules shows "format" only when it was set
 };
 struct authz_policy {
   std::vector<authz_rule> rules;

@@ -1,0 +1,48 @@
+// iothread and main-loop objects: their tunables with QSD's checks, and the hooks the supervisor's factories fill; plain C++, the model's thread.
+#pragma once
+#include "config/qom/object.h"
+
+namespace blockd::qom {
+
+// The same tunables as iothread_params (actors/runtime/iothread.h), kept here without CAF.
+struct event_loop_params {
+  int64_t poll_max_ns = 32768;
+  int64_t poll_grow = 0;
+  int64_t poll_shrink = 0;
+  int64_t aio_max_batch = 0;
+  int64_t thread_pool_min = 0;
+  int64_t thread_pool_max = 64;
+};
+
+// An iothread or the main-loop object. Without an installed factory the model makes this plain
+// object, which records the tunables (unit tests, --object help). The supervisor installs
+// factories (type_registry::install_factory) that return a subclass: it starts the thread in
+// complete(), applies changed tunables in params_changed(), and moves nodes away before
+// finish_delete (see model::prepare_delete).
+class event_loop_object : public object {
+ public:
+  explicit event_loop_object(bool is_main_loop, event_loop_params p) : main_(is_main_loop), p_(p) {}
+  // The setter phase of object-add for either type ("X value must be in range [0, ...]").
+  static result<event_loop_params> parse(bool is_main_loop, const boost::json::object& props);
+  // The default factories (no thread), and the registrations.
+  static factory plain_factory(bool is_main_loop);
+
+  const event_loop_params& params() const { return p_; }
+  bool is_main_loop() const { return main_; }
+
+  result<boost::json::value> get(const std::string& prop) const override;
+  result<void> set(const std::string& prop, const boost::json::value& v) override;
+  // Checks thread-pool-min/max and the main-loop singleton; subclasses call it first.
+  result<void> complete(model& m) override;
+  result<void> can_delete() const override;
+
+ protected:
+  // After a successful qom-set: the running loop may pick the new values up.
+  virtual void params_changed() {}
+
+ private:
+  bool main_;
+  event_loop_params p_;
+};
+
+}  // namespace blockd::qom
