@@ -1,5 +1,6 @@
 // An iothread: one OS thread = one reactor (io_uring) = one CAF execution unit; created by the supervisor, runs itself.
 #pragma once
+#include "config/objects/event_loop.h"
 #include <caf/actor_system.hpp>
 #include <caf/execution_unit.hpp>
 #include <caf/resumable.hpp>
@@ -21,14 +22,7 @@ namespace blockd {
 // The tunables QSD accepts for an iothread object. blockd's loop does not busy-poll, so the poll-*
 // values are recorded and reported but change nothing; so is aio-max-batch (the reactor already
 // submits once per loop turn, and QEMU uses it only for Linux AIO).
-struct iothread_params {
-  int64_t poll_max_ns = 32768;
-  int64_t poll_grow = 0;
-  int64_t poll_shrink = 0;
-  int64_t aio_max_batch = 0;
-  int64_t thread_pool_min = 0;
-  int64_t thread_pool_max = 64;
-};
+using iothread_params = qom::event_loop_params;  // one definition, shared with the QOM object
 
 class iothread final : public caf::execution_unit {
  public:

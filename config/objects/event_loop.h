@@ -4,7 +4,7 @@
 
 namespace blockd::qom {
 
-// The same tunables as iothread_params (actors/runtime/iothread.h), kept here without CAF.
+// The tunables of an event loop (actors/runtime/iothread.h uses this as iothread_params).
 struct event_loop_params {
   int64_t poll_max_ns = 32768;
   int64_t poll_grow = 0;
