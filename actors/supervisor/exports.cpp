@@ -54,49 +54,49 @@ supervisor_actor::export_entry* supervisor_actor::find_export(const std::string&
   return nullptr;
 }
 
-bool supervisor_actor::export_command(const std::string& name, const boost::json::object& args, reply_fn& reply) {
-  std::string s;
-  if (name == "nbd-server-start") {
-    nbd_server_start(args, std::move(reply));
-  } else if (name == "nbd-server-stop") {
-    nbd_server_stop(std::move(reply));
-  } else if (name == "block-export-add") {
-    block_export_add_async(args, std::move(reply));
-  } else if (name == "block-export-del" || name == "nbd-server-remove") {
-    std::string id(args.at(name == "block-export-del" ? "id" : "name").as_string());
-    std::string mode = str_arg(args, "mode", s) ? s : "safe";
-    if (name == "nbd-server-remove") {
-      // Every blockd export is an NBD export; the check stays for when other types exist.
-      if (auto* e = find_export(id); e && e->view.name.empty())
-        return reply(command_outcome::failure(error("Block export '" + id + "' is not an NBD export"))), true;
-    }
+void supervisor_actor::register_export_commands() {
+  using args_t = boost::json::object;
+  commands_.add("nbd-server-start", [this](args_t& a, reply_fn r) { nbd_server_start(a, std::move(r)); });
+  commands_.add("nbd-server-stop", [this](args_t&, reply_fn r) { nbd_server_stop(std::move(r)); });
+  commands_.add("block-export-add", [this](args_t& a, reply_fn r) { block_export_add_async(a, std::move(r)); });
+  commands_.add("block-export-del", [this](args_t& a, reply_fn reply) {
+    std::string s;
+    std::string mode = str_arg(a, "mode", s) ? s : "safe";
+    block_export_del(std::string(a.at("id").as_string()), mode, std::move(reply));
+  });
+  commands_.add("nbd-server-remove", [this](args_t& a, reply_fn reply) {
+    std::string s;
+    std::string id(a.at("name").as_string());
+    std::string mode = str_arg(a, "mode", s) ? s : "safe";
+    // Every blockd export is an NBD export; the check stays for when other types exist.
+    if (auto* e = find_export(id); e && e->view.name.empty())
+      return reply(command_outcome::failure(error("Block export '" + id + "' is not an NBD export")));
     block_export_del(id, mode, std::move(reply));
-  } else if (name == "nbd-server-add") {
+  });
+  commands_.add("nbd-server-add", [this](args_t& a, reply_fn reply) {
     // The deprecated form: the export id and name default to the device, looked up as QEMU does.
-    std::string device(args.at("device").as_string());
+    std::string s;
+    std::string device(a.at("device").as_string());
     if (!graph_->find(device))
-      return reply(command_outcome::failure(
-                 error("Cannot find device='" + device + "' nor node-name='" + device + "'"))),
-             true;
-    if (!nbd_) return reply(command_outcome::failure(error("NBD server not running"))), true;
+      return reply(
+          command_outcome::failure(error("Cannot find device='" + device + "' nor node-name='" + device + "'")));
+    if (!nbd_) return reply(command_outcome::failure(error("NBD server not running")));
     boost::json::object o{{"type", "nbd"}, {"node-name", device}};
-    std::string n = str_arg(args, "name", s) ? s : device;
+    std::string n = str_arg(a, "name", s) ? s : device;
     o["id"] = n;
     o["name"] = n;
-    if (auto* d = args.if_contains("description")) o["description"] = *d;
-    if (auto* w = args.if_contains("writable")) o["writable"] = *w;
-    if (auto* b = args.if_contains("bitmap")) o["bitmaps"] = boost::json::array{*b};
+    if (auto* d = a.if_contains("description")) o["description"] = *d;
+    if (auto* w = a.if_contains("writable")) o["writable"] = *w;
+    if (auto* b = a.if_contains("bitmap")) o["bitmaps"] = boost::json::array{*b};
     reply(block_export_add(o));
-  } else if (name == "query-block-exports") {
+  });
+  commands_.add_now("query-block-exports", [this](args_t&) {
     boost::json::array out;
     for (auto& e : exports_)
       out.push_back(boost::json::object{
           {"id", e.id}, {"type", "nbd"}, {"node-name", e.node_name}, {"shutting-down", e.shutting_down}});
-    reply(command_outcome::success(std::move(out)));
-  } else {
-    return false;
-  }
-  return true;
+    return command_outcome::success(std::move(out));
+  });
 }
 
 void supervisor_actor::nbd_server_start(const boost::json::object& args, reply_fn reply) {

@@ -52,38 +52,24 @@ supervisor_actor::job_entry* supervisor_actor::find_job(const std::string& id) {
   return nullptr;
 }
 
-bool supervisor_actor::job_command(const std::string& name, const boost::json::object& args, reply_fn& reply) {
+void supervisor_actor::register_job_commands() {
   static const char* verbs[][2] = {{"job-pause", "pause"},       {"job-resume", "resume"},
                                    {"job-cancel", "cancel"},     {"job-complete", "complete"},
                                    {"job-dismiss", "dismiss"},   {"job-finalize", "finalize"}};
-  for (auto& [cmd, verb] : verbs) {
-    if (name != cmd) continue;
-    std::string id(args.at("id").as_string());
-    auto* j = find_job(id);
-    if (!j) {
-      reply(command_outcome::failure(error("Job not found")));
-      return true;
-    }
-    // job-cancel is always a force cancel (QEMU's qmp_job_cancel).
-    request(j->actor, caf::infinite, job_verb_atom::value, std::string(verb), true)
-        .then([reply](const command_outcome& out) { reply(out); },
-              // The job left between the lookup and the request: it is null, i.e. not found.
-              [reply](const caf::error&) { reply(command_outcome::failure(error("Job not found"))); });
-    return true;
-  }
-  if (name == "query-jobs") {
-    query_jobs(std::move(reply));
-    return true;
-  }
-  if (name == "blockdev-create") {
-    blockdev_create(args, std::move(reply));
-    return true;
-  }
-  if (name == "x-blockdev-amend") {
-    blockdev_amend(args, std::move(reply));
-    return true;
-  }
-  return false;
+  for (auto& [cmd, verb] : verbs)
+    commands_.add(cmd, [this, verb = std::string(verb)](boost::json::object& args, reply_fn reply) {
+      std::string id(args.at("id").as_string());
+      auto* j = find_job(id);
+      if (!j) return reply(command_outcome::failure(error("Job not found")));
+      // job-cancel is always a force cancel (QEMU's qmp_job_cancel).
+      request(j->actor, caf::infinite, job_verb_atom::value, verb, true)
+          .then([reply](const command_outcome& out) { reply(out); },
+                // The job left between the lookup and the request: it is null, i.e. not found.
+                [reply](const caf::error&) { reply(command_outcome::failure(error("Job not found"))); });
+    });
+  commands_.add("query-jobs", [this](boost::json::object&, reply_fn r) { query_jobs(std::move(r)); });
+  commands_.add("blockdev-create", [this](boost::json::object& a, reply_fn r) { blockdev_create(a, std::move(r)); });
+  commands_.add("x-blockdev-amend", [this](boost::json::object& a, reply_fn r) { blockdev_amend(a, std::move(r)); });
 }
 
 void supervisor_actor::start_job(job::options o, std::shared_ptr<job_runner> runner,

@@ -16,6 +16,7 @@
 #include "actors/messages.h"
 #include "actors/monitor/chardev.h"
 #include "actors/runtime/iothread.h"
+#include "actors/supervisor/command_table.h"
 #include "storage/block/graph.h"
 
 namespace blockd {
@@ -49,7 +50,6 @@ class supervisor_actor : public caf::event_based_actor {
     std::shared_ptr<const tls::authz_policy> authz;  // authz-simple, authz-list
   };
 
-  using reply_fn = std::function<void(command_outcome)>;
 
   // Commands run one at a time, in arrival order across monitors: a command that waits (for nodes
   // to drain) holds the next one back, so no change ever sees a graph another change left halfway.
@@ -64,6 +64,13 @@ class supervisor_actor : public caf::event_based_actor {
   bool jobs_hold_queue_ = true;
   void pump();
   void run_command(const std::string& name, boost::json::object& args, reply_fn reply);
+  // The command table, filled once by each responsibility's register_* (one file each).
+  command_table commands_;
+  void register_commands();
+  void register_block_commands();   // block_commands.cpp
+  void register_job_commands();     // jobs.cpp
+  void register_export_commands();  // exports.cpp
+  void register_object_commands();  // objects.cpp
   command_outcome blockdev_add(const boost::json::object& args);
   void blockdev_add_async(const boost::json::object& args, reply_fn reply);
   void blockdev_del(const std::string& name, reply_fn reply);
@@ -96,8 +103,6 @@ class supervisor_actor : public caf::event_based_actor {
   };
   std::deque<job_entry> jobs_;  // newest first, as query-jobs lists them
   unsigned job_node_counter_ = 0;
-  // Dispatches the job commands; false when `name` is none of them.
-  bool job_command(const std::string& name, const boost::json::object& args, reply_fn& reply);
   job_entry* find_job(const std::string& id);
   // Registers and starts a job; `hold` takes the job's nodes first (so they are held when the command
   // returns, as in QEMU, where the job takes them before its first yield).
@@ -144,8 +149,6 @@ class supervisor_actor : public caf::event_based_actor {
   export_catalog catalog_;
   std::unique_ptr<nbd_server> nbd_;
   uint64_t nbd_client_counter_ = 0;
-  // Dispatches the export commands; false when `name` is none of them.
-  bool export_command(const std::string& name, const boost::json::object& args, reply_fn& reply);
   void nbd_server_start(const boost::json::object& args, reply_fn reply);
   void nbd_server_stop(reply_fn reply);
   command_outcome block_export_add(const boost::json::object& args);

@@ -1,0 +1,147 @@
+// Placement: every node's home iothread, moving components between iothreads, quiescing nodes, one node actor per node; main iothread only.
+#include <caf/all.hpp>
+
+#include <algorithm>
+#include <future>
+#include <unordered_set>
+
+#include "actors/node/node_actor.h"
+#include "actors/runtime/pinned.h"
+#include "actors/supervisor/supervisor.h"
+
+namespace blockd {
+
+// ---- placement ------------------------------------------------------------------------------
+//
+// Every node has a home iothread and a connected component (a node, its children and parents,
+// transitively) shares one, so a request never crosses threads inside the graph. Control calls
+// from the supervisor reach a node's driver either with the node quiesced (nothing in the driver,
+// new requests held; the quiesce reply and the resume message order them against the home's data
+// path) or only touch what the data path does not (file locks, counters read as relaxed atomics).
+
+iothread* supervisor_actor::home_of(const block::node* n) const {
+  auto it = homes_.find(n);
+  return it == homes_.end() ? home_ : it->second;
+}
+
+block::driver_env supervisor_actor::env_for(iothread* t) const {
+  block::driver_env e{&t->reactor(), [t](std::function<void()> fn) { t->post(std::move(fn)); },
+                      [t] { return t->is_current(); },
+                      [t](block::driver_env::start_fn start) { return t->block_on(start); }};
+  // Drivers emit from their iothread: the event goes to the bus as a message to this actor.
+  caf::actor self = caf::actor_cast<caf::actor>(const_cast<supervisor_actor*>(this));
+  e.emit = [self](std::string name, boost::json::object data) {
+    caf::anon_send(self, event_atom::value, std::move(name), json_args{std::move(data)});
+  };
+  return e;
+}
+
+std::vector<block::node*> supervisor_actor::components(const std::vector<block::node*>& seeds) const {
+  std::vector<block::node*> out;
+  std::unordered_set<const block::node*> seen;
+  std::vector<block::node*> pending(seeds.begin(), seeds.end());
+  while (!pending.empty()) {
+    block::node* n = pending.back();
+    pending.pop_back();
+    if (!seen.insert(n).second) continue;
+    out.push_back(n);
+    for (block::child_edge* e : n->children()) pending.push_back(e->child);
+    for (block::child_edge* e : n->parents) pending.push_back(e->parent);
+  }
+  return out;
+}
+
+void supervisor_actor::rehome(const std::vector<block::node*>& nodes, iothread* to) {
+  for (block::node* n : nodes) {
+    if (home_of(n) == to) continue;
+    n->rehome(env_for(to));
+    homes_[n] = to;
+  }
+}
+
+void supervisor_actor::move_components(const std::vector<block::node*>& seeds, iothread* to,
+                                       std::function<command_outcome()> then, reply_fn reply) {
+  auto nodes = components(seeds);
+  bool there = std::all_of(nodes.begin(), nodes.end(), [&](const block::node* n) { return home_of(n) == to; });
+  if (there) return reply(then());
+  // An export created with fixed-iothread holds its node (QEMU's text).
+  if (pinning_export(nodes)) return reply(command_outcome::failure(error("Cannot change iothread of active block backend")));
+  // Exported nodes take their NBD clients along (QEMU moves an export with its node).
+  park_clients(nodes, [this, nodes, to, then, reply = std::move(reply)]() mutable {
+    with_quiesced(
+        nodes,
+        [this, nodes, to, then] {
+          rehome(nodes, to);
+          return then();
+        },
+        [this, reply = std::move(reply)](command_outcome o) mutable {
+          unpark_clients();
+          reply(std::move(o));
+        });
+  });
+}
+
+void supervisor_actor::sync_node_actors() {
+  // Stale actors go first: those of deleted nodes and of nodes that moved. An actor is stopped on
+  // its old loop; before this returns, every other loop that stopped one has run past the stop, so
+  // the caller may delete that iothread right after.
+  std::vector<iothread*> stopped_on;
+  for (auto it = node_actors_.begin(); it != node_actors_.end();) {
+    block::node* n = graph_ ? graph_->find(it->first) : nullptr;
+    if (n == it->second.n && home_of(n) == it->second.home) {
+      ++it;
+      continue;
+    }
+    send_exit(it->second.actor, caf::exit_reason::user_shutdown);
+    if (it->second.home != home_ &&
+        std::find(stopped_on.begin(), stopped_on.end(), it->second.home) == stopped_on.end())
+      stopped_on.push_back(it->second.home);
+    it = node_actors_.erase(it);
+  }
+  for (iothread* t : stopped_on) {
+    // The stop was queued before this barrier, and a loop runs its actors before posted functions.
+    std::promise<void> passed;
+    t->post([&passed] { passed.set_value(); });
+    passed.get_future().wait();
+  }
+  // Homes of nodes that are gone (a later node may get the same address).
+  std::unordered_set<const block::node*> live;
+  if (graph_)
+    for (block::node* n : graph_->nodes_newest_first()) live.insert(n);
+  for (auto it = homes_.begin(); it != homes_.end();) it = live.count(it->first) ? std::next(it) : homes_.erase(it);
+  if (!graph_) return;
+  for (block::node* n : graph_->nodes_newest_first())
+    if (!node_actors_.count(n->name())) {
+      iothread* h = home_of(n);
+      node_actors_.emplace(n->name(), node_entry{n, h, spawn_pinned<node_actor>(h->system(), *h, n)});
+    }
+}
+
+// ---- block graph commands -------------------------------------------------------------------
+
+void supervisor_actor::with_quiesced(std::vector<block::node*> nodes, std::function<command_outcome()> fn,
+                                     reply_fn reply) {
+  std::vector<std::string> names;
+  for (auto* n : nodes) names.push_back(n->name());
+  auto run = std::make_shared<std::function<void()>>([this, names, fn = std::move(fn), reply = std::move(reply)] {
+    if (!graph_) return reply(command_outcome::failure(error("blockd is shutting down")));
+    // All drained: run the change, put the actors where their nodes now live, let held requests go
+    // (a node may be gone after a delete).
+    command_outcome out = fn();
+    sync_node_actors();
+    for (auto& name : names)
+      if (auto it = node_actors_.find(name); it != node_actors_.end()) send(it->second.actor, resume_atom::value);
+    reply(std::move(out));
+  });
+  if (nodes.empty()) return (*run)();
+  // Quiescing goes through each node's actor, so it works wherever the node lives.
+  auto left = std::make_shared<size_t>(nodes.size());
+  auto one_done = [left, run] {
+    if (--*left == 0) (*run)();
+  };
+  for (auto* n : nodes)
+    request(node_actors_.at(n->name()).actor, caf::infinite, quiesce_atom::value)
+        .then([one_done](bool) { one_done(); }, [one_done](const caf::error&) { one_done(); });
+}
+
+}  // namespace blockd
