@@ -48,6 +48,10 @@ using io_atom = caf::atom_constant<caf::atom("io")>;              // completion 
 using start_atom = caf::atom_constant<caf::atom("start")>;
 using next_atom = caf::atom_constant<caf::atom("next")>;
 using retry_atom = caf::atom_constant<caf::atom("retry")>;
+using chr_event_atom = caf::atom_constant<caf::atom("chrevent")>;  // chardev -> its monitor: open/close/break
+using chr_input_atom = caf::atom_constant<caf::atom("chrinput")>;  // chardev -> its monitor: bytes read
+using chr_ready_atom = caf::atom_constant<caf::atom("chrready")>;  // chardev -> supervisor: open finished
+using flushed_atom = caf::atom_constant<caf::atom("flushed")>;     // chardev -> monitor: output went out
 
 }  // namespace blockd
 

@@ -137,12 +137,15 @@ item_outcome apply_chardev(caf::scoped_actor& self, const caf::actor& sup, const
   }
   for (auto& w : opts->warnings) warn(w);
   if (opts->help) {
-    std::string text = "Available chardev backend types:\n";
-    for (auto& b : chardev_backends_supported()) text += "  " + b + "\n";
+    // QSD's header ends in a space.
+    std::string text = "Available chardev backend types: \n";
+    for (auto& b : chardev_backends_help_order()) text += "  " + b + "\n";
     std::fputs(text.c_str(), stdout);
     return {true, std::nullopt};
   }
-  auto spec = chardev_spec_from_options(opts->options);
+  std::vector<std::string> notes;
+  auto spec = chardev_spec_from_options(opts->options, &notes);
+  for (auto& w : notes) warn(w);
   if (!spec) return {false, spec.error()};
   return {false, ask(self, sup, caf::make_message(chardev_atom::value, *spec, prefix))};
 }

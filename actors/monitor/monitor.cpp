@@ -30,81 +30,89 @@ boost::json::object version_info() {
 
 }  // namespace
 
-void monitor_actor::io_op::complete(int res) {
-  caf::actor o = std::move(owner);
-  owner = nullptr;
-  caf::anon_send(o, io_atom::value, which, gen, res);
+void monitor_port::chr_event(chr::event e) {
+  if (!started) return;
+  if (auto a = caf::actor_cast<caf::actor>(self)) caf::anon_send(a, chr_event_atom::value, static_cast<int>(e));
 }
 
-monitor_actor::monitor_actor(caf::actor_config& cfg, iothread* home, caf::actor supervisor, chardev* dev,
+void monitor_port::chr_read(std::string_view bytes) {
+  if (auto a = caf::actor_cast<caf::actor>(self)) caf::anon_send(a, chr_input_atom::value, std::string(bytes));
+}
+
+monitor_actor::monitor_actor(caf::actor_config& cfg, iothread* home, caf::actor supervisor,
+                             std::shared_ptr<chr::chardev> dev, std::shared_ptr<monitor_port> port,
                              monitor_options opts)
     : caf::event_based_actor(cfg),
       home_(home),
       supervisor_(std::move(supervisor)),
-      dev_(dev),
+      dev_(std::move(dev)),
+      port_(std::move(port)),
       opts_(std::move(opts)),
-      parser_([this](qmp::json_result&& r) { on_value(std::move(r)); }) {
-  recv_op_.which = tag_recv;
-  send_op_.which = tag_send;
-  accept_op_.which = tag_accept;
-  timer_op_.which = tag_timer;
+      parser_([this](qmp::json_result&& r) { on_value(std::move(r)); }) {}
+
+monitor_actor::~monitor_actor() {
+  if (attached_) dev_->detach(port_.get());
 }
 
 caf::actor monitor_actor::self_handle() { return caf::actor_cast<caf::actor>(this); }
 
 caf::behavior monitor_actor::make_behavior() {
   send(supervisor_, subscribe_atom::value, self_handle());
-  // start_atom comes from the supervisor once the command line is applied.
+  port_->self = caf::actor_cast<caf::weak_actor_ptr>(this);
+  // start_atom comes from the supervisor once the command line is applied: only then does the
+  // monitor serve, greeting at once if its backend is open (QEMU's OPENED on attach).
   return {
       [this](start_atom) {
-        if (dev_->connected())
+        if (port_->started || shutting_down_) return;
+        port_->started = true;
+        if (dev_->be_open())
           open_connection();
         else
-          wait_for_client();
+          update_room();
       },
-      [this](io_atom, int which, uint64_t gen, int res) { on_io(which, gen, res); },
+      [this](chr_event_atom, int e) { on_event(static_cast<chr::event>(e)); },
+      [this](chr_input_atom, const std::string& bytes) {
+        if (open_ && !shutting_down_) on_bytes(bytes.data(), bytes.size());
+      },
       [this](next_atom) { pump(); },
       [this](event_atom, const qmp_event& ev) {
         // Events reach only connections that finished negotiation; nothing is kept for later.
-        if (!open_ || closing_ || !negotiated_) return;
+        if (!open_ || !negotiated_) return;
         write_message(qmp::make_event(ev.name, ev.data, ev.seconds, ev.microseconds));
       },
       [this](close_atom) -> caf::result<bool> {
         shutting_down_ = true;
         close_promise_ = make_response_promise();
         auto rp = *close_promise_;
-        if (timer_busy_) home_->reactor().cancel(&timer_op_);
-        if (accept_busy_) home_->reactor().cancel(&accept_op_);
-        if (open_)
-          begin_close();
-        else
-          maybe_finish_close();
+        // The replies already written (quit's among them) go out before the monitor lets go.
+        auto me = caf::actor_cast<caf::weak_actor_ptr>(this);
+        dev_->flush([me] {
+          if (auto a = caf::actor_cast<caf::actor>(me)) caf::anon_send(a, flushed_atom::value);
+        });
         return rp;
+      },
+      [this](flushed_atom) {
+        if (!close_promise_) return;
+        if (attached_) dev_->detach(port_.get());
+        attached_ = false;
+        open_ = false;
+        close_promise_->deliver(true);
+        close_promise_.reset();
+        send(supervisor_, unsubscribe_atom::value, self_handle());
+        quit();
       },
   };
 }
 
-void monitor_actor::wait_for_client() {
+void monitor_actor::on_event(chr::event e) {
   if (shutting_down_) return;
-  switch (dev_->type()) {
-    case chardev::kind::socket_server:
-      if (!accept_busy_) {
-        accept_busy_ = true;
-        accept_op_.owner = self_handle();
-        accept_op_.gen = gen_;
-        home_->reactor().accept(dev_->listen_fd(), &accept_op_);
-      }
-      break;
-    case chardev::kind::socket_client:
-      if (dev_->spec().reconnect_ms > 0 && !timer_busy_) {
-        timer_busy_ = true;
-        timer_op_.owner = self_handle();
-        timer_op_.gen = gen_;
-        home_->reactor().timeout(static_cast<uint64_t>(dev_->spec().reconnect_ms) * 1000000u, &timer_op_);
-      }
-      break;
-    case chardev::kind::stdio:
-    case chardev::kind::null: break;  // stdio never comes back after EOF; null never opens
+  switch (e) {
+    case chr::event::opened: open_connection(); break;
+    case chr::event::closed: close_connection(); break;
+    // QMP monitors ignore breaks and mux focus changes, as QEMU's do.
+    case chr::event::brk:
+    case chr::event::mux_in:
+    case chr::event::mux_out: break;
   }
 }
 
@@ -112,100 +120,37 @@ void monitor_actor::open_connection() {
   trace::emit(trace::point::monitor_connect, "mon=" + dev_->id() + " connected");
   ++gen_;
   open_ = true;
-  closing_ = false;
   negotiated_ = false;
   oob_enabled_ = false;
   executing_ = false;
   queue_.clear();
   parser_.reset();
   unparsed_.clear();
-  out_.clear();
-  sending_.clear();
   boost::json::object greeting;
   boost::json::object qmp;
   qmp["version"] = version_info();
   qmp["capabilities"] = boost::json::array{"oob"};
   greeting["QMP"] = std::move(qmp);
   write_message(greeting);
-  post_recv();
+  update_room();
 }
 
-void monitor_actor::post_recv() {
-  if (!open_ || closing_ || recv_busy_) return;
-  if (queue_full() || !unparsed_.empty()) return;
-  recv_busy_ = true;
-  recv_op_.owner = self_handle();
-  recv_op_.gen = gen_;
-  if (dev_->type() == chardev::kind::stdio)
-    home_->reactor().read(dev_->in_fd(), in_buf_.data(), in_buf_.size(), -1, &recv_op_);
-  else
-    home_->reactor().recv(dev_->in_fd(), in_buf_.data(), in_buf_.size(), &recv_op_);
+void monitor_actor::close_connection() {
+  // A command in flight still completes; its reply has no connection to go to (gen_ moves on).
+  ++gen_;
+  open_ = false;
+  executing_ = false;
+  queue_.clear();
+  parser_.reset();
+  unparsed_.clear();
+  update_room();
 }
 
-void monitor_actor::on_io(int which, uint64_t gen, int res) {
-  switch (which) {
-    case tag_recv:
-      recv_busy_ = false;
-      if (closing_ || gen != gen_) {
-        maybe_finish_close();
-        return;
-      }
-      if (res <= 0) {
-        if (res == -EINTR || res == -EAGAIN) {
-          post_recv();
-          return;
-        }
-        begin_close();
-        return;
-      }
-      on_bytes(in_buf_.data(), static_cast<size_t>(res));
-      post_recv();
-      return;
-    case tag_send:
-      send_busy_ = false;
-      if (res < 0) {
-        if (res == -EINTR || res == -EAGAIN) {
-          start_send();
-          return;
-        }
-        out_.clear();
-        sending_.clear();
-        begin_close();
-        return;
-      }
-      sending_.erase(0, static_cast<size_t>(res));
-      if (closing_ && ((sending_.empty() && out_.empty()) || !shutting_down_)) {
-        maybe_finish_close();
-        return;
-      }
-      start_send();
-      return;
-    case tag_accept:
-      accept_busy_ = false;
-      if (shutting_down_) {
-        if (res >= 0) ::close(res);
-        maybe_finish_close();
-        return;
-      }
-      if (res < 0) {
-        if (res != -ECANCELED) wait_for_client();
-        return;
-      }
-      dev_->adopt_connection(res);
-      open_connection();
-      return;
-    case tag_timer:
-      timer_busy_ = false;
-      if (shutting_down_) {
-        maybe_finish_close();
-        return;
-      }
-      if (dev_->reconnect_now())
-        open_connection();
-      else
-        wait_for_client();
-      return;
-  }
+void monitor_actor::update_room() {
+  bool room = open_ && !shutting_down_ && !queue_full() && unparsed_.empty();
+  bool was = port_->room;
+  port_->room = room;
+  if (room && !was && attached_) dev_->input_ready();
 }
 
 void monitor_actor::on_bytes(const char* data, size_t n) {
@@ -226,6 +171,7 @@ void monitor_actor::parse_pending() {
   while (done < unparsed_.size() && !queue_full())
     done += parser_.feed(std::string_view(unparsed_).substr(done));
   unparsed_.erase(0, done);
+  update_room();
   // Requests parsed from this chunk run after every out-of-band request in it was answered,
   // which is what lets an exec-oob reply overtake queued in-band replies (T73).
   send(this, next_atom::value);
@@ -256,7 +202,7 @@ void monitor_actor::on_value(qmp::json_result&& r) {
 
 void monitor_actor::pump() {
   for (;;) {
-    while (!executing_ && !queue_.empty() && open_ && !closing_) {
+    while (!executing_ && !queue_.empty() && open_) {
       auto item = std::move(queue_.front());
       queue_.pop_front();
       if (!item.req)
@@ -264,14 +210,14 @@ void monitor_actor::pump() {
       else
         dispatch(std::move(*item.req), false);
     }
-    if (executing_ || unparsed_.empty() || queue_full() || !open_ || closing_) break;
+    if (executing_ || unparsed_.empty() || queue_full() || !open_) break;
     // Room again: parse what was held back (this may queue more requests).
     size_t done = 0;
     while (done < unparsed_.size() && !queue_full())
       done += parser_.feed(std::string_view(unparsed_).substr(done));
     unparsed_.erase(0, done);
   }
-  post_recv();
+  update_room();
 }
 
 void monitor_actor::dispatch(qmp::request req, bool oob) {
@@ -331,19 +277,22 @@ void monitor_actor::dispatch(qmp::request req, bool oob) {
 
   // Everything else changes daemon state: the supervisor runs it and the reply keeps its place.
   executing_ = true;
+  uint64_t gen = gen_;
   request(supervisor_, caf::infinite, command_atom::value, req.command, json_args{std::move(*args)})
       .then(
-          [this, id](const command_outcome& out) {
-            finish_command(id, out);
+          [this, id, gen](const command_outcome& out) {
+            finish_command(id, out, gen);
           },
-          [this, id](const caf::error& e) {
-            finish_command(id, command_outcome::failure(error("internal error: " + to_string(e))));
+          [this, id, gen](const caf::error& e) {
+            finish_command(id, command_outcome::failure(error("internal error: " + to_string(e))), gen);
           });
 }
 
-void monitor_actor::finish_command(const std::optional<boost::json::value>& id, const command_outcome& out) {
+void monitor_actor::finish_command(const std::optional<boost::json::value>& id, const command_outcome& out,
+                                   uint64_t gen) {
+  if (gen != gen_) return;  // the connection it came from is gone; the new one owes nothing
   executing_ = false;
-  if (open_ && !closing_) {
+  if (open_) {
     if (out.ok)
       write_message(qmp::make_return(out.ret, id));
     else
@@ -353,7 +302,7 @@ void monitor_actor::finish_command(const std::optional<boost::json::value>& id, 
 }
 
 void monitor_actor::write_message(const boost::json::object& msg) {
-  if (!open_ || dev_->out_fd() < 0) return;
+  if (!open_) return;
   std::string text = qmp::to_json(msg, opts_.pretty);
   if (trace::on(trace::point::monitor_qmp_response))
     trace::emit(trace::point::monitor_qmp_response, "mon=" + dev_->id() + " " + text);
@@ -365,69 +314,13 @@ void monitor_actor::write_message(const boost::json::object& msg) {
     if (c == '\n') wire.push_back('\r');
     wire.push_back(c);
   }
-  if (out_.size() + sending_.size() + wire.size() > max_output_bytes) {
+  if (dev_->backlog() + wire.size() > max_output_bytes) {
     std::fprintf(stderr, "blockd: monitor %s: client is not reading its replies; dropping the connection\n",
                  opts_.id.empty() ? dev_->id().c_str() : opts_.id.c_str());
-    out_.clear();
-    begin_close();
+    dev_->hangup();
     return;
   }
-  out_ += wire;
-  start_send();
-}
-
-void monitor_actor::start_send() {
-  if (send_busy_ || !open_ || dev_->out_fd() < 0) return;
-  // The kernel reads from sending_ until the operation completes, so new output goes to out_ and
-  // the two swap only when nothing is in flight.
-  if (sending_.empty()) sending_.swap(out_);
-  if (sending_.empty()) return;
-  send_busy_ = true;
-  send_op_.owner = self_handle();
-  send_op_.gen = gen_;
-  if (dev_->type() == chardev::kind::stdio)
-    home_->reactor().write(dev_->out_fd(), sending_.data(), sending_.size(), -1, &send_op_);
-  else
-    home_->reactor().send(dev_->out_fd(), sending_.data(), sending_.size(), &send_op_);
-}
-
-void monitor_actor::begin_close() {
-  if (!open_) {
-    maybe_finish_close();
-    return;
-  }
-  closing_ = true;
-  if (recv_busy_) home_->reactor().cancel(&recv_op_);
-  // On shutdown the replies already queued (quit's among them) still go out; a connection that
-  // went away on its own has nobody left to read them.
-  if (send_busy_ && !shutting_down_) home_->reactor().cancel(&send_op_);
-  maybe_finish_close();
-}
-
-void monitor_actor::maybe_finish_close() {
-  // The descriptor is closed only when no operation on it is in flight, so a recycled fd number
-  // can never receive a stale completion.
-  if (open_ && closing_) {
-    bool draining = send_busy_ || ((!out_.empty() || !sending_.empty()) && shutting_down_);
-    if (recv_busy_ || draining) return;
-    open_ = false;
-    closing_ = false;
-    queue_.clear();
-    parser_.reset();
-    unparsed_.clear();
-    out_.clear();
-    sending_.clear();
-    dev_->drop_connection();
-    if (!shutting_down_) wait_for_client();
-  }
-  if (shutting_down_ && !open_ && !recv_busy_ && !send_busy_ && !accept_busy_ && !timer_busy_) {
-    if (close_promise_) {
-      close_promise_->deliver(true);
-      close_promise_.reset();
-      send(supervisor_, unsubscribe_atom::value, self_handle());
-      quit();
-    }
-  }
+  dev_->write(wire);
 }
 
 }  // namespace blockd

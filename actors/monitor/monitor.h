@@ -1,4 +1,4 @@
-// The QMP monitor actor: one per --monitor, serving its chardev's connection; pinned to the main iothread.
+// The QMP monitor actor: one per --monitor, a frontend of its chardev (any backend); pinned to the main iothread.
 #pragma once
 #include <caf/event_based_actor.hpp>
 
@@ -9,11 +9,10 @@
 #include <string>
 
 #include "actors/messages.h"
-#include "actors/monitor/chardev.h"
+#include "actors/chardev/chardev.h"
 #include "actors/runtime/iothread.h"
 #include "protocol/qmp/json_stream.h"
 #include "protocol/qmp/request.h"
-#include "storage/io/reactor.h"
 
 namespace blockd {
 
@@ -22,55 +21,59 @@ struct monitor_options {
   bool pretty = false;
 };
 
+// A monitor's place as its chardev's frontend. The supervisor attaches it when --monitor is
+// given (so a second user of the chardev is refused at once, as in QSD) and hands it to the
+// monitor actor. The chardev calls it from its loop, outside the actor's own turn, so every call
+// becomes a message to the actor; only `room` (the flow control the actor keeps up to date) is
+// read directly, on the same thread. Until the monitor starts (the command line applied) it takes
+// no input and ignores events: the monitor looks at the backend's state when it starts.
+struct monitor_port final : chr::frontend {
+  caf::weak_actor_ptr self;
+  bool started = false;
+  bool room = false;
+  void chr_event(chr::event e) override;
+  void chr_read(std::string_view bytes) override;
+  size_t chr_can_read() override { return started && room ? 65536 : 0; }
+};
+
 class monitor_actor : public caf::event_based_actor {
  public:
-  monitor_actor(caf::actor_config& cfg, iothread* home, caf::actor supervisor, chardev* dev, monitor_options opts);
+  monitor_actor(caf::actor_config& cfg, iothread* home, caf::actor supervisor, std::shared_ptr<chr::chardev> dev,
+                std::shared_ptr<monitor_port> port, monitor_options opts);
+  ~monitor_actor() override;
   caf::behavior make_behavior() override;
 
  private:
-  enum tag : int { tag_recv = 1, tag_send = 2, tag_accept = 3, tag_timer = 4 };
-
-  // A reactor completion that turns into an io_atom message to the monitor; it holds a strong
-  // reference so the actor (and the buffers it owns) outlive every operation in flight.
-  struct io_op final : io::completion {
-    caf::actor owner;
-    int which = 0;
-    uint64_t gen = 0;
-    void complete(int res) override;
-  };
-
   // One queued in-band item: a request or an error to report in order.
   struct pending_item {
     std::optional<qmp::request> req;
     boost::json::object error_reply;
   };
 
-  void on_io(int which, uint64_t gen, int res);
+  void on_event(chr::event e);
   void open_connection();
-  void wait_for_client();
-  void post_recv();
-  void start_send();
-  void begin_close();
-  void maybe_finish_close();
+  void close_connection();
   void on_bytes(const char* data, size_t n);
   void on_value(qmp::json_result&& r);
   void pump();
   void parse_pending();
+  void update_room();
   bool queue_full() const;
   void dispatch(qmp::request req, bool oob);
-  void finish_command(const std::optional<boost::json::value>& id, const command_outcome& out);
+  void finish_command(const std::optional<boost::json::value>& id, const command_outcome& out, uint64_t gen);
   void write_message(const boost::json::object& msg);
   caf::actor self_handle();
 
   iothread* home_;
   caf::actor supervisor_;
-  chardev* dev_;
+  std::shared_ptr<chr::chardev> dev_;
   monitor_options opts_;
+  std::shared_ptr<monitor_port> port_;
+  bool attached_ = true;
 
-  // connection state
+  // connection state (QEMU's: reset by every OPENED)
   uint64_t gen_ = 0;
   bool open_ = false;
-  bool closing_ = false;    // connection going down (EOF, error or shutdown)
   bool shutting_down_ = false;
   bool negotiated_ = false;
   bool oob_enabled_ = false;
@@ -78,12 +81,6 @@ class monitor_actor : public caf::event_based_actor {
   std::deque<pending_item> queue_;
   qmp::json_stream parser_;
   std::string unparsed_;  // received bytes held back while the request queue is full
-
-  io_op recv_op_, send_op_, accept_op_, timer_op_;
-  bool recv_busy_ = false, send_busy_ = false, accept_busy_ = false, timer_busy_ = false;
-  std::array<char, 16384> in_buf_{};
-  std::string out_;      // replies and events not yet handed to the kernel
-  std::string sending_;  // the bytes of the send in flight (stable until it completes)
   std::optional<caf::response_promise> close_promise_;
 };
 

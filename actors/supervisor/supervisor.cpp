@@ -50,8 +50,18 @@ caf::behavior supervisor_actor::make_behavior() {
         if (it == node_actors_.end()) return caf::make_error(caf::sec::invalid_argument, "no node " + name);
         return it->second.actor;
       },
-      [this](chardev_atom, const chardev_spec& spec, const std::string& note_prefix) -> command_outcome {
-        return add_chardev(spec, note_prefix);
+      [this](chardev_atom, const chardev_spec& spec, const std::string& note_prefix) -> caf::result<command_outcome> {
+        auto rp = make_response_promise<command_outcome>();
+        add_chardev(spec, note_prefix, [rp](command_outcome o) mutable { rp.deliver(std::move(o)); });
+        return rp;
+      },
+      // A chardev finished opening (a server's first client, a client's first connection).
+      [this](chr_ready_atom, uint64_t token, bool ok, const std::string& err) {
+        auto it = chardev_waits_.find(token);
+        if (it == chardev_waits_.end()) return;
+        auto cb = std::move(it->second);
+        chardev_waits_.erase(it);
+        cb(ok ? result<void>{} : result<void>(std::unexpected(error(err))));
       },
       [this](monitor_atom, const std::string& chardev_id, bool pretty, const std::string& id) -> command_outcome {
         return add_monitor(chardev_id, pretty, id);
@@ -89,6 +99,8 @@ caf::behavior supervisor_actor::make_behavior() {
             sync_node_actors();
             g.reset();
             objects_.clear();
+            // Muxes before the chardevs under them: newest first.
+            for (auto it = chardevs_.rbegin(); it != chardevs_.rend(); ++it) (*it)->close();
             chardevs_.clear();
             rp.deliver(true);
           };
@@ -154,6 +166,7 @@ void supervisor_actor::register_commands() {
   register_job_commands();     // jobs.cpp
   register_export_commands();  // exports.cpp
   register_object_commands();  // objects.cpp
+  register_chardev_commands(); // chardevs.cpp
   commands_.add("quit", [this](boost::json::object&, reply_fn reply) {
     // QSD cancels and dismisses its jobs before it answers (their events come first). Waiting for
     // them changes no graph, so their bodies' graph work may run meanwhile.

@@ -14,7 +14,8 @@
 #include "actors/export/nbd_server.h"
 #include "actors/job/job_core.h"
 #include "actors/messages.h"
-#include "actors/monitor/chardev.h"
+#include "actors/chardev/chardev.h"
+#include "config/qom/glib_order.h"
 #include "actors/runtime/iothread.h"
 #include "actors/supervisor/command_table.h"
 #include "storage/block/graph.h"
@@ -90,7 +91,20 @@ class supervisor_actor : public caf::event_based_actor {
   // tls-authz, resolved by id each time a client presents its identity (as QEMU does).
   result<bool> authorize(const std::string& authz_id, const std::string& identity);
   void object_del(const std::string& id, reply_fn reply);
-  command_outcome add_chardev(const chardev_spec& spec, const std::string& note_prefix);
+  // ---- chardevs and monitors (chardevs.cpp) ----------------------------------------------------
+  std::vector<std::shared_ptr<chr::chardev>> chardevs_;  // creation order
+  qom::glib_order chardev_order_;  // QSD lists /chardevs (and query-chardev) in its table order
+  std::map<uint64_t, std::function<void(result<void>)>> chardev_waits_;  // creations not yet ready
+  uint64_t chardev_wait_counter_ = 0;
+  void register_chardev_commands();
+  chr::env chardev_env(const std::string& note_prefix);
+  std::shared_ptr<chr::chardev> find_chardev(const std::string& id) const;
+  // Opens `spec` (and its mux for mux=on) and registers it once ready; `reply` gets ChardevReturn.
+  void add_chardev(const chardev_spec& spec, const std::string& note_prefix, reply_fn reply);
+  void open_chardev(const chardev_spec& spec, const std::string& note_prefix, reply_fn reply);
+  void remove_chardev(const std::string& id);
+  void publish_chardev_qom(const std::shared_ptr<chr::chardev>& dev);  // /chardevs/<id>
+  void unpublish_chardev_qom(const std::string& id);
   command_outcome add_monitor(const std::string& chardev_id, bool pretty, const std::string& id);
   object_entry* find_object(const std::string& id);
 
@@ -178,7 +192,6 @@ class supervisor_actor : public caf::event_based_actor {
   iothread* home_;
   supervisor_hooks hooks_;
   std::vector<object_entry> objects_;  // in creation order, as qom-list shows them
-  std::vector<std::unique_ptr<chardev>> chardevs_;
   std::vector<caf::actor> monitors_;
   std::vector<caf::actor> subscribers_;
   bool shutting_down_ = false;

@@ -420,6 +420,70 @@ void define_exports(schema& s) {
   s.command("query-block-exports", "", "[BlockExportInfo]");
 }
 
+// char.json (QSD 10.2): chardev backends and the commands over them.
+void define_char(schema& s) {
+  s.object("ChardevInfo", "label:str filename:str frontend-open:bool");
+  s.command("query-chardev", "", "[ChardevInfo]");
+  s.object("ChardevBackendInfo", "name:str");
+  s.command("query-chardev-backends", "", "[ChardevBackendInfo]");
+  s.enumeration("DataFormat", "utf8 base64");
+  s.command("ringbuf-write", "device:str data:str *format:DataFormat");
+  s.command("ringbuf-read", "device:str size:int *format:DataFormat", "str");
+  s.object("ChardevCommon", "*logfile:str *logappend:bool");
+  s.object("ChardevFile", "*in:str out:str *append:bool", "ChardevCommon");
+  s.object("ChardevHostdev", "device:str", "ChardevCommon");
+  s.object("ChardevSocket",
+           "addr:SocketAddressLegacy *tls-creds:str *tls-authz:str *server:bool *wait:bool *nodelay:bool "
+           "*telnet:bool *tn3270:bool *websocket:bool *reconnect-ms:int",
+           "ChardevCommon");
+  s.object("ChardevUdp", "remote:SocketAddressLegacy *local:SocketAddressLegacy", "ChardevCommon");
+  s.object("ChardevMux", "chardev:str", "ChardevCommon");
+  s.object("ChardevHub", "chardevs:[str]", "ChardevCommon");
+  s.object("ChardevStdio", "*signal:bool", "ChardevCommon");
+  s.object("ChardevSpiceChannel", "type:str", "ChardevCommon");
+  s.object("ChardevSpicePort", "fqdn:str", "ChardevCommon");
+  s.object("ChardevDBus", "name:str", "ChardevCommon");
+  s.object("ChardevVC", "*width:int *height:int *cols:int *rows:int", "ChardevCommon");
+  s.object("ChardevRingbuf", "*size:int", "ChardevCommon");
+  s.object("ChardevQemuVDAgent", "*mouse:bool *clipboard:bool", "ChardevCommon");
+  s.object("ChardevPty", "*path:str", "ChardevCommon");
+  // The kinds of a Linux build; console is Windows-only in 10.2.
+  s.enumeration("ChardevBackendKind",
+                "file serial parallel pipe socket udp pty null mux hub msmouse wctablet braille testdev stdio "
+                "spicevmc spiceport qemu-vdagent dbus vc ringbuf memory");
+  for (const char* w : {"File", "Hostdev", "Socket", "Udp", "Common", "Mux", "Hub", "Stdio", "SpiceChannel",
+                        "SpicePort", "QemuVDAgent", "DBus", "VC", "Ringbuf", "Pty"})
+    s.object(std::string("Chardev") + w + "Wrapper", "data:Chardev" + std::string(w));
+  s.flat_union("ChardevBackend", "type:ChardevBackendKind", "type",
+               {{"file", "ChardevFileWrapper"},
+                {"serial", "ChardevHostdevWrapper"},
+                {"parallel", "ChardevHostdevWrapper"},
+                {"pipe", "ChardevHostdevWrapper"},
+                {"socket", "ChardevSocketWrapper"},
+                {"udp", "ChardevUdpWrapper"},
+                {"pty", "ChardevPtyWrapper"},
+                {"null", "ChardevCommonWrapper"},
+                {"mux", "ChardevMuxWrapper"},
+                {"hub", "ChardevHubWrapper"},
+                {"msmouse", "ChardevCommonWrapper"},
+                {"wctablet", "ChardevCommonWrapper"},
+                {"braille", "ChardevCommonWrapper"},
+                {"testdev", "ChardevCommonWrapper"},
+                {"stdio", "ChardevStdioWrapper"},
+                {"spicevmc", "ChardevSpiceChannelWrapper"},
+                {"spiceport", "ChardevSpicePortWrapper"},
+                {"qemu-vdagent", "ChardevQemuVDAgentWrapper"},
+                {"dbus", "ChardevDBusWrapper"},
+                {"vc", "ChardevVCWrapper"},
+                {"ringbuf", "ChardevRingbufWrapper"},
+                {"memory", "ChardevRingbufWrapper"}});
+  s.object("ChardevReturn", "*pty:str");
+  s.command("chardev-add", "id:str backend:ChardevBackend", "ChardevReturn");
+  s.command("chardev-change", "id:str backend:ChardevBackend", "ChardevReturn");
+  s.command("chardev-remove", "id:str");
+  s.command("chardev-send-break", "id:str");
+}
+
 // Types used only by the command line (never reachable from a command, so never introspected).
 void define_cli(schema& s) {
   s.enumeration("MonitorMode", "readline control");
@@ -437,6 +501,7 @@ schema build() {
   define_jobs(s);
   define_block(s);
   define_exports(s);
+  define_char(s);
   define_cli(s);
   return s;
 }

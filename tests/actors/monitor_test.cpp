@@ -73,7 +73,8 @@ struct monitor_fixture : ::testing::Test {
     chardev_spec spec;
     spec.id = id;
     spec.backend = "socket";
-    spec.fd = sv[0];
+    spec.server = false;
+    spec.handed_fd = sv[0];
     caf::scoped_actor self{*sys};
     self->request(sup, caf::infinite, chardev_atom::value, spec, std::string())
         .receive([](const command_outcome& r) { EXPECT_TRUE(r.ok) << r.err.desc; }, [](caf::error&) { FAIL(); });

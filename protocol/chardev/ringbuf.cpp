@@ -1,0 +1,157 @@
+// Ring buffer storage, QEMU's UTF-8 sanitising of ringbuf-read and GLib's base64 decoding; plain C++, the chardev's thread.
+#include "protocol/chardev/ringbuf.h"
+
+#include <algorithm>
+
+namespace blockd::chr {
+
+void ring_buffer::write(std::string_view bytes) {
+  if (size_ == 0) return;
+  if (bytes.size() >= size_) {
+    data_.assign(bytes.substr(bytes.size() - size_));
+    start_ = 0;
+    return;
+  }
+  data_.append(bytes);
+  if (count() > size_) start_ = data_.size() - size_;
+  // Reclaim the consumed front once it dominates, so the string does not grow forever.
+  if (start_ > 4096 && start_ > data_.size() / 2) {
+    data_.erase(0, start_);
+    start_ = 0;
+  }
+}
+
+std::string ring_buffer::read(uint64_t max) {
+  size_t n = static_cast<size_t>(std::min<uint64_t>(max, count()));
+  std::string out = data_.substr(start_, n);
+  start_ += n;
+  if (start_ == data_.size()) {
+    data_.clear();
+    start_ = 0;
+  }
+  return out;
+}
+
+result<void> check_ringbuf_size(int64_t size) {
+  // QEMU tests the value as an unsigned size, so negative sizes fail the same check.
+  auto u = static_cast<uint64_t>(size);
+  if (size < 0 || (u & (u - 1)) != 0) return fail("size of ringbuf chardev must be power of two");
+  return {};
+}
+
+namespace {
+
+void put_utf8(std::string& out, uint32_t cp) {
+  if (cp < 0x80) {
+    out.push_back(static_cast<char>(cp));
+  } else if (cp < 0x800) {
+    out.push_back(static_cast<char>(0xC0 | (cp >> 6)));
+    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else if (cp < 0x10000) {
+    out.push_back(static_cast<char>(0xE0 | (cp >> 12)));
+    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else {
+    out.push_back(static_cast<char>(0xF0 | (cp >> 18)));
+    out.push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
+    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  }
+}
+
+bool valid_codepoint(uint32_t cp) {
+  if (cp > 0x10FFFF) return false;
+  if (cp >= 0xD800 && cp <= 0xDFFF) return false;  // surrogates
+  if (cp >= 0xFDD0 && cp <= 0xFDEF) return false;  // noncharacters
+  if ((cp & 0xFFFE) == 0xFFFE) return false;       // U+xFFFE, U+xFFFF
+  return true;
+}
+
+}  // namespace
+
+std::string qemu_utf8_text(std::string_view s) {
+  constexpr uint32_t bad = 0xFFFD;
+  std::string out;
+  size_t i = 0;
+  while (i < s.size() && s[i] != '\0') {
+    auto c = static_cast<uint8_t>(s[i]);
+    if (c < 0x80) {
+      out.push_back(static_cast<char>(c));
+      ++i;
+      continue;
+    }
+    // Sequence length from the lead byte, the old (pre-2003) UTF-8 way: up to six bytes.
+    size_t len = c >= 0xFE ? 0 : c >= 0xFC ? 6 : c >= 0xF8 ? 5 : c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 0;
+    if (len == 0) {  // continuation byte or FE/FF as a lead
+      put_utf8(out, bad);
+      ++i;
+      continue;
+    }
+    uint32_t cp = c & (0x7F >> len);
+    size_t k = 1;
+    for (; k < len; ++k) {
+      if (i + k >= s.size()) break;
+      auto cc = static_cast<uint8_t>(s[i + k]);
+      if ((cc & 0xC0) != 0x80) break;
+      cp = cp << 6 | (cc & 0x3F);
+    }
+    if (k < len) {  // cut short: the bytes so far make one replacement
+      put_utf8(out, bad);
+      i += k;
+      continue;
+    }
+    i += len;
+    static const uint32_t min_cp[] = {0, 0, 0x80, 0x800, 0x10000, 0x200000, 0x4000000};
+    if (len == 2 && cp == 0) {
+      out.push_back('\0');  // C0 80: the encoded NUL QEMU uses inside strings
+    } else if (cp < min_cp[len] || !valid_codepoint(cp)) {
+      put_utf8(out, bad);
+    } else {
+      put_utf8(out, cp);
+    }
+  }
+  return out;
+}
+
+std::string qemu_utf8_bytes(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (char c : text) {
+    if (c == '\0')
+      out += "\xC0\x80";
+    else
+      out.push_back(c);
+  }
+  return out;
+}
+
+result<std::string> glib_base64_decode(std::string_view text) {
+  auto rank = [](unsigned char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    if (c == '=') return 0;  // GLib ranks padding as zero bits and remembers where it was
+    return -1;
+  };
+  for (char c : text)
+    if (rank(static_cast<unsigned char>(c)) < 0) return fail("Base64 data contains invalid characters");
+  std::string out;
+  uint32_t v = 0;
+  int n = 0;
+  char prev = 0, last = 0;  // the group's third and fourth characters
+  for (char c : text) {
+    v = v << 6 | static_cast<uint32_t>(rank(static_cast<unsigned char>(c)));
+    prev = last;
+    last = c;
+    if (++n < 4) continue;
+    n = 0;
+    out.push_back(static_cast<char>((v >> 16) & 0xFF));
+    if (prev != '=') out.push_back(static_cast<char>((v >> 8) & 0xFF));
+    if (last != '=') out.push_back(static_cast<char>(v & 0xFF));
+  }
+  return out;
+}
+
+}  // namespace blockd::chr
