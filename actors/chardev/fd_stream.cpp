@@ -26,14 +26,24 @@ fd_stream::~fd_stream() {
 void fd_stream::read_more() {
   if (stopped_ || in_ended_ || read_op_.busy || in_fd_ < 0 || !h_ || !h_->stream_wants_input()) return;
   read_op_.arm(shared_from_this());
-  if (mode_ == mode::socket)
+  if (mode_ != mode::file)
     r_.recv(in_fd_, in_buf_.data(), in_buf_.size(), &read_op_);
   else
     r_.read(in_fd_, in_buf_.data(), in_buf_.size(), -1, &read_op_);
 }
 
+size_t fd_stream::backlog() const {
+  size_t n = out_.size() + sending_.size();
+  for (auto& d : datagrams_) n += d.size();
+  return n;
+}
+
 void fd_stream::on_read(int res) {
   if (stopped_ || in_ended_) return;
+  if (mode_ == mode::datagram && res <= 0 && res != -ECANCELED && res != -EBADF) {
+    read_more();  // an empty datagram or an ICMP error for an earlier send
+    return;
+  }
   if (res > 0) {
     if (h_) h_->stream_data(std::string_view(in_buf_.data(), static_cast<size_t>(res)));
     read_more();
@@ -48,7 +58,10 @@ void fd_stream::on_read(int res) {
 
 void fd_stream::write(std::string_view bytes) {
   if (stopped_ || out_ended_ || out_fd_ < 0 || bytes.empty()) return;
-  out_.append(bytes);
+  if (mode_ == mode::datagram)
+    datagrams_.emplace_back(bytes);
+  else
+    out_.append(bytes);
   start_write();
 }
 
@@ -56,13 +69,22 @@ void fd_stream::start_write() {
   if (write_op_.busy || out_ended_ || out_fd_ < 0) return;
   // The kernel reads from sending_ until the operation completes, so new output goes to out_
   // and the two swap only when nothing is in flight.
-  if (sending_.empty()) sending_.swap(out_);
+  if (sending_.empty()) {
+    if (mode_ == mode::datagram) {
+      if (!datagrams_.empty()) {
+        sending_ = std::move(datagrams_.front());
+        datagrams_.pop_front();
+      }
+    } else {
+      sending_.swap(out_);
+    }
+  }
   if (sending_.empty()) {
     drained();
     return;
   }
   write_op_.arm(shared_from_this());
-  if (mode_ == mode::socket)
+  if (mode_ != mode::file)
     r_.send(out_fd_, sending_.data(), sending_.size(), &write_op_);
   else
     r_.write(out_fd_, sending_.data(), sending_.size(), -1, &write_op_);
@@ -75,10 +97,18 @@ void fd_stream::on_write(int res) {
       start_write();
       return;
     }
+    if (mode_ == mode::datagram && res != -ECANCELED) {
+      sending_.clear();  // this datagram is lost, as UDP loses them; the next one may arrive
+      start_write();
+      return;
+    }
     fail_write(res);
     return;
   }
-  sending_.erase(0, static_cast<size_t>(res));
+  if (mode_ == mode::datagram)
+    sending_.clear();
+  else
+    sending_.erase(0, static_cast<size_t>(res));
   start_write();
 }
 
@@ -105,6 +135,7 @@ void fd_stream::fail_read(int err) {
 void fd_stream::fail_write(int err) {
   out_ended_ = true;
   out_.clear();
+  datagrams_.clear();
   sending_.clear();
   auto waiters = std::move(drain_waiters_);
   drain_waiters_.clear();
@@ -121,6 +152,7 @@ void fd_stream::shutdown(bool finish_output) {
   if (!finish_output) {
     out_ended_ = true;
     out_.clear();
+    datagrams_.clear();
     if (write_op_.busy) r_.cancel(&write_op_);
   }
   if (out_ended_ || backlog() == 0) {

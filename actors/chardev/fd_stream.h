@@ -1,6 +1,7 @@
 // Byte streams over one or two descriptors through the reactor (reads, ordered writes, orderly release) for chardev backends; the chardev's iothread.
 #pragma once
 #include <array>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
@@ -16,7 +17,9 @@ namespace blockd::chr {
 // flight: every operation holds the stream.
 class fd_stream : public std::enable_shared_from_this<fd_stream> {
  public:
-  enum class mode { socket, file };  // recv/send, or read/write at the current position
+  // recv/send; read/write at the current position; or a connected datagram socket, where each
+  // write is one datagram and errors (a refused datagram) are not the end of anything.
+  enum class mode { socket, file, datagram };
 
   struct handler {
     virtual ~handler() = default;
@@ -36,7 +39,7 @@ class fd_stream : public std::enable_shared_from_this<fd_stream> {
   // Posts a read unless one is in flight, the stream stopped, or the handler has no room.
   void read_more();
   void write(std::string_view bytes);
-  size_t backlog() const { return out_.size() + sending_.size(); }
+  size_t backlog() const;
   // Calls `done` when the write queue is empty (at once if it is), or when the stream fails.
   void when_drained(std::function<void()> done);
   // Stops for good: no more callbacks, reads cancelled. Queued output still goes out when
@@ -65,6 +68,7 @@ class fd_stream : public std::enable_shared_from_this<fd_stream> {
   op read_op_, write_op_;
   std::array<char, 16384> in_buf_{};
   std::string out_, sending_;
+  std::deque<std::string> datagrams_;
   std::vector<std::function<void()>> drain_waiters_;
 };
 

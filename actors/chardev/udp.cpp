@@ -15,9 +15,7 @@ namespace {
 class udp_chardev final : public chardev, public fd_stream::handler {
  public:
   udp_chardev(chardev_spec s, env e, int fd) : chardev(std::move(s), std::move(e)) {
-    // A connected datagram socket: send() and recv() carry one datagram each, so the stream's
-    // socket mode fits (a send never merges two writes).
-    stream_ = fd_stream::create(*env_.reactor, fd, fd, fd_stream::mode::socket);
+    stream_ = fd_stream::create(*env_.reactor, fd, fd, fd_stream::mode::datagram);
     stream_->set_handler(this);
     be_open_ = true;
   }
