@@ -118,9 +118,8 @@ void supervisor_actor::set_iothread(const boost::json::object& args, reply_fn re
   const auto& which = args.at("iothread");
   if (which.is_string()) {
     std::string id(which.as_string());
-    auto* o = find_object(id);
-    if (!o || o->type != "iothread") return reply(command_outcome::failure(error("Cannot find iothread " + id)));
-    to = o->thread.get();
+    to = find_iothread(id);
+    if (!to) return reply(command_outcome::failure(error("Cannot find iothread " + id)));
   }
   move_components({n}, to, [] { return command_outcome::success(); }, std::move(reply));
 }

@@ -111,12 +111,9 @@ void supervisor_actor::nbd_server_start(const boost::json::object& args, reply_f
   nbd_server::hooks h;
   if (str_arg(args, "tls-creds", s)) {
     // QEMU's nbd_get_tls_creds, texts verbatim. The server holds the credentials from here on.
-    auto* o = find_object(s);
-    if (!o) return reply(command_outcome::failure(error("No TLS credentials with id '" + s + "'")));
-    if (!o->creds) return reply(command_outcome::failure(error("Object with id '" + s + "' is not TLS credentials")));
-    if (!o->creds->options().server)
-      return reply(command_outcome::failure(error("Expected TLS credentials for a server endpoint")));
-    h.tls_creds = o->creds;
+    auto c = tls_server_creds(s);
+    if (!c) return reply(command_outcome::failure(c.error()));
+    h.tls_creds = std::move(*c);
   }
   if (str_arg(args, "tls-authz", s) && h.tls_creds) {
     // Resolved per client, so the object may be replaced while the server runs. Without
@@ -187,8 +184,7 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   if (str_arg(args, "iothread", s)) {
     // block_export_add_async has moved the node there when it could (or left it, without
     // fixed-iothread, where an export pins it).
-    auto* o = find_object(s);
-    if (!o || o->type != "iothread") return command_outcome::failure(error("iothread \"" + s + "\" not found"));
+    if (!find_iothread(s)) return command_outcome::failure(error("iothread \"" + s + "\" not found"));
   }
   if (writable && n->settings().read_only)
     return command_outcome::failure(error("Cannot export read-only node as writable"));
@@ -257,9 +253,8 @@ void supervisor_actor::block_export_add_async(const boost::json::object& args, r
     with_quiesced({n}, [this, args] { return block_export_add(args); }, std::move(reply));
   };
   if (!str_arg(args, "iothread", s)) return add_here();
-  auto* o = find_object(s);
-  if (!o || o->type != "iothread") return reply(block_export_add(args));
-  iothread* to = o->thread.get();
+  iothread* to = find_iothread(s);
+  if (!to) return reply(block_export_add(args));
   if (home_of(n) == to) return add_here();
   if (pinning_export(components({n}))) {
     if (bool_arg(args, "fixed-iothread"))

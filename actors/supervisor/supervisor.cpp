@@ -23,6 +23,7 @@ supervisor_actor::supervisor_actor(caf::actor_config& cfg, iothread* home, super
     : caf::event_based_actor(cfg), home_(home), hooks_(std::move(hooks)), commands_(qmp::qsd_schema()) {
   // A new node opens on the home blockdev-add chose for it (see blockdev_add_async).
   graph_ = std::make_unique<block::graph>([this] { return env_for(new_node_home_ ? new_node_home_ : home_); });
+  init_objects();
   register_commands();
 }
 
@@ -88,7 +89,7 @@ caf::behavior supervisor_actor::make_behavior() {
             auto g = std::move(graph_);
             sync_node_actors();
             g.reset();
-            objects_.clear();
+            qom_.reset();
             chardevs_.clear();
             rp.deliver(true);
           };

@@ -17,6 +17,7 @@
 #include "actors/monitor/chardev.h"
 #include "actors/runtime/iothread.h"
 #include "actors/supervisor/command_table.h"
+#include "config/qom/model.h"
 #include "storage/block/graph.h"
 
 namespace blockd {
@@ -39,18 +40,6 @@ class supervisor_actor : public caf::event_based_actor {
   void emit(std::string name, boost::json::object data);
 
  private:
-  struct object_entry {
-    std::string id;
-    std::string type;  // the qom-type
-    iothread_params params;
-    std::unique_ptr<iothread> thread;  // iothreads only
-    // tls-creds-*: shared with the NBD server that uses them, which keeps them past object-del
-    // (QEMU holds a reference the same way).
-    std::shared_ptr<const tls::credentials> creds;
-    std::shared_ptr<const tls::authz_policy> authz;  // authz-simple, authz-list
-  };
-
-
   // Commands run one at a time, in arrival order across monitors: a command that waits (for nodes
   // to drain) holds the next one back, so no change ever sees a graph another change left halfway.
   struct pending_command {
@@ -84,15 +73,17 @@ class supervisor_actor : public caf::event_based_actor {
   void blockdev_reopen(const boost::json::object& args, reply_fn reply);
   void blockdev_set_active(const boost::json::object& args, reply_fn reply);
   void set_iothread(const boost::json::object& args, reply_fn reply);
-  command_outcome object_add(boost::json::object& args);
-  // tls-creds-* and authz-* objects (the rest of object_add is for iothreads).
-  command_outcome tls_object_add(const std::string& type, const std::string& id, const boost::json::object& args);
+  // ---- objects and QOM (objects.cpp) ----------------------------------------------------------
+  qom::type_registry types_;          // the built-in types with this supervisor's live factories
+  std::unique_ptr<qom::model> qom_;   // /objects, /chardevs; reset at shutdown (joins iothreads)
+  void init_objects();
+  void object_del(const std::string& id, reply_fn reply);
+  iothread* find_iothread(const std::string& id);  // the loop of iothread object `id`, or null
+  result<std::shared_ptr<const tls::credentials>> tls_server_creds(const std::string& id);
   // tls-authz, resolved by id each time a client presents its identity (as QEMU does).
   result<bool> authorize(const std::string& authz_id, const std::string& identity);
-  void object_del(const std::string& id, reply_fn reply);
   command_outcome add_chardev(const chardev_spec& spec, const std::string& note_prefix);
   command_outcome add_monitor(const std::string& chardev_id, bool pretty, const std::string& id);
-  object_entry* find_object(const std::string& id);
 
   // ---- jobs (jobs.cpp): the registry, job-* commands, blockdev-create, x-blockdev-amend ---------
   struct job_entry {
@@ -177,7 +168,6 @@ class supervisor_actor : public caf::event_based_actor {
 
   iothread* home_;
   supervisor_hooks hooks_;
-  std::vector<object_entry> objects_;  // in creation order, as qom-list shows them
   std::vector<std::unique_ptr<chardev>> chardevs_;
   std::vector<caf::actor> monitors_;
   std::vector<caf::actor> subscribers_;

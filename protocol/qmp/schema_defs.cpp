@@ -129,6 +129,17 @@ void define_objects(schema& s) {
                /*open_branches=*/true);
   s.command("object-add", "ObjectOptions", "", true);
   s.command("object-del", "id:str");
+  // qom.json's commands over the tree (config/qom/model.h).
+  s.object("ObjectPropertyInfo", "name:str type:str *description:str *default-value:any");
+  s.object("ObjectTypeInfo", "name:str *abstract:bool *parent:str");
+  s.object("ObjectPropertyValue", "name:str type:str *value:any");
+  s.object("ObjectPropertiesValues", "properties:[ObjectPropertyValue]");
+  s.command("qom-list", "path:str", "[ObjectPropertyInfo]");
+  s.command("qom-get", "path:str property:str", "any");
+  s.command("qom-set", "path:str property:str value:any");
+  s.command("qom-list-types", "*implements:str *abstract:bool", "[ObjectTypeInfo]");
+  s.command("qom-list-properties", "typename:str", "[ObjectPropertyInfo]");
+  s.command("qom-list-get", "paths:[str]", "[ObjectPropertiesValues]");
 }
 
 // job.json: the generic job commands, for every job type (JobType and JobStatus come with the events).

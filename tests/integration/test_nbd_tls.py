@@ -318,7 +318,14 @@ def main():
         if shutil.which(a.qsd):
             want = qmp_texts(a.qsd, pki, t2)
             got = qmp_texts(a.blockd, pki, t3)
+            check("qmp entry count", len(want) == len(got), f"qsd {len(want)}, blockd {len(got)}")
             for (name, w), (_, g) in zip(want, got):
+                if '"authz-listfile"' in name:
+                    # QSD 7.2 cannot create authz-listfile at all (its QAPI name and QOM type name
+                    # differ, inventory T92); blockd builds it, so it reads the file QSD never opens.
+                    want_text = "Unable to read '/nonexistent': No such file or directory"
+                    check("qmp " + name, g.get("error", {}).get("desc") == want_text, json.dumps(g))
+                    continue
                 check("qmp " + name, w == g, f"qsd: {json.dumps(w)}\n    blockd: {json.dumps(g)}")
         else:
             print("SKIP: no qemu-storage-daemon for the QMP comparison")
