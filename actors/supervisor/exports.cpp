@@ -94,7 +94,7 @@ void supervisor_actor::register_export_commands() {
     boost::json::array out;
     for (auto& e : exports_)
       out.push_back(boost::json::object{
-          {"id", e.id}, {"type", "nbd"}, {"node-name", e.node_name}, {"shutting-down", e.shutting_down}});
+          {"id", e.id}, {"type", "nbd"}, {"node-name", export_node_name(e)}, {"shutting-down", e.shutting_down}});
     return command_outcome::success(std::move(out));
   });
 }
@@ -215,7 +215,7 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   if (auto r = graph_->attach_user(*n, "export:" + id, u); !r) return command_outcome::failure(r.error());
   export_entry e;
   e.id = id;
-  e.node_name = node_name;
+  e.root_key = "export:" + id;
   e.writable = writable;
   e.writethrough = bool_arg(args, "writethrough");
   e.fixed_iothread = bool_arg(args, "fixed-iothread");
@@ -267,7 +267,7 @@ void supervisor_actor::block_export_add_async(const boost::json::object& args, r
 const supervisor_actor::export_entry* supervisor_actor::pinning_export(const std::vector<block::node*>& nodes) const {
   for (auto& e : exports_) {
     if (!e.fixed_iothread || e.shutting_down) continue;
-    block::node* n = graph_ ? graph_->find(e.node_name) : nullptr;
+    block::node* n = export_node(e);
     if (n && std::find(nodes.begin(), nodes.end(), n) != nodes.end()) return &e;
   }
   return nullptr;
@@ -287,6 +287,56 @@ void supervisor_actor::block_export_del(const std::string& id, const std::string
   shutdown_export(id, [reply = std::move(reply)] { reply(command_outcome::success()); });
 }
 
+block::node* supervisor_actor::export_node(const export_entry& e) const {
+  block::root* r = graph_ ? graph_->find_root(e.root_key) : nullptr;
+  return r ? r->target : nullptr;
+}
+
+std::string supervisor_actor::export_node_name(const export_entry& e) const {
+  block::node* n = export_node(e);
+  return n ? n->name() : std::string();
+}
+
+void supervisor_actor::repoint_export(const std::string& id, block::node* to, reply_fn reply) {
+  export_entry* e = find_export(id);
+  if (!e) return reply(command_outcome::failure(error("Export '" + id + "' not found")));
+  block::node* from = export_node(*e);
+  if (!from || !to || from == to) return reply(command_outcome::success());
+  if (e->fixed_iothread && home_of(to) != home_of(from))
+    return reply(command_outcome::failure(error("export '" + id + "' is fixed to its iothread and node '" +
+                                                to->name() + "' lives on another one; move the node first")));
+  // Clients leave their connection actors first (their requests complete), then both nodes are
+  // quiesced while the root moves, then the clients continue on the new node.
+  park_clients({from}, [this, id, from, to, reply = std::move(reply)]() mutable {
+    with_quiesced(
+        {from, to},
+        [this, id, to] {
+          export_entry* x = find_export(id);
+          block::root* r = x ? graph_->find_root(x->root_key) : nullptr;
+          if (!r || !graph_->alive(to)) return command_outcome::failure(error("Export '" + id + "' went away"));
+          if (auto res = graph_->repoint_root(*r, *to); !res) return command_outcome::failure(res.error());
+          return command_outcome::success();
+        },
+        [this, reply = std::move(reply)](command_outcome o) mutable {
+          unpark_clients();
+          reply(std::move(o));
+        });
+  });
+}
+
+void supervisor_actor::follow_roots(std::function<void()> then) {
+  std::vector<block::node*> stale;
+  for (auto& e : exports_) {
+    block::node* now = export_node(e);
+    if (!e.clients.empty() && e.serving && now && e.serving != now) stale.push_back(e.serving);
+  }
+  if (stale.empty()) return then();
+  park_clients(stale, [this, then = std::move(then)] {
+    unpark_clients();
+    then();
+  });
+}
+
 void supervisor_actor::shutdown_export(const std::string& id, std::function<void()> then) {
   auto* e = find_export(id);
   if (!e) return then();
@@ -300,8 +350,7 @@ void supervisor_actor::finish_export(const std::string& id_ref) {
   const std::string id = id_ref;  // the caller's string may live in the entry erased below
   auto* e = find_export(id);
   if (!e) return;
-  if (graph_)
-    if (block::node* n = graph_->find(e->node_name)) graph_->detach_user(*n, "export:" + id);
+  if (block::node* n = export_node(*e)) graph_->detach_user(*n, e->root_key);
   auto gone = std::move(e->on_gone);
   // A deque is not contiguous: the entry is found by its id, not by pointer arithmetic.
   exports_.erase(std::find_if(exports_.begin(), exports_.end(), [&](const export_entry& x) { return x.id == id; }));
@@ -342,14 +391,15 @@ void supervisor_actor::nbd_negotiated_client(nbd_negotiated n) {
 // disconnected.
 void supervisor_actor::start_client(nbd_client_setup s) {
   auto* e = s.export_id.empty() ? nullptr : find_export(s.export_id);
-  block::node* node = e && graph_ ? graph_->find(e->node_name) : nullptr;
-  auto actor_it = e ? node_actors_.find(e->node_name) : node_actors_.end();
+  block::node* node = e ? export_node(*e) : nullptr;
+  auto actor_it = node ? node_actors_.find(node->name()) : node_actors_.end();
   if (!e || e->shutting_down || !node || actor_it == node_actors_.end()) {
     ::close(s.fd);
     if (nbd_) nbd_->client_gone();
     return;
   }
   s.node = actor_it->second.actor;
+  e->serving = node;
   iothread* h = home_of(node);
   uint64_t cid = s.client_id;
   e->clients.emplace(cid, spawn_pinned<nbd_connection>(h->system(), *h, std::move(s)));
@@ -363,7 +413,9 @@ void supervisor_actor::start_client(nbd_client_setup s) {
 void supervisor_actor::park_clients(const std::vector<block::node*>& nodes, std::function<void()> then) {
   std::vector<std::pair<std::string, std::pair<uint64_t, caf::actor>>> waiting;
   for (auto& e : exports_) {
-    block::node* n = graph_ ? graph_->find(e.node_name) : nullptr;
+    // Clients run on the node they were started on, which follow_roots() finds different from
+    // the root's target after a re-point.
+    block::node* n = e.serving ? e.serving : export_node(e);
     if (!n || std::find(nodes.begin(), nodes.end(), n) == nodes.end()) continue;
     for (auto& [cid, a] : e.clients) waiting.push_back({e.id, {cid, a}});
   }
@@ -404,6 +456,7 @@ void supervisor_actor::nbd_client_gone(const std::string& export_id, uint64_t cl
   auto* e = find_export(export_id);
   if (!e) return;
   e->clients.erase(client_id);
+  if (e->clients.empty()) e->serving = nullptr;  // it may be deleted now; no client uses it
   if (e->shutting_down && e->clients.empty()) finish_export(export_id);
 }
 

@@ -103,7 +103,7 @@ void supervisor_actor::object_del(const std::string& id, reply_fn reply) {
   // An export with fixed-iothread keeps its node on this iothread: the thread cannot go.
   if (const export_entry* e = pinning_export(components(living)))
     return reply(command_outcome::failure(
-        error("iothread '" + id + "' runs node '" + e->node_name + "', which export '" + e->id +
+        error("iothread '" + id + "' runs node '" + export_node_name(*e) + "', which export '" + e->id +
               "' keeps there (fixed-iothread); delete the export first")));
   // QSD deletes the iothread under its nodes (and crashes on their next request); blockd first
   // moves them to the main loop, so the deletion succeeds as in QSD and the nodes keep working.

@@ -45,6 +45,17 @@ caf::behavior supervisor_actor::make_behavior() {
         pump();
         return rp;
       },
+      [this](repoint_atom, const std::string& export_id, const std::string& node) -> caf::result<command_outcome> {
+        if (shutting_down_) return command_outcome::failure(error("blockd is shutting down"));
+        auto rp = make_response_promise<command_outcome>();
+        queue_.push_back({"repoint", {}, rp, [this, export_id, node](reply_fn reply) {
+                            block::node* to = graph_->find(node);
+                            if (!to) return reply(command_outcome::failure(error("Cannot find node '" + node + "'")));
+                            repoint_export(export_id, to, std::move(reply));
+                          }});
+        pump();
+        return rp;
+      },
       // Exports and jobs reach a node through its actor; they ask for it here.
       [this](node_lookup_atom, const std::string& name) -> caf::result<caf::actor> {
         auto it = node_actors_.find(name);
@@ -133,7 +144,8 @@ void supervisor_actor::pump() {
     // No handler may take the daemon down: a failure thrown inside a command ends as its error
     // reply, and the supervisor goes on with the next command.
     try {
-      run_command(p.name, p.args, reply);
+      if (p.internal) p.internal(reply);
+      else run_command(p.name, p.args, reply);
     } catch (const std::exception& ex) {
       reply(command_outcome::failure(error("internal error in '" + p.name + "': " + ex.what())));
     } catch (...) {

@@ -25,6 +25,11 @@ namespace blockd {
 class job_runner;
 struct job_graph_request;
 
+// Re-points an export to another node (export id, node name) -> command_outcome. Not a QMP
+// command: the graph edits that move exports (external snapshots, mirror pivot) use
+// repoint_export through their actions; actor tests drive it with this message.
+using repoint_atom = caf::atom_constant<caf::atom("repoint")>;
+
 struct supervisor_hooks {
   std::function<void()> quit_requested;  // called on the main iothread when a client sends quit
   std::string cli_note_prefix;           // prefix for start-up notes ("blockd: --chardev ...: ")
@@ -46,6 +51,8 @@ class supervisor_actor : public caf::event_based_actor {
     std::string name;
     boost::json::object args;
     caf::response_promise rp;
+    // Set for control messages that are not QMP commands (repoint_atom): they queue like one.
+    std::function<void(reply_fn)> internal;
   };
   // Graph work of job bodies (resolving and releasing nodes) runs between commands, never inside
   // one; `jobs_hold_queue_` is false only while quit waits for jobs, which changes no graph.
@@ -115,7 +122,11 @@ class supervisor_actor : public caf::event_based_actor {
   // ---- exports (exports.cpp): the NBD server, block-export-*, nbd-server-* -------------------
   struct export_entry {
     std::string id;
-    std::string node_name;
+    // The export reaches its node through a root in the graph ("export:<id>"), never by name: a
+    // graph edit that replaces the node (a snapshot, a mirror pivot) re-points the root, and
+    // follow_roots() moves the clients after it.
+    std::string root_key;
+    block::node* serving = nullptr;  // the node the export's connection actors were started on
     nbd::export_view view;
     bool writable = false;
     bool writethrough = false;
@@ -148,6 +159,17 @@ class supervisor_actor : public caf::event_based_actor {
   const export_entry* pinning_export(const std::vector<block::node*>& nodes) const;
   void block_export_del(const std::string& id, const std::string& mode, reply_fn reply);
   export_entry* find_export(const std::string& id);
+  // The node an export's root points at now (null once the graph is gone).
+  block::node* export_node(const export_entry& e) const;
+  std::string export_node_name(const export_entry& e) const;
+  // Re-points export `id` to node `to`: its clients are parked (each finishes what is in flight),
+  // the root moves with its permissions (all or nothing), and the clients continue on `to`'s
+  // actor and home. The primitive graph edits that move roots (replace_node, insert_filter) are
+  // followed the same way by follow_roots().
+  void repoint_export(const std::string& id, block::node* to, reply_fn reply);
+  // After a graph edit: exports whose root now targets another node than their clients use get
+  // their clients moved there. `then` runs when every client continues.
+  void follow_roots(std::function<void()> then);
   void nbd_negotiated_client(nbd_negotiated n);
   void nbd_client_gone(const std::string& export_id, uint64_t client_id);
   // Starts the export's shutdown (clients told to close); `then` runs once it is deleted.

@@ -364,6 +364,10 @@ result<void> graph::update_perms(const std::vector<node*>& seeds) {
       shared = perm_all;
     }
     node_next[n] = {perm, shared};
+    // Nobody may write through a read-only node (as it will be once a pending reopen commits).
+    bool ro_next = n->settings().read_only;
+    if (auto pr = pending_.find(n); pr != pending_.end()) ro_next = pr->second.read_only;
+    if (ro_next && (perm & (perm_write | perm_write_unchanged))) return fail("Block node is read-only");
     for (child_edge* e : n->children()) {
       uint32_t cp = 0, cs = perm_all;
       bool ro = n->settings().read_only;
