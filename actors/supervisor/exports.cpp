@@ -212,7 +212,11 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   // Exports do not let the node be resized under their clients (QEMU's NBD export does the same).
   block::perm_user u{"block export '" + id + "' (uses node '" + node_name + "' as 'root' child)", perm,
                      block::perm_all & ~uint32_t(block::perm_resize), allow_inactive};
-  if (auto r = graph_->attach_user(*n, "export:" + id, u); !r) return command_outcome::failure(r.error());
+  // Export add is an action list: the root (prepare takes it, the permission check covers the
+  // list, abort drops it) and the export's registration at commit, so a refused permission leaves
+  // neither a root nor an export behind.
+  std::vector<std::unique_ptr<block::action>> list;
+  list.push_back(graph_->attach_user_action(*n, "export:" + id, u));
   export_entry e;
   e.id = id;
   e.root_key = "export:" + id;
@@ -233,7 +237,10 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
                                           : nbd::max_buffer_size;
   e.view.allocation_depth = bool_arg(args, "allocation-depth");
   e.sparse_reads = n->driver().caps() & block::cap_block_status;
-  exports_.push_front(std::move(e));
+  auto reg = std::make_unique<block::lambda_action>();
+  reg->on_commit = [this, e = std::move(e)]() mutable { exports_.push_front(std::move(e)); };
+  list.push_back(std::move(reg));
+  if (auto r = graph_->run(std::move(list)); !r) return command_outcome::failure(r.error());
   return command_outcome::success();
 }
 
