@@ -104,6 +104,51 @@ def raw_list_option(sock_path):
     return typ, msg
 
 
+def passwordid(blockd, pki, tmp):
+    """An encrypted server key opened with passwordid: the password comes from a secret object."""
+    enc = os.path.join(pki, "enc")
+    os.makedirs(enc, exist_ok=True)
+    for f in ("ca-cert.pem", "server-cert.pem"):
+        shutil.copy(f"{pki}/srv/{f}", f"{enc}/{f}")
+    certtool("--to-p8", "--load-privkey", f"{pki}/srv/server-key.pem", "--password", "s3cret",
+             "--outfile", f"{enc}/server-key.pem")
+    with open(f"{enc}/server-key.pem") as f:
+        check("the server key is encrypted", "ENCRYPTED" in f.read())
+    img = os.path.join(tmp, "p.raw")
+    run("qemu-img", "create", "-f", "raw", img, "4M")
+    sock = os.path.join(tmp, "p.sock")
+    pwfile = os.path.join(tmp, "pw")
+    with open(pwfile, "w") as f:
+        f.write("s3cret")
+    args, qmp = monitor_args(tmp)
+    d = Daemon(blockd, args + ["--blockdev", f"driver=file,node-name=f0,filename={img}"], tmp)
+    c = Client.unix(qmp)
+    c.negotiate()
+    try:
+        c.cmd("object-add", {"qom-type": "secret", "id": "bad", "data": "wrong"})
+        r = c.cmd("object-add", {"qom-type": "tls-creds-x509", "id": "t0", "endpoint": "server", "dir": enc,
+                                 "passwordid": "bad"})
+        check("a wrong key password is refused", "error" in r, json.dumps(r))
+        r = c.cmd("object-add", {"qom-type": "tls-creds-x509", "id": "t0", "endpoint": "server", "dir": enc,
+                                 "passwordid": "nosuch"})
+        check("a missing password secret is refused", "error" in r and "nosuch" in r["error"]["desc"], json.dumps(r))
+        r = c.cmd("object-add", {"qom-type": "tls-creds-x509", "id": "t0", "endpoint": "server", "dir": enc})
+        check("an encrypted key without passwordid is refused", "error" in r, json.dumps(r))
+        c.cmd("object-add", {"qom-type": "secret", "id": "pw", "file": pwfile})
+        r = c.cmd("object-add", {"qom-type": "tls-creds-x509", "id": "t0", "endpoint": "server", "dir": enc,
+                                 "passwordid": "pw"})
+        check("passwordid opens the encrypted key", r == {"return": {}}, json.dumps(r))
+        r = c.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}, "tls-creds": "t0"})
+        check("nbd-server-start with those credentials", r == {"return": {}}, json.dumps(r))
+        c.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "f0"})
+        p = nbdinfo(f"nbds+unix:///f0?socket={sock}&tls-certificates={pki}/cli")
+        check("a client connects over TLS to the server with the decrypted key",
+              p.returncode == 0 and json.loads(p.stdout)["exports"][0]["export-size"] == 4 << 20, p.stderr)
+        c.cmd("quit")
+    finally:
+        d.stop()
+
+
 def nbdinfo(uri):
     return run("nbdinfo", "--json", uri, ok=False)
 
@@ -315,6 +360,7 @@ def main():
     try:
         make_pki(pki)
         functional(a.blockd, pki, t1)
+        passwordid(a.blockd, pki, t1)
         if shutil.which(a.qsd):
             want = qmp_texts(a.qsd, pki, t2)
             got = qmp_texts(a.blockd, pki, t3)
