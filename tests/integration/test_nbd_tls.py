@@ -149,6 +149,42 @@ def passwordid(blockd, pki, tmp):
         d.stop()
 
 
+def listfile(blockd, pki, tmp):
+    """tls-authz through authz-listfile: a rewritten file takes effect for the next client (refresh)."""
+    img = os.path.join(tmp, "l.raw")
+    run("qemu-img", "create", "-f", "raw", img, "1M")
+    sock = os.path.join(tmp, "l.sock")
+    rules = os.path.join(tmp, "authz.json")
+
+    def write_rules(policy):
+        # Replaced, not rewritten in place, as editors and config tools do.
+        with open(rules + ".new", "w") as f:
+            json.dump({"policy": "deny", "rules": [{"match": "*CN=client1", "policy": policy, "format": "glob"}]}, f)
+        os.replace(rules + ".new", rules)
+
+    write_rules("allow")
+    args, qmp = monitor_args(tmp)
+    d = Daemon(blockd, args + [
+        "--object", f"tls-creds-x509,id=t0,endpoint=server,dir={pki}/srv",
+        "--object", f"authz-listfile,id=z0,filename={rules},refresh=on",
+        "--blockdev", f"driver=file,node-name=f0,filename={img}",
+        "--nbd-server", f"addr.type=unix,addr.path={sock},tls-creds=t0,tls-authz=z0",
+        "--export", "nbd,id=e0,node-name=f0"], tmp)
+    c = Client.unix(qmp)
+    c.negotiate()
+    uri = f"nbds+unix:///f0?socket={sock}&tls-certificates={pki}/cli"
+    try:
+        check("authz-listfile allows the listed client", nbdinfo(uri).returncode == 0)
+        write_rules("deny")
+        check("a rewritten authz-listfile denies it (refresh)", nbdinfo(uri).returncode != 0)
+        r = c.cmd("qom-set", {"path": "/objects/z0", "property": "refresh", "value": False})
+        write_rules("allow")
+        check("with refresh off the file is not read again", nbdinfo(uri).returncode != 0, json.dumps(r))
+        c.cmd("quit")
+    finally:
+        d.stop()
+
+
 def nbdinfo(uri):
     return run("nbdinfo", "--json", uri, ok=False)
 
@@ -361,6 +397,7 @@ def main():
         make_pki(pki)
         functional(a.blockd, pki, t1)
         passwordid(a.blockd, pki, t1)
+        listfile(a.blockd, pki, t1)
         if shutil.which(a.qsd):
             want = qmp_texts(a.qsd, pki, t2)
             got = qmp_texts(a.blockd, pki, t3)
