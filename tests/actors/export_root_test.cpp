@@ -14,6 +14,7 @@
 
 #include "actors/runtime/pinned.h"
 #include "actors/supervisor/supervisor.h"
+#include "tests/actors/supervisor_harness.h"
 
 using namespace blockd;
 
@@ -98,23 +99,14 @@ struct export_root : ::testing::Test {
     self->send(sup, ready_atom::value);  // the command line is applied: serve clients
   }
   void TearDown() override {
-    {
-      caf::scoped_actor self{*sys};
-      self->request(sup, std::chrono::seconds(5), shutdown_atom::value).receive([](bool) {}, [](caf::error&) {});
-      self->send_exit(sup, caf::exit_reason::user_shutdown);
-    }
-    sys->await_all_actors_done();
+    test::stop_supervisor(*sys, sup);
     main_io.reset();
     sys.reset();
     std::string cmd = "rm -rf " + dir;
     EXPECT_EQ(0, system(cmd.c_str()));
   }
   command_outcome cmd(const std::string& name, boost::json::object args) {
-    caf::scoped_actor self{*sys};
-    command_outcome out = command_outcome::failure(error("no reply"));
-    self->request(sup, std::chrono::seconds(10), command_atom::value, name, json_args{std::move(args)})
-        .receive([&](const command_outcome& o) { out = o; }, [](caf::error& e) { FAIL() << caf::to_string(e); });
-    return out;
+    return test::sup_command(*sys, sup, name, std::move(args));
   }
   void ok(const std::string& name, boost::json::object args) {
     auto o = cmd(name, std::move(args));
