@@ -54,7 +54,52 @@ supervisor_actor::export_entry* supervisor_actor::find_export(const std::string&
   return nullptr;
 }
 
+void supervisor_actor::register_export_types() {
+  export_type nbd_type;
+  nbd_type.check = [this](const boost::json::object& args, block::node& n) {
+    // QEMU's nbd_export_create, after the checks every export shares.
+    std::string s;
+    if (!nbd_) return command_outcome::failure(error("NBD server not running"));
+    std::string name = str_arg(args, "name", s) ? s : n.name();
+    if (name.size() > nbd::max_string_size)
+      return command_outcome::failure(error("export name '" + name + "' too long"));
+    std::string description = str_arg(args, "description", s) ? s : std::string();
+    if (description.size() > nbd::max_string_size)
+      return command_outcome::failure(error("description '" + description + "' too long"));
+    if (catalog_.find(name))
+      return command_outcome::failure(error("NBD server already has export named '" + name + "'"));
+    if (auto* bm = args.if_contains("bitmaps"); bm && bm->is_array() && !bm->as_array().empty()) {
+      // No node has dirty bitmaps yet, so every named bitmap is missing (QEMU's text).
+      const auto& b = bm->as_array().front();
+      std::string bname = b.is_string() ? std::string(b.as_string())
+                                        : std::string(b.as_object().at("name").as_string());
+      return command_outcome::failure(error("Bitmap '" + bname + "' is not found"));
+    }
+    return command_outcome::success();
+  };
+  nbd_type.describe = [this](const boost::json::object& args, block::node& n, export_entry& e) {
+    // What an NBD client learns at NBD_OPT_GO, fixed for the export's lifetime.
+    std::string s;
+    e.view.name = str_arg(args, "name", s) ? s : n.name();
+    e.view.description = str_arg(args, "description", s) ? s : std::string();
+    e.view.size = uint64_t(n.length()) & ~uint64_t(511);
+    uint16_t f = nbd::tf_has_flags | nbd::tf_send_flush | nbd::tf_send_fua | nbd::tf_send_cache;
+    if (nbd_->settings().max_connections != 1) f |= nbd::tf_can_multi_conn;
+    if (!e.writable) f |= nbd::tf_read_only;
+    else f |= nbd::tf_send_trim | nbd::tf_send_write_zeroes | nbd::tf_send_fast_zero;
+    e.view.flags = f;
+    auto lim = n.driver().limits();
+    e.view.min_block = std::max<uint32_t>(1, lim.request_alignment);
+    e.view.max_block = lim.max_transfer > 0 ? uint32_t(std::min<int64_t>(lim.max_transfer, nbd::max_buffer_size))
+                                            : nbd::max_buffer_size;
+    e.view.allocation_depth = bool_arg(args, "allocation-depth");
+    e.sparse_reads = n.driver().caps() & block::cap_block_status;
+  };
+  export_types_.emplace("nbd", std::move(nbd_type));
+}
+
 void supervisor_actor::register_export_commands() {
+  register_export_types();
   using args_t = boost::json::object;
   commands_.add("nbd-server-start", [this](args_t& a, reply_fn r) { nbd_server_start(a, std::move(r)); });
   commands_.add("nbd-server-stop", [this](args_t&, reply_fn r) { nbd_server_stop(std::move(r)); });
@@ -68,8 +113,7 @@ void supervisor_actor::register_export_commands() {
     std::string s;
     std::string id(a.at("name").as_string());
     std::string mode = str_arg(a, "mode", s) ? s : "safe";
-    // Every blockd export is an NBD export; the check stays for when other types exist.
-    if (auto* e = find_export(id); e && e->view.name.empty())
+    if (auto* e = find_export(id); e && e->type != "nbd")
       return reply(command_outcome::failure(error("Block export '" + id + "' is not an NBD export")));
     block_export_del(id, mode, std::move(reply));
   });
@@ -94,7 +138,7 @@ void supervisor_actor::register_export_commands() {
     boost::json::array out;
     for (auto& e : exports_)
       out.push_back(boost::json::object{
-          {"id", e.id}, {"type", "nbd"}, {"node-name", export_node_name(e)}, {"shutting-down", e.shutting_down}});
+          {"id", e.id}, {"type", e.type}, {"node-name", export_node_name(e)}, {"shutting-down", e.shutting_down}});
     return command_outcome::success(std::move(out));
   });
 }
@@ -173,9 +217,14 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   std::string id(args.at("id").as_string());
   std::string node_name(args.at("node-name").as_string());
   std::string s;
-  if (type != "nbd")
-    return command_outcome::failure(error("export type '" + type +
-                                          "' is not available in this blockd version yet; use type 'nbd'"));
+  auto ty = export_types_.find(type);
+  if (ty == export_types_.end()) {
+    std::string built;
+    for (auto& [name, t] : export_types_) built += (built.empty() ? "'" : ", '") + name + "'";
+    return command_outcome::failure(
+        error("export type '" + type + "' is not available in this blockd version yet; use type " + built));
+  }
+  // The checks every export type shares, in QEMU's order (blk_exp_add), then the type's own.
   if (!id_wellformed(id)) return command_outcome::failure(error("Invalid block export id"));
   if (find_export(id)) return command_outcome::failure(error("Block export id '" + id + "' is already in use"));
   block::node* n = graph_->find(node_name);
@@ -188,20 +237,11 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   }
   if (writable && n->settings().read_only)
     return command_outcome::failure(error("Cannot export read-only node as writable"));
-  if (!nbd_) return command_outcome::failure(error("NBD server not running"));
-  std::string name = str_arg(args, "name", s) ? s : node_name;
-  if (name.size() > nbd::max_string_size) return command_outcome::failure(error("export name '" + name + "' too long"));
-  std::string description = str_arg(args, "description", s) ? s : std::string();
-  if (description.size() > nbd::max_string_size)
-    return command_outcome::failure(error("description '" + description + "' too long"));
-  if (catalog_.find(name)) return command_outcome::failure(error("NBD server already has export named '" + name + "'"));
-  if (auto* bm = args.if_contains("bitmaps"); bm && bm->is_array() && !bm->as_array().empty()) {
-    // No node has dirty bitmaps yet, so every named bitmap is missing (QEMU's text).
-    const auto& b = bm->as_array().front();
-    std::string bname = b.is_string() ? std::string(b.as_string())
-                                      : std::string(b.as_object().at("name").as_string());
-    return command_outcome::failure(error("Bitmap '" + bname + "' is not found"));
-  }
+  export_entry e;
+  e.id = id;
+  e.type = type;
+  e.writable = writable;
+  if (auto r = ty->second.check(args, *n); !r.ok) return r;
   // Without allow-inactive an export activates its node (an image handed over by migration is
   // taken back) and later keeps it active; with it, the node stays as it is and may be inactivated
   // under the export (QEMU 10's rules). The caller has quiesced the node when it is inactive.
@@ -217,26 +257,10 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   // neither a root nor an export behind.
   std::vector<std::unique_ptr<block::action>> list;
   list.push_back(graph_->attach_user_action(*n, "export:" + id, u));
-  export_entry e;
-  e.id = id;
   e.root_key = "export:" + id;
-  e.writable = writable;
   e.writethrough = bool_arg(args, "writethrough");
   e.fixed_iothread = bool_arg(args, "fixed-iothread");
-  e.view.name = name;
-  e.view.description = description;
-  e.view.size = uint64_t(n->length()) & ~uint64_t(511);
-  uint16_t f = nbd::tf_has_flags | nbd::tf_send_flush | nbd::tf_send_fua | nbd::tf_send_cache;
-  if (nbd_->settings().max_connections != 1) f |= nbd::tf_can_multi_conn;
-  if (!writable) f |= nbd::tf_read_only;
-  else f |= nbd::tf_send_trim | nbd::tf_send_write_zeroes | nbd::tf_send_fast_zero;
-  e.view.flags = f;
-  auto lim = n->driver().limits();
-  e.view.min_block = std::max<uint32_t>(1, lim.request_alignment);
-  e.view.max_block = lim.max_transfer > 0 ? uint32_t(std::min<int64_t>(lim.max_transfer, nbd::max_buffer_size))
-                                          : nbd::max_buffer_size;
-  e.view.allocation_depth = bool_arg(args, "allocation-depth");
-  e.sparse_reads = n->driver().caps() & block::cap_block_status;
+  ty->second.describe(args, *n, e);
   auto reg = std::make_unique<block::lambda_action>();
   reg->on_commit = [this, e = std::move(e)]() mutable { exports_.push_front(std::move(e)); };
   list.push_back(std::move(reg));
@@ -251,7 +275,8 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
 void supervisor_actor::block_export_add_async(const boost::json::object& args, reply_fn reply) {
   std::string s, id(args.at("id").as_string()), node_name(args.at("node-name").as_string());
   block::node* n = graph_->find(node_name);
-  bool early_error = std::string(args.at("type").as_string()) != "nbd" || !id_wellformed(id) || find_export(id) || !n;
+  bool early_error =
+      !export_types_.count(std::string(args.at("type").as_string())) || !id_wellformed(id) || find_export(id) || !n;
   if (early_error) return reply(block_export_add(args));
   // Activating a node reloads its image: nothing may be in flight meanwhile.
   bool activates = !n->settings().active && !bool_arg(args, "allow-inactive");

@@ -126,6 +126,7 @@ class supervisor_actor : public caf::event_based_actor {
     // graph edit that replaces the node (a snapshot, a mirror pivot) re-points the root, and
     // follow_roots() moves the clients after it.
     std::string root_key;
+    std::string type;  // the export type ("nbd")
     block::node* serving = nullptr;  // the node the export's connection actors were started on
     nbd::export_view view;
     bool writable = false;
@@ -136,6 +137,14 @@ class supervisor_actor : public caf::event_based_actor {
     std::map<uint64_t, caf::actor> clients;
     std::vector<std::function<void()>> on_gone;  // run once the export is deleted
   };
+  // An export type: block-export-add's checks and setup of its own, after the shared ones (id,
+  // node, iothread, writable). Adding vhost-user-blk or fuse is one more registration.
+  struct export_type {
+    std::function<command_outcome(const boost::json::object& args, block::node& n)> check;
+    std::function<void(const boost::json::object& args, block::node& n, export_entry& e)> describe;
+  };
+  std::map<std::string, export_type> export_types_;
+  void register_export_types();
   struct export_catalog final : nbd::export_catalog {
     supervisor_actor* self = nullptr;
     const nbd::export_view* find(const std::string& name) const override;
