@@ -356,19 +356,6 @@ void supervisor_actor::repoint_export(const std::string& id, block::node* to, re
   });
 }
 
-void supervisor_actor::follow_roots(std::function<void()> then) {
-  std::vector<block::node*> stale;
-  for (auto& e : exports_) {
-    block::node* now = export_node(e);
-    if (!e.clients.empty() && e.serving && now && e.serving != now) stale.push_back(e.serving);
-  }
-  if (stale.empty()) return then();
-  park_clients(stale, [this, then = std::move(then)] {
-    unpark_clients();
-    then();
-  });
-}
-
 void supervisor_actor::shutdown_export(const std::string& id, std::function<void()> then) {
   auto* e = find_export(id);
   if (!e) return then();

@@ -124,7 +124,7 @@ class supervisor_actor : public caf::event_based_actor {
     std::string id;
     // The export reaches its node through a root in the graph ("export:<id>"), never by name: a
     // graph edit that replaces the node (a snapshot, a mirror pivot) re-points the root, and
-    // follow_roots() moves the clients after it.
+    // the clients move with it (repoint_export).
     std::string root_key;
     std::string type;  // the export type ("nbd")
     block::node* serving = nullptr;  // the node the export's connection actors were started on
@@ -173,12 +173,9 @@ class supervisor_actor : public caf::event_based_actor {
   std::string export_node_name(const export_entry& e) const;
   // Re-points export `id` to node `to`: its clients are parked (each finishes what is in flight),
   // the root moves with its permissions (all or nothing), and the clients continue on `to`'s
-  // actor and home. The primitive graph edits that move roots (replace_node, insert_filter) are
-  // followed the same way by follow_roots().
+  // actor and home. Graph edits that replace an exported node (external snapshots, mirror pivot)
+  // park the clients of the exports they move the same way before quiescing.
   void repoint_export(const std::string& id, block::node* to, reply_fn reply);
-  // After a graph edit: exports whose root now targets another node than their clients use get
-  // their clients moved there. `then` runs when every client continues.
-  void follow_roots(std::function<void()> then);
   void nbd_negotiated_client(nbd_negotiated n);
   void nbd_client_gone(const std::string& export_id, uint64_t client_id);
   // Starts the export's shutdown (clients told to close); `then` runs once it is deleted.
