@@ -432,8 +432,8 @@ void supervisor_actor::start_client(nbd_client_setup s) {
 void supervisor_actor::park_clients(const std::vector<block::node*>& nodes, std::function<void()> then) {
   std::vector<std::pair<std::string, std::pair<uint64_t, caf::actor>>> waiting;
   for (auto& e : exports_) {
-    // Clients run on the node they were started on, which follow_roots() finds different from
-    // the root's target after a re-point.
+    // Clients run on the node they were started on, which differs from the root's target
+    // right after a re-point.
     block::node* n = e.serving ? e.serving : export_node(e);
     if (!n || std::find(nodes.begin(), nodes.end(), n) == nodes.end()) continue;
     for (auto& [cid, a] : e.clients) waiting.push_back({e.id, {cid, a}});
