@@ -9,6 +9,7 @@
 #include "actors/runtime/pinned.h"
 #include "actors/supervisor/supervisor.h"
 #include "config/inherited_fds.h"
+#include "config/objects/tls_creds.h"
 #include "protocol/chardev/ringbuf.h"
 #include "protocol/chardev/websocket.h"
 
@@ -34,13 +35,9 @@ chr::env supervisor_actor::chardev_env(const std::string& note_prefix) {
     return take_inherited_fd(str);
   };
   e.tls_creds = [this](const std::string& id, bool server) -> result<std::shared_ptr<const tls::credentials>> {
-    // QEMU's char-socket lookup, texts verbatim.
-    auto* o = find_object(id);
-    if (!o) return fail("No TLS credentials with id '" + id + "'");
-    if (!o->creds) return fail("Object with id '" + id + "' is not TLS credentials");
-    if (o->creds->options().server != server)
-      return fail(std::string("Expected TLS credentials for a ") + (server ? "server" : "client") + " endpoint");
-    return o->creds;
+    // QEMU's char-socket lookup has the NBD server's texts.
+    if (!qom_) return fail("blockd is shutting down");
+    return qom::tls_credentials(*qom_, id, server);
   };
   e.authorize = [this](const std::string& id, const std::string& identity) { return authorize(id, identity); };
   e.find = [this](const std::string& id) { return find_chardev(id); };
@@ -111,11 +108,18 @@ void supervisor_actor::remove_chardev(const std::string& id) {
   unpublish_chardev_qom(id);
 }
 
-// The QOM side of a chardev: /chardevs/<id> of type chardev-<backend>. The supervisor's QOM model
-// (qom_) comes with the objects rework; until then the tree is not built here and qom-list shows
-// no /chardevs. These two hooks are the only places that change when it lands.
-void supervisor_actor::publish_chardev_qom(const std::shared_ptr<chr::chardev>&) {}
-void supervisor_actor::unpublish_chardev_qom(const std::string&) {}
+// The QOM side of a chardev: /chardevs/<id> of type chardev-<backend>, with the properties of its
+// type (a socket's connected and addr, read live).
+void supervisor_actor::publish_chardev_qom(const std::shared_ptr<chr::chardev>& dev) {
+  // QSD 7.2's type list (which blockd reports) has no chardev-hub; a hub stays out of the tree.
+  if (!qom_ || !qom_->types().find(dev->qom_type())) return;
+  if (auto r = qom_->add_child("chardevs", dev->id(), dev->qom_type(), dev->qom_object()); !r)
+    std::fprintf(stderr, "blockd: chardev '%s' has no QOM object: %s\n", dev->id().c_str(), r.error().desc.c_str());
+}
+
+void supervisor_actor::unpublish_chardev_qom(const std::string& id) {
+  if (qom_) qom_->remove_child("chardevs", id);
+}
 
 command_outcome supervisor_actor::add_monitor(const std::string& chardev_id, bool pretty, const std::string& id) {
   auto dev = find_chardev(chardev_id);

@@ -23,6 +23,7 @@ supervisor_actor::supervisor_actor(caf::actor_config& cfg, iothread* home, super
     : caf::event_based_actor(cfg), home_(home), hooks_(std::move(hooks)), commands_(qmp::qsd_schema()) {
   // A new node opens on the home blockdev-add chose for it (see blockdev_add_async).
   graph_ = std::make_unique<block::graph>([this] { return env_for(new_node_home_ ? new_node_home_ : home_); });
+  init_objects();
   register_commands();
 }
 
@@ -41,6 +42,17 @@ caf::behavior supervisor_actor::make_behavior() {
         if (shutting_down_) return command_outcome::failure(error("blockd is shutting down"));
         auto rp = make_response_promise<command_outcome>();
         queue_.push_back({name, std::move(args.v), rp});
+        pump();
+        return rp;
+      },
+      [this](repoint_atom, const std::string& export_id, const std::string& node) -> caf::result<command_outcome> {
+        if (shutting_down_) return command_outcome::failure(error("blockd is shutting down"));
+        auto rp = make_response_promise<command_outcome>();
+        queue_.push_back({"repoint", {}, rp, [this, export_id, node](reply_fn reply) {
+                            block::node* to = graph_->find(node);
+                            if (!to) return reply(command_outcome::failure(error("Cannot find node '" + node + "'")));
+                            repoint_export(export_id, to, std::move(reply));
+                          }});
         pump();
         return rp;
       },
@@ -98,9 +110,9 @@ caf::behavior supervisor_actor::make_behavior() {
             auto g = std::move(graph_);
             sync_node_actors();
             g.reset();
-            objects_.clear();
-            // Muxes before the chardevs under them: newest first.
+            // Muxes before the chardevs under them: newest first. Then the QOM tree goes.
             for (auto it = chardevs_.rbegin(); it != chardevs_.rend(); ++it) (*it)->close();
+            qom_.reset();
             chardevs_.clear();
             rp.deliver(true);
           };
@@ -144,7 +156,8 @@ void supervisor_actor::pump() {
     // No handler may take the daemon down: a failure thrown inside a command ends as its error
     // reply, and the supervisor goes on with the next command.
     try {
-      run_command(p.name, p.args, reply);
+      if (p.internal) p.internal(reply);
+      else run_command(p.name, p.args, reply);
     } catch (const std::exception& ex) {
       reply(command_outcome::failure(error("internal error in '" + p.name + "': " + ex.what())));
     } catch (...) {
