@@ -179,9 +179,6 @@ result<void> socket_chardev::setup() {
   if (!spec_.tls_creds.empty()) {
     auto c = env_.tls_creds(spec_.tls_creds, spec_.server);
     if (!c) return std::unexpected(c.error());
-    // blockd's TLS session runs the server side only.
-    if (!spec_.server)
-      return fail("chardev '" + spec_.id + "': TLS for client sockets is not supported by blockd; use server=on");
   }
   int fd = -1;
   if (spec_.handed_fd) {
@@ -260,12 +257,16 @@ void socket_chardev::new_client(int fd) {
 void socket_chardev::begin_protocols() {
   // Layers from the wire up, as QEMU stacks its channels: TLS, then websocket, then telnet.
   if (!spec_.tls_creds.empty()) {
-    auto creds = env_.tls_creds(spec_.tls_creds, true);
+    auto creds = env_.tls_creds(spec_.tls_creds, spec_.server);
     tls::authorizer authz;
     if (!spec_.tls_authz.empty())
       authz = [this, id = spec_.tls_authz](const std::string& identity) { return env_.authorize(id, identity); };
     result<std::unique_ptr<tls::session>> s = std::unexpected(error("no credentials"));
-    if (creds) s = tls::session::server(*creds, authz);
+    // A client checks the server's certificate against the host name it connected to, as QEMU
+    // does for inet addresses.
+    if (creds)
+      s = spec_.server ? tls::session::server(*creds, authz)
+                       : tls::session::client(*creds, spec_.addr_type() == "inet" ? spec_.addr_str("host") : "");
     if (!s) {
       // The credentials went away (object-del) since the chardev was made: refuse this client.
       env_.report("chardev '" + spec_.id + "': TLS handshake failed: " + (creds ? s.error().desc : creds.error().desc));
@@ -274,6 +275,17 @@ void socket_chardev::begin_protocols() {
     }
     tls_ = std::move(*s);
     phase_ = phase::tls;
+    if (!spec_.server) {
+      // The client speaks first (ClientHello).
+      if (tls_->handshake() == tls::session::status::failed) {
+        env_.report("chardev '" + spec_.id + "': TLS handshake failed: " + tls_->error());
+        disconnect(false);
+        return;
+      }
+      std::string out;
+      tls_->take_out(out);
+      conn_->write(out);
+    }
     return;
   }
   if (spec_.websocket) {

@@ -376,13 +376,48 @@ result<std::unique_ptr<session>> session::server(std::shared_ptr<const credentia
     return fail("Expected TLS credentials for a server endpoint");
   }
   if (rc < 0) return fail("Cannot set session credentials: " + gerr(rc));
-  gnutls_transport_set_ptr(h, s.get());
+  s->set_transport();
+  return s;
+}
+
+void session::set_transport() {
+  auto h = static_cast<gnutls_session_t>(s_);
+  gnutls_transport_set_ptr(h, this);
   gnutls_transport_set_pull_function(h, [](gnutls_transport_ptr_t p, void* b, size_t n) -> ssize_t {
     return pull(p, b, n);
   });
   gnutls_transport_set_push_function(h, [](gnutls_transport_ptr_t p, const void* b, size_t n) -> ssize_t {
     return push(p, b, n);
   });
+}
+
+result<std::unique_ptr<session>> session::client(std::shared_ptr<const credentials> c, const std::string& hostname) {
+  std::unique_ptr<session> s(new session());
+  s->creds_ = std::move(c);
+  s->client_ = true;
+  s->hostname_ = hostname;
+  gnutls_session_t h;
+  int rc = gnutls_init(&h, GNUTLS_CLIENT | GNUTLS_NONBLOCK);
+  if (rc < 0) return fail("Cannot initialize TLS session: " + gerr(rc));
+  s->s_ = h;
+  const auto& o = s->creds_->options();
+  std::string prio = o.priority.empty() ? "NORMAL" : o.priority;
+  if (o.type == kind::psk) prio += ":+ECDHE-PSK:+DHE-PSK:+PSK";
+  if (o.type == kind::anon) prio += ":+ANON-DH:+ANON-ECDH";
+  rc = gnutls_priority_set_direct(h, prio.c_str(), nullptr);
+  if (rc < 0) return fail("Unable to set TLS session priority " + prio + ": " + gerr(rc));
+  if (s->creds_->x509_) {
+    rc = gnutls_credentials_set(h, GNUTLS_CRD_CERTIFICATE, s->creds_->x509_);
+    if (rc >= 0 && !hostname.empty()) gnutls_server_name_set(h, GNUTLS_NAME_DNS, hostname.data(), hostname.size());
+  } else if (s->creds_->psk_client_) {
+    rc = gnutls_credentials_set(h, GNUTLS_CRD_PSK, s->creds_->psk_client_);
+  } else if (s->creds_->anon_client_) {
+    rc = gnutls_credentials_set(h, GNUTLS_CRD_ANON, s->creds_->anon_client_);
+  } else {
+    return fail("Expected TLS credentials for a client endpoint");
+  }
+  if (rc < 0) return fail("Cannot set session credentials: " + gerr(rc));
+  s->set_transport();
   return s;
 }
 
@@ -428,6 +463,7 @@ bool session::check_peer() {
     return true;
   };
   if (o.type == kind::anon) return true;
+  if (client_ && o.type == kind::psk) return true;
   if (o.type == kind::psk) {
     const char* user = gnutls_psk_server_get_username(h);
     if (!user) {
@@ -482,6 +518,14 @@ bool session::check_peer() {
       err_ = "The certificate is not yet activated";
       return false;
     }
+    if (i == 0 && client_) {
+      // QEMU's client check: the server's certificate names the host it connected to.
+      if (!hostname_.empty() && !gnutls_x509_crt_check_hostname(c, hostname_.c_str())) {
+        err_ = "Certificate does not match the hostname " + hostname_;
+        return false;
+      }
+      continue;
+    }
     if (i == 0) {
       // The DN as gnutls_x509_crt_get_dn prints it, the identity QEMU hands to tls-authz.
       size_t size = 0;
@@ -509,7 +553,12 @@ long session::read(uint8_t* dst, size_t cap) {
       got += size_t(rc);
       continue;
     }
-    if (rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED) break;
+    if (rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED) {
+      // After a post-handshake message (a TLS 1.3 session ticket) gnutls answers AGAIN even when
+      // more records wait in the input fed: go on while input is left, or they would sit there.
+      if (in_pos_ < in_.size()) continue;
+      break;
+    }
     if (rc == 0) return got ? long(got) : -1;  // close_notify: a clean end
     if (!gnutls_error_is_fatal(int(rc))) continue;  // a warning alert or a refused renegotiation
     if (got) return long(got);  // the failure shows on the next call

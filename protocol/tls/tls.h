@@ -55,11 +55,14 @@ class credentials {
 // looked up when used. An error (no such object) refuses the client with that text.
 using authorizer = std::function<result<bool>(const std::string& identity)>;
 
-// One TLS server session whose record layer runs in memory: the caller feeds ciphertext read
-// from its socket and sends what out() holds; nothing here touches a file descriptor or blocks.
+// One TLS session whose record layer runs in memory: the caller feeds ciphertext read from its
+// socket and sends what out() holds; nothing here touches a file descriptor or blocks.
 class session {
  public:
   static result<std::unique_ptr<session>> server(std::shared_ptr<const credentials> c, authorizer authz);
+  // The client side (socket chardevs with server=off): the server's certificate is checked
+  // against the CA and `hostname` (when not empty), as QEMU's client sessions do.
+  static result<std::unique_ptr<session>> client(std::shared_ptr<const credentials> c, const std::string& hostname);
   ~session();
   session(const session&) = delete;
   session& operator=(const session&) = delete;
@@ -100,6 +103,7 @@ class session {
  private:
   session() = default;
   bool check_peer();
+  void set_transport();
   static long pull(void* self, void* buf, size_t n);
   static long push(void* self, const void* buf, size_t n);
 
@@ -112,6 +116,8 @@ class session {
   std::string err_;
   std::string peer_;
   bool done_ = false;
+  bool client_ = false;
+  std::string hostname_;  // client: the name the server's certificate must match
 };
 
 // The tls-authz objects: authz-simple (one identity) and authz-list (ordered rules, exact or glob).

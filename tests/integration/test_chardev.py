@@ -391,9 +391,85 @@ def case_wait_on_blocks_start_up(binary, tmp):
         p.wait(DEADLINE)
 
 
+def make_pki(d):
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, made with certtool."""
+    def tool(*args):
+        subprocess.run(["certtool", *args], check=True, capture_output=True, timeout=60)
+
+    def template(name, text):
+        p = os.path.join(d, name + ".info")
+        with open(p, "w") as f:
+            f.write(text + "\nexpiration_days = 2\n")
+        return p
+
+    for sub in ("srv", "cli"):
+        os.mkdir(os.path.join(d, sub))
+    tool("--generate-privkey", "--key-type=ecdsa", "--outfile", f"{d}/ca-key.pem")
+    tool("--generate-self-signed", "--load-privkey", f"{d}/ca-key.pem", "--template",
+         template("ca", "cn = ca\nca\ncert_signing_key"), "--outfile", f"{d}/ca-cert.pem")
+    for sub, name, text in (("srv", "server", "cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\n"
+                                              "tls_www_server\nencryption_key\nsigning_key"),
+                            ("cli", "client", "country = GB\norganization = blockd\ncn = client1\ntls_www_client\n"
+                                              "encryption_key\nsigning_key")):
+        tool("--generate-privkey", "--key-type=ecdsa", "--outfile", f"{d}/{sub}/{name}-key.pem")
+        tool("--generate-certificate", "--load-privkey", f"{d}/{sub}/{name}-key.pem", "--load-ca-certificate",
+             f"{d}/ca-cert.pem", "--load-ca-privkey", f"{d}/ca-key.pem", "--template", template(sub, text),
+             "--outfile", f"{d}/{sub}/{name}-cert.pem")
+        shutil.copy(f"{d}/ca-cert.pem", f"{d}/{sub}/ca-cert.pem")
+
+
+def case_tls_server_and_client(binary, tmp):
+    import ssl
+    if not shutil.which("certtool"):
+        print("  (certtool missing: TLS case not run)")
+        return
+    make_pki(tmp)
+    port, cport = free_port(), free_port()
+    lsn = socket.create_server(("127.0.0.1", cport))
+    d, c = start(binary, tmp, [
+        "--object", f"tls-creds-x509,id=srv,endpoint=server,dir={tmp}/srv",
+        "--object", f"tls-creds-x509,id=cli,endpoint=client,dir={tmp}/cli",
+        "--object", json.dumps({"qom-type": "authz-simple", "id": "az", "identity": "C=GB,O=blockd,CN=client1"}),
+        "--chardev", f"socket,id=ts,host=127.0.0.1,port={port},server=on,wait=off,tls-creds=srv,tls-authz=az",
+        "--monitor", "ts",
+        "--chardev", f"socket,id=tc,host=localhost,port={cport},tls-creds=cli", "--monitor", "tc"])
+    try:
+        # A monitor behind TLS with a client certificate that tls-authz allows.
+        ctx = ssl.create_default_context(cafile=f"{tmp}/ca-cert.pem")
+        ctx.load_cert_chain(f"{tmp}/cli/client-cert.pem", f"{tmp}/cli/client-key.pem")
+        t = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=DEADLINE), server_hostname="localhost")
+        assert read_until(t, b"\r\n").startswith(b'{"QMP"')
+        t.sendall(b'{"execute": "qmp_capabilities"}')
+        assert read_until(t, b"\r\n") == b'{"return": {}}\r\n'
+        assert c.cmd("qom-get", {"path": "/chardevs/ts", "property": "connected"}) == {"return": True}
+        t.close()
+        # A client without a certificate fails the peer check and never sees a greeting.
+        plain = ssl.create_default_context(cafile=f"{tmp}/ca-cert.pem")
+        try:
+            u = plain.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=DEADLINE),
+                                  server_hostname="localhost")
+            u.settimeout(DEADLINE)
+            assert u.recv(100) == b""
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+            pass
+        # blockd as the TLS client: its monitor greets this server through TLS.
+        lsn.settimeout(DEADLINE)
+        raw, _ = lsn.accept()
+        sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        sctx.load_cert_chain(f"{tmp}/srv/server-cert.pem", f"{tmp}/srv/server-key.pem")
+        srv = sctx.wrap_socket(raw, server_side=True)
+        assert read_until(srv, b"\r\n").startswith(b'{"QMP"')
+        srv.sendall(b'{"execute": "qmp_capabilities"}')
+        assert read_until(srv, b"\r\n") == b'{"return": {}}\r\n'
+        srv.close()
+    finally:
+        lsn.close()
+        d.stop()
+
+
 CASES = [case_unix_and_tcp_monitors, case_telnet_monitor, case_websocket_monitor, case_pty_monitor,
          case_mux_monitors, case_ringbuf_round_trips, case_busy_missing_and_change, case_file_udp_and_logfile,
-         case_wait_on_blocks_start_up]
+         case_wait_on_blocks_start_up, case_tls_server_and_client]
 
 
 # ---- differential -----------------------------------------------------------------------------
