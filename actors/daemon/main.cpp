@@ -242,6 +242,7 @@ int main(int argc, char** argv) {
     main_params.poll_max_ns = 0;
     auto main_io = std::make_unique<iothread>(sys, "main", main_params);
     supervisor_hooks hooks;
+    hooks.daemonized = plan->daemonize;
     hooks.quit_requested = [quit_fd] {
       uint64_t one = 1;
       (void)!::write(quit_fd, &one, sizeof one);

@@ -27,6 +27,7 @@ chr::env supervisor_actor::chardev_env(const std::string& note_prefix) {
   chr::env e;
   e.reactor = &home_->reactor();
   e.note_prefix = note_prefix;
+  e.daemonized = hooks_.daemonized;
   e.take_fd = [this](const std::string& str) -> result<int> {
     // As QSD: a descriptor by number only from the command line (no monitor has passed any).
     if (!starting_) return fail("only QEMU supports file descriptor passing");

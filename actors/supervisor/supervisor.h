@@ -34,6 +34,7 @@ using repoint_atom = caf::atom_constant<caf::atom("repoint")>;
 struct supervisor_hooks {
   std::function<void()> quit_requested;  // called on the main iothread when a client sends quit
   std::string cli_note_prefix;           // prefix for start-up notes ("blockd: --chardev ...: ")
+  bool daemonized = false;               // --daemonize: stdio chardevs are refused, as in QSD
 };
 
 class supervisor_actor : public caf::event_based_actor {

@@ -65,7 +65,8 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
                                    "blockdev-reopen", "query-named-block-nodes", "query-block",
                                    "query-blockstats", "blockdev-set-active",     "blockdev-create",
                                    "x-blockdev-amend", "nbd-server-start",     "block-export-add",
-                                   "qom-list-get"};  // new in 10.1
+                                   "qom-list-get",  // new in 10.1
+                                   "chardev-add",   "chardev-change"};  // ChardevBackend: see Chardev102
   int compared = 0;
   for (auto& [name, e] : ours) {
     auto meta = e.at("meta-type").as_string();
@@ -79,7 +80,8 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
   // control+introspect, object-del, the qom-* commands 7.2 has, events, block commands, graph dump, set-iothread, job-* and query-jobs,
   // the two internal snapshot commands, the export commands but block-export-add and nbd-server-start
   // (10.2 added allow-inactive, handshake-max-seconds and the keep-alive tunables)
-  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1 + 7 + 2 + 5 + 5, compared);  // + qom-list/-get/-set/-list-types/-list-properties
+  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1 + 7 + 2 + 5 + 5 + 6, compared);  // + qom-list/-get/-set/-list-types/-list-properties
+  // + query-chardev, query-chardev-backends, ringbuf-write/-read, chardev-remove, chardev-send-break
 }
 
 TEST(Introspection, BlockdevAddFollows102AndMatchesQsdForBuiltDrivers) {
@@ -128,6 +130,35 @@ std::string member_names(table& t, const std::string& type) {
   for (auto& m : t.at(type).at("members").as_array())
     out += (m.as_object().contains("default") ? "*" : "") + std::string(m.at("name").as_string()) + " ";
   return out;
+}
+
+// chardev-add/-change take QSD 10.2's ChardevBackend: 7.2's branches minus Windows' console, plus
+// hub; pty has its own ChardevPty (path); the socket's reconnect became reconnect-ms; the rest
+// is 7.2's structure.
+TEST(Introspection, Chardev102BackendFollows102WithQsdsBranches) {
+  auto ours = index(introspect(qsd_schema()));
+  auto theirs = qsd72();
+  for (const char* cmd : {"chardev-add", "chardev-change"}) {
+    auto ov = arg_variants(ours, cmd, "backend"), qv = arg_variants(theirs, cmd, "backend");
+    std::set<std::string> oc, qc;
+    for (auto& [c, t] : ov) oc.insert(c);
+    for (auto& [c, t] : qv) qc.insert(c);
+    qc.erase("console");
+    qc.insert("hub");
+    EXPECT_EQ(qc, oc) << cmd;
+    auto data = [](table& t, const std::string& wrapper) {
+      return std::string(t.at(wrapper).at("members").as_array()[0].at("type").as_string());
+    };
+    for (const char* same : {"file", "serial", "null", "mux", "stdio", "ringbuf", "memory", "vc", "dbus"}) {
+      std::set<std::string> s1, s2;
+      EXPECT_EQ(canon(resolve(theirs, data(theirs, qv.at(same)), s2)), canon(resolve(ours, data(ours, ov.at(same)), s1)))
+          << cmd << " " << same;
+    }
+    EXPECT_EQ("*logfile *logappend *path ", member_names(ours, data(ours, ov.at("pty"))));
+    EXPECT_EQ("*logfile *logappend chardevs ", member_names(ours, data(ours, ov.at("hub"))));
+    EXPECT_EQ("*logfile *logappend addr *tls-creds *tls-authz *server *wait *nodelay *telnet *tn3270 *websocket *reconnect-ms ",
+              member_names(ours, data(ours, ov.at("socket"))));
+  }
 }
 
 TEST(Introspection, ImageJobCommandsFollow102WithQsdsBranches) {
@@ -236,7 +267,9 @@ TEST(Introspection, EmptyObjectIsZeroAndBuiltinsByName) {
 TEST(CommandList, NewestRegistrationFirst) {
   auto l = command_list(qsd_schema());
   ASSERT_GE(l.size(), 7u);
-  EXPECT_EQ("query-block-exports", l[0].at("name").as_string());  // block-export.json comes after block-core.json
+  // char.json comes after block-export.json, block-export.json after block-core.json (as QSD lists them).
+  EXPECT_EQ("chardev-send-break", l[0].at("name").as_string());
+  EXPECT_EQ("query-block-exports", l[8].at("name").as_string());
   EXPECT_EQ("qmp_capabilities", l[l.size() - 1].at("name").as_string());
 }
 
