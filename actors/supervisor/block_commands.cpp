@@ -15,10 +15,12 @@ void supervisor_actor::register_block_commands() {
   commands_.add("blockdev-add", [this](args_t& a, reply_fn r) { blockdev_add_async(a, std::move(r)); });
   commands_.add("blockdev-del", [this](args_t& a, reply_fn reply) {
     std::string node(a.at("node-name").as_string());
-    // An exported node has a block backend in QEMU: refused before any other check but existence.
-    if (graph_->find(node))
-      for (auto& e : exports_)
-        if (e.node_name == node) return reply(command_outcome::failure(error("Node " + node + " is in use")));
+    // A node with a user outside the graph that QEMU gives a block backend (an export) is refused
+    // before any other check but existence, as in QEMU.
+    if (block::node* n = graph_->find(node))
+      for (const block::root* r : n->roots)
+        if (r->block_backend && r->key.starts_with("export:"))
+          return reply(command_outcome::failure(error("Node " + node + " is in use")));
     if (auto r = check_del_held(node); !r) return reply(command_outcome::failure(r.error()));
     blockdev_del(node, std::move(reply));
   });
@@ -228,9 +230,8 @@ void supervisor_actor::set_iothread(const boost::json::object& args, reply_fn re
   const auto& which = args.at("iothread");
   if (which.is_string()) {
     std::string id(which.as_string());
-    auto* o = find_object(id);
-    if (!o || o->type != "iothread") return reply(command_outcome::failure(error("Cannot find iothread " + id)));
-    to = o->thread.get();
+    to = find_iothread(id);
+    if (!to) return reply(command_outcome::failure(error("Cannot find iothread " + id)));
   }
   move_components({n}, to, [] { return command_outcome::success(); }, std::move(reply));
 }

@@ -14,6 +14,9 @@ command_outcome supervisor_actor::add_chardev(const chardev_spec& spec, const st
           error("attempt to add duplicate property '" + spec.id + "' to object (type 'container')"));
   auto dev = chardev::open(spec, note_prefix);
   if (!dev) return command_outcome::failure(dev.error());
+  // QSD shows every chardev as /chardevs/<id>; its properties come with the chardev backends.
+  if (auto q = qom_->add_child("chardevs", spec.id, "chardev-" + spec.backend, std::make_unique<qom::object>()); !q)
+    return command_outcome::failure(q.error());
   chardevs_.push_back(std::move(*dev));
   return command_outcome::success();
 }

@@ -54,7 +54,52 @@ supervisor_actor::export_entry* supervisor_actor::find_export(const std::string&
   return nullptr;
 }
 
+void supervisor_actor::register_export_types() {
+  export_type nbd_type;
+  nbd_type.check = [this](const boost::json::object& args, block::node& n) {
+    // QEMU's nbd_export_create, after the checks every export shares.
+    std::string s;
+    if (!nbd_) return command_outcome::failure(error("NBD server not running"));
+    std::string name = str_arg(args, "name", s) ? s : n.name();
+    if (name.size() > nbd::max_string_size)
+      return command_outcome::failure(error("export name '" + name + "' too long"));
+    std::string description = str_arg(args, "description", s) ? s : std::string();
+    if (description.size() > nbd::max_string_size)
+      return command_outcome::failure(error("description '" + description + "' too long"));
+    if (catalog_.find(name))
+      return command_outcome::failure(error("NBD server already has export named '" + name + "'"));
+    if (auto* bm = args.if_contains("bitmaps"); bm && bm->is_array() && !bm->as_array().empty()) {
+      // No node has dirty bitmaps yet, so every named bitmap is missing (QEMU's text).
+      const auto& b = bm->as_array().front();
+      std::string bname = b.is_string() ? std::string(b.as_string())
+                                        : std::string(b.as_object().at("name").as_string());
+      return command_outcome::failure(error("Bitmap '" + bname + "' is not found"));
+    }
+    return command_outcome::success();
+  };
+  nbd_type.describe = [this](const boost::json::object& args, block::node& n, export_entry& e) {
+    // What an NBD client learns at NBD_OPT_GO, fixed for the export's lifetime.
+    std::string s;
+    e.view.name = str_arg(args, "name", s) ? s : n.name();
+    e.view.description = str_arg(args, "description", s) ? s : std::string();
+    e.view.size = uint64_t(n.length()) & ~uint64_t(511);
+    uint16_t f = nbd::tf_has_flags | nbd::tf_send_flush | nbd::tf_send_fua | nbd::tf_send_cache;
+    if (nbd_->settings().max_connections != 1) f |= nbd::tf_can_multi_conn;
+    if (!e.writable) f |= nbd::tf_read_only;
+    else f |= nbd::tf_send_trim | nbd::tf_send_write_zeroes | nbd::tf_send_fast_zero;
+    e.view.flags = f;
+    auto lim = n.driver().limits();
+    e.view.min_block = std::max<uint32_t>(1, lim.request_alignment);
+    e.view.max_block = lim.max_transfer > 0 ? uint32_t(std::min<int64_t>(lim.max_transfer, nbd::max_buffer_size))
+                                            : nbd::max_buffer_size;
+    e.view.allocation_depth = bool_arg(args, "allocation-depth");
+    e.sparse_reads = n.driver().caps() & block::cap_block_status;
+  };
+  export_types_.emplace("nbd", std::move(nbd_type));
+}
+
 void supervisor_actor::register_export_commands() {
+  register_export_types();
   using args_t = boost::json::object;
   commands_.add("nbd-server-start", [this](args_t& a, reply_fn r) { nbd_server_start(a, std::move(r)); });
   commands_.add("nbd-server-stop", [this](args_t&, reply_fn r) { nbd_server_stop(std::move(r)); });
@@ -68,8 +113,7 @@ void supervisor_actor::register_export_commands() {
     std::string s;
     std::string id(a.at("name").as_string());
     std::string mode = str_arg(a, "mode", s) ? s : "safe";
-    // Every blockd export is an NBD export; the check stays for when other types exist.
-    if (auto* e = find_export(id); e && e->view.name.empty())
+    if (auto* e = find_export(id); e && e->type != "nbd")
       return reply(command_outcome::failure(error("Block export '" + id + "' is not an NBD export")));
     block_export_del(id, mode, std::move(reply));
   });
@@ -94,7 +138,7 @@ void supervisor_actor::register_export_commands() {
     boost::json::array out;
     for (auto& e : exports_)
       out.push_back(boost::json::object{
-          {"id", e.id}, {"type", "nbd"}, {"node-name", e.node_name}, {"shutting-down", e.shutting_down}});
+          {"id", e.id}, {"type", e.type}, {"node-name", export_node_name(e)}, {"shutting-down", e.shutting_down}});
     return command_outcome::success(std::move(out));
   });
 }
@@ -111,12 +155,9 @@ void supervisor_actor::nbd_server_start(const boost::json::object& args, reply_f
   nbd_server::hooks h;
   if (str_arg(args, "tls-creds", s)) {
     // QEMU's nbd_get_tls_creds, texts verbatim. The server holds the credentials from here on.
-    auto* o = find_object(s);
-    if (!o) return reply(command_outcome::failure(error("No TLS credentials with id '" + s + "'")));
-    if (!o->creds) return reply(command_outcome::failure(error("Object with id '" + s + "' is not TLS credentials")));
-    if (!o->creds->options().server)
-      return reply(command_outcome::failure(error("Expected TLS credentials for a server endpoint")));
-    h.tls_creds = o->creds;
+    auto c = tls_server_creds(s);
+    if (!c) return reply(command_outcome::failure(c.error()));
+    h.tls_creds = std::move(*c);
   }
   if (str_arg(args, "tls-authz", s) && h.tls_creds) {
     // Resolved per client, so the object may be replaced while the server runs. Without
@@ -176,9 +217,14 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   std::string id(args.at("id").as_string());
   std::string node_name(args.at("node-name").as_string());
   std::string s;
-  if (type != "nbd")
-    return command_outcome::failure(error("export type '" + type +
-                                          "' is not available in this blockd version yet; use type 'nbd'"));
+  auto ty = export_types_.find(type);
+  if (ty == export_types_.end()) {
+    std::string built;
+    for (auto& [name, t] : export_types_) built += (built.empty() ? "'" : ", '") + name + "'";
+    return command_outcome::failure(
+        error("export type '" + type + "' is not available in this blockd version yet; use type " + built));
+  }
+  // The checks every export type shares, in QEMU's order (blk_exp_add), then the type's own.
   if (!id_wellformed(id)) return command_outcome::failure(error("Invalid block export id"));
   if (find_export(id)) return command_outcome::failure(error("Block export id '" + id + "' is already in use"));
   block::node* n = graph_->find(node_name);
@@ -187,25 +233,15 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   if (str_arg(args, "iothread", s)) {
     // block_export_add_async has moved the node there when it could (or left it, without
     // fixed-iothread, where an export pins it).
-    auto* o = find_object(s);
-    if (!o || o->type != "iothread") return command_outcome::failure(error("iothread \"" + s + "\" not found"));
+    if (!find_iothread(s)) return command_outcome::failure(error("iothread \"" + s + "\" not found"));
   }
   if (writable && n->settings().read_only)
     return command_outcome::failure(error("Cannot export read-only node as writable"));
-  if (!nbd_) return command_outcome::failure(error("NBD server not running"));
-  std::string name = str_arg(args, "name", s) ? s : node_name;
-  if (name.size() > nbd::max_string_size) return command_outcome::failure(error("export name '" + name + "' too long"));
-  std::string description = str_arg(args, "description", s) ? s : std::string();
-  if (description.size() > nbd::max_string_size)
-    return command_outcome::failure(error("description '" + description + "' too long"));
-  if (catalog_.find(name)) return command_outcome::failure(error("NBD server already has export named '" + name + "'"));
-  if (auto* bm = args.if_contains("bitmaps"); bm && bm->is_array() && !bm->as_array().empty()) {
-    // No node has dirty bitmaps yet, so every named bitmap is missing (QEMU's text).
-    const auto& b = bm->as_array().front();
-    std::string bname = b.is_string() ? std::string(b.as_string())
-                                      : std::string(b.as_object().at("name").as_string());
-    return command_outcome::failure(error("Bitmap '" + bname + "' is not found"));
-  }
+  export_entry e;
+  e.id = id;
+  e.type = type;
+  e.writable = writable;
+  if (auto r = ty->second.check(args, *n); !r.ok) return r;
   // Without allow-inactive an export activates its node (an image handed over by migration is
   // taken back) and later keeps it active; with it, the node stays as it is and may be inactivated
   // under the export (QEMU 10's rules). The caller has quiesced the node when it is inactive.
@@ -216,28 +252,19 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   // Exports do not let the node be resized under their clients (QEMU's NBD export does the same).
   block::perm_user u{"block export '" + id + "' (uses node '" + node_name + "' as 'root' child)", perm,
                      block::perm_all & ~uint32_t(block::perm_resize), allow_inactive};
-  if (auto r = graph_->attach_user(*n, "export:" + id, u); !r) return command_outcome::failure(r.error());
-  export_entry e;
-  e.id = id;
-  e.node_name = node_name;
-  e.writable = writable;
+  // Export add is an action list: the root (prepare takes it, the permission check covers the
+  // list, abort drops it) and the export's registration at commit, so a refused permission leaves
+  // neither a root nor an export behind.
+  std::vector<std::unique_ptr<block::action>> list;
+  list.push_back(graph_->attach_user_action(*n, "export:" + id, u));
+  e.root_key = "export:" + id;
   e.writethrough = bool_arg(args, "writethrough");
   e.fixed_iothread = bool_arg(args, "fixed-iothread");
-  e.view.name = name;
-  e.view.description = description;
-  e.view.size = uint64_t(n->length()) & ~uint64_t(511);
-  uint16_t f = nbd::tf_has_flags | nbd::tf_send_flush | nbd::tf_send_fua | nbd::tf_send_cache;
-  if (nbd_->settings().max_connections != 1) f |= nbd::tf_can_multi_conn;
-  if (!writable) f |= nbd::tf_read_only;
-  else f |= nbd::tf_send_trim | nbd::tf_send_write_zeroes | nbd::tf_send_fast_zero;
-  e.view.flags = f;
-  auto lim = n->driver().limits();
-  e.view.min_block = std::max<uint32_t>(1, lim.request_alignment);
-  e.view.max_block = lim.max_transfer > 0 ? uint32_t(std::min<int64_t>(lim.max_transfer, nbd::max_buffer_size))
-                                          : nbd::max_buffer_size;
-  e.view.allocation_depth = bool_arg(args, "allocation-depth");
-  e.sparse_reads = n->driver().caps() & block::cap_block_status;
-  exports_.push_front(std::move(e));
+  ty->second.describe(args, *n, e);
+  auto reg = std::make_unique<block::lambda_action>();
+  reg->on_commit = [this, e = std::move(e)]() mutable { exports_.push_front(std::move(e)); };
+  list.push_back(std::move(reg));
+  if (auto r = graph_->run(std::move(list)); !r) return command_outcome::failure(r.error());
   return command_outcome::success();
 }
 
@@ -248,7 +275,8 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
 void supervisor_actor::block_export_add_async(const boost::json::object& args, reply_fn reply) {
   std::string s, id(args.at("id").as_string()), node_name(args.at("node-name").as_string());
   block::node* n = graph_->find(node_name);
-  bool early_error = std::string(args.at("type").as_string()) != "nbd" || !id_wellformed(id) || find_export(id) || !n;
+  bool early_error =
+      !export_types_.count(std::string(args.at("type").as_string())) || !id_wellformed(id) || find_export(id) || !n;
   if (early_error) return reply(block_export_add(args));
   // Activating a node reloads its image: nothing may be in flight meanwhile.
   bool activates = !n->settings().active && !bool_arg(args, "allow-inactive");
@@ -267,9 +295,8 @@ void supervisor_actor::block_export_add_async(const boost::json::object& args, r
         std::move(reply));
   };
   if (!str_arg(args, "iothread", s)) return add_here();
-  auto* o = find_object(s);
-  if (!o || o->type != "iothread") return reply(block_export_add(args));
-  iothread* to = o->thread.get();
+  iothread* to = find_iothread(s);
+  if (!to) return reply(block_export_add(args));
   if (home_of(n) == to) return add_here();
   if (pinning_export(components({n}))) {
     if (bool_arg(args, "fixed-iothread"))
@@ -282,7 +309,7 @@ void supervisor_actor::block_export_add_async(const boost::json::object& args, r
 const supervisor_actor::export_entry* supervisor_actor::pinning_export(const std::vector<block::node*>& nodes) const {
   for (auto& e : exports_) {
     if (!e.fixed_iothread || e.shutting_down) continue;
-    block::node* n = graph_ ? graph_->find(e.node_name) : nullptr;
+    block::node* n = export_node(e);
     if (n && std::find(nodes.begin(), nodes.end(), n) != nodes.end()) return &e;
   }
   return nullptr;
@@ -302,6 +329,43 @@ void supervisor_actor::block_export_del(const std::string& id, const std::string
   shutdown_export(id, [reply = std::move(reply)] { reply(command_outcome::success()); });
 }
 
+block::node* supervisor_actor::export_node(const export_entry& e) const {
+  block::root* r = graph_ ? graph_->find_root(e.root_key) : nullptr;
+  return r ? r->target : nullptr;
+}
+
+std::string supervisor_actor::export_node_name(const export_entry& e) const {
+  block::node* n = export_node(e);
+  return n ? n->name() : std::string();
+}
+
+void supervisor_actor::repoint_export(const std::string& id, block::node* to, reply_fn reply) {
+  export_entry* e = find_export(id);
+  if (!e) return reply(command_outcome::failure(error("Export '" + id + "' not found")));
+  block::node* from = export_node(*e);
+  if (!from || !to || from == to) return reply(command_outcome::success());
+  if (e->fixed_iothread && home_of(to) != home_of(from))
+    return reply(command_outcome::failure(error("export '" + id + "' is fixed to its iothread and node '" +
+                                                to->name() + "' lives on another one; move the node first")));
+  // Clients leave their connection actors first (their requests complete), then both nodes are
+  // quiesced while the root moves, then the clients continue on the new node.
+  park_clients({from}, [this, id, from, to, reply = std::move(reply)]() mutable {
+    with_quiesced(
+        {from, to},
+        [this, id, to] {
+          export_entry* x = find_export(id);
+          block::root* r = x ? graph_->find_root(x->root_key) : nullptr;
+          if (!r || !graph_->alive(to)) return command_outcome::failure(error("Export '" + id + "' went away"));
+          if (auto res = graph_->repoint_root(*r, *to); !res) return command_outcome::failure(res.error());
+          return command_outcome::success();
+        },
+        [this, reply = std::move(reply)](command_outcome o) mutable {
+          unpark_clients();
+          reply(std::move(o));
+        });
+  });
+}
+
 void supervisor_actor::shutdown_export(const std::string& id, std::function<void()> then) {
   auto* e = find_export(id);
   if (!e) return then();
@@ -315,8 +379,7 @@ void supervisor_actor::finish_export(const std::string& id_ref) {
   const std::string id = id_ref;  // the caller's string may live in the entry erased below
   auto* e = find_export(id);
   if (!e) return;
-  if (graph_)
-    if (block::node* n = graph_->find(e->node_name)) graph_->detach_user(*n, "export:" + id);
+  if (block::node* n = export_node(*e)) graph_->detach_user(*n, e->root_key);
   auto gone = std::move(e->on_gone);
   // A deque is not contiguous: the entry is found by its id, not by pointer arithmetic.
   exports_.erase(std::find_if(exports_.begin(), exports_.end(), [&](const export_entry& x) { return x.id == id; }));
@@ -357,14 +420,15 @@ void supervisor_actor::nbd_negotiated_client(nbd_negotiated n) {
 // disconnected.
 void supervisor_actor::start_client(nbd_client_setup s) {
   auto* e = s.export_id.empty() ? nullptr : find_export(s.export_id);
-  block::node* node = e && graph_ ? graph_->find(e->node_name) : nullptr;
-  auto actor_it = e ? node_actors_.find(e->node_name) : node_actors_.end();
+  block::node* node = e ? export_node(*e) : nullptr;
+  auto actor_it = node ? node_actors_.find(node->name()) : node_actors_.end();
   if (!e || e->shutting_down || !node || actor_it == node_actors_.end()) {
     ::close(s.fd);
     if (nbd_) nbd_->client_gone();
     return;
   }
   s.node = actor_it->second.actor;
+  e->serving = node;
   iothread* h = home_of(node);
   uint64_t cid = s.client_id;
   e->clients.emplace(cid, spawn_pinned<nbd_connection>(h->system(), *h, std::move(s)));
@@ -378,7 +442,9 @@ void supervisor_actor::start_client(nbd_client_setup s) {
 void supervisor_actor::park_clients(const std::vector<block::node*>& nodes, std::function<void()> then) {
   std::vector<std::pair<std::string, std::pair<uint64_t, caf::actor>>> waiting;
   for (auto& e : exports_) {
-    block::node* n = graph_ ? graph_->find(e.node_name) : nullptr;
+    // Clients run on the node they were started on, which differs from the root's target
+    // right after a re-point.
+    block::node* n = e.serving ? e.serving : export_node(e);
     if (!n || std::find(nodes.begin(), nodes.end(), n) == nodes.end()) continue;
     for (auto& [cid, a] : e.clients) waiting.push_back({e.id, {cid, a}});
   }
@@ -419,6 +485,7 @@ void supervisor_actor::nbd_client_gone(const std::string& export_id, uint64_t cl
   auto* e = find_export(export_id);
   if (!e) return;
   e->clients.erase(client_id);
+  if (e->clients.empty()) e->serving = nullptr;  // it may be deleted now; no client uses it
   if (e->shutting_down && e->clients.empty()) finish_export(export_id);
 }
 

@@ -1,165 +1,101 @@
-// Objects: object-add/-del for iothreads, main-loop, TLS credentials and authz; main iothread only.
+// Objects and QOM: object-add/-del and qom-* through the QOM model; iothread objects own their loops; main iothread only.
 #include <caf/all.hpp>
 
 #include <algorithm>
 
 #include "actors/supervisor/supervisor.h"
+#include "config/objects/authz.h"
+#include "config/objects/event_loop.h"
+#include "config/objects/tls_creds.h"
 
 namespace blockd {
 namespace {
 
-// Object types QSD links in and blockd has not built yet: object-add names them as unavailable.
-bool qsd_links_type(const std::string& t) {
-  static const char* linked[] = {"authz-list",     "authz-listfile", "authz-pam",      "authz-simple",
-                                 "pr-manager-helper", "secret",      "secret_keyring", "thread-context",
-                                 "throttle-group", "tls-cipher-suites", "tls-creds-anon", "tls-creds-psk",
-                                 "tls-creds-x509"};
-  return std::any_of(std::begin(linked), std::end(linked), [&](const char* n) { return t == n; });
-}
+// An iothread object: its loop starts when object-add completes (after QSD's checks and the id
+// claim) and stops, joined, when the object leaves the tree.
+class iothread_object final : public qom::event_loop_object {
+ public:
+  iothread_object(caf::actor_system& sys, qom::event_loop_params p) : event_loop_object(false, p), sys_(sys) {}
 
-// Reads a non-negative int64 property the way QEMU's iothread setters check it.
-result<void> read_param(const boost::json::object& args, const char* name, int64_t& out) {
-  auto* v = args.if_contains(name);
-  if (!v) return {};
-  int64_t n = v->is_int64() ? v->as_int64() : static_cast<int64_t>(v->to_number<double>());
-  if (n < 0) return fail(std::string(name) + " value must be in range [0, 9223372036854775807]");
-  out = n;
-  return {};
+  result<void> complete(qom::model& m) override {
+    if (auto r = event_loop_object::complete(m); !r) return r;
+    try {
+      thread_ = std::make_unique<iothread>(sys_, id(), params());
+    } catch (const std::exception& ex) {
+      return fail("cannot start iothread '" + id() + "': " + ex.what());
+    }
+    return {};
+  }
+  void on_delete() override { thread_.reset(); }
+  iothread* thread() const { return thread_.get(); }
+
+ private:
+  caf::actor_system& sys_;
+  std::unique_ptr<iothread> thread_;
+};
+
+command_outcome outcome(result<boost::json::value> r) {
+  if (!r) return command_outcome::failure(r.error());
+  return command_outcome::success(std::move(*r));
 }
 
 }  // namespace
 
+void supervisor_actor::init_objects() {
+  // This supervisor's registry: the built-in types, with factories that make live objects.
+  types_ = qom::type_registry::global();
+  types_.install_factory("iothread", [this](const std::string&, const boost::json::object& props)
+                                         -> result<std::unique_ptr<qom::object>> {
+    auto p = qom::event_loop_object::parse(false, props);
+    if (!p) return std::unexpected(p.error());
+    return std::make_unique<iothread_object>(home_->system(), *p);
+  });
+  qom_ = std::make_unique<qom::model>(types_);
+}
+
 void supervisor_actor::register_object_commands() {
-  commands_.add_now("object-add", [this](boost::json::object& a) { return object_add(a); });
+  commands_.add_now("object-add", [this](boost::json::object& a) { return outcome(qom_->object_add(a)); });
   commands_.add("object-del", [this](boost::json::object& a, reply_fn r) {
     object_del(std::string(a.at("id").as_string()), std::move(r));
   });
+  for (const char* name : {"qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties", "qom-list-get"})
+    commands_.add_now(name, [this, name = std::string(name)](boost::json::object& a) {
+      auto r = qom_->run(name, a);
+      return outcome(r ? std::move(*r) : fail("internal error: the QOM model does not run '" + name + "'"));
+    });
 }
 
-supervisor_actor::object_entry* supervisor_actor::find_object(const std::string& id) {
-  for (auto& o : objects_)
-    if (o.id == id) return &o;
-  return nullptr;
+iothread* supervisor_actor::find_iothread(const std::string& id) {
+  auto* o = qom_ ? qom_->find_as<iothread_object>(id) : nullptr;
+  return o ? o->thread() : nullptr;
 }
 
-command_outcome supervisor_actor::object_add(boost::json::object& args) {
-  std::string type(args.at("qom-type").as_string());
-  std::string id(args.at("id").as_string());
-  // Checks run in QSD's order: identifier, type, property values, duplicate id, completion.
-  if (!id_wellformed(id)) return command_outcome::failure(identifier_error());
-  if (type.starts_with("tls-creds-") || type == "authz-simple" || type == "authz-list")
-    return tls_object_add(type, id, args);
-  if (type == "authz-listfile")
-    // QSD's own enum/type-name mismatch makes this type impossible to create (inventory T92).
-    return command_outcome::failure(error("invalid object type: " + type));
-  if (type != "iothread" && type != "main-loop") {
-    if (qsd_links_type(type))
-      return command_outcome::failure(error("invalid object type: " + type + " (not available in blockd yet)"));
-    return command_outcome::failure(error("invalid object type: " + type));
-  }
-  iothread_params p;
-  const char* names[] = {"poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch", "thread-pool-min", "thread-pool-max"};
-  int64_t* slots[] = {&p.poll_max_ns, &p.poll_grow, &p.poll_shrink, &p.aio_max_batch, &p.thread_pool_min, &p.thread_pool_max};
-  for (size_t i = 0; i < std::size(names); ++i)
-    if (auto r = read_param(args, names[i], *slots[i]); !r) return command_outcome::failure(r.error());
-  if (find_object(id))
-    return command_outcome::failure(
-        error("attempt to add duplicate property '" + id + "' to object (type 'container')"));
-  if (p.thread_pool_min > p.thread_pool_max || p.thread_pool_max == 0)
-    return command_outcome::failure(error("bad thread-pool-min/thread-pool-max values"));
-  object_entry e{id, type, p, nullptr, nullptr, nullptr};
-  if (type == "main-loop") {
-    bool exists = std::any_of(objects_.begin(), objects_.end(), [](auto& o) { return o.type == "main-loop"; });
-    if (exists) return command_outcome::failure(error("only one main-loop instance allowed"));
-  } else {
-    try {
-      e.thread = std::make_unique<iothread>(home_->system(), id, p);
-    } catch (const std::exception& ex) {
-      return command_outcome::failure(error("cannot start iothread '" + id + "': " + ex.what()));
-    }
-  }
-  objects_.push_back(std::move(e));
-  return command_outcome::success();
-}
-
-command_outcome supervisor_actor::tls_object_add(const std::string& type, const std::string& id,
-                                                 const boost::json::object& args) {
-  auto str = [&](const char* k) {
-    auto* v = args.if_contains(k);
-    return v && v->is_string() ? std::string(v->as_string()) : std::string();
-  };
-  auto flag = [&](const char* k, bool dflt) {
-    auto* v = args.if_contains(k);
-    return v && v->is_bool() ? v->as_bool() : dflt;
-  };
-  object_entry e{id, type, {}, nullptr, nullptr, nullptr};
-  if (type.starts_with("tls-creds-")) {
-    tls::creds_options o;
-    o.type = type == "tls-creds-psk" ? tls::kind::psk : type == "tls-creds-anon" ? tls::kind::anon : tls::kind::x509;
-    o.dir = str("dir");
-    o.server = str("endpoint") == "server";
-    o.verify_peer = flag("verify-peer", true);
-    o.priority = str("priority");
-    o.sanity_check = flag("sanity-check", true);
-    o.username = str("username");
-    if (find_object(id))
-      return command_outcome::failure(
-          error("attempt to add duplicate property '" + id + "' to object (type 'container')"));
-    if (args.contains("passwordid"))
-      return command_outcome::failure(error("tls-creds-x509 'passwordid' (an encrypted private key) is not "
-                                            "supported by blockd; decrypt the key file instead"));
-    auto c = tls::credentials::load(o);
-    if (!c) return command_outcome::failure(c.error());
-    e.creds = std::move(*c);
-  } else {
-    auto p = std::make_shared<tls::authz_policy>();
-    if (type == "authz-simple") {
-      p->rules.push_back({str("identity"), true, false});
-    } else {
-      p->default_allow = str("policy") == "allow";
-      if (auto* rs = args.if_contains("rules"); rs && rs->is_array())
-        for (auto& r : rs->as_array()) {
-          const auto& ro = r.as_object();
-          auto* f = ro.if_contains("format");
-          p->rules.push_back({std::string(ro.at("match").as_string()), ro.at("policy").as_string() == "allow",
-                              f && f->is_string() && f->as_string() == "glob"});
-        }
-    }
-    if (find_object(id))
-      return command_outcome::failure(
-          error("attempt to add duplicate property '" + id + "' to object (type 'container')"));
-    e.authz = std::move(p);
-  }
-  objects_.push_back(std::move(e));
-  return command_outcome::success();
+result<std::shared_ptr<const tls::credentials>> supervisor_actor::tls_server_creds(const std::string& id) {
+  return qom::tls_credentials(*qom_, id, true);
 }
 
 result<bool> supervisor_actor::authorize(const std::string& authz_id, const std::string& identity) {
-  auto* o = find_object(authz_id);
-  if (!o) return fail("Cannot find QAuthZ object ID " + authz_id);
-  if (!o->authz) return fail("Object '" + authz_id + "' is not a QAuthZ subclass");
-  return o->authz->allows(identity);
+  if (!qom_) return fail("blockd is shutting down");
+  return qom::authorize(*qom_, authz_id, identity);
 }
 
 void supervisor_actor::object_del(const std::string& id, reply_fn reply) {
-  auto* o = find_object(id);
-  if (!o) return reply(command_outcome::failure(error("object '" + id + "' not found")));
-  // The main loop cannot go away while the daemon runs, as in QSD.
-  if (o->type == "main-loop") return reply(command_outcome::failure(error("object '" + id + "' is in use, can not be deleted")));
-  if (!o->thread) {
-    // TLS credentials and authz objects: an NBD server that uses credentials keeps its own
-    // reference, so deleting them succeeds, as in QSD; authz is looked up again per client.
-    objects_.erase(objects_.begin() + (o - objects_.data()));
+  // QSD's checks first (existence, users, the type's own refusal, e.g. main-loop).
+  auto o = qom_->prepare_delete(id);
+  if (!o) return reply(command_outcome::failure(o.error()));
+  auto* io = dynamic_cast<iothread_object*>(*o);
+  // TLS credentials stay alive in an NBD server that uses them (a shared reference, as QEMU
+  // holds one), so deleting them succeeds as in QSD; authz is looked up again per client.
+  if (!io) {
+    qom_->finish_delete(id);
     return reply(command_outcome::success());
   }
-  iothread* t = o->thread.get();
+  iothread* t = io->thread();
   std::vector<block::node*> living;
   for (auto& [n, h] : homes_)
     if (h == t) living.push_back(const_cast<block::node*>(n));
-  auto erase = [this, id] {
-    // Stops and joins the thread; no node and no node actor is left on it.
-    if (auto* o = find_object(id)) objects_.erase(objects_.begin() + (o - objects_.data()));
-  };
+  // Stops and joins the thread; no node and no node actor is left on it.
+  auto erase = [this, id] { qom_->finish_delete(id); };
   if (living.empty()) {
     erase();
     return reply(command_outcome::success());
@@ -167,7 +103,7 @@ void supervisor_actor::object_del(const std::string& id, reply_fn reply) {
   // An export with fixed-iothread keeps its node on this iothread: the thread cannot go.
   if (const export_entry* e = pinning_export(components(living)))
     return reply(command_outcome::failure(
-        error("iothread '" + id + "' runs node '" + e->node_name + "', which export '" + e->id +
+        error("iothread '" + id + "' runs node '" + export_node_name(*e) + "', which export '" + e->id +
               "' keeps there (fixed-iothread); delete the export first")));
   // QSD deletes the iothread under its nodes (and crashes on their next request); blockd first
   // moves them to the main loop, so the deletion succeeds as in QSD and the nodes keep working.

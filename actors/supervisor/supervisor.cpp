@@ -25,6 +25,7 @@ supervisor_actor::supervisor_actor(caf::actor_config& cfg, iothread* home, super
   graph_ = std::make_unique<block::graph>([this] { return env_for(new_node_home_ ? new_node_home_ : home_); });
   // Nodes leaving the graph close on their home (placement.cpp).
   graph_->set_closer([this](std::vector<std::unique_ptr<block::node>> v) { close_detached(std::move(v)); });
+  init_objects();
   register_commands();
 }
 
@@ -43,6 +44,17 @@ caf::behavior supervisor_actor::make_behavior() {
         if (shutting_down_) return command_outcome::failure(error("blockd is shutting down"));
         auto rp = make_response_promise<command_outcome>();
         queue_.push_back({name, std::move(args.v), rp});
+        pump();
+        return rp;
+      },
+      [this](repoint_atom, const std::string& export_id, const std::string& node) -> caf::result<command_outcome> {
+        if (shutting_down_) return command_outcome::failure(error("blockd is shutting down"));
+        auto rp = make_response_promise<command_outcome>();
+        queue_.push_back({"repoint", {}, rp, [this, export_id, node](reply_fn reply) {
+                            block::node* to = graph_->find(node);
+                            if (!to) return reply(command_outcome::failure(error("Cannot find node '" + node + "'")));
+                            repoint_export(export_id, to, std::move(reply));
+                          }});
         pump();
         return rp;
       },
@@ -99,7 +111,7 @@ caf::behavior supervisor_actor::make_behavior() {
               sync_node_actors();
               when_closed([this, rp, g = std::shared_ptr<block::graph>(std::move(g))]() mutable {
                 g.reset();
-                objects_.clear();
+                qom_.reset();
                 chardevs_.clear();
                 rp.deliver(true);
               });
@@ -146,7 +158,8 @@ void supervisor_actor::pump() {
     // No handler may take the daemon down: a failure thrown inside a command ends as its error
     // reply, and the supervisor goes on with the next command.
     try {
-      run_command(p.name, p.args, reply);
+      if (p.internal) p.internal(reply);
+      else run_command(p.name, p.args, reply);
     } catch (const std::exception& ex) {
       reply(command_outcome::failure(error("internal error in '" + p.name + "': " + ex.what())));
     } catch (...) {

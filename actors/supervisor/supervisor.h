@@ -17,12 +17,18 @@
 #include "actors/monitor/chardev.h"
 #include "actors/runtime/iothread.h"
 #include "actors/supervisor/command_table.h"
+#include "config/qom/model.h"
 #include "storage/block/graph.h"
 
 namespace blockd {
 
 class job_runner;
 struct job_graph_request;
+
+// Re-points an export to another node (export id, node name) -> command_outcome. Not a QMP
+// command: the graph edits that move exports (external snapshots, mirror pivot) use
+// repoint_export through their actions; actor tests drive it with this message.
+using repoint_atom = caf::atom_constant<caf::atom("repoint")>;
 
 struct supervisor_hooks {
   std::function<void()> quit_requested;  // called on the main iothread when a client sends quit
@@ -39,24 +45,14 @@ class supervisor_actor : public caf::event_based_actor {
   void emit(std::string name, boost::json::object data);
 
  private:
-  struct object_entry {
-    std::string id;
-    std::string type;  // the qom-type
-    iothread_params params;
-    std::unique_ptr<iothread> thread;  // iothreads only
-    // tls-creds-*: shared with the NBD server that uses them, which keeps them past object-del
-    // (QEMU holds a reference the same way).
-    std::shared_ptr<const tls::credentials> creds;
-    std::shared_ptr<const tls::authz_policy> authz;  // authz-simple, authz-list
-  };
-
-
   // Commands run one at a time, in arrival order across monitors: a command that waits (for nodes
   // to drain) holds the next one back, so no change ever sees a graph another change left halfway.
   struct pending_command {
     std::string name;
     boost::json::object args;
     caf::response_promise rp;
+    // Set for control messages that are not QMP commands (repoint_atom): they queue like one.
+    std::function<void(reply_fn)> internal;
   };
   // Graph work of job bodies (resolving and releasing nodes) runs between commands, never inside
   // one; `jobs_hold_queue_` is false only while quit waits for jobs, which changes no graph.
@@ -120,15 +116,17 @@ class supervisor_actor : public caf::event_based_actor {
   void blockdev_reopen(const boost::json::object& args, reply_fn reply);
   void blockdev_set_active(const boost::json::object& args, reply_fn reply);
   void set_iothread(const boost::json::object& args, reply_fn reply);
-  command_outcome object_add(boost::json::object& args);
-  // tls-creds-* and authz-* objects (the rest of object_add is for iothreads).
-  command_outcome tls_object_add(const std::string& type, const std::string& id, const boost::json::object& args);
+  // ---- objects and QOM (objects.cpp) ----------------------------------------------------------
+  qom::type_registry types_;          // the built-in types with this supervisor's live factories
+  std::unique_ptr<qom::model> qom_;   // /objects, /chardevs; reset at shutdown (joins iothreads)
+  void init_objects();
+  void object_del(const std::string& id, reply_fn reply);
+  iothread* find_iothread(const std::string& id);  // the loop of iothread object `id`, or null
+  result<std::shared_ptr<const tls::credentials>> tls_server_creds(const std::string& id);
   // tls-authz, resolved by id each time a client presents its identity (as QEMU does).
   result<bool> authorize(const std::string& authz_id, const std::string& identity);
-  void object_del(const std::string& id, reply_fn reply);
   command_outcome add_chardev(const chardev_spec& spec, const std::string& note_prefix);
   command_outcome add_monitor(const std::string& chardev_id, bool pretty, const std::string& id);
-  object_entry* find_object(const std::string& id);
 
   // ---- jobs (jobs.cpp): the registry, job-* commands, blockdev-create, x-blockdev-amend ---------
   struct job_entry {
@@ -160,7 +158,12 @@ class supervisor_actor : public caf::event_based_actor {
   // ---- exports (exports.cpp): the NBD server, block-export-*, nbd-server-* -------------------
   struct export_entry {
     std::string id;
-    std::string node_name;
+    // The export reaches its node through a root in the graph ("export:<id>"), never by name: a
+    // graph edit that replaces the node (a snapshot, a mirror pivot) re-points the root, and
+    // the clients move with it (repoint_export).
+    std::string root_key;
+    std::string type;  // the export type ("nbd")
+    block::node* serving = nullptr;  // the node the export's connection actors were started on
     nbd::export_view view;
     bool writable = false;
     bool writethrough = false;
@@ -170,6 +173,14 @@ class supervisor_actor : public caf::event_based_actor {
     std::map<uint64_t, caf::actor> clients;
     std::vector<std::function<void()>> on_gone;  // run once the export is deleted
   };
+  // An export type: block-export-add's checks and setup of its own, after the shared ones (id,
+  // node, iothread, writable). Adding vhost-user-blk or fuse is one more registration.
+  struct export_type {
+    std::function<command_outcome(const boost::json::object& args, block::node& n)> check;
+    std::function<void(const boost::json::object& args, block::node& n, export_entry& e)> describe;
+  };
+  std::map<std::string, export_type> export_types_;
+  void register_export_types();
   struct export_catalog final : nbd::export_catalog {
     supervisor_actor* self = nullptr;
     const nbd::export_view* find(const std::string& name) const override;
@@ -193,6 +204,14 @@ class supervisor_actor : public caf::event_based_actor {
   const export_entry* pinning_export(const std::vector<block::node*>& nodes) const;
   void block_export_del(const std::string& id, const std::string& mode, reply_fn reply);
   export_entry* find_export(const std::string& id);
+  // The node an export's root points at now (null once the graph is gone).
+  block::node* export_node(const export_entry& e) const;
+  std::string export_node_name(const export_entry& e) const;
+  // Re-points export `id` to node `to`: its clients are parked (each finishes what is in flight),
+  // the root moves with its permissions (all or nothing), and the clients continue on `to`'s
+  // actor and home. Graph edits that replace an exported node (external snapshots, mirror pivot)
+  // park the clients of the exports they move the same way before quiescing.
+  void repoint_export(const std::string& id, block::node* to, reply_fn reply);
   void nbd_negotiated_client(nbd_negotiated n);
   void nbd_client_gone(const std::string& export_id, uint64_t client_id);
   // Starts the export's shutdown (clients told to close); `then` runs once it is deleted.
@@ -213,7 +232,6 @@ class supervisor_actor : public caf::event_based_actor {
 
   iothread* home_;
   supervisor_hooks hooks_;
-  std::vector<object_entry> objects_;  // in creation order, as qom-list shows them
   std::vector<std::unique_ptr<chardev>> chardevs_;
   std::vector<caf::actor> monitors_;
   std::vector<caf::actor> subscribers_;

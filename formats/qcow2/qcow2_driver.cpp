@@ -20,6 +20,7 @@
 #include <chrono>
 #include <cstring>
 
+#include "formats/qcow2/qcow2_options.h"
 #include "formats/qcow2/compress.h"
 #include "formats/qcow2/create.h"
 #include "formats/qcow2/qcow2.h"
@@ -2405,6 +2406,8 @@ void register_qcow2_driver() {
                        "discard-no-unref", "overlap-check",        "cache-size",            "l2-cache-size",
                        "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval", "data-file"};
   e.backing_from_image = true;
+  e.options_type = "BlockdevOptionsQcow2";
+  e.define_options = define_qcow2_options;  // qcow2_options.cpp
   register_driver(std::move(e));
 }
 

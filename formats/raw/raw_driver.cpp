@@ -1,6 +1,7 @@
 // raw: the child's bytes as they are, optionally a window (offset, size) into it; home iothread only.
 #include <cerrno>
 
+#include "protocol/qmp/schema.h"
 #include "storage/block/driver.h"
 #include "storage/block/node.h"
 
@@ -141,7 +142,10 @@ result<std::unique_ptr<block_driver>> open_raw(open_args& a) {
 }  // namespace
 
 void register_raw_driver() {
-  register_driver({"raw", false, {"file"}, open_raw, nullptr});
+  driver_entry e{"raw", false, {"file"}, open_raw, nullptr};
+  e.options_type = "BlockdevOptionsRaw";
+  e.define_options = [](qmp::schema& s) { s.object("BlockdevOptionsRaw", "file:BlockdevRef *offset:int *size:int"); };
+  register_driver(std::move(e));
 }
 
 }  // namespace blockd::block

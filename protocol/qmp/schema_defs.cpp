@@ -1,6 +1,10 @@
 // The definitions of blockd's QMP schema (QSD 10.2 names and types for what blockd implements); any thread.
 #include "protocol/qmp/schema.h"
 
+#include <algorithm>
+
+#include "storage/block/driver.h"
+
 namespace blockd::qmp {
 namespace {
 
@@ -129,6 +133,17 @@ void define_objects(schema& s) {
                /*open_branches=*/true);
   s.command("object-add", "ObjectOptions", "", true);
   s.command("object-del", "id:str");
+  // qom.json's commands over the tree (config/qom/model.h).
+  s.object("ObjectPropertyInfo", "name:str type:str *description:str *default-value:any");
+  s.object("ObjectTypeInfo", "name:str *abstract:bool *parent:str");
+  s.object("ObjectPropertyValue", "name:str type:str *value:any");
+  s.object("ObjectPropertiesValues", "properties:[ObjectPropertyValue]");
+  s.command("qom-list", "path:str", "[ObjectPropertyInfo]");
+  s.command("qom-get", "path:str property:str", "any");
+  s.command("qom-set", "path:str property:str value:any");
+  s.command("qom-list-types", "*implements:str *abstract:bool", "[ObjectTypeInfo]");
+  s.command("qom-list-properties", "typename:str", "[ObjectPropertyInfo]");
+  s.command("qom-list-get", "paths:[str]", "[ObjectPropertiesValues]");
 }
 
 // job.json: the generic job commands, for every job type (JobType and JobStatus come with the events).
@@ -306,42 +321,24 @@ void define_block(schema& s) {
   s.object("BlockdevCacheOptions", "*direct:bool *no-flush:bool");
   s.enumeration("BlockdevDetectZeroesOptions", "off on unmap");
   s.enumeration("OnOffAuto", "auto on off");
-  s.enumeration("BlockdevAioOptions", "threads native io_uring");
-  s.object("BlockdevOptionsFile",
-           "filename:str *pr-manager:str *locking:OnOffAuto *aio:BlockdevAioOptions *aio-max-batch:int "
-           "*drop-cache:bool *x-check-cache-dropped:bool@unstable");
-  s.type_features("BlockdevOptionsFile", {"dynamic-auto-read-only"});
-  s.object("BlockdevOptionsNull", "*size:int *latency-ns:uint64 *read-zeroes:bool");
   s.alternate("BlockdevRef", {"BlockdevOptions", "str"});
-  s.object("BlockdevOptionsRaw", "file:BlockdevRef *offset:int *size:int");
   s.alternate("BlockdevRefOrNull", {"BlockdevOptions", "str", "null"});
-  s.enumeration("Qcow2OverlapCheckMode", "none constant cached all");
-  s.object("Qcow2OverlapCheckFlags",
-           "*template:Qcow2OverlapCheckMode *main-header:bool *active-l1:bool *active-l2:bool *refcount-table:bool "
-           "*refcount-block:bool *snapshot-table:bool *inactive-l1:bool *inactive-l2:bool *bitmap-directory:bool");
-  s.alternate("Qcow2OverlapChecks", {"Qcow2OverlapCheckFlags", "Qcow2OverlapCheckMode"});
-  s.enumeration("BlockdevQcow2EncryptionFormat", "aes luks");
   s.object("QCryptoBlockOptionsQCow", "*key-secret:str");
   s.object("QCryptoBlockOptionsLUKS", "*key-secret:str");
-  s.flat_union("BlockdevQcow2Encryption", "format:BlockdevQcow2EncryptionFormat", "format",
-               {{"aes", "QCryptoBlockOptionsQCow"}, {"luks", "QCryptoBlockOptionsLUKS"}});
-  s.object("BlockdevOptionsQcow2",
-           "file:BlockdevRef *backing:BlockdevRefOrNull *lazy-refcounts:bool *pass-discard-request:bool "
-           "*pass-discard-snapshot:bool *pass-discard-other:bool *discard-no-unref:bool "
-           "*overlap-check:Qcow2OverlapChecks *cache-size:int *l2-cache-size:int *l2-cache-entry-size:int "
-           "*refcount-cache-size:int *cache-clean-interval:int *encrypt:BlockdevQcow2Encryption "
-           "*data-file:BlockdevRef");
+  // Each driver defines its own branch next to its code (driver_entry::define_options).
+  std::vector<std::pair<std::string, std::string>> branches;
+  for (const block::driver_entry* d : block::registered_drivers()) {
+    if (d->options_type.empty()) continue;
+    if (d->define_options && !s.find_type(d->options_type)) d->define_options(s);
+    branches.emplace_back(d->name, d->options_type);
+  }
+  std::sort(branches.begin(), branches.end());
   s.flat_union("BlockdevOptions",
                "driver:BlockdevDriver *node-name:str *discard:BlockdevDiscardOptions *cache:BlockdevCacheOptions "
                "*active:bool *read-only:bool *auto-read-only:bool *force-share:bool "
                "*detect-zeroes:BlockdevDetectZeroesOptions",
                "driver",
-               {{"file", "BlockdevOptionsFile"},
-                {"host_device", "BlockdevOptionsFile"},
-                {"null-aio", "BlockdevOptionsNull"},
-                {"null-co", "BlockdevOptionsNull"},
-                {"qcow2", "BlockdevOptionsQcow2"},
-                {"raw", "BlockdevOptionsRaw"}},
+               std::move(branches),
                /*open_branches=*/true);
   s.command("blockdev-add", "BlockdevOptions", "", true);
   s.command("blockdev-del", "node-name:str");

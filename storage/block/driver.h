@@ -236,6 +236,12 @@ struct create_args {
   std::function<bool()> cancelled = [] { return false; };
 };
 
+}  // namespace blockd::block
+namespace blockd::qmp {
+class schema;
+}
+namespace blockd::block {
+
 struct driver_entry {
   std::string name;
   bool protocol = false;                // a leaf that talks to the OS
@@ -252,11 +258,18 @@ struct driver_entry {
   // The image names its backing file itself (qcow2): an explicit backing that differs, or null
   // while the image names one, makes the node's filename a json: description.
   bool backing_from_image = false;
+  // The driver's branch of BlockdevOptions: its QAPI type, and a function that defines the type
+  // (and the types only it uses) in the schema the monitor validates blockdev-add with. Drivers
+  // that share a type (file and host_device) name it; the first one registered defines it.
+  std::string options_type = {};
+  std::function<void(qmp::schema&)> define_options = nullptr;
 };
 
 // The drivers this build has (registered at start-up by each driver's translation unit).
 const driver_entry* find_driver(const std::string& name);
 void register_driver(driver_entry e);
+// Every registered driver, in registration order (the schema builds blockdev-add's union from it).
+std::vector<const driver_entry*> registered_drivers();
 void register_builtin_drivers();  // idempotent
 
 }  // namespace blockd::block

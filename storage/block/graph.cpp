@@ -383,6 +383,10 @@ result<void> graph::update_perms(const std::vector<node*>& seeds) {
       shared = perm_all;
     }
     node_next[n] = {perm, shared};
+    // Nobody may write through a read-only node (as it will be once a pending reopen commits).
+    bool ro_next = n->settings().read_only;
+    if (auto pr = pending_.find(n); pr != pending_.end()) ro_next = pr->second.read_only;
+    if (ro_next && (perm & (perm_write | perm_write_unchanged))) return fail("Block node is read-only");
     for (child_edge* e : n->children()) {
       uint32_t cp = 0, cs = perm_all;
       bool ro = n->settings().read_only;
@@ -473,16 +477,38 @@ result<void> graph::repoint_root(root& r, node& to) {
 }
 
 result<void> graph::attach_user(node& n, const std::string& key, perm_user u) {
-  if (owned_roots_.count(key)) return fail("internal error: user '" + key + "' is already attached");
-  auto r = std::make_unique<root>();
-  r->key = key;
-  r->description = u.description;
-  r->perm = u.perm;
-  r->shared = u.shared;
-  r->allows_inactive = u.allows_inactive;
-  if (auto res = attach_root(*r, n); !res) return res;
-  owned_roots_[key] = std::move(r);
-  return {};
+  std::vector<std::unique_ptr<action>> list;
+  list.push_back(attach_user_action(n, key, std::move(u)));
+  return run(std::move(list));
+}
+
+std::unique_ptr<action> graph::attach_user_action(node& n, const std::string& key, perm_user u) {
+  // The root joins the node at prepare without permissions being checked: run() checks the whole
+  // list at once, and abort takes the root out again (nothing was applied to undo).
+  auto a = std::make_unique<lambda_action>();
+  a->perm_seeds = {&n};
+  a->on_prepare = [this, &n, key, u]() -> result<void> {
+    if (owned_roots_.count(key)) return fail("internal error: user '" + key + "' is already attached");
+    if (!alive(&n)) return fail("internal error: user '" + key + "' attaches to a node that is gone");
+    auto r = std::make_unique<root>();
+    r->key = key;
+    r->description = u.description;
+    r->perm = u.perm;
+    r->shared = u.shared;
+    r->allows_inactive = u.allows_inactive;
+    r->target = &n;
+    r->attached_seq = ++attach_seq_;
+    n.roots.push_back(r.get());
+    owned_roots_[key] = std::move(r);
+    return {};
+  };
+  a->on_abort = [this, &n, key] {
+    auto it = owned_roots_.find(key);
+    if (it == owned_roots_.end()) return;
+    std::erase(n.roots, it->second.get());
+    owned_roots_.erase(it);
+  };
+  return a;
 }
 
 void graph::detach_user(node& n, const std::string& key) {

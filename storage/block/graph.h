@@ -141,6 +141,8 @@ class graph {
   result<void> repoint_root(root& r, node& to);
   // Graph-owned roots by key, for users that need nothing but the hold (jobs, a command's duration).
   result<void> attach_user(node& n, const std::string& key, perm_user u);
+  // The same as an action (export add, job start in a transaction).
+  std::unique_ptr<action> attach_user_action(node& n, const std::string& key, perm_user u);
   void detach_user(node& n, const std::string& key);
   root* find_root(const std::string& key) const;
 

@@ -34,6 +34,13 @@ void register_builtin_drivers() {
   });
 }
 
+std::vector<const driver_entry*> registered_drivers() {
+  register_builtin_drivers();
+  std::vector<const driver_entry*> out;
+  for (auto& e : table()) out.push_back(&e);
+  return out;
+}
+
 const driver_entry* find_driver(const std::string& name) {
   register_builtin_drivers();
   for (auto& e : table())

@@ -17,6 +17,7 @@
 #include <memory>
 #include <vector>
 
+#include "protocol/qmp/schema.h"
 #include "storage/block/counter.h"
 #include "storage/block/driver.h"
 #include "storage/file/file_create.h"
@@ -899,8 +900,18 @@ void register_file_drivers() {
   auto plain = [](const boost::json::object& o) { return std::string(o.at("filename").as_string()); };
   driver_entry file{"file", true, {}, [](open_args& a) { return open_file(a, false); }, plain};
   file.create = create_file;  // blockdev-create (file_create.cpp)
+  file.options_type = "BlockdevOptionsFile";
+  file.define_options = [](qmp::schema& s) {
+    s.enumeration("BlockdevAioOptions", "threads native io_uring");
+    s.object("BlockdevOptionsFile",
+             "filename:str *pr-manager:str *locking:OnOffAuto *aio:BlockdevAioOptions *aio-max-batch:int "
+             "*drop-cache:bool *x-check-cache-dropped:bool@unstable");
+    s.type_features("BlockdevOptionsFile", {"dynamic-auto-read-only"});
+  };
+  driver_entry dev{"host_device", true, {}, [](open_args& a) { return open_file(a, true); }, plain};
+  dev.options_type = file.options_type;  // the same options (QEMU's BlockdevOptionsFile)
   register_driver(std::move(file));
-  register_driver({"host_device", true, {}, [](open_args& a) { return open_file(a, true); }, plain});
+  register_driver(std::move(dev));
 }
 
 }  // namespace blockd::block

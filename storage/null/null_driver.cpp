@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "protocol/qmp/schema.h"
 #include "storage/block/driver.h"
 #include "storage/io/reactor.h"
 
@@ -76,10 +77,15 @@ result<std::unique_ptr<block_driver>> open_null(open_args& a) {
 void register_null_drivers() {
   for (const char* name : {"null-co", "null-aio"}) {
     std::string n = name;
-    register_driver({n, true, {}, open_null, [n](const boost::json::object& o) -> std::string {
-                       // QEMU names a null node "null-co://" unless an option makes it "json:{...}".
-                       return o.size() == 0 ? n + "://" : std::string();
-                     }});
+    driver_entry e{n, true, {}, open_null, [n](const boost::json::object& o) -> std::string {
+                     // QEMU names a null node "null-co://" unless an option makes it "json:{...}".
+                     return o.size() == 0 ? n + "://" : std::string();
+                   }};
+    e.options_type = "BlockdevOptionsNull";
+    e.define_options = [](qmp::schema& s) {
+      s.object("BlockdevOptionsNull", "*size:int *latency-ns:uint64 *read-zeroes:bool");
+    };
+    register_driver(std::move(e));
   }
 }
 

@@ -11,6 +11,7 @@
 #include "actors/runtime/iothread.h"
 #include "actors/runtime/pinned.h"
 #include "actors/supervisor/supervisor.h"
+#include "tests/actors/supervisor_harness.h"
 
 using namespace blockd;
 
@@ -56,12 +57,7 @@ struct monitor_fixture : ::testing::Test {
     self->send(sup, ready_atom::value);
   }
   void TearDown() override {
-    {
-      caf::scoped_actor self{*sys};
-      self->request(sup, std::chrono::seconds(5), shutdown_atom::value).receive([](bool) {}, [](caf::error&) {});
-      self->send_exit(sup, caf::exit_reason::user_shutdown);
-    }
-    sys->await_all_actors_done();
+    test::stop_supervisor(*sys, sup);
     io.reset();
     sys.reset();
   }

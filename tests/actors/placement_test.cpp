@@ -13,6 +13,7 @@
 #include "actors/node/node_actor.h"
 #include "actors/runtime/pinned.h"
 #include "actors/supervisor/supervisor.h"
+#include "tests/actors/supervisor_harness.h"
 #include "storage/block/contract.h"
 #include "tests/actors/reader_actor.h"
 
@@ -45,12 +46,7 @@ struct placement : ::testing::Test {
     dir = mkdtemp(tmpl);
   }
   void TearDown() override {
-    {
-      caf::scoped_actor self{*sys};
-      self->request(sup, std::chrono::seconds(5), shutdown_atom::value).receive([](bool) {}, [](caf::error&) {});
-      self->send_exit(sup, caf::exit_reason::user_shutdown);
-    }
-    sys->await_all_actors_done();
+    test::stop_supervisor(*sys, sup);
     main_io.reset();
     sys.reset();
     block::set_contract_handler(nullptr);
@@ -60,11 +56,7 @@ struct placement : ::testing::Test {
   }
 
   command_outcome cmd(const std::string& name, boost::json::object args) {
-    caf::scoped_actor self{*sys};
-    command_outcome out = command_outcome::failure(error("no reply"));
-    self->request(sup, std::chrono::seconds(10), command_atom::value, name, json_args{std::move(args)})
-        .receive([&](const command_outcome& o) { out = o; }, [](caf::error& e) { FAIL() << caf::to_string(e); });
-    return out;
+    return test::sup_command(*sys, sup, name, std::move(args));
   }
   void ok(const std::string& name, boost::json::object args) {
     auto o = cmd(name, std::move(args));

@@ -312,10 +312,59 @@ CASES += [
         ex("blockdev-del", {"node-name": "f1"}, 27), ex("x-debug-query-block-graph", None, 28)]),
 ]
 
-ALLOWED = [
-    ("object-add secret", [NEG, oa({"qom-type": "secret", "id": "s0", "data": "x"}, 1)]),
-    ("object-add throttle-group", [NEG, oa({"qom-type": "throttle-group", "id": "t0", "limits": {"iops-total": 1}}, 1)]),
+def ex_(cmd, args, id):
+    import json
+    req = {"execute": cmd, "id": id}
+    if args is not None:
+        req["arguments"] = args
+    return json.dumps(req).encode() + b"\n"
+
+
+# Every object type QSD links in, created, read and changed through QOM, then deleted.
+QOM_OBJECTS = [
+    # authz-pam and pr-manager-helper are refused by design (QSD builds them only with PAM and the
+    # SCSI PR helper); blockd's refusal text is checked in test_control_plane.py.
+    ("QOM tree and every object type [type lists as sets]", [], "", [NEG,
+        ex_("qom-list", {"path": "/"}, 1), ex_("qom-list", {"path": "/objects"}, 2),
+        oa({"qom-type": "secret", "id": "s0", "data": "x"}, 3),
+        oa({"qom-type": "secret", "id": "s1", "data": "eA==", "format": "base64"}, 4),
+        oa({"qom-type": "secret", "id": "s2", "data": "%%%", "format": "base64"}, 5),
+        oa({"qom-type": "secret", "id": "s3"}, 6),
+        oa({"qom-type": "throttle-group", "id": "t0", "limits": {"iops-total": 100}}, 7),
+        ex_("qom-get", {"path": "/objects/t0", "property": "limits"}, 8),
+        ex_("qom-set", {"path": "/objects/t0", "property": "x-iops-total", "value": 5}, 9),
+        ex_("qom-get", {"path": "/objects/t0", "property": "x-iops-total"}, 10),
+        oa({"qom-type": "throttle-group", "id": "t1", "limits": {"iops-total": -1}}, 11),
+        oa({"qom-type": "throttle-group", "id": "t1", "limits": {"bps-read-max": 10}}, 12),
+        oa({"qom-type": "authz-simple", "id": "z0", "identity": "CN=a"}, 13),
+        oa({"qom-type": "authz-list", "id": "z1", "policy": "allow",
+            "rules": [{"match": "CN=*", "policy": "deny", "format": "glob"}]}, 14),
+        ex_("qom-get", {"path": "/objects/z0", "property": "identity"}, 15),
+        oa({"qom-type": "tls-cipher-suites", "id": "c0", "priority": "NORMAL"}, 16),
+        oa({"qom-type": "thread-context", "id": "tc0", "cpu-affinity": [0]}, 17),
+        oa({"qom-type": "iothread", "id": "io0"}, 18),
+        oa({"qom-type": "main-loop", "id": "ml0", "thread-pool-max": 8}, 19),
+        oa({"qom-type": "main-loop", "id": "ml1"}, 20),
+        oa({"qom-type": "authz-pam", "id": "p0", "service": "x"}, 21),
+        ex_("qom-list", {"path": "/objects"}, 23), ex_("qom-list", {"path": "/objects/io0"}, 24),
+        ex_("qom-get", {"path": "/objects/io0", "property": "poll-max-ns"}, 25),
+        ex_("qom-set", {"path": "/objects/io0", "property": "poll-max-ns", "value": 100}, 26),
+        ex_("qom-get", {"path": "/objects/io0", "property": "poll-max-ns"}, 27),
+        ex_("qom-set", {"path": "/objects/io0", "property": "poll-max-ns", "value": -5}, 28),
+        ex_("qom-get", {"path": "/objects/ml0", "property": "thread-pool-max"}, 29),
+        ex_("qom-get", {"path": "/objects/nope", "property": "type"}, 30),
+        ex_("qom-get", {"path": "/objects/io0", "property": "nope"}, 31),
+        ex_("qom-get", {"path": "io0", "property": "type"}, 32),
+        ex_("qom-list-types", {"implements": "user-creatable"}, 33),
+        ex_("qom-list-types", {"implements": "tls-creds", "abstract": True}, 34),
+        ex_("qom-list-properties", {"typename": "throttle-group"}, 35),
+        ex_("qom-list-properties", {"typename": "iothread"}, 36),
+        ex_("qom-list-properties", {"typename": "nope"}, 37),
+        ex_("object-del", {"id": "ml0"}, 38), ex_("object-del", {"id": "io0"}, 39),
+        ex_("object-del", {"id": "t0"}, 40), ex_("object-del", {"id": "s0"}, 41),
+        ex_("object-del", {"id": "z1"}, 42), ex_("qom-list", {"path": "/objects"}, 43)]),
 ]
+CASES += QOM_OBJECTS
 
 VERSION_RE = re.compile(rb'\{"qemu": \{"micro": \d+, "minor": \d+, "major": \d+\}, "package": "[^"]*"\}')
 PRETTY_VERSION_RE = re.compile(rb'"micro": \d+,(\r\n +)"minor": \d+,(\r\n +)"major": \d+(\r\n +)\},(\r\n +)"package": "[^"]*"')
@@ -324,6 +373,23 @@ BLOCK_RE = re.compile(rb"#block\d+")
 
 
 DROP_102 = ("active", "children", "account_invalid", "account_failed")
+
+
+def sort_type_lists(data):
+    import json
+    out = []
+    for line in data.split(b"\r\n"):
+        try:
+            m = json.loads(line)
+        except ValueError:
+            out.append(line)
+            continue
+        r = m.get("return") if isinstance(m, dict) else None
+        if isinstance(r, list) and r and all(isinstance(e, dict) and "parent" in e for e in r):
+            m["return"] = sorted(r, key=lambda e: e["name"])
+            line = json.dumps(m).encode()
+        out.append(line)
+    return b"\r\n".join(out)
 
 
 def drop_102_fields(data):
@@ -417,6 +483,10 @@ def main():
             got = play(a.blockd, t2, extra, monopt, sends)
         if "[10.2 fields]" in name:
             want, got = drop_102_fields(want), drop_102_fields(got)
+        if "[type lists as sets]" in name:
+            # qom-list-types walks QEMU's whole type table in hash order, which depends on every
+            # type the binary registers; blockd matches the entries, not that order.
+            want, got = sort_type_lists(want), sort_type_lists(got)
         if "[unordered]" in name:
             # An exec-oob reply may overtake in-band replies; where it lands is timing in QSD, so
             # these cases compare the set of messages (test_daemon checks blockd's own order).
@@ -435,17 +505,6 @@ def main():
                 if w != g:
                     print("   qsd:   ", w[:300])
                     print("   blockd:", g[:300])
-    for name, sends in ALLOWED:
-        if a.k not in name:
-            continue
-        with tempfile.TemporaryDirectory(prefix="bd-b-", dir=base) as t2:
-            got = play(a.blockd, t2, [], "", sends)
-        if b'"desc": "invalid object type: ' in got:
-            passed += 1
-            print("PASS (known difference: not built yet)", name, flush=True)
-        else:
-            failed += 1
-            print("FAIL", name, got[:300])
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 

@@ -95,6 +95,9 @@ def main():
         ours, rc, listing, image = transcript(a.blockd, t1)
         if a.qsd:
             theirs, _, their_listing, _ = transcript(a.qsd, t2)
+            if len(ours) != len(theirs):
+                failed += 1
+                print(f"FAIL transcript length: blockd {len(ours)}, qsd {len(theirs)}")
             for (name, x), (_, y) in zip(ours, theirs):
                 if x != y:
                     failed += 1

@@ -64,7 +64,8 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
   std::set<std::string> changed = {"object-add",      "BLOCK_IO_ERROR",          "blockdev-add",
                                    "blockdev-reopen", "query-named-block-nodes", "query-block",
                                    "query-blockstats", "blockdev-set-active",     "blockdev-create",
-                                   "x-blockdev-amend", "nbd-server-start",     "block-export-add"};
+                                   "x-blockdev-amend", "nbd-server-start",     "block-export-add",
+                                   "qom-list-get"};  // new in 10.1
   int compared = 0;
   for (auto& [name, e] : ours) {
     auto meta = e.at("meta-type").as_string();
@@ -75,10 +76,10 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
     EXPECT_EQ(canon(resolve(theirs, name, s2)), canon(resolve(ours, name, s1))) << name;
     ++compared;
   }
-  // control+introspect, object-del, events, block commands, graph dump, set-iothread, job-* and query-jobs,
+  // control+introspect, object-del, the qom-* commands 7.2 has, events, block commands, graph dump, set-iothread, job-* and query-jobs,
   // the two internal snapshot commands, the export commands but block-export-add and nbd-server-start
   // (10.2 added allow-inactive, handshake-max-seconds and the keep-alive tunables)
-  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1 + 7 + 2 + 5, compared);
+  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1 + 7 + 2 + 5 + 5, compared);  // + qom-list/-get/-set/-list-types/-list-properties
 }
 
 TEST(Introspection, BlockdevAddFollows102AndMatchesQsdForBuiltDrivers) {
