@@ -233,7 +233,11 @@ int main(int argc, char** argv) {
     cfg.set("scheduler.max-threads", size_t(1));
     cfg.set("logger.console", caf::atom("none"));
     caf::actor_system sys{cfg};
-    auto main_io = std::make_unique<iothread>(sys, "main", iothread_params{});
+    // QEMU's main loop does not busy-poll (poll-max-ns is an iothread property only); a main-loop
+    // object's aio-max-batch and thread-pool-* reach it through set_event_loop_base_params.
+    iothread_params main_params;
+    main_params.poll_max_ns = 0;
+    auto main_io = std::make_unique<iothread>(sys, "main", main_params);
     supervisor_hooks hooks;
     hooks.quit_requested = [quit_fd] {
       uint64_t one = 1;

@@ -4,6 +4,7 @@
 #include <caf/actor_system.hpp>
 #include <caf/execution_unit.hpp>
 #include <caf/resumable.hpp>
+#include <sched.h>
 
 #include <atomic>
 #include <cstdint>
@@ -19,10 +20,24 @@
 
 namespace blockd {
 
-// The tunables QSD accepts for an iothread object. blockd's loop does not busy-poll, so the poll-*
-// values are recorded and reported but change nothing; so is aio-max-batch (the reactor already
-// submits once per loop turn, and QEMU uses it only for Linux AIO).
+// The tunables of an iothread object (QSD's IothreadProperties) and of the main-loop object (the
+// event-loop-base part). What they mean for blockd:
+//  - poll-max-ns / poll-grow / poll-shrink: adaptive busy polling before the loop sleeps, with
+//    QEMU's rules (see next_poll_window); 0 turns polling off.
+//  - aio-max-batch: at most that many SQEs per io_uring_submit; a turn that queues more submits
+//    every aio-max-batch as they are queued (0: one submit per turn, at most the ring's size).
+//  - thread-pool-min / thread-pool-max: bounds of the reactor's worker pool (offload(), and file
+//    I/O of the poll backend).
+//  - thread_context is not read here: the QOM object resolves it and calls set_affinity().
 using iothread_params = qom::event_loop_params;  // one definition, shared with the QOM object
+
+// Busy-polling figures of one loop; any thread may read them (relaxed counters).
+struct poll_stats {
+  int64_t window_ns = 0;   // how long the loop polls before its next sleep
+  uint64_t polls = 0;      // idle turns that polled (window > 0)
+  uint64_t poll_hits = 0;  // ... and found work within the window, so did not sleep
+  uint64_t grows = 0, shrinks = 0;
+};
 
 class iothread final : public caf::execution_unit {
  public:
@@ -42,7 +57,7 @@ class iothread final : public caf::execution_unit {
   io::reactor& reactor() { return *reactor_; }
   bool is_current() const { return std::this_thread::get_id() == thread_id_; }
   const std::string& id() const { return id_; }
-  const iothread_params& params() const { return params_; }
+  iothread_params params() const;
   const char* backend() const { return reactor_->kind(); }
   const std::string& backend_note() const { return backend_note_; }
   int64_t thread_id() const { return tid_.load(); }
@@ -59,6 +74,26 @@ class iothread final : public caf::execution_unit {
   // Asks the loop to finish; resumables still queued are released without running.
   void stop();
 
+  // ---- tunables (qom-set on /objects/<id>) -------------------------------------------------
+  // Safe from any thread; applied on the loop at its next turn, in the order of the calls. As in
+  // QEMU, new poll parameters restart the poll window at 0.
+  void set_params(const iothread_params& p);
+  // The main-loop object's part only (aio-max-batch, thread-pool-min/-max): the poll settings stay.
+  void set_event_loop_base_params(const iothread_params& p);
+  poll_stats polling() const;
+  // QEMU's adaptation of the poll window after one idle wait that lasted block_ns: unchanged when
+  // the event came within the window; shrunk (/shrink, or reset to 0 when shrink is 0) when the
+  // wait was longer than max_ns; else grown (x grow, 2 when 0; from 0 it starts at 4 us), at most max_ns.
+  static int64_t next_poll_window(int64_t window, int64_t block_ns, int64_t max_ns, int64_t grow, int64_t shrink);
+
+  // ---- CPU affinity (blockd's thread-context extension of the iothread object) -------------
+  // Moves the loop thread and its worker pool threads (present and future) to `cpus`. Any thread:
+  // from another thread it waits for the loop to apply it (control path only). 0 or -errno
+  // (sched_setaffinity's EINVAL: no allowed CPU in the set; -ESHUTDOWN: the loop stopped).
+  int set_affinity(const cpu_set_t& cpus);
+  // The loop thread's CPU set as the kernel reports it now (sched_getaffinity of its tid).
+  cpu_set_t affinity() const;
+
  private:
   struct wake_completion final : io::completion {
     iothread* self;
@@ -69,9 +104,12 @@ class iothread final : public caf::execution_unit {
   void arm_wake();
   void wake();
   void drain_remote();
+  void apply(const iothread_params& p, bool poll_too);  // loop thread
+  void wait_adaptive();                                  // loop thread: poll, then sleep
 
   std::string id_;
-  iothread_params params_;
+  mutable std::mutex params_mx_;
+  iothread_params params_;  // the last values asked for (params()); guarded by params_mx_
   std::unique_ptr<io::reactor> reactor_;
   std::string backend_note_;
   int wake_fd_ = -1;
@@ -82,7 +120,14 @@ class iothread final : public caf::execution_unit {
   std::mutex mx_;
   std::vector<caf::resumable*> remote_jobs_;
   std::vector<std::function<void()>> remote_fns_;
-  std::atomic<bool> sleeping_{false};
+  // Set with remote_jobs_/remote_fns_ under mx_, cleared when drained: the lock-free "work came
+  // from another thread" check of the idle test and of busy polling.
+  std::atomic<bool> remote_pending_{false};
+
+  // Busy polling, loop thread only (mirrored into the atomics below for polling()).
+  int64_t poll_max_ns_ = 0, poll_grow_ = 0, poll_shrink_ = 0, window_ns_ = 0;
+  std::atomic<int64_t> st_window_{0};
+  std::atomic<uint64_t> st_polls_{0}, st_hits_{0}, st_grows_{0}, st_shrinks_{0};
 
   std::deque<caf::resumable*> local_jobs_;
   std::deque<std::function<void()>> local_fns_;

@@ -38,6 +38,11 @@ model::~model() {
   // Objects go in reverse creation order, so one that looked another up at creation goes first.
   for (auto it = creation_.rbegin(); it != creation_.rend(); ++it)
     if (auto* o = find(*it)) o->on_delete();
+  // Destroy them here, in the same order, while users_ still exists: an object may hold a
+  // ref_handle on another (an iothread on its thread-context) that unrefs on destruction.
+  if (auto objs = root_.children.find("objects"); objs != root_.children.end())
+    for (auto it = creation_.rbegin(); it != creation_.rend(); ++it) objs->second->children.erase(*it);
+  root_.children.clear();
 }
 
 model::node* model::container(const std::string& name) {

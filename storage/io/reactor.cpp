@@ -8,16 +8,19 @@
 #include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <list>
 #include <mutex>
 #include <system_error>
 #include <thread>
@@ -64,14 +67,17 @@ int run_blocking(const op& o) {
   return n < 0 ? -errno : static_cast<int>(n);
 }
 
-// A few threads that run blocking operations for one reactor; the loop thread hands jobs over and
+// Threads that run blocking operations for one reactor; the loop thread hands jobs over and
 // collects the results, which it then completes itself (workers never call a completion).
 //
 // Why one pool per reactor rather than one for the process: a result has exactly one loop to return
 // to, a slow fsync on one iothread cannot delay another iothread's I/O, and the destructor knows
-// every thread that may still touch its queues. Four threads keep an iothread's queue depth busy on
-// a disk without flooding the host with threads; they start on first use, so loops that only serve
-// sockets (the monitor) never own any.
+// every thread that may still touch its queues.
+//
+// Size: between pool_limits.min and .max (the iothread's thread-pool-min/-max, QEMU's defaults 0
+// and 64). A thread starts when a job is handed over and no thread is idle to take it, up to max;
+// one above min that waited idle_timeout for work exits, as QEMU's pool does. With min 0 nothing
+// starts before first use, so loops that only serve sockets (the monitor) own no thread.
 class worker_pool {
  public:
   ~worker_pool() {
@@ -83,42 +89,68 @@ class worker_pool {
     // A worker in the middle of a system call finishes it (the buffers are still alive: whoever
     // destroys a reactor with I/O in flight keeps them until it returns); queued jobs never start.
     // Their completions are dropped, as the io_uring backend drops what it still has in the kernel.
-    for (auto& t : workers_) t.join();
+    for (auto& w : workers_) w.thread.join();
     if (wake_fd_ >= 0) ::close(wake_fd_);
   }
 
-  // Starts the workers once; false when the host refuses threads or an eventfd (the caller then
-  // runs the operation on the loop rather than failing it).
+  // Loop thread: makes the pool usable (its eventfd); false when it cannot run anything on threads
+  // (no eventfd, or no thread could ever be started): the caller then runs the operation itself.
   bool start() {
-    if (!workers_.empty()) return true;
-    if (failed_) return false;
+    if (wake_fd_ >= 0 || failed_) return !failed_;
     wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (wake_fd_ < 0) {
-      failed_ = true;
-      return false;
-    }
-    // Workers take no signals: the daemon's handlers and signalfd expect them on its own threads, and
-    // a blocking system call interrupted here would only come back as EINTR to retry.
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    try {
-      for (unsigned i = 0; i < threads; ++i) {
-        workers_.emplace_back([this] { work(); });
-        pthread_setname_np(workers_.back().native_handle(), "blockd-fileio");
+    if (wake_fd_ < 0) failed_ = true;
+    return !failed_;
+  }
+
+  // Loop thread. Raising min starts the missing threads now ("min threads exist"); a lower max
+  // makes threads above it exit after their current job; idle threads re-arm their timeout.
+  void set_limits(const pool_limits& l) {
+    reap();
+    {
+      std::lock_guard<std::mutex> g(mx_);
+      limits_ = l;
+      limits_.max = std::max(limits_.max, 1u);
+      limits_.min = std::min(limits_.min, limits_.max);
+      if ((limits_.min > live_ || !queue_.empty()) && start()) {
+        while (live_ < limits_.min && spawn_locked()) {
+        }
+        // A higher max serves jobs that were waiting for a thread now, not at the next hand-over.
+        size_t untaken = queue_.size() > idle_ ? queue_.size() - idle_ : 0;
+        while (untaken > 0 && live_ < limits_.max && spawn_locked()) --untaken;
       }
-    } catch (const std::system_error&) {
-      // Fewer threads than asked for still work; none at all means the synchronous fallback.
-      if (workers_.empty()) failed_ = true;
     }
-    pthread_sigmask(SIG_SETMASK, &old, nullptr);
-    return !workers_.empty();
+    cv_.notify_all();
+  }
+
+  // Loop thread: every live worker moves to `cpus` now (under the lock, so no worker can exit and
+  // have its tid reused meanwhile); workers started later apply it themselves.
+  int set_affinity(const cpu_set_t* cpus) {
+    std::lock_guard<std::mutex> g(mx_);
+    has_affinity_ = cpus != nullptr;
+    if (cpus) affinity_ = *cpus;
+    if (!cpus) return 0;  // running workers keep their set; new ones inherit the loop thread's
+    int rc = 0;
+    for (auto& w : workers_)
+      if (!w.exited && w.tid != 0 && ::sched_setaffinity(w.tid, sizeof affinity_, &affinity_) != 0 && rc == 0)
+        rc = -errno;
+    return rc;
+  }
+
+  void fill(reactor_stats& s) const {
+    std::lock_guard<std::mutex> g(mx_);
+    s.pool_threads = live_;
+    s.pool_threads_peak = peak_;
+    s.pool_tids.clear();
+    for (auto& w : workers_)
+      if (!w.exited && w.tid != 0) s.pool_tids.push_back(w.tid);
   }
 
   // Readable while results wait to be collected.
   int wake_fd() const { return wake_fd_; }
   // Handed over and not yet collected, plus staged; loop thread only.
   size_t outstanding() const { return outstanding_ + staged_.size(); }
+  // A finished job waits to be collected; any thread, no lock (the busy-poll check).
+  bool has_done() const { return has_done_.load(std::memory_order_acquire); }
 
   // Loop thread: queue an operation; it goes to the workers at the next hand_over().
   void stage(op o) {
@@ -128,17 +160,31 @@ class worker_pool {
   }
 
   void hand_over() {
+    if (unjoined_.load(std::memory_order_relaxed) != 0) reap();
     if (staged_.empty()) return;
+    bool no_threads;
+    size_t n = staged_.size();
     {
       std::lock_guard<std::mutex> g(mx_);
       for (auto* j : staged_) queue_.push_back(j);
+      // Jobs no idle thread will take get a new thread each, up to max; the rest wait for a busy
+      // thread to finish.
+      size_t untaken = queue_.size() > idle_ ? queue_.size() - idle_ : 0;
+      while (untaken > 0 && live_ < limits_.max && spawn_locked()) --untaken;
+      no_threads = live_ == 0;
     }
-    outstanding_ += staged_.size();
-    if (staged_.size() == 1)
+    outstanding_ += n;
+    staged_.clear();
+    if (no_threads) {
+      // Not a single thread could be started: correct but synchronous from now on.
+      failed_ = true;
+      run_queue_here();
+      return;
+    }
+    if (n == 1)
       cv_.notify_one();
     else
       cv_.notify_all();
-    staged_.clear();
   }
 
   // Takes back an operation no worker has started; false if one is running it (or has finished).
@@ -175,6 +221,7 @@ class worker_pool {
     {
       std::lock_guard<std::mutex> g(mx_);
       done.swap(done_);
+      has_done_.store(false, std::memory_order_relaxed);
     }
     for (auto* j : done) {
       ready.emplace_back(j->o.c, j->res);
@@ -188,24 +235,113 @@ class worker_pool {
     op o{};
     int res = 0;
   };
+  // One thread. Elements of a std::list keep their address, so a worker holds a pointer to its own;
+  // the loop thread adds and (after joining) erases them. tid and exited are guarded by mx_.
+  struct worker {
+    std::thread thread;
+    int tid = 0;
+    bool exited = false;
+  };
 
-  void work() {
+  // mx_ held. Workers take no signals: the daemon's handlers and signalfd expect them on its own
+  // threads, and a blocking system call interrupted here would only come back as EINTR to retry.
+  bool spawn_locked() {
+    workers_.emplace_back();
+    worker* w = &workers_.back();
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    bool ok = true;
+    try {
+      w->thread = std::thread([this, w] { work(w); });
+    } catch (const std::system_error&) {
+      ok = false;  // fewer threads than asked for still work
+    }
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    if (!ok) {
+      workers_.pop_back();
+      return false;
+    }
+    pthread_setname_np(w->thread.native_handle(), "blockd-fileio");
+    ++live_;
+    peak_ = std::max(peak_, live_);
+    return true;
+  }
+
+  void work(worker* w) {
     std::unique_lock<std::mutex> lk(mx_);
+    w->tid = static_cast<int>(::syscall(SYS_gettid));
+    if (has_affinity_) ::sched_setaffinity(0, sizeof affinity_, &affinity_);
     for (;;) {
-      cv_.wait(lk, [this] { return stop_ || !queue_.empty(); });
-      if (stop_) return;
+      bool leave = false;
+      while (!stop_ && queue_.empty() && !leave) {
+        if (live_ > limits_.max) {
+          leave = true;
+          break;
+        }
+        ++idle_;
+        bool timed_out = false;
+        if (live_ > limits_.min)
+          timed_out = cv_.wait_for(lk, std::chrono::nanoseconds(limits_.idle_timeout_ns)) == std::cv_status::timeout;
+        else
+          cv_.wait(lk);
+        --idle_;
+        leave = timed_out && queue_.empty() && live_ > limits_.min;
+      }
+      if (stop_) return;  // the destructor joins every thread, exited or not
+      if (leave || live_ > limits_.max) {
+        // Above the bounds (idle too long, or max lowered): go; the loop thread joins it later.
+        --live_;
+        w->exited = true;
+        w->tid = 0;
+        unjoined_.fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
       job* j = queue_.front();
       queue_.pop_front();
       lk.unlock();
       j->res = run_blocking(j->o);
       lk.lock();
-      bool first = done_.empty();
-      done_.push_back(j);
-      if (first) {
-        uint64_t one = 1;
-        (void)!::write(wake_fd_, &one, sizeof one);
-      }
+      finish_locked(j);
     }
+  }
+
+  // mx_ held: a result for the loop; the first one of a batch signals its eventfd.
+  void finish_locked(job* j) {
+    bool first = done_.empty();
+    done_.push_back(j);
+    has_done_.store(true, std::memory_order_release);
+    if (first) {
+      uint64_t one = 1;
+      (void)!::write(wake_fd_, &one, sizeof one);
+    }
+  }
+
+  // Loop thread, when no worker exists: runs what was queued here, results as if from a worker.
+  void run_queue_here() {
+    std::deque<job*> q;
+    {
+      std::lock_guard<std::mutex> g(mx_);
+      q.swap(queue_);
+    }
+    for (auto* j : q) j->res = run_blocking(j->o);
+    std::lock_guard<std::mutex> g(mx_);
+    for (auto* j : q) finish_locked(j);
+  }
+
+  // Loop thread: joins threads that left (outside the lock: they release it on the way out).
+  void reap() {
+    std::vector<std::list<worker>::iterator> gone;
+    {
+      std::lock_guard<std::mutex> g(mx_);
+      for (auto it = workers_.begin(); it != workers_.end(); ++it)
+        if (it->exited) gone.push_back(it);
+    }
+    for (auto it : gone) {
+      it->thread.join();
+      workers_.erase(it);
+    }
+    unjoined_.fetch_sub(gone.size(), std::memory_order_relaxed);
   }
 
   job* get_job() {
@@ -222,21 +358,25 @@ class worker_pool {
     free_.push_back(j);
   }
 
-  static constexpr unsigned threads = 4;
-
   // staged_ (loop thread) -> queue_ -> a worker -> done_ -> the loop's ready list.
   std::vector<job*> staged_;
   size_t outstanding_ = 0;  // handed to the workers and not yet collected; loop thread only
   std::vector<std::unique_ptr<job>> store_;
   std::vector<job*> free_;
-  std::mutex mx_;  // guards queue_, done_, stop_
+  mutable std::mutex mx_;  // guards queue_, done_, stop_, limits_, the counts, affinity, worker tid/exited
   std::condition_variable cv_;
   std::deque<job*> queue_;
   std::vector<job*> done_;
+  std::atomic<bool> has_done_{false};
+  std::atomic<size_t> unjoined_{0};  // workers that exited and wait for reap()
+  pool_limits limits_;
+  unsigned live_ = 0, idle_ = 0, peak_ = 0;
+  bool has_affinity_ = false;
+  cpu_set_t affinity_{};
   bool stop_ = false;
-  bool failed_ = false;
+  bool failed_ = false;  // loop thread only
   int wake_fd_ = -1;
-  std::vector<std::thread> workers_;
+  std::list<worker> workers_;
 };
 
 // The operations both backends queue the same way: each becomes an `op` handed to push().
@@ -316,6 +456,25 @@ class uring_reactor final : public op_reactor {
 
   size_t in_flight() const override { return in_flight_; }
 
+  bool poll_ready() override {
+    // A CQE in the ring, or (COOP_TASKRUN | TASKRUN_FLAG) completions the kernel holds as task work
+    // until this thread enters it: both are reaped by the next run_once(false).
+    return !cancelled_.empty() || io_uring_cq_ready(&ring_) > 0 ||
+           (IO_URING_READ_ONCE(*ring_.sq.kflags) & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) != 0 ||
+           pool_.has_done();
+  }
+  void set_max_batch(unsigned n) override {
+    max_batch_ = n;
+    if (n && io_uring_sq_ready(&ring_) >= n) submit(false);
+  }
+  void set_pool_limits(const pool_limits& l) override { pool_.set_limits(l); }
+  int set_worker_affinity(const cpu_set_t* cpus) override { return pool_.set_affinity(cpus); }
+  reactor_stats stats() const override {
+    reactor_stats s = stats_;
+    pool_.fill(s);
+    return s;
+  }
+
   unsigned run_once(bool block) override {
     unsigned done = 0;
     // Operations cancelled before submission complete here, never inside cancel(); so do offloaded
@@ -336,8 +495,7 @@ class uring_reactor final : public op_reactor {
              .c = &pool_wake_});
     }
     drain_overflow();
-    int rc = block ? io_uring_submit_and_wait(&ring_, 1) : io_uring_submit(&ring_);
-    (void)rc;  // -EINTR / -EBUSY: reap what is there and come back next turn
+    submit(block);  // -EINTR / -EBUSY: reap what is there and come back next turn
     io_uring_cqe* cqe = nullptr;
     while (io_uring_peek_cqe(&ring_, &cqe) == 0) {
       auto* c = reinterpret_cast<completion*>(static_cast<uintptr_t>(cqe->user_data));
@@ -409,7 +567,7 @@ class uring_reactor final : public op_reactor {
     while (!overflow_.empty()) {
       if (!prep(overflow_.front())) {
         if (in_kernel_ >= kernel_limit_) return;  // the completion queue is full: wait for reaping
-        io_uring_submit(&ring_);                   // make room in the submission queue, try again
+        submit(false);                             // make room in the submission queue, try again
         if (!prep(overflow_.front())) return;
       }
       overflow_.pop_front();
@@ -448,7 +606,23 @@ class uring_reactor final : public op_reactor {
       case op_kind::call: break;  // never queued to the ring (see push)
     }
     io_uring_sqe_set_data(sqe, o.c);
+    // aio-max-batch: a full batch goes to the kernel at once instead of at the end of the turn.
+    if (max_batch_ && io_uring_sq_ready(&ring_) >= max_batch_) submit(false);
     return true;
+  }
+
+  // Every submission goes through here, so the counters (and aio-max-batch's cap) see all of them.
+  int submit(bool wait) {
+    unsigned queued = io_uring_sq_ready(&ring_);
+    int rc = wait ? io_uring_submit_and_wait(&ring_, 1) : io_uring_submit(&ring_);
+    if (queued > 0) {
+      ++stats_.submit_calls;
+      if (rc > 0) {
+        stats_.sqes_submitted += static_cast<unsigned>(rc);
+        stats_.max_sqes_per_submit = std::max(stats_.max_sqes_per_submit, static_cast<unsigned>(rc));
+      }
+    }
+    return rc;
   }
 
   // The read that waits for the worker pool's eventfd; not counted as an operation in flight.
@@ -465,6 +639,8 @@ class uring_reactor final : public op_reactor {
   size_t in_flight_ = 0;
   unsigned in_kernel_ = 0;     // prepared or submitted and not yet reaped
   unsigned kernel_limit_;
+  unsigned max_batch_ = 0;  // aio-max-batch; 0: no cap
+  reactor_stats stats_;     // submission counters (the pool's figures are filled in by stats())
   pool_wake_read pool_wake_;
   worker_pool pool_;  // destroyed before the ring: joins the workers
 };
@@ -498,6 +674,33 @@ class poll_reactor final : public op_reactor {
     if (pool_.withdraw(c)) ready_.emplace_back(c, -ECANCELED);
   }
   size_t in_flight() const override { return pending_.size() + ready_.size() + pool_.outstanding(); }
+
+  bool poll_ready() override {
+    if (!ready_.empty() || pool_.has_done()) return true;
+    // Sockets and pipes: one poll(2) that does not wait (a system call per check, but this backend
+    // only runs where io_uring is refused).
+    poll_fds_.clear();
+    uint64_t now = 0;
+    for (auto& o : pending_) {
+      if (o.kind == op_kind::timeout) {
+        if (now == 0) now = now_ns();
+        if (o.ns <= now) return true;
+        continue;
+      }
+      if (is_blocking_op(o)) return true;  // runs synchronously on the next turn
+      bool out = o.kind == op_kind::write || o.kind == op_kind::send || o.kind == op_kind::sendmsg;
+      poll_fds_.push_back({o.fd, static_cast<short>(out ? POLLOUT : POLLIN), 0});
+    }
+    return !poll_fds_.empty() && ::poll(poll_fds_.data(), poll_fds_.size(), 0) > 0;
+  }
+  void set_max_batch(unsigned) override {}  // nothing is submitted in batches here
+  void set_pool_limits(const pool_limits& l) override { pool_.set_limits(l); }
+  int set_worker_affinity(const cpu_set_t* cpus) override { return pool_.set_affinity(cpus); }
+  reactor_stats stats() const override {
+    reactor_stats s;
+    pool_.fill(s);
+    return s;
+  }
 
   unsigned run_once(bool block) override {
     pool_.hand_over();
@@ -612,6 +815,7 @@ class poll_reactor final : public op_reactor {
 
   std::vector<op> pending_;                         // socket/pipe operations and timers
   std::vector<std::pair<completion*, int>> ready_;  // results to deliver at the end of this turn
+  std::vector<pollfd> poll_fds_;                    // poll_ready()'s scratch list
   worker_pool pool_;                                // destroyed first: joins the workers
 };
 

@@ -1,10 +1,13 @@
 // Asynchronous I/O reactor of one iothread: io_uring when the kernel allows it, poll(2) otherwise; home thread only.
 #pragma once
+#include <sched.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 struct iovec;
 struct msghdr;
@@ -16,6 +19,25 @@ namespace blockd::io {
 struct completion {
   virtual ~completion() = default;
   virtual void complete(int res) = 0;  // res >= 0: byte count or new fd; res < 0: -errno
+};
+
+// Size bounds of a reactor's worker pool (offload() and the poll backend's file I/O): at least `min`
+// threads stay alive once started, never more than `max` run at once; a thread above `min` that
+// has had nothing to do for `idle_timeout_ns` exits.
+struct pool_limits {
+  unsigned min = 0;
+  unsigned max = 64;
+  uint64_t idle_timeout_ns = 10'000'000'000;  // QEMU's thread pool also lets idle threads go after 10 s
+};
+
+// Counters of one reactor, for tests and diagnostics; read on the loop thread.
+struct reactor_stats {
+  uint64_t submit_calls = 0;     // io_uring_submit / io_uring_submit_and_wait calls that entered with SQEs
+  uint64_t sqes_submitted = 0;   // SQEs those calls handed to the kernel
+  unsigned max_sqes_per_submit = 0;
+  unsigned pool_threads = 0;     // worker threads alive now
+  unsigned pool_threads_peak = 0;
+  std::vector<int> pool_tids;    // kernel thread ids of the live workers
 };
 
 // One instance per iothread. Every method must be called on that iothread. Queueing never fails:
@@ -63,6 +85,23 @@ class reactor {
 
   // Operations queued and not yet completed.
   virtual size_t in_flight() const = 0;
+
+  // ---- tunables (the iothread object's properties) and busy polling -------------------------
+  // Whether a run_once(false) now would complete something: a CQE waiting (or kernel task work
+  // that will produce one), a result known in advance, a worker's finished job, a ready socket
+  // (poll backend). Cheap and without waiting: the iothread spins on it before it sleeps.
+  virtual bool poll_ready() = 0;
+  // aio-max-batch: at most `n` SQEs go to the kernel per io_uring_submit; a turn that queues more
+  // submits every `n` as they are queued, so the first ones start earlier. 0: no cap (one submit a
+  // turn, bounded by the ring size). The poll backend has no submission step and ignores it.
+  virtual void set_max_batch(unsigned n) = 0;
+  // thread-pool-min/-max. Raising min starts threads now; lowering max lets busy threads above it
+  // finish their current job and exit.
+  virtual void set_pool_limits(const pool_limits& l) = 0;
+  // The CPUs the worker threads run on, now and when started later (nullptr: the CPUs of the
+  // thread that starts them). 0 or -errno from sched_setaffinity.
+  virtual int set_worker_affinity(const cpu_set_t* cpus) = 0;
+  virtual reactor_stats stats() const = 0;
 };
 
 }  // namespace blockd::io

@@ -66,6 +66,11 @@ class fault_reactor final : public reactor {
   void cancel(completion* c) override { inner_->cancel(c); }
   unsigned run_once(bool block) override { return inner_->run_once(block); }
   size_t in_flight() const override { return inner_->in_flight(); }
+  bool poll_ready() override { return inner_->poll_ready(); }
+  void set_max_batch(unsigned n) override { inner_->set_max_batch(n); }
+  void set_pool_limits(const pool_limits& l) override { inner_->set_pool_limits(l); }
+  int set_worker_affinity(const cpu_set_t* cpus) override { return inner_->set_worker_affinity(cpus); }
+  reactor_stats stats() const override { return inner_->stats(); }
 
  private:
   // Stands between the reactor and the caller's completion for one operation.

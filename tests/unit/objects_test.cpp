@@ -1,4 +1,4 @@
-// Tests of the user-creatable objects: secrets, keyring, throttle-group, TLS passwordid, authz, thread-context; test thread.
+// Tests of the user-creatable objects: secrets, keyring, throttle-group, TLS passwordid, authz, thread-context, iothread thread-context; test thread.
 #include <gtest/gtest.h>
 #include <linux/keyctl.h>
 #include <sys/syscall.h>
@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "config/objects/authz.h"
+#include "config/objects/event_loop.h"
 #include "config/objects/secret.h"
 #include "config/objects/thread_context.h"
 #include "config/objects/throttle_group.h"
@@ -289,4 +290,78 @@ TEST(ObjectThreadContext, AffinityTexts) {
   }).join();
   if (!thread_context_object::node_cpus(0).empty())
     EXPECT_EQ(err(m, R"({"qom-type":"thread-context","id":"t2","node-affinity":[0]})"), "<ok>");
+}
+
+TEST(ObjectIothread, ThreadContextExtension) {
+  model m;
+  // Checked after QSD's own properties and checks, at completion, naming the iothread and the way out.
+  EXPECT_EQ(err(m, R"({"qom-type":"iothread","id":"io0","thread-context":"tc0"})"),
+            "iothread 'io0': Cannot find thread-context 'tc0'; create it first (object-add "
+            "qom-type=thread-context,id=tc0,cpu-affinity=[...]) or leave thread-context out");
+  EXPECT_EQ(m.find("io0"), nullptr);  // the failed completion released the id
+  EXPECT_EQ(err(m, R"({"qom-type":"iothread","id":"io0","thread-context":"tc0","poll-max-ns":-1})"),
+            "poll-max-ns value must be in range [0, 9223372036854775807]");
+  EXPECT_EQ(err(m, R"({"qom-type":"iothread","id":"io0","thread-context":"tc0","thread-pool-max":0})"),
+            "bad thread-pool-min/thread-pool-max values");
+  EXPECT_EQ(err(m, R"({"qom-type":"iothread","id":"io0","thread-context":7})"),
+            "Invalid parameter type for 'thread-context', expected: string");
+  ASSERT_TRUE(add(m, R"({"qom-type":"secret","id":"sec0","data":"x"})"));
+  EXPECT_EQ(err(m, R"({"qom-type":"iothread","id":"io0","thread-context":"sec0"})"),
+            "iothread 'io0': object 'sec0' is a secret, not a thread-context; name a thread-context object");
+
+  ASSERT_TRUE(add(m, R"({"qom-type":"thread-context","id":"tc0","cpu-affinity":[0]})"));
+  ASSERT_TRUE(add(m, R"({"qom-type":"iothread","id":"io0","thread-context":"tc0"})"));
+  auto* io = m.find_as<event_loop_object>("io0");
+  ASSERT_TRUE(io);
+  EXPECT_EQ(io->thread_context(), m.find_as<thread_context_object>("tc0"));
+  EXPECT_EQ(*m.qom_get("/objects/io0", "thread-context"), "tc0");
+  // In use: the thread-context cannot go while the iothread runs on it.
+  EXPECT_FALSE(m.object_del("tc0"));
+  EXPECT_EQ(m.users_of("tc0"), std::vector<std::string>{"iothread 'io0'"});
+  // qom-set: an unknown id changes nothing; "" unpins and releases the thread-context.
+  EXPECT_FALSE(m.qom_set("/objects/io0", "thread-context", "nope"));
+  EXPECT_EQ(*m.qom_get("/objects/io0", "thread-context"), "tc0");
+  EXPECT_EQ(io->thread_context(), m.find_as<thread_context_object>("tc0"));
+  EXPECT_TRUE(m.qom_set("/objects/io0", "thread-context", ""));
+  EXPECT_EQ(io->thread_context(), nullptr);
+  EXPECT_TRUE(m.users_of("tc0").empty());
+  EXPECT_TRUE(m.qom_set("/objects/io0", "thread-context", "tc0"));
+  EXPECT_EQ(m.users_of("tc0").size(), 1u);
+  // Deleting the iothread releases it.
+  EXPECT_TRUE(m.object_del("io0"));
+  EXPECT_TRUE(m.object_del("tc0"));
+  // main-loop has no such property.
+  ASSERT_TRUE(add(m, R"({"qom-type":"main-loop","id":"ml"})"));
+  EXPECT_EQ(m.qom_get("/objects/ml", "thread-context").error().desc, "Property 'main-loop.thread-context' not found");
+}
+
+TEST(ObjectIothread, ThreadContextChangeRefusedByTheLoopKeepsTheOld) {
+  // What the supervisor's subclass does when re-pinning fails (say, sched_setaffinity's EINVAL).
+  struct refusing_iothread : event_loop_object {
+    using event_loop_object::event_loop_object;
+    int calls = 0;
+    result<void> thread_context_changed() override {
+      ++calls;
+      return fail("Setting CPU affinity failed: Invalid argument");
+    }
+  };
+  type_registry r;
+  register_builtin_types(r);
+  ASSERT_TRUE(r.install_factory("iothread", [](const std::string&, const json::object& props)
+                                              -> result<std::unique_ptr<object>> {
+    auto p = event_loop_object::parse(false, props);
+    if (!p) return std::unexpected(p.error());
+    return std::make_unique<refusing_iothread>(false, *p);
+  }));
+  model m(r);
+  ASSERT_TRUE(add(m, R"({"qom-type":"thread-context","id":"a","cpu-affinity":[0]})"));
+  ASSERT_TRUE(add(m, R"({"qom-type":"thread-context","id":"b","cpu-affinity":[0]})"));
+  ASSERT_TRUE(add(m, R"({"qom-type":"iothread","id":"io0","thread-context":"a"})"));
+  auto* io = m.find_as<refusing_iothread>("io0");
+  EXPECT_EQ(m.qom_set("/objects/io0", "thread-context", "b").error().desc, "Setting CPU affinity failed: Invalid argument");
+  EXPECT_EQ(io->calls, 1);
+  EXPECT_EQ(*m.qom_get("/objects/io0", "thread-context"), "a");
+  EXPECT_EQ(io->thread_context(), m.find_as<thread_context_object>("a"));
+  EXPECT_EQ(m.users_of("a").size(), 1u);
+  EXPECT_TRUE(m.users_of("b").empty());
 }
