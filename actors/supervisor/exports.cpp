@@ -282,7 +282,17 @@ void supervisor_actor::block_export_add_async(const boost::json::object& args, r
   bool activates = !n->settings().active && !bool_arg(args, "allow-inactive");
   auto add_here = [&] {
     if (!activates) return reply(block_export_add(args));
-    with_quiesced({n}, [this, args] { return block_export_add(args); }, std::move(reply));
+    if (home_of(n) == home_) return with_quiesced({n}, [this, args] { return block_export_add(args); }, std::move(reply));
+    // A node living on another iothread is activated there first (its driver reloads the image at
+    // home), as QEMU's blk_exp_add activates before the export type's own checks.
+    with_quiesced_steps(
+        {n},
+        [this, n, args](reply_fn done) {
+          set_active_steps(n, true, [this, args, done](command_outcome o) {
+            done(o.ok ? block_export_add(args) : std::move(o));
+          });
+        },
+        std::move(reply));
   };
   if (!str_arg(args, "iothread", s)) return add_here();
   iothread* to = find_iothread(s);

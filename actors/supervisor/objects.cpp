@@ -2,6 +2,7 @@
 #include <caf/all.hpp>
 
 #include <algorithm>
+#include <cstring>
 
 #include "actors/supervisor/supervisor.h"
 #include "config/objects/authz.h"
@@ -24,14 +25,57 @@ class iothread_object final : public qom::event_loop_object {
     } catch (const std::exception& ex) {
       return fail("cannot start iothread '" + id() + "': " + ex.what());
     }
-    return {};
+    return thread_context() ? pin() : result<void>{};
   }
   void on_delete() override { thread_.reset(); }
   iothread* thread() const { return thread_.get(); }
 
+ protected:
+  // qom-set of a tunable: the loop applies it at its next turn.
+  void params_changed() override {
+    if (thread_) thread_->set_params(params());
+  }
+  result<void> thread_context_changed() override { return pin(); }
+
  private:
+  // Puts the loop (and its worker pool) on the CPUs of its thread-context, when it names one.
+  result<void> pin() {
+    if (!thread_) return {};
+    const qom::thread_context_object* tc = thread_context();
+    cpu_set_t cpus;
+    if (tc) {
+      cpus = tc->cpu_set();
+    } else {
+      // Unpinned again: the CPUs the process may use (those of the thread creating the object).
+      CPU_ZERO(&cpus);
+      if (::sched_getaffinity(0, sizeof cpus, &cpus) != 0) return {};
+    }
+    if (int r = thread_->set_affinity(cpus); r < 0)
+      return fail("iothread '" + id() + "': Setting CPU affinity failed: " + std::strerror(-r) +
+                  (tc ? "; give thread-context '" + tc->id() + "' CPUs this process may use" : std::string()));
+    return {};
+  }
+
+
   caf::actor_system& sys_;
   std::unique_ptr<iothread> thread_;
+};
+
+// The main-loop object: its values apply to the main iothread when it completes and when set.
+class main_loop_object final : public qom::event_loop_object {
+ public:
+  main_loop_object(iothread& main, qom::event_loop_params p) : event_loop_object(true, p), main_(main) {}
+  result<void> complete(qom::model& m) override {
+    if (auto r = event_loop_object::complete(m); !r) return r;
+    main_.set_event_loop_base_params(params());
+    return {};
+  }
+
+ protected:
+  void params_changed() override { main_.set_event_loop_base_params(params()); }
+
+ private:
+  iothread& main_;
 };
 
 command_outcome outcome(result<boost::json::value> r) {
@@ -49,6 +93,14 @@ void supervisor_actor::init_objects() {
     auto p = qom::event_loop_object::parse(false, props);
     if (!p) return std::unexpected(p.error());
     return std::make_unique<iothread_object>(home_->system(), *p);
+  });
+  // The main-loop object tunes the main iothread (its pool and batch size; QEMU's main loop does
+  // not poll).
+  types_.install_factory("main-loop", [this](const std::string&, const boost::json::object& props)
+                                          -> result<std::unique_ptr<qom::object>> {
+    auto p = qom::event_loop_object::parse(true, props);
+    if (!p) return std::unexpected(p.error());
+    return std::make_unique<main_loop_object>(*home_, *p);
   });
   qom_ = std::make_unique<qom::model>(types_);
 }

@@ -1,4 +1,4 @@
-// Placement: every node's home iothread, moving components between iothreads, quiescing nodes, one node actor per node; main iothread only.
+// Placement: every node's home iothread, moving components, quiescing nodes, node actors, node tasks and closing nodes at home; main iothread only.
 #include <caf/all.hpp>
 
 #include <algorithm>
@@ -15,9 +15,9 @@ namespace blockd {
 //
 // Every node has a home iothread and a connected component (a node, its children and parents,
 // transitively) shares one, so a request never crosses threads inside the graph. Control calls
-// from the supervisor reach a node's driver either with the node quiesced (nothing in the driver,
-// new requests held; the quiesce reply and the resume message order them against the home's data
-// path) or only touch what the data path does not (file locks, counters read as relaxed atomics).
+// from the supervisor reach a node's driver as node tasks run on its home (run_on_node), with the
+// node quiesced where requests must not run meanwhile; the supervisor itself only touches what the
+// data path does not (file locks, counters read as relaxed atomics, facts the home published).
 
 iothread* supervisor_actor::home_of(const block::node* n) const {
   auto it = homes_.find(n);
@@ -117,21 +117,118 @@ void supervisor_actor::sync_node_actors() {
     }
 }
 
+// ---- node tasks --------------------------------------------------------------------------------
+
+void supervisor_actor::run_on_node(block::node* n, node_fn fn, reply_fn then) {
+  std::string name = n->name();
+  auto it = node_actors_.find(name);
+  if (it == node_actors_.end() || it->second.n != n)
+    return then(command_outcome::failure(error("internal error: node '" + name + "' has no actor on its home")));
+  ++tasks_in_flight_;
+  request(it->second.actor, caf::infinite, run_atom::value, node_task{std::move(fn)})
+      .then(
+          [this, then](command_outcome& o) {
+            then(std::move(o));
+            task_done();
+          },
+          [this, then, name](const caf::error& e) {
+            then(command_outcome::failure(error("node '" + name + "' went away before its task ran (" + to_string(e) +
+                                                "); repeat the command if the node still exists")));
+            task_done();
+          });
+}
+
+void supervisor_actor::run_at(iothread* t, std::function<command_outcome()> fn, reply_fn then) {
+  ++tasks_in_flight_;
+  auto runner = spawn_pinned<home_task_actor>(t->system(), *t);
+  request(runner, caf::infinite, run_atom::value, home_task{std::move(fn)})
+      .then(
+          [this, then](command_outcome& o) {
+            then(std::move(o));
+            task_done();
+          },
+          [this, then, id = t->id()](const caf::error& e) {
+            then(command_outcome::failure(error("iothread '" + id + "' stopped before a task ran on it (" +
+                                                to_string(e) + ")")));
+            task_done();
+          });
+}
+
+void supervisor_actor::task_done() {
+  // Decremented after `then`: a step that sends the next task keeps the count above zero, so
+  // deferred graph work never runs between two tasks of one change.
+  if (--tasks_in_flight_ > 0) return;
+  while (tasks_in_flight_ == 0 && !after_tasks_.empty()) {
+    auto fn = std::move(after_tasks_.front());
+    after_tasks_.pop_front();
+    fn();
+  }
+}
+
+void supervisor_actor::when_no_tasks(std::function<void()> fn) {
+  if (tasks_in_flight_ == 0) return fn();
+  after_tasks_.push_back(std::move(fn));
+}
+
+void supervisor_actor::close_detached(std::vector<std::unique_ptr<block::node>> nodes) {
+  // Each list is parents first; a component lives on one iothread, so per home the order holds.
+  std::vector<std::pair<iothread*, std::shared_ptr<std::vector<std::unique_ptr<block::node>>>>> by_home;
+  for (auto& n : nodes) {
+    iothread* h = home_of(n.get());
+    auto it = std::find_if(by_home.begin(), by_home.end(), [&](auto& p) { return p.first == h; });
+    if (it == by_home.end()) {
+      by_home.emplace_back(h, std::make_shared<std::vector<std::unique_ptr<block::node>>>());
+      it = std::prev(by_home.end());
+    }
+    it->second->push_back(std::move(n));
+  }
+  for (auto& [h, list] : by_home) {
+    if (h == home_) {
+      for (auto& n : *list) n.reset();  // this loop is their home: close now
+      continue;
+    }
+    ++closing_;
+    run_at(
+        h,
+        [list] {
+          for (auto& n : *list) n.reset();
+          return command_outcome::success();
+        },
+        [this](command_outcome) {
+          if (--closing_ > 0) return;
+          auto waiting = std::move(after_closes_);
+          after_closes_.clear();
+          for (auto& fn : waiting) fn();
+          if (graph_) pump();  // the next command may start now (none at shutdown)
+        });
+  }
+}
+
+void supervisor_actor::when_closed(std::function<void()> fn) {
+  if (closing_ == 0) return fn();
+  after_closes_.push_back(std::move(fn));
+}
+
 // ---- block graph commands -------------------------------------------------------------------
 
 void supervisor_actor::with_quiesced(std::vector<block::node*> nodes, std::function<command_outcome()> fn,
                                      reply_fn reply) {
+  with_quiesced_steps(std::move(nodes), [fn = std::move(fn)](reply_fn done) { done(fn()); }, std::move(reply));
+}
+
+void supervisor_actor::with_quiesced_steps(std::vector<block::node*> nodes, step_fn step, reply_fn reply) {
   std::vector<std::string> names;
   for (auto* n : nodes) names.push_back(n->name());
-  auto run = std::make_shared<std::function<void()>>([this, names, fn = std::move(fn), reply = std::move(reply)] {
+  auto run = std::make_shared<std::function<void()>>([this, names, step = std::move(step), reply = std::move(reply)] {
     if (!graph_) return reply(command_outcome::failure(error("blockd is shutting down")));
     // All drained: run the change, put the actors where their nodes now live, let held requests go
     // (a node may be gone after a delete).
-    command_outcome out = fn();
-    sync_node_actors();
-    for (auto& name : names)
-      if (auto it = node_actors_.find(name); it != node_actors_.end()) send(it->second.actor, resume_atom::value);
-    reply(std::move(out));
+    step([this, names, reply](command_outcome out) {
+      sync_node_actors();
+      for (auto& name : names)
+        if (auto it = node_actors_.find(name); it != node_actors_.end()) send(it->second.actor, resume_atom::value);
+      reply(std::move(out));
+    });
   });
   if (nodes.empty()) return (*run)();
   // Quiescing goes through each node's actor, so it works wherever the node lives.

@@ -1,4 +1,4 @@
-// QMP internal snapshot commands (blockdev-snapshot-internal-sync, blockdev-snapshot-delete-internal-sync); the supervisor's thread.
+// QMP internal snapshot commands (blockdev-snapshot-internal-sync, blockdev-snapshot-delete-internal-sync): checks here, the driver's work as a node task at home; the supervisor's thread.
 #include <sys/time.h>
 
 #include "actors/supervisor/supervisor.h"
@@ -28,20 +28,30 @@ void supervisor_actor::snapshot_internal(const boost::json::object& args, reply_
     return reply(command_outcome::failure(error("Block format '" + n->settings().driver + "' used by device '" + device +
                                                 "' does not support internal snapshots")));
   if (name.empty()) return reply(command_outcome::failure(error("Name is empty")));
-  for (auto& s : n->driver().facts().snapshots)
+  // The snapshot list the node's home published (after open and after every snapshot task).
+  auto facts = n->facts();
+  for (auto& s : facts->snapshots)
     if (s.as_object().at("name").as_string() == name)
       return reply(command_outcome::failure(
           error("Snapshot with name '" + name + "' already exists on device '" + device + "'")));
   timeval tv{};
   ::gettimeofday(&tv, nullptr);
-  with_quiesced(
+  // A snapshot updates the refcount of every allocated cluster: on a large image that takes long,
+  // so it runs at the node's home and this loop keeps serving meanwhile; the command still holds
+  // the queue, so no other change sees the node halfway.
+  with_quiesced_steps(
       {n},
-      [n, name, device, tv] {
-        auto r = n->driver().snapshot_create(name, tv.tv_sec, int64_t(tv.tv_usec) * 1000);
-        if (!r)
-          return command_outcome::failure(
-              error("Failed to create snapshot '" + name + "' on device '" + device + "': " + r.error().desc));
-        return command_outcome::success();
+      [this, n, name, device, tv](reply_fn done) {
+        run_on_node(
+            n,
+            [name, device, tv](block::node& x) {
+              auto r = x.driver().snapshot_create(name, tv.tv_sec, int64_t(tv.tv_usec) * 1000);
+              if (!r)
+                return command_outcome::failure(
+                    error("Failed to create snapshot '" + name + "' on device '" + device + "': " + r.error().desc));
+              return command_outcome::success();
+            },
+            std::move(done));
       },
       std::move(reply));
 }
@@ -60,7 +70,8 @@ void supervisor_actor::snapshot_delete_internal(const boost::json::object& args,
   if (!n->driver().supports_snapshots())
     return reply(command_outcome::failure(error("Failed to get a snapshot list: Operation not supported")));
   bool exists = false;
-  for (auto& v : n->driver().facts().snapshots) {
+  auto facts = n->facts();
+  for (auto& v : facts->snapshots) {
     auto& s = v.as_object();
     if ((!idp || s.at("id").as_string() == id) && (!namep || s.at("name").as_string() == name)) exists = true;
   }
@@ -69,13 +80,18 @@ void supervisor_actor::snapshot_delete_internal(const boost::json::object& args,
                                                 "' and name '" + (namep ? name : std::string("null")) +
                                                 "' does not exist on device '" + device + "'")));
   if (n->settings().read_only) return reply(command_outcome::failure(error("Device '" + device + "' is read only")));
-  with_quiesced(
+  with_quiesced_steps(
       {n},
-      [n, idp = idp ? std::optional<std::string>(id) : std::nullopt,
-       namep = namep ? std::optional<std::string>(name) : std::nullopt] {
-        auto r = n->driver().snapshot_delete(idp ? &*idp : nullptr, namep ? &*namep : nullptr);
-        if (!r) return command_outcome::failure(error(r.error().desc));
-        return command_outcome::success(boost::json::value(std::move(*r)));
+      [this, n, idp = idp ? std::optional<std::string>(id) : std::nullopt,
+       namep = namep ? std::optional<std::string>(name) : std::nullopt](reply_fn done) {
+        run_on_node(
+            n,
+            [idp, namep](block::node& x) {
+              auto r = x.driver().snapshot_delete(idp ? &*idp : nullptr, namep ? &*namep : nullptr);
+              if (!r) return command_outcome::failure(error(r.error().desc));
+              return command_outcome::success(boost::json::value(std::move(*r)));
+            },
+            std::move(done));
       },
       std::move(reply));
 }

@@ -23,6 +23,8 @@ supervisor_actor::supervisor_actor(caf::actor_config& cfg, iothread* home, super
     : caf::event_based_actor(cfg), home_(home), hooks_(std::move(hooks)), commands_(qmp::qsd_schema()) {
   // A new node opens on the home blockdev-add chose for it (see blockdev_add_async).
   graph_ = std::make_unique<block::graph>([this] { return env_for(new_node_home_ ? new_node_home_ : home_); });
+  // Nodes leaving the graph close on their home (placement.cpp).
+  graph_->set_closer([this](std::vector<std::unique_ptr<block::node>> v) { close_detached(std::move(v)); });
   init_objects();
   register_commands();
 }
@@ -90,9 +92,12 @@ caf::behavior supervisor_actor::make_behavior() {
       [this](event_atom, std::string& name, json_args& data) { emit(std::move(name), std::move(data.v)); },
       // Job bodies ask for graph work; jobs report that they reached null (jobs.cpp).
       [this](job_graph_atom, job_graph_request& r) { job_graph(std::move(r)); },
-      [this](job_gone_atom, const std::string& id) { job_gone(id); },
+      // Both release nodes, which edits the graph: not while a home task may be reading it.
+      [this](job_gone_atom, const std::string& id) { when_no_tasks([this, id] { job_gone(id); }); },
       // An NBD client closed (its socket is shut and nothing of it is in flight).
-      [this](nbd_gone_atom, const std::string& export_id, uint64_t client_id) { nbd_client_gone(export_id, client_id); },
+      [this](nbd_gone_atom, const std::string& export_id, uint64_t client_id) {
+        when_no_tasks([this, export_id, client_id] { nbd_client_gone(export_id, client_id); });
+      },
       [this](unsubscribe_atom, const caf::actor& who) {
         subscribers_.erase(std::remove(subscribers_.begin(), subscribers_.end(), who), subscribers_.end());
       },
@@ -105,16 +110,24 @@ caf::behavior supervisor_actor::make_behavior() {
         stop_exports(true, [this, rp]() mutable { stop_jobs([this, rp]() mutable {
           auto left = std::make_shared<size_t>(monitors_.size());
           auto finish = [this, rp]() mutable {
-            // Monitors are gone; stop every iothread object (joins its thread) and close chardevs.
-            // Node actors stop first, on their homes, while those loops still run; then the nodes go.
-            auto g = std::move(graph_);
-            sync_node_actors();
-            g.reset();
-            // Muxes before the chardevs under them: newest first. Then the QOM tree goes.
-            for (auto it = chardevs_.rbegin(); it != chardevs_.rend(); ++it) (*it)->close();
-            qom_.reset();
-            chardevs_.clear();
-            rp.deliver(true);
+            // Monitors are gone. A command's task still running at home ends first; then every
+            // node leaves the graph, its actor stops and it closes on its home while those loops
+            // still run; then the iothread objects stop (joining their threads) and chardevs close.
+            when_no_tasks([this, rp]() mutable {
+              std::vector<std::unique_ptr<block::node>> all;
+              if (graph_) all = graph_->detach_all();
+              auto g = std::move(graph_);
+              close_detached(std::move(all));  // homes_ still knows them until the sync below
+              sync_node_actors();
+              when_closed([this, rp, g = std::shared_ptr<block::graph>(std::move(g))]() mutable {
+                g.reset();
+                // Muxes before the chardevs under them: newest first. Then the QOM tree goes.
+                for (auto it = chardevs_.rbegin(); it != chardevs_.rend(); ++it) (*it)->close();
+                qom_.reset();
+                chardevs_.clear();
+                rp.deliver(true);
+              });
+            });
           };
           if (*left == 0) return finish();
           for (auto& m : monitors_) {
@@ -134,13 +147,14 @@ void supervisor_actor::pump() {
   if (pumping_) return;  // a reply delivered inside run_command: the loop below picks up the next one
   pumping_ = true;
   while (true) {
-    if ((!busy_ || !jobs_hold_queue_) && !job_graph_work_.empty()) {
+    // Nodes still closing at home (after a delete) hold back the next graph change.
+    if ((!busy_ || !jobs_hold_queue_) && closing_ == 0 && !job_graph_work_.empty()) {
       auto work = std::move(job_graph_work_.front());
       job_graph_work_.pop_front();
       work();
       continue;
     }
-    if (busy_ || queue_.empty()) break;
+    if (busy_ || closing_ > 0 || queue_.empty()) break;
     auto p = std::move(queue_.front());
     queue_.pop_front();
     busy_ = true;

@@ -79,6 +79,42 @@ class supervisor_actor : public caf::event_based_actor {
   // Runs `fn` with `nodes` quiesced (nothing in flight, new requests held), then resumes them (on
   // their homes as they are after `fn`) and replies.
   void with_quiesced(std::vector<block::node*> nodes, std::function<command_outcome()> fn, reply_fn reply);
+  // The same for a change made of steps (node tasks): `step` calls `done` once, now or later.
+  using step_fn = std::function<void(reply_fn done)>;
+  void with_quiesced_steps(std::vector<block::node*> nodes, step_fn step, reply_fn reply);
+
+  // ---- node tasks (placement.cpp): driver work runs on the node's home ------------------------
+  // The command that sends a task holds the queue (busy_) until `then` has run, so nothing else
+  // changes the graph meanwhile, while this loop keeps serving monitors and NBD handshakes.
+  // `then` runs here, with the outcome or with an error naming the node when it went away first.
+  using node_fn = std::function<command_outcome(block::node&)>;
+  void run_on_node(block::node* n, node_fn fn, reply_fn then);
+  // Control work on `t` where no node actor serves (opening new nodes, closing detached ones).
+  void run_at(iothread* t, std::function<command_outcome()> fn, reply_fn then);
+  size_t tasks_in_flight_ = 0;
+  // Work from messages that edit the graph outside a command (a job or an NBD client gone): it
+  // waits while a task runs, when a home may be reading the graph.
+  std::deque<std::function<void()>> after_tasks_;
+  void when_no_tasks(std::function<void()> fn);
+  void task_done();
+  // The graph's closer: nodes that left the graph close on their home (at once on this loop).
+  // Commands wait for closes before the next one starts, and blockdev-del replies after its own.
+  size_t closing_ = 0;
+  std::vector<std::function<void()>> after_closes_;
+  void close_detached(std::vector<std::unique_ptr<block::node>> nodes);
+  void when_closed(std::function<void()> fn);
+  // blockdev-set-active in steps (graph bookkeeping here, each driver call on its node's home).
+  void set_active_steps(block::node* n, bool active, reply_fn done);
+  void activate_next(std::shared_ptr<std::vector<block::node*>> order, size_t i, reply_fn done);
+  void inactivate_next(std::shared_ptr<std::deque<block::node*>> stack, reply_fn done);
+  // blockdev-reopen's driver steps: prepare each entry at home, then (quiesced) apply and commit.
+  void reopen_prepare_next(std::shared_ptr<block::graph::reopen_plan> plan, size_t i, reply_fn done);
+  void reopen_commit_next(std::shared_ptr<block::graph::reopen_plan> plan, size_t i, reply_fn done);
+  void reopen_abort_all(std::shared_ptr<block::graph::reopen_plan> plan, command_outcome why, reply_fn done);
+  // Nodes of a finished blockdev-add get their home, their events and their actors.
+  void adopt_new_nodes(iothread* where);
+  // Before a query shows image facts: every node's home publishes fresh ones, then `then` runs.
+  void refresh_facts(std::function<void()> then);
   void blockdev_reopen(const boost::json::object& args, reply_fn reply);
   void blockdev_set_active(const boost::json::object& args, reply_fn reply);
   void set_iothread(const boost::json::object& args, reply_fn reply);

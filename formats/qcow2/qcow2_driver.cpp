@@ -359,7 +359,6 @@ class qcow2_driver final : public block_driver {
   uint64_t free_hint_ = 0;
   uint64_t fresh_end_ = 0;  // clusters at or past this offset were never written: they read as zeroes
   uint64_t last_compressed_ = ~0ull;
-  std::atomic<uint64_t> shown_incompat_{0};  // incompatible feature bits as facts() shows them (any thread)
   uint64_t snapshot_table_bytes_ = 0;  // the snapshot table's extent in the file (overlap checks)
   uint64_t lookups_ = 0;
   int64_t last_clean_ns_ = 0;
@@ -946,7 +945,6 @@ task<int> qcow2_driver::flush_all() {
 }
 
 task<int> qcow2_driver::write_header() {
-  shown_incompat_.store(h_.incompatible_features, std::memory_order_relaxed);
   auto bytes = serialize_header(h_);
   if (!bytes) co_return -EINVAL;
   uint64_t len = (bytes->size() + std::max<uint64_t>(align_, 1) - 1) / std::max<uint64_t>(align_, 1) * std::max<uint64_t>(align_, 1);
@@ -1735,7 +1733,6 @@ task<int> qcow2_driver::load_metadata(std::string& err) {
     if (e & offset_mask) meta_clusters_[(e & offset_mask) / cs_] = 'l';
   fresh_end_ = (flen + cs_ - 1) / cs_ * cs_;
   free_hint_ = 0;
-  shown_incompat_.store(h_.incompatible_features, std::memory_order_relaxed);
   co_return 0;
 }
 
@@ -2108,14 +2105,16 @@ void qcow2_driver::child_perm(const std::string& role, bool read_only, uint32_t 
   shared = (node_shared & perm_consistent_read) | perm_write_unchanged;
 }
 
+// Home thread only, like every other call (the contract checker verifies it): the node publishes
+// the result for queries on other threads (node::publish_facts), so the header, the snapshot table
+// and the feature bits are read here between two steps of the data path, never during one.
 image_facts qcow2_driver::facts() const {
   image_facts f;
   f.virtual_size = int64_t(h_.size);
-  f.actual_size = file_->driver().facts().actual_size;
+  // What the file node published (it publishes first: at open, and children first at a refresh).
+  f.actual_size = file_->facts()->actual_size;
   f.has_dirty_flag = true;
-  // The data path may change the feature bits meanwhile (dirty mark, corrupt mark): read the copy
-  // published with each header write, not the header itself.
-  uint64_t incompat = shown_incompat_.load(std::memory_order_relaxed);
+  uint64_t incompat = h_.incompatible_features;
   f.dirty = incompat & incompat_dirty;
   f.cluster_size = int64_t(cs_);
   f.backing_filename = h_.backing_file;

@@ -23,8 +23,10 @@ class raw_driver final : public block_driver, private io_waiter {
     return n < 0 ? 0 : n;
   }
   image_facts facts() const override {
-    auto f = child_->driver().facts();
-    return {.virtual_size = length(), .actual_size = f.actual_size, .has_dirty_flag = f.has_dirty_flag};
+    // The child's published facts, not its driver: during a move the child may briefly live on
+    // another thread (a reopen that takes it from another iothread commits before it moves).
+    auto f = child_->facts();
+    return {.virtual_size = length(), .actual_size = f->actual_size, .has_dirty_flag = f->has_dirty_flag};
   }
 
   void submit(io_request& r) override {

@@ -88,7 +88,9 @@ void define_objects(schema& s) {
   s.object("AuthZPAMProperties", "service:str");
   s.object("AuthZSimpleProperties", "identity:str");
   s.object("EventLoopBaseProperties", "*aio-max-batch:int *thread-pool-min:int *thread-pool-max:int");
-  s.object("IothreadProperties", "*poll-max-ns:int *poll-grow:int *poll-shrink:int", "EventLoopBaseProperties");
+  // thread-context is blockd's extension: the iothread runs on that thread-context's CPUs.
+  s.object("IothreadProperties", "*poll-max-ns:int *poll-grow:int *poll-shrink:int *thread-context:str",
+           "EventLoopBaseProperties");
   s.object("MainLoopProperties", "", "EventLoopBaseProperties");
   s.object("PrManagerHelperProperties", "path:str");
   s.enumeration("QCryptoSecretFormat", "raw base64");

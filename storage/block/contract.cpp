@@ -89,6 +89,7 @@ class checked_driver final : public block_driver, private io_waiter {
   result<void> truncate(int64_t size) override {
     // Growing is allowed under I/O (a format appends clusters past the end of its file while other
     // requests run below the old end); anything else needs the node drained.
+    check_home("truncate");
     if (size < inner_->length()) drained("truncate");
     return inner_->truncate(size);
   }
@@ -98,10 +99,15 @@ class checked_driver final : public block_driver, private io_waiter {
                   uint32_t& shared) const override {
     inner_->child_perm(role, read_only, node_perm, node_shared, perm, shared);
   }
-  image_facts facts() const override { return inner_->facts(); }
+  // Queries on other threads read what the home published (node::facts), never the driver.
+  image_facts facts() const override {
+    check_home("facts");
+    return inner_->facts();
+  }
   boost::json::value driver_stats() const override { return inner_->driver_stats(); }
 
   result<std::unique_ptr<reopen_state>> reopen_prepare(const reopen_args& a, std::vector<std::string>& consumed) override {
+    check_home("reopen prepare");
     auto st = inner_->reopen_prepare(a, consumed);
     if (!st) return st;
     struct checked_state final : reopen_state {
@@ -117,6 +123,7 @@ class checked_driver final : public block_driver, private io_waiter {
       void finish(const char* what, bool commit) {
         if (done) d->fail(std::string(what) + " after the reopen was already committed or aborted");
         done = true;
+        d->check_home(what);
         d->drained(what);
         commit ? inner->commit() : inner->abort();
       }
@@ -132,23 +139,28 @@ class checked_driver final : public block_driver, private io_waiter {
   std::vector<std::string> reopen_resettable() const override { return inner_->reopen_resettable(); }
 
   result<void> activate() override {
+    check_home("activate");
     drained("activate");
     return inner_->activate();
   }
   void inactivate() override {
+    check_home("inactivate");
     drained("inactivate");
     inner_->inactivate();
   }
   bool supports_snapshots() const override { return inner_->supports_snapshots(); }
   result<void> snapshot_create(const std::string& name, int64_t date_sec, int64_t date_nsec) override {
+    check_home("snapshot_create");
     drained("snapshot_create");
     return inner_->snapshot_create(name, date_sec, date_nsec);
   }
   result<boost::json::object> snapshot_delete(const std::string* id, const std::string* name) override {
+    check_home("snapshot_delete");
     drained("snapshot_delete");
     return inner_->snapshot_delete(id, name);
   }
   void close() override {
+    check_home("close");
     drained("close");
     inner_->close();
   }

@@ -1,4 +1,4 @@
-// The node <-> driver contract checker: a driver wrapper that verifies every call and completion; home iothread (control calls: supervisor with the node drained).
+// The node <-> driver contract checker: a driver wrapper that verifies every call and completion; home iothread (permission calls and rehome: the supervisor, node drained).
 #pragma once
 #include <functional>
 #include <memory>
@@ -17,7 +17,10 @@ namespace blockd::block {
 // - the driver completes it exactly once, never from inside submit(), on the home thread, with a
 //   result of 0 or -errno, and for block status with an extent inside the request;
 // - control calls that change what requests see (truncate, reopen commit, activate, inactivate,
-//   rehome) and the driver's destruction happen with no request in the driver.
+//   rehome) and the driver's destruction happen with no request in the driver;
+// - control calls that reach the driver's I/O or its data-path state (facts, truncate, reopen
+//   prepare/commit/abort, activate, inactivate, internal snapshots, close) run on the home thread:
+//   the supervisor sends them there as node tasks.
 // A violation is a bug in blockd (node or driver), never in the user's input.
 
 // Called with a description of the violation; the default prints it and aborts.

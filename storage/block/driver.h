@@ -78,11 +78,11 @@ class block_driver {
   // Starts `r`; completes it later through r.complete(). Never blocks, never completes inside submit.
   virtual void submit(io_request& r) = 0;
 
-  // Control path: called on the home iothread, or by the supervisor while the node is drained (no request
-  // in the driver; the quiesce and resume messages order the calls against the data path). May block
-  // briefly (file metadata syscalls); I/O through the reactor belongs in a node task run at home.
-  // Growing (size >= length) may also be done on the home iothread with requests in flight: a
-  // format extends its image file that way before writing past the end.
+  // Control path: called on the home iothread only (the supervisor sends a node task there; the
+  // contract checker verifies it), with the node drained. A driver's own I/O then waits through
+  // env.block_on, a nested turn of its home loop. Growing (size >= length) may also be done on the
+  // home iothread with requests in flight: a format extends its image file that way before writing
+  // past the end.
   virtual result<void> truncate(int64_t size) { (void)size; return fail("Image format driver does not support resize"); }
   // Permission changes are two-phase over the whole affected subgraph (graph::update_perms):
   // check_perm() says whether the node can take the new cumulative permissions (a file asks whether
@@ -100,14 +100,19 @@ class block_driver {
     perm = node_perm;
     shared = node_shared;
   }
+  // Home thread only. The node publishes the result after open and after every control task
+  // (node::facts), and queries read that copy, so a driver may answer from state its data path
+  // changes.
   virtual image_facts facts() const { return {.virtual_size = length()}; }
-  // Driver-specific statistics for query-blockstats ("driver-specific"), or null.
+  // Driver-specific statistics for query-blockstats ("driver-specific"), or null. Any thread: only
+  // relaxed atomics (stat_counter) and fixed identity may be read here.
   virtual boost::json::value driver_stats() const { return nullptr; }
 
   // Reopen (blockdev-reopen), in two phases so a list of nodes changes all or nothing. prepare()
   // checks the new state and readies it without disturbing the current one; it names in `consumed`
   // the options it applies (the graph refuses a change to any other one). The returned object
-  // then gets exactly one of commit() or abort(), with the node quiesced.
+  // then gets exactly one of commit() or abort(), with the node quiesced. All three run on the home
+  // thread (graph::prepare_driver, commit_driver, abort_driver).
   struct reopen_state {
     virtual ~reopen_state() = default;
     virtual void commit() {}
@@ -126,15 +131,16 @@ class block_driver {
     return std::make_unique<reopen_state>();
   }
   // Driver options a reopen may leave out, resetting them to their defaults (QEMU's mutable options).
+  // A fixed list (any thread may ask; the graph does while it checks a reopen).
   virtual std::vector<std::string> reopen_resettable() const { return {}; }
 
   // blockdev-set-active: an inactive node gives up its hold on the image (locks) so another process
   // may take it over; activating takes it back and drops cached data another writer made stale.
+  // Home thread, node drained.
   virtual result<void> activate() { return {}; }
   virtual void inactivate() {}
 
-  // Internal snapshots (formats that keep them inside the image). Control path with the node
-  // drained. `date_sec/nsec` stamp the new snapshot; delete matches by id and/or name (at least
+  // Internal snapshots (formats that keep them inside the image). Home thread, node drained. `date_sec/nsec` stamp the new snapshot; delete matches by id and/or name (at least
   // one given) and returns the deleted snapshot's SnapshotInfo.
   virtual bool supports_snapshots() const { return false; }
   virtual result<void> snapshot_create(const std::string& name, int64_t date_sec, int64_t date_nsec) {
@@ -149,8 +155,9 @@ class block_driver {
     return fail("internal snapshots are not supported by this driver");
   }
 
-  // Called once before the driver is destroyed, with nothing in flight and the children still open
-  // (parents close first). A format writes back what it caches and marks its image clean here.
+  // Called once before the driver is destroyed, on the home thread, with nothing in flight and the
+  // children still open (parents close first). A format writes back what it caches and marks its
+  // image clean here.
   virtual void close() {}
 
   // The node moves to another iothread (x-blockdev-set-iothread, an export's iothread): from now on

@@ -58,14 +58,11 @@ graph::graph(std::function<driver_env()> env_for_new_node) : env_for_new_node_(s
 
 graph::~graph() {
   // Parents first, so no node is destroyed while a parent still points at it. Creation order is
-  // not enough: a reopen may have given an old node a newer child.
-  while (!nodes_.empty()) {
-    node* top = nullptr;
-    for (auto it = nodes_.rbegin(); it != nodes_.rend() && !top; ++it)
-      if ((*it)->parents.empty()) top = it->get();
-    if (!top) top = nodes_.back().get();  // cannot happen: the graph has no cycles
-    destroy(top);
-  }
+  // not enough: a reopen may have given an old node a newer child. Closed here and now: whoever
+  // set a closer may be going away too (an owner closes on the homes first, with detach_all).
+  closer_ = nullptr;
+  auto all = detach_all();
+  for (auto& p : all) p.reset();
 }
 
 std::vector<node*> graph::referenced_nodes(const boost::json::object& options) const {
@@ -162,8 +159,29 @@ result<node*> graph::add(const boost::json::object& options) {
   return out;
 }
 
+node* graph::lookup_for_open(const std::string& name, const staged_add* staged) const {
+  if (staged)
+    if (auto it = staged->names.find(name); it != staged->names.end()) return it->second;
+  return find(name);
+}
+
+void graph::insert_node(std::unique_ptr<node> n, size_t slot) {
+  node* np = n.get();
+  for (auto& sl : np->slots) {
+    node* c = sl->child;
+    sl->child = nullptr;
+    link(*sl, c);
+  }
+  by_name_[np->name()] = np;
+  alive_.insert(np);
+  nodes_.insert(nodes_.begin() + std::ptrdiff_t(std::min(slot, nodes_.size())), std::move(n));
+}
+
 result<node*> graph::open_node(const boost::json::object& options, bool top_level, std::vector<node*>& created,
-                               const boost::json::object* given) {
+                               const boost::json::object* given, staged_add* staged) {
+  // A staged open runs on the new nodes' home: it reads the graph (the supervisor waits meanwhile)
+  // and keeps what it opens in `staged`, counting positions as if those nodes were listed already.
+  auto listed = [&] { return staged ? staged->base + staged->listing.size() : nodes_.size(); };
   std::string driver(options.at("driver").as_string());
   const driver_entry* e = find_driver(driver);
   std::string name;
@@ -171,7 +189,7 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
   if (auto* v = options.if_contains("node-name")) {
     name = std::string(v->as_string());
     if (!node_name_valid(name)) return fail("Invalid node-name: '" + name + "'");
-    if (find(name)) return fail("Duplicate nodes with node-name='" + name + "'");
+    if (lookup_for_open(name, staged)) return fail("Duplicate nodes with node-name='" + name + "'");
     if (name.size() > 31) return fail("Node name too long");
   } else if (top_level) {
     return fail("'node-name' must be specified for the root node");
@@ -213,7 +231,7 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
   boost::json::object own;  // the driver's view: its own members, children resolved away
   for (auto& kv : options)
     if (!is_common(kv.key())) own[kv.key()] = kv.value();
-  open_args a{own, {}, env_for_new_node_()};
+  open_args a{own, {}, staged ? staged->env : env_for_new_node_()};
   a.read_only = s.read_only;
   a.auto_read_only = s.auto_read_only;
   a.direct = s.direct;
@@ -231,18 +249,18 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
       return fail("Backing chain of node '" + name + "' is longer than " + std::to_string(max_implicit_depth) +
                   " images (does it loop?)");
     ++implicit_depth_;
-    auto r = open_node(child_opts, false, created);
+    auto r = open_node(child_opts, false, created, nullptr, staged);
     --implicit_depth_;
     if (r) a.set_child(role, *r);
     return r;
   };
-  size_t slot = nodes_.size();  // where this node goes in the creation order: after its file child
+  size_t slot = listed();  // where this node goes in the creation order: after its file child
   for (auto& role : e->child_roles) {
     auto* v = options.if_contains(role);
     if (!v || v->is_null()) continue;  // null: explicitly none (a qcow2 image without its backing file)
     node* child = nullptr;
     if (v->is_string()) {
-      child = find(std::string(v->as_string()));
+      child = lookup_for_open(std::string(v->as_string()), staged);
       std::string ref(v->as_string());
       if (!child) {
         std::string msg = "Cannot find device='" + ref + "' nor node-name='" + ref + "'";
@@ -255,33 +273,34 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
         child_opts["read-only"] = true;
         child_opts["auto-read-only"] = false;
       }
-      auto r = open_node(child_opts, false, created, &v->as_object());
+      auto r = open_node(child_opts, false, created, &v->as_object(), staged);
       if (!r) return r;
       child = *r;
     }
     a.set_child(role, child);
-    if (role == e->child_roles.front()) slot = nodes_.size();
+    if (role == e->child_roles.front()) slot = listed();
   }
   auto drv = e->open(a);
   if (!drv) return std::unexpected(drv.error());
   s.read_only = a.read_only;  // auto-read-only may have fallen back
-  auto n = std::make_unique<node>(std::move(s), std::move(*drv), env_for_new_node_());
+  auto n = std::make_unique<node>(std::move(s), std::move(*drv), a.env);
   node* np = n.get();
   // Children attach in the driver's role order (file, data-file, backing), whether the options
   // named them or the image did, as QEMU attaches them.
   np->slots = std::move(a.edges);
-  for (auto& sl : np->slots) {
-    sl->parent = np;
-    node* c = sl->child;
-    sl->child = nullptr;
-    link(*sl, c);
-  }
-  // QEMU registers a node right after its file child, before the rest of its chain (listing order).
-  by_name_[np->name()] = np;
-  alive_.insert(np);
-  nodes_.insert(nodes_.begin() + std::ptrdiff_t(std::min(slot, nodes_.size())), std::move(n));
-  created.push_back(np);
+  for (auto& sl : np->slots) sl->parent = np;
   if (!np->settings().active) np->driver().inactivate();
+  np->publish_facts();  // this runs on the node's home
+  // QEMU registers a node right after its file child, before the rest of its chain (listing order).
+  if (staged) {
+    staged->names[np->name()] = np;
+    size_t at = std::min(slot - staged->base, staged->listing.size());
+    staged->listing.insert(staged->listing.begin() + std::ptrdiff_t(at), np);
+    staged->owned.push_back(std::move(n));
+  } else {
+    insert_node(std::move(n), slot);
+  }
+  created.push_back(np);
   return np;
 }
 
@@ -359,7 +378,7 @@ result<void> graph::update_perms(const std::vector<node*>& seeds) {
     }
     if (n->settings().force_share) shared = perm_all;
     // An inactive node holds nothing: its image may be in another process's hands (migration handover).
-    if (!n->settings().active) {
+    if (!n->settings().active && !activating_.count(n)) {
       perm = 0;
       shared = perm_all;
     }
@@ -574,11 +593,13 @@ result<void> graph::remove_filter(node& filter) {
 }
 
 void graph::collect(std::vector<node*> candidates) {
+  std::vector<std::unique_ptr<node>> doomed;
   for (node* c : candidates) {
     if (!alive(c)) continue;
-    if (!c->monitor_owned && !c->has_users()) destroy(c);  // an inline child goes with its last parent
+    if (!c->monitor_owned && !c->has_users()) detach(c, doomed);  // an inline child goes with its last parent
     else (void)update_perms({c});
   }
+  close_nodes(std::move(doomed));
 }
 
 result<void> graph::check_del(const std::string& name) {
@@ -598,6 +619,12 @@ void graph::del(const std::string& name) {
 }
 
 void graph::destroy(node* n) {
+  std::vector<std::unique_ptr<node>> doomed;
+  detach(n, doomed);
+  close_nodes(std::move(doomed));
+}
+
+void graph::detach(node* n, std::vector<std::unique_ptr<node>>& out) {
   std::vector<node*> children;
   for (child_edge* e : n->children()) {
     children.push_back(e->child);
@@ -606,9 +633,36 @@ void graph::destroy(node* n) {
   for (root* r : n->roots) r->target = nullptr;  // their owners are gone or going (shutdown)
   by_name_.erase(n->name());
   alive_.erase(n);
-  // The node closes here, while its children are still open (a format writes back through them).
-  std::erase_if(nodes_, [&](auto& p) { return p.get() == n; });
-  collect(children);
+  // The node closes later, before its children (they come after it in `out`): a format writes
+  // its metadata back through them. Its slots still point at them for that.
+  auto it = std::find_if(nodes_.begin(), nodes_.end(), [&](auto& p) { return p.get() == n; });
+  out.push_back(std::move(*it));
+  nodes_.erase(it);
+  // Children that keep other users give up what this node took (so their locks may loosen before
+  // it has closed: the close only writes what this node owned).
+  for (node* c : children) {
+    if (!alive(c)) continue;
+    if (!c->monitor_owned && !c->has_users()) detach(c, out);
+    else (void)update_perms({c});
+  }
+}
+
+void graph::close_nodes(std::vector<std::unique_ptr<node>> nodes) {
+  if (nodes.empty()) return;
+  if (closer_) return closer_(std::move(nodes));
+  for (auto& p : nodes) p.reset();  // in order: parents first
+}
+
+std::vector<std::unique_ptr<node>> graph::detach_all() {
+  std::vector<std::unique_ptr<node>> out;
+  while (!nodes_.empty()) {
+    node* top = nullptr;
+    for (auto it = nodes_.rbegin(); it != nodes_.rend() && !top; ++it)
+      if ((*it)->parents.empty()) top = it->get();
+    if (!top) top = nodes_.back().get();  // cannot happen: the graph has no cycles
+    detach(top, out);
+  }
+  return out;
 }
 
 boost::json::object graph::full_options(const node& n) const {
@@ -651,7 +705,9 @@ std::string graph::filename(const node& n) const {
     if (std::find(e->runtime_options.begin(), e->runtime_options.end(), k) != e->runtime_options.end()) continue;
     if (k == "backing" && e->backing_from_image) {
       // An explicit backing keeps the plain name only when it is what the image names anyway.
-      image_facts f = n.driver().facts();
+      // The facts the node's home published: this may run on another thread.
+      auto published = n.facts();
+      const image_facts& f = *published;
       if (kv.value().is_null()) {
         plain = f.backing_filename.empty();
         continue;
@@ -716,12 +772,12 @@ result<graph::reopen_plan> graph::reopen_prepare(const boost::json::array& list)
     }
   }
   reopen_plan plan;
-  for (auto& [n, o] : queue) {
-    if (auto r = reopen_queue(plan, *n, o); !r) {
-      reopen_abort(plan);
-      return std::unexpected(r.error());
-    }
-  }
+  for (auto& [n, o] : queue)
+    if (auto r = reopen_queue(plan, *n, o); !r) return std::unexpected(r.error());
+  return plan;
+}
+
+result<void> graph::reopen_check_writers(const reopen_plan& plan) {
   // Read-only needs that nobody writes through the node any more, unless that writer is a parent
   // becoming read-only in the same reopen.
   for (auto& e : plan.entries) {
@@ -732,12 +788,9 @@ result<graph::reopen_plan> graph::reopen_prepare(const boost::json::array& list)
       return !std::any_of(plan.entries.begin(), plan.entries.end(),
                           [&](auto& p) { return p.next.read_only && p.n == pe->parent; });
     });
-    if (root_writes || parent_writes) {
-      reopen_abort(plan);
-      return fail("Cannot make block node read-only, there is a writer on it");
-    }
+    if (root_writes || parent_writes) return fail("Cannot make block node read-only, there is a writer on it");
   }
-  return plan;
+  return {};
 }
 
 result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object options,
@@ -765,6 +818,7 @@ result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object
       return fail("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap");
   }
   // A driver option that was set and is now left out would reset to its default: only some may.
+  // (A fixed list per driver, not state: asking from the graph's thread reads nothing that moves.)
   std::vector<std::string> resettable = n.driver().reopen_resettable();
   for (auto& kv : cur.options) {
     std::string_view k = kv.key();
@@ -829,46 +883,49 @@ result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object
     inline_reopens.push_back({current, inherited_options(dict, options), dict});
   }
 
-  // The driver sees its own members and the children it will have.
-  boost::json::object own;
-  for (auto& kv : options)
-    if (!is_common(kv.key()) && !(de && contains(de->child_roles, kv.key()))) own[kv.key()] = kv.value();
-  reopen_args a{own, {}, next.read_only, next.direct, next.no_flush};
-  for (auto& [edge, child] : children) a.children.emplace_back(edge->role, child);
-  std::vector<std::string> consumed;
-  auto st = n.driver().reopen_prepare(a, consumed);
-  if (!st) return std::unexpected(st.error());
+  // The driver sees its own members and the children it will have (prepare_driver, on its home).
   reopen_plan::entry entry;
   entry.n = &n;
+  for (auto& kv : options)
+    if (!is_common(kv.key()) && !(de && contains(de->child_roles, kv.key()))) entry.own[kv.key()] = kv.value();
   for (auto& [edge, child] : children) {
+    entry.roles.emplace_back(edge->role, child);
     entry.prev_children.emplace_back(edge, edge->child);
     if (edge->child != child) entry.children.emplace_back(edge, child);
   }
-  entry.state = std::move(*st);
-
-  // Whatever the driver did not take must be as it was.
-  auto unchanged = [&](std::string_view k) -> result<void> {
-    auto* old = cur.options.if_contains(k);
-    if (!old || *old != options.at(k)) return fail("Cannot change the option '" + std::string(k) + "'");
-    return {};
-  };
-  auto bail = [&](error e) -> result<void> {
-    entry.state->abort();
-    return std::unexpected(std::move(e));
-  };
-  for (const char* k : {"driver", "force-share", "active"})
-    if (options.contains(k))
-      if (auto r = unchanged(k); !r) return bail(r.error());
-  for (auto& kv : own)
-    if (!contains(consumed, kv.key()))
-      if (auto r = unchanged(kv.key()); !r) return bail(r.error());
-
+  entry.options = options;
   next.options = options;
   next.given = given ? *given : options;
   entry.next = std::move(next);
   plan.entries.push_back(std::move(entry));
   for (auto& ir : inline_reopens)
     if (auto r = reopen_queue(plan, *ir.child, std::move(ir.options), &ir.given); !r) return r;
+  return {};
+}
+
+result<void> graph::prepare_driver(reopen_plan::entry& e) {
+  reopen_args a{e.own, e.roles, e.next.read_only, e.next.direct, e.next.no_flush};
+  e.consumed.clear();
+  auto st = e.n->driver().reopen_prepare(a, e.consumed);
+  if (!st) return std::unexpected(st.error());
+  e.state = std::move(*st);
+  return {};
+}
+
+result<void> graph::reopen_check(reopen_plan::entry& e) {
+  // Whatever the driver did not take must be as it was.
+  const node_settings& cur = e.n->settings();
+  auto unchanged = [&](std::string_view k) -> result<void> {
+    auto* old = cur.options.if_contains(k);
+    if (!old || *old != e.options.at(k)) return fail("Cannot change the option '" + std::string(k) + "'");
+    return {};
+  };
+  for (const char* k : {"driver", "force-share", "active"})
+    if (e.options.contains(k))
+      if (auto r = unchanged(k); !r) return r;
+  for (auto& kv : e.own)
+    if (!contains(e.consumed, kv.key()))
+      if (auto r = unchanged(kv.key()); !r) return r;
   return {};
 }
 
@@ -880,144 +937,79 @@ std::vector<std::pair<node*, node*>> graph::reopen_plan::new_children() const {
   return out;
 }
 
-namespace {
-// blockdev-reopen as an action. prepare puts the new settings and children in place (the
-// drivers were readied by reopen_prepare); the transaction then takes the permissions of the new
-// state; commit lets the drivers switch and closes inline children nobody holds any more; abort
-// puts everything back.
-class reopen_action final : public action {
- public:
-  using pending_map = std::unordered_map<const node*, graph::pending_reopen>;
-  reopen_action(graph& g, graph::reopen_plan plan, std::function<void(child_edge&, node*)> link,
-                std::function<void(std::vector<node*>)> collect, pending_map& pending)
-      : g_(g), plan_(std::move(plan)), link_(std::move(link)), collect_(std::move(collect)), pending_(pending) {}
-  ~reopen_action() override {
-    for (auto& e : plan_.entries)
-      if (e.state) e.state->abort();  // never run (the transaction stopped before it)
-  }
-  result<void> prepare() override {
-    for (auto& e : plan_.entries) {
-      perm_seeds.push_back(e.n);
-      for (auto& [edge, child] : e.children) {
-        if (edge->child) {
-          dropped_.push_back(edge->child);
-          perm_seeds.push_back(edge->child);
-        }
-        link_(*edge, child);
+result<void> graph::reopen_apply(reopen_plan& plan) {
+  // The new children go in and the permissions are taken for the state after the reopen (the
+  // drivers readied it; settings change at commit, after each driver's own commit: a format going
+  // read-only writes its tables back through children that are still writable then). A refusal
+  // puts every slot back.
+  std::vector<node*> seeds;
+  plan.dropped.clear();
+  for (auto& e : plan.entries) {
+    seeds.push_back(e.n);
+    for (auto& [edge, child] : e.children) {
+      if (edge->child) {
+        plan.dropped.push_back(edge->child);
+        seeds.push_back(edge->child);
       }
-      // The settings change at commit, after the driver's own commit (a format going read-only
-      // writes its tables back through children that are still writable then); until then the
-      // permissions are computed from the pending state.
-      pending_[e.n] = {e.state.get(), e.next.read_only};
+      link(*edge, child);
     }
-    return {};
+    pending_[e.n] = {e.state.get(), e.next.read_only};
   }
-  void commit() override {
-    for (auto& e : plan_.entries) {
-      pending_.erase(e.n);
-      e.state->commit();
-      e.state.reset();
-      e.n->update_settings(std::move(e.next));
-    }
-    collect_(dropped_);  // a replaced inline child goes away
-  }
-  void abort() override {
-    for (auto it = plan_.entries.rbegin(); it != plan_.entries.rend(); ++it) {
+  auto r = update_perms(seeds);
+  // The permissions are taken (or refused): nothing asks the pending states any more, and the
+  // commits that follow may free them.
+  for (auto& e : plan.entries) pending_.erase(e.n);
+  if (!r) {
+    for (auto it = plan.entries.rbegin(); it != plan.entries.rend(); ++it)
       for (auto& [edge, child] : it->prev_children)
-        if (edge->child != child) link_(*edge, child);
-      pending_.erase(it->n);
-      it->state->abort();
-      it->state.reset();
-    }
+        if (edge->child != child) link(*edge, child);
+    plan.dropped.clear();
+    return r;
   }
+  return {};
+}
 
- private:
-  graph& g_;
-  graph::reopen_plan plan_;
-  std::function<void(child_edge&, node*)> link_;
-  std::function<void(std::vector<node*>)> collect_;
-  pending_map& pending_;
-  std::vector<node*> dropped_;
-};
-}  // namespace
+void graph::commit_driver(reopen_plan::entry& e) {
+  e.state->commit();
+  e.state.reset();
+  e.n->update_settings(std::move(e.next));
+}
 
-std::unique_ptr<action> graph::reopen_action(reopen_plan plan) {
-  return std::make_unique<block::reopen_action>(
-      *this, std::move(plan), [this](child_edge& e, node* to) { link(e, to); },
-      [this](std::vector<node*> c) { collect(std::move(c)); }, pending_);
+void graph::abort_driver(reopen_plan::entry& e) {
+  if (!e.state) return;
+  e.state->abort();
+  e.state.reset();
+}
+
+void graph::reopen_finish(reopen_plan& plan) {
+  collect(std::move(plan.dropped));  // a replaced inline child goes away
+  plan.dropped.clear();
 }
 
 result<void> graph::reopen(const boost::json::array& list) {
   auto plan = reopen_prepare(list);
   if (!plan) return std::unexpected(plan.error());
-  std::vector<std::unique_ptr<action>> actions;
-  actions.push_back(reopen_action(std::move(*plan)));
-  return run(std::move(actions));
-}
-
-void graph::reopen_abort(reopen_plan& plan) {
-  for (auto it = plan.entries.rbegin(); it != plan.entries.rend(); ++it) it->state->abort();
-  plan.entries.clear();
-}
-
-// ---- blockdev-set-active ---------------------------------------------------------------------
-
-result<void> graph::set_active(node* n, bool active) {
-  if (n) return active ? activate(*n) : inactivate(*n);
-  if (active) {
-    for (auto& p : nodes_)  // oldest first: children before their parents
-      if (auto r = activate(*p); !r) return r;
-    return {};
+  auto abort_all = [&] {
+    for (auto it = plan->entries.rbegin(); it != plan->entries.rend(); ++it) abort_driver(*it);
+  };
+  for (auto& e : plan->entries) {
+    result<void> r = prepare_driver(e);
+    if (r) r = reopen_check(e);
+    if (!r) {
+      abort_all();
+      return r;
+    }
   }
-  // Every top node (one no other node uses); inactivating it takes its children along.
-  for (node* p : nodes_newest_first())
-    if (p->parents.empty())
-      if (auto r = inactivate(*p); !r) return r;
-  return {};
-}
-
-result<void> graph::activate(node& n) {
-  if (n.settings().active) return {};
-  for (child_edge* e : n.children())
-    if (auto r = activate(*e->child); !r) return r;
-  node_settings s = n.settings();
-  s.active = true;
-  n.update_settings(s);
-  if (auto r = n.driver().activate(); !r) {
-    s.active = false;
-    n.update_settings(s);
+  if (auto r = reopen_check_writers(*plan); !r) {
+    abort_all();
     return r;
   }
-  if (auto r = update_perms({&n}); !r) {
-    s.active = false;
-    n.update_settings(s);
-    n.driver().inactivate();
+  if (auto r = reopen_apply(*plan); !r) {
+    abort_all();
     return r;
   }
-  return {};
-}
-
-result<void> graph::inactivate(node& n) {
-  if (!n.settings().active) return {};
-  for (child_edge* e : n.parents)
-    if (e->parent->settings().active) return fail("Node has active parent node");
-  for (root* r : n.roots)
-    if (writes(r->perm) && !r->allows_inactive)
-      return fail("node '" + n.name() + "' is in use by " + r->description + " with write permission; "
-                  "remove that user first");
-  node_settings s = n.settings();
-  s.active = false;
-  n.update_settings(s);
-  (void)update_perms({&n});  // drops every permission, so the file locks go
-  n.driver().inactivate();
-  // Children nobody active uses any more follow.
-  for (child_edge* e : n.children()) {
-    node& c = *e->child;
-    bool used = !c.roots.empty() ||
-                std::any_of(c.parents.begin(), c.parents.end(), [](child_edge* pe) { return pe->parent->settings().active; });
-    if (!used)
-      if (auto r = inactivate(c); !r) return r;
-  }
+  for (auto& e : plan->entries) commit_driver(e);
+  reopen_finish(*plan);
   return {};
 }
 

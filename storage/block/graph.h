@@ -22,26 +22,65 @@ class graph {
   ~graph();
 
   // blockdev-add: opens the node and its inline children (validated BlockdevOptions). All or nothing.
+  // The caller runs on the new node's home (the drivers open here and now).
   result<node*> add(const boost::json::object& options);
   // The same as an action for a transaction; `out` gets the new node on commit.
   std::unique_ptr<action> add_action(const boost::json::object& options, node** out);
+
+  // blockdev-add of nodes whose home is another thread, in three parts. The supervisor begins it
+  // (begin_add: nothing happens yet); the home opens the drivers (open_staged): the checks and
+  // the opens run there, the graph is only read and the new nodes stay outside it, so nothing
+  // else sees them; then the supervisor links them (commit_staged: permissions taken, or refused
+  // and the nodes handed to the closer). A failed open_staged has closed what it opened.
+  struct staged_add {
+    // Between the home's open and the supervisor's commit the new nodes live here: owned, named
+    // and ordered among themselves, but not in the graph, so no other code can reach them.
+    boost::json::object options;
+    driver_env env;
+    size_t base = 0;                           // the graph's node count when the add began
+    std::vector<node*> created;                // creation order (children before parents)
+    std::vector<std::unique_ptr<node>> owned;  // the same nodes
+    std::vector<node*> listing;                // their order in the graph's creation list
+    std::unordered_map<std::string, node*> names;
+    node* top = nullptr;
+  };
+  std::shared_ptr<staged_add> begin_add(const boost::json::object& options, driver_env env);
+  result<void> open_staged(staged_add& s);
+  result<node*> commit_staged(staged_add& s);
+
   // blockdev-del: the node must be monitor-owned and unused; inline children go with it.
   result<void> check_del(const std::string& name);
   void del(const std::string& name);
 
-  // blockdev-reopen in two phases. prepare checks the whole list (validated BlockdevOptions) and
-  // readies every driver; the caller quiesces plan.nodes(), then applies the plan as an action
-  // (reopen_action) inside a transaction, which commits or aborts it.
-  struct pending_reopen {
-    const block_driver::reopen_state* state;
-    bool read_only;
-  };
+  // Nodes leave the graph here and are closed by the closer (parents first, each list one
+  // component, so one home): a format writes its metadata back at close, which is I/O on its home.
+  // Without a closer they are closed at once on the calling thread.
+  using closer_fn = std::function<void(std::vector<std::unique_ptr<node>>)>;
+  void set_closer(closer_fn c) { closer_ = std::move(c); }
+  // Every node, parents first, out of the graph (shutdown closes them on their homes).
+  std::vector<std::unique_ptr<node>> detach_all();
+
+  // blockdev-reopen in steps, so that each driver call runs on its node's home while the graph
+  // and the permissions change only on the graph's thread:
+  //   reopen_prepare(list)      graph: checks the list; one entry per node, drivers not asked yet
+  //   prepare_driver(entry)     home, each entry: the driver readies its new state
+  //   reopen_check(entry)       graph: options the driver did not take must be unchanged
+  //   reopen_check_writers(plan) graph: read-only only without writers (after the last entry)
+  //   reopen_apply(plan)        graph, nodes quiesced: the new children and their permissions;
+  //                             refused: all as it was, and abort_driver goes to every prepared entry
+  //   commit_driver(entry)      home, each entry in order: the driver switches, the settings follow
+  //   reopen_finish(plan)       graph: inline children nobody holds any more are closed
+  // reopen() runs them all in one, for callers on the nodes' home.
   struct reopen_plan {
     struct entry {
       node* n = nullptr;
       node_settings next;
+      boost::json::object options;  // as asked, with what an inline child inherits
+      boost::json::object own;      // the driver's own members (common options and children removed)
       // Each child slot's node after the reopen (null: emptied), and before it.
       std::vector<std::pair<child_edge*, node*>> children, prev_children;
+      std::vector<std::pair<std::string, node*>> roles;  // every role with its node after the reopen
+      std::vector<std::string> consumed;                 // options the driver applies
       std::unique_ptr<block_driver::reopen_state> state;
     };
     std::vector<entry> entries;
@@ -52,15 +91,39 @@ class graph {
     }
     // Nodes that become children through the reopen (they may live on another iothread).
     std::vector<std::pair<node*, node*>> new_children() const;  // (parent, child)
+    std::vector<node*> dropped;  // children the applied reopen let go of (reopen_finish collects them)
   };
   result<reopen_plan> reopen_prepare(const boost::json::array& list);
-  std::unique_ptr<action> reopen_action(reopen_plan plan);
-  // prepare and run in one (the caller has quiesced what the list names, or nothing runs I/O).
+  static result<void> prepare_driver(reopen_plan::entry& e);
+  result<void> reopen_check(reopen_plan::entry& e);
+  result<void> reopen_check_writers(const reopen_plan& plan);
+  result<void> reopen_apply(reopen_plan& plan);
+  static void commit_driver(reopen_plan::entry& e);
+  static void abort_driver(reopen_plan::entry& e);
+  void reopen_finish(reopen_plan& plan);
+  // All steps in one (the caller has quiesced what the list names, or nothing runs I/O).
   result<void> reopen(const boost::json::array& list);
-  void reopen_abort(reopen_plan& plan);
 
-  // blockdev-set-active for one node (with its children) or, with n == nullptr, every node.
+  // blockdev-set-active for one node (with its children) or, with n == nullptr, every node; the
+  // caller runs on the nodes' home. The same in steps, for nodes living elsewhere:
+  //   activation_order(n)       the inactive nodes to activate, children before parents
+  //   begin_activate(m)         graph: m takes the permissions of an active node (refused: nothing changed)
+  //   activate_driver(m)        home: m becomes active and its driver takes the image back
+  //   end_activate(m, ok)       graph: done; after a failed activate_driver, the permissions go again
+  // and, parents before children:
+  //   inactivation_tops(n)      the nodes to start from
+  //   check_inactivate(m)       graph: refused while an active parent or a writing user needs m
+  //   inactivate_driver(m)      home: the driver writes back and lets go; m becomes inactive
+  //   end_inactivate(m)         graph: m's permissions (file locks) go; returns the children to follow
   result<void> set_active(node* n, bool active);
+  std::vector<node*> activation_order(node* n) const;
+  result<void> begin_activate(node& m);
+  static result<void> activate_driver(node& m);
+  void end_activate(node& m, bool ok);
+  std::vector<node*> inactivation_tops(node* n) const;
+  result<void> check_inactivate(node& m) const;
+  static void inactivate_driver(node& m);
+  std::vector<node*> end_inactivate(node& m);
 
   node* find(const std::string& name) const;
   // Whether `n` is a node of this graph (safe on a pointer to a node that is gone).
@@ -115,7 +178,14 @@ class graph {
 
  private:
   result<node*> open_node(const boost::json::object& options, bool top_level, std::vector<node*>& created,
-                          const boost::json::object* given = nullptr);
+                          const boost::json::object* given = nullptr, staged_add* staged = nullptr);
+  // Puts a newly opened node into the graph (by name, in QEMU's listing order at `slot`) and
+  // links its slots; open_node does it at once, commit_staged later for a staged add.
+  void insert_node(std::unique_ptr<node> n, size_t slot);
+  node* lookup_for_open(const std::string& name, const staged_add* staged) const;
+  // Takes `n` out of the graph with the inline children only it held, parents first.
+  void detach(node* n, std::vector<std::unique_ptr<node>>& out);
+  void close_nodes(std::vector<std::unique_ptr<node>> nodes);
   // Fills or empties a slot with no checks and no permission change (the edit primitives use it,
   // and undo with it).
   void link(child_edge& e, node* to);
@@ -123,10 +193,8 @@ class graph {
   void collect(std::vector<node*> candidates);
   result<void> reopen_queue(reopen_plan& plan, node& n, boost::json::object options,
                             const boost::json::object* given = nullptr);
-  result<void> activate(node& n);
-  result<void> inactivate(node& n);
   bool reaches(const node& from, const node& to) const;
-  void destroy(node* n);
+  void destroy(node* n);  // detach + close_nodes
 
   std::function<driver_env()> env_for_new_node_;
   static constexpr int max_implicit_depth = 64;  // nested opens of children an image names itself
@@ -134,9 +202,16 @@ class graph {
   std::vector<std::unique_ptr<node>> nodes_;  // creation order
   std::unordered_map<std::string, node*> by_name_;  // the same nodes, for find() (graphs of thousands)
   std::unordered_set<const node*> alive_;
-  // Reopen states between prepare and commit: permissions are computed for the state after them.
+  // Reopen states between apply and commit: permissions are computed for the state after them.
+  struct pending_reopen {
+    const block_driver::reopen_state* state;
+    bool read_only;
+  };
   std::unordered_map<const node*, pending_reopen> pending_;
+  std::unordered_set<const node*> activating_;  // between begin_activate and end_activate: count as active
+  closer_fn closer_;
   std::unordered_map<std::string, std::unique_ptr<root>> owned_roots_;  // attach_user's
+  // Also advanced by open_staged on a home thread, while the graph's own thread waits for it.
   unsigned auto_name_counter_ = 0;
   uint64_t attach_seq_ = 0;  // orders edges and roots by age (conflict texts, QEMU's listing order)
 };

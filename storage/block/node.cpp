@@ -21,7 +21,12 @@ node::node(node_settings s, std::unique_ptr<block_driver> drv, driver_env env)
     : s_(std::move(s)), drv_(std::move(drv)), env_(std::move(env)) {
   fua_waiter_.owner = this;
   if (contract_checks_enabled()) drv_ = check_contract(std::move(drv_), s_.name, env_);
+  // Empty until whoever opens the node publishes the driver's facts on its home (the graph does
+  // right after open); nothing reads the driver here, as a node may be built off its home.
+  facts_.store(std::make_shared<const image_facts>());
 }
+
+void node::publish_facts() { facts_.store(std::make_shared<const image_facts>(drv_->facts()), std::memory_order_release); }
 
 void node::rehome(driver_env env) {
   env_ = std::move(env);
@@ -30,6 +35,7 @@ void node::rehome(driver_env env) {
 
 node::~node() {
   // Parents go first (graph::destroy), so a format can still write its metadata to its children.
+  *life_ = false;
   drv_->close();
 }
 

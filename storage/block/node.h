@@ -2,6 +2,7 @@
 #pragma once
 #include <boost/json.hpp>
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -77,6 +78,16 @@ class node final : private io_waiter {
 
   const node_stats& stats() const { return stats_; }
 
+  // What queries show of the image (sizes, format-specific data, snapshots, dirty flag), as the
+  // home last published it: after open, after every control task and when a query asks for a
+  // refresh. Any thread may read it; only the home computes it, because drivers answer facts()
+  // from state their data path changes (a qcow2 header, its snapshot table).
+  std::shared_ptr<const image_facts> facts() const { return facts_.load(std::memory_order_acquire); }
+  void publish_facts();  // home thread only
+  // False once the node is destroyed. Node actors keep a copy: a message queued for a node that a
+  // task on the same home has just closed finds it gone instead of touching freed memory.
+  std::shared_ptr<const bool> life() const { return life_; }
+
   // Write threshold: called (once, on the home thread) when a write ends beyond it; 0 disables.
   // Any thread may set it; on_threshold is set before the node takes requests and must be safe to
   // call from the home thread.
@@ -122,6 +133,8 @@ class node final : private io_waiter {
   std::deque<io_request*> held_;
   std::vector<std::function<void()>> drained_;
   std::atomic<uint64_t> write_threshold_{0};
+  std::atomic<std::shared_ptr<const image_facts>> facts_;
+  std::shared_ptr<bool> life_ = std::make_shared<bool>(true);
   request_pool pool_;
 };
 

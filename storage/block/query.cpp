@@ -1,4 +1,4 @@
-// Builds QSD's query replies from the graph and the nodes' facts and counters; supervisor's thread.
+// Builds QSD's query replies from the graph, the facts each node's home published and relaxed counters; supervisor's thread.
 #include "storage/block/query.h"
 
 #include <map>
@@ -56,7 +56,9 @@ int64_t sectors_rounded(int64_t size) { return size < 0 ? size : (size + 511) / 
 // attached backing node. Members go in in QAPI schema order, as QEMU's output visitor adds them: the
 // writer orders them by QDict bucket, and within a shared bucket the newest comes first.
 boost::json::object image_info(const graph& g, const node& n, bool flat) {
-  image_facts f = n.driver().facts();
+  // Never the driver: it belongs to the node's home, which published this copy.
+  auto published = n.facts();
+  const image_facts& f = *published;
   boost::json::object img;
   img["filename"] = g.filename(n);
   img["format"] = n.settings().driver;

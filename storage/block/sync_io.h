@@ -10,7 +10,9 @@ namespace blockd::block {
 class node;
 
 // Each call submits one request to `n` on the node's home loop (through driver_env::block_on) and
-// waits for it. Requests carry io_control, so they pass a quiesce the caller itself holds. Results
+// waits for it: on the home itself (a node task, a driver's open) by turning that loop, nested; on
+// a worker thread (a create job) by blocking that thread. The main loop never calls it for a node
+// living elsewhere: the supervisor sends such work home as a node task. Requests carry io_control, so they pass a quiesce the caller itself holds. Results
 // are 0 or -errno; short transfers do not exist at this level (the node layer completes whole requests).
 class sync_io {
  public:

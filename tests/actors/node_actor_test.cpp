@@ -2,7 +2,11 @@
 #include <caf/all.hpp>
 #include <gtest/gtest.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <cerrno>
 #include <future>
 #include <vector>
 
@@ -85,6 +89,114 @@ TEST_F(node_fixture, QuiesceFromAnotherIothreadWaitsForInFlightRequests) {
   EXPECT_TRUE(fut.get());
   self->send_exit(reader, caf::exit_reason::user_shutdown);
   self->send_exit(na, caf::exit_reason::user_shutdown);
+}
+
+// ---- node tasks -----------------------------------------------------------------------------
+
+TEST_F(node_fixture, ATaskRunsOnTheNodesHomeThread) {
+  auto na = spawn_pinned<node_actor>(*sys, *a, n.get());
+  caf::scoped_actor self{*sys};
+  int64_t ran_on = 0;
+  self->request(na, caf::infinite, run_atom::value, node_task{[](block::node&) {
+                  return command_outcome::success(boost::json::value(int64_t(::syscall(SYS_gettid))));
+                }})
+      .receive([&](const command_outcome& o) { ran_on = o.ret.as_int64(); },
+               [](const caf::error& e) { FAIL() << caf::to_string(e); });
+  EXPECT_EQ(a->thread_id(), ran_on);  // the node's home, not the sender's thread nor another loop
+  EXPECT_NE(b->thread_id(), ran_on);
+  EXPECT_NE(int64_t(::syscall(SYS_gettid)), ran_on);
+  self->send_exit(na, caf::exit_reason::user_shutdown);
+}
+
+TEST_F(node_fixture, AFailingTasksErrorReachesTheReply) {
+  auto na = spawn_pinned<node_actor>(*sys, *a, n.get());
+  caf::scoped_actor self{*sys};
+  self->request(na, caf::infinite, run_atom::value, node_task{[](block::node& x) {
+                  return command_outcome::failure(error("node '" + x.name() + "' refused the change; try another size"));
+                }})
+      .receive(
+          [](const command_outcome& o) {
+            EXPECT_FALSE(o.ok);
+            EXPECT_EQ("node 'n0' refused the change; try another size", o.err.desc);
+          },
+          [](const caf::error& e) { FAIL() << caf::to_string(e); });
+  self->send_exit(na, caf::exit_reason::user_shutdown);
+}
+
+TEST_F(node_fixture, ATaskRunsAfterItsNodeWasPublishedAndSeesFreshFacts) {
+  auto na = spawn_pinned<node_actor>(*sys, *a, n.get());
+  caf::scoped_actor self{*sys};
+  EXPECT_EQ(0, n->facts()->virtual_size);  // nothing published yet
+  self->request(na, caf::infinite, run_atom::value, node_task{[](block::node&) { return command_outcome::success(); }})
+      .receive([](const command_outcome& o) { EXPECT_TRUE(o.ok); }, [](const caf::error& e) { FAIL() << caf::to_string(e); });
+  EXPECT_EQ(1 << 20, n->facts()->virtual_size);  // the home published after the task
+  self->send_exit(na, caf::exit_reason::user_shutdown);
+}
+
+namespace {
+struct promise_waiter final : block::io_waiter {
+  std::promise<int> done;
+  void io_done(block::io_request& r) override { done.set_value(r.result); }
+};
+}  // namespace
+
+TEST_F(node_fixture, ANodeClosedWhileATaskIsQueuedAnswersInsteadOfCrashing) {
+  auto na = spawn_pinned<node_actor>(*sys, *a, n.get());
+  caf::scoped_actor self{*sys};
+  // Hold the home loop so the messages below queue up behind each other.
+  std::promise<void> release;
+  auto held = release.get_future().share();
+  a->post([held] { held.wait(); });
+  // First in the queue: a task that closes the node (as the closer does with a deleted node).
+  auto closed = self->request(na, caf::infinite, run_atom::value, node_task{[this](block::node&) {
+    n.reset();
+    return command_outcome::success();
+  }});
+  // Then a task, a request and a quiesce that all find the node gone.
+  auto late = self->request(na, caf::infinite, run_atom::value, node_task{[](block::node&) {
+    ADD_FAILURE() << "a task ran on a closed node";
+    return command_outcome::success();
+  }});
+  promise_waiter w;
+  auto result = w.done.get_future();
+  block::io_request r;
+  r.op = block::io_op::flush;
+  r.waiter = &w;
+  self->send(na, io_atom::value, io_request_ref{&r});
+  auto quiesced = self->request(na, caf::infinite, quiesce_atom::value);
+  release.set_value();
+  closed.receive([](const command_outcome& o) { EXPECT_TRUE(o.ok); },
+                 [](const caf::error& e) { FAIL() << caf::to_string(e); });
+  late.receive(
+      [](const command_outcome& o) {
+        EXPECT_FALSE(o.ok);
+        EXPECT_NE(std::string::npos, o.err.desc.find("node 'n0' was closed")) << o.err.desc;
+      },
+      [](const caf::error& e) { FAIL() << caf::to_string(e); });
+  EXPECT_EQ(-ENODEV, result.get());
+  quiesced.receive([](bool b) { EXPECT_TRUE(b); }, [](const caf::error& e) { FAIL() << caf::to_string(e); });
+  EXPECT_EQ(nullptr, n.get());
+  self->send_exit(na, caf::exit_reason::user_shutdown);
+}
+
+TEST_F(node_fixture, AHomeTaskRunsOnItsIothreadOnceAndStops) {
+  auto t = spawn_pinned<home_task_actor>(*sys, *b);
+  caf::scoped_actor self{*sys};
+  bool on_b = false;
+  self->request(t, caf::infinite, run_atom::value, home_task{[&] {
+                  on_b = b->is_current();
+                  return command_outcome::success();
+                }})
+      .receive([](const command_outcome& o) { EXPECT_TRUE(o.ok); }, [](const caf::error& e) { FAIL() << caf::to_string(e); });
+  EXPECT_TRUE(on_b);
+  // It quit after its one task: a second one is refused by CAF, not run.
+  bool refused = false;
+  self->request(t, std::chrono::seconds(5), run_atom::value, home_task{[] {
+                  ADD_FAILURE() << "a second task ran";
+                  return command_outcome::success();
+                }})
+      .receive([](const command_outcome&) {}, [&](const caf::error&) { refused = true; });
+  EXPECT_TRUE(refused);
 }
 
 }  // namespace

@@ -82,6 +82,22 @@ struct placement : ::testing::Test {
     return ok && violations.empty();
   }
 
+  // Whether node `name` lives off the main loop: a node task reports where it ran.
+  bool runs_off_main(const std::string& name) {
+    caf::scoped_actor self{*sys};
+    caf::actor na;
+    self->request(sup, std::chrono::seconds(5), node_lookup_atom::value, name)
+        .receive([&](const caf::actor& a) { na = a; }, [](caf::error& e) { FAIL() << caf::to_string(e); });
+    if (!na) return false;
+    bool off = false;
+    self->request(na, std::chrono::seconds(5), run_atom::value, node_task{[this](block::node& n) {
+                    return command_outcome::success(
+                        boost::json::value(!main_io->is_current() && n.env().on_home && n.env().on_home()));
+                  }})
+        .receive([&](const command_outcome& o) { off = o.ret.as_bool(); }, [](caf::error& e) { FAIL() << caf::to_string(e); });
+    return off;
+  }
+
   std::string image(const std::string& name) {
     std::string p = dir + "/" + name;
     int fd = ::open(p.c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0600);
@@ -149,6 +165,61 @@ TEST_F(placement, unknown_nodes_and_iothreads_are_refused) {
   o = cmd("x-blockdev-set-iothread", {{"node-name", "n0"}, {"iothread", "io9"}});
   EXPECT_EQ("Cannot find iothread io9", o.err.desc);
   EXPECT_TRUE(reads_on(*main_io, "n0"));
+}
+
+// ---- node tasks: control work on a node runs at its home ------------------------------------
+// The contract checker (on for every node here) reports a driver's facts, truncate, activate,
+// inactivate, reopen steps or close run anywhere but the node's home; TearDown fails on any report.
+
+TEST_F(placement, control_commands_on_an_iothread_node_run_at_its_home) {
+  ok("object-add", {{"qom-type", "iothread"}, {"id", "io1"}});
+  ok("blockdev-add", {{"driver", "file"}, {"node-name", "f0"}, {"filename", image("a.img")}});
+  ok("blockdev-add", {{"driver", "raw"}, {"node-name", "r0"}, {"file", "f0"}});
+  ok("x-blockdev-set-iothread", {{"node-name", "r0"}, {"iothread", "io1"}});
+  ok("block_resize", {{"node-name", "r0"}, {"size", 2 << 20}});
+  auto o = cmd("query-named-block-nodes", {});
+  ASSERT_TRUE(o.ok);
+  int64_t size = -1;
+  for (auto& v : o.ret.as_array())
+    if (v.as_object().at("node-name") == "r0") size = v.as_object().at("image").as_object().at("virtual-size").as_int64();
+  EXPECT_EQ(2 << 20, size);  // what the home published after the resize
+  ok("blockdev-set-active", {{"node-name", "r0"}, {"active", false}});
+  ok("blockdev-set-active", {{"active", true}});
+  ok("blockdev-reopen", {{"options", boost::json::array{boost::json::object{
+                                         {"driver", "raw"}, {"node-name", "r0"}, {"file", "f0"}, {"read-only", true}}}}});
+  // A new node over f0 opens on io1, where f0 lives, and closes there.
+  ok("blockdev-add", {{"driver", "raw"}, {"node-name", "r1"}, {"file", "f0"}, {"read-only", true}});
+  EXPECT_TRUE(runs_off_main("r1"));
+  ok("blockdev-del", {{"node-name", "r1"}});
+  EXPECT_TRUE(runs_off_main("r0"));
+}
+
+TEST_F(placement, a_failing_task_at_home_answers_the_command) {
+  ok("object-add", {{"qom-type", "iothread"}, {"id", "io1"}});
+  ok("blockdev-add", {{"driver", "file"}, {"node-name", "f0"}, {"filename", image("a.img")}});
+  ok("blockdev-add", {{"driver", "raw"}, {"node-name", "r0"}, {"file", "f0"}, {"size", 1 << 19}});
+  ok("x-blockdev-set-iothread", {{"node-name", "r0"}, {"iothread", "io1"}});
+  auto o = cmd("block_resize", {{"node-name", "r0"}, {"size", 1 << 20}});
+  EXPECT_FALSE(o.ok);
+  EXPECT_EQ("Cannot resize fixed-size raw disks", o.err.desc);  // the driver's refusal, from io1
+  // The command released its hold and the queue: the next ones run.
+  ok("blockdev-del", {{"node-name", "r0"}});
+  ok("blockdev-del", {{"node-name", "f0"}});
+}
+
+TEST_F(placement, a_refused_open_at_home_leaves_nothing_behind) {
+  ok("object-add", {{"qom-type", "iothread"}, {"id", "io1"}});
+  ok("blockdev-add", {{"driver", "file"}, {"node-name", "f0"}, {"filename", image("a.img")}});
+  ok("x-blockdev-set-iothread", {{"node-name", "f0"}, {"iothread", "io1"}});
+  // A window beyond the file: the driver refuses at home, the graph never saw the node.
+  auto o = cmd("blockdev-add", {{"driver", "raw"}, {"node-name", "r0"}, {"file", "f0"}, {"offset", 2 << 20}});
+  EXPECT_FALSE(o.ok);
+  o = cmd("query-named-block-nodes", {});
+  ASSERT_TRUE(o.ok);
+  EXPECT_EQ(1u, o.ret.as_array().size());
+  // The name is free again, and the node opens there when asked properly.
+  ok("blockdev-add", {{"driver", "raw"}, {"node-name", "r0"}, {"file", "f0"}});
+  EXPECT_TRUE(runs_off_main("r0"));
 }
 
 }  // namespace

@@ -213,6 +213,58 @@ def test_refused_permission_change_changes_nothing(blockd, tmp):
         d.stop()
 
 
+def thread_cpus(pid, name):
+    """Cpus_allowed_list of the daemon's thread called `name` (iothreads are named io:<id>)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().strip() != name:
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("Cpus_allowed_list:"):
+                        return line.split(":", 1)[1].strip()
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def test_objects_take_effect(blockd, tmp):
+    """An iothread pinned through a thread-context runs there; tunables and objects in use over QMP."""
+    margs, path = monitor_args(tmp)
+    d = Daemon(blockd, margs, tmp)
+    try:
+        c = Client.unix(path)
+        c.negotiate()
+        everyone = thread_cpus(d.proc.pid, "blockd") or thread_cpus(d.proc.pid, os.path.basename(blockd)[:15])
+        last = max(os.sched_getaffinity(0))
+        r = c.cmd("object-add", {"qom-type": "thread-context", "id": "tc0", "cpu-affinity": [last]})
+        check(r == {"return": {}}, "thread-context on one CPU", r)
+        r = c.cmd("object-add", {"qom-type": "iothread", "id": "io0", "thread-context": "tc0"})
+        check(r == {"return": {}}, "an iothread in that thread-context", r)
+        check(thread_cpus(d.proc.pid, "io:io0") == str(last), "the iothread runs on the thread-context's CPU",
+              thread_cpus(d.proc.pid, "io:io0"))
+        r = c.cmd("object-del", {"id": "tc0"})
+        check("error" in r and "io0" in r["error"]["desc"], "a thread-context in use is not deleted; the text names the user", r)
+        r = c.cmd("qom-set", {"path": "/objects/io0", "property": "thread-context", "value": ""})
+        check(r == {"return": {}}, "unpinning through qom-set", r)
+        check(thread_cpus(d.proc.pid, "io:io0") == everyone, "unpinned, the iothread runs where the daemon may",
+              (thread_cpus(d.proc.pid, "io:io0"), everyone))
+        check(c.cmd("object-del", {"id": "tc0"}) == {"return": {}}, "unused, the thread-context goes")
+        r = c.cmd("object-add", {"qom-type": "iothread", "id": "io1", "thread-context": "nope"})
+        check("error" in r and "nope" in r["error"]["desc"], "an unknown thread-context is named", r)
+        for t, extra in (("authz-pam", {"service": "x"}), ("pr-manager-helper", {"path": "/nonexistent"})):
+            r = c.cmd("object-add", dict({"qom-type": t, "id": "x0"}, **extra))
+            check("error" in r and r["error"]["desc"].startswith(f"invalid object type: {t} ("),
+                  f"{t} is refused with the reason", r)
+        r = c.cmd("qom-set", {"path": "/objects/io0", "property": "poll-max-ns", "value": 0})
+        check(r == {"return": {}} and c.cmd("qom-get", {"path": "/objects/io0", "property": "poll-max-ns"}) == {"return": 0},
+              "qom-set of an iothread tunable", r)
+        c.close()
+    finally:
+        d.stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--blockd", required=True)
@@ -222,7 +274,8 @@ def main():
             print(f"SKIP: no {tool} (scripts/deps.sh --with-oracles installs it)")
             return 77
     for t in (test_commands_cannot_kill_the_daemon, test_inherited_fd_on_the_command_line,
-              test_reopen_replaces_children_under_an_export, test_refused_permission_change_changes_nothing):
+              test_reopen_replaces_children_under_an_export, test_refused_permission_change_changes_nothing,
+              test_objects_take_effect):
         tmp = tempfile.mkdtemp(prefix="blockd-cp-", dir="/dev/shm")
         try:
             t(a.blockd, tmp)

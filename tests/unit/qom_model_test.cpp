@@ -38,6 +38,13 @@ json::value without_loaded(json::value v) {
 // to pin the loop to). Listings of blockd drop exactly that entry before they are compared with QSD's;
 // `dropped` counts the entries removed, so a test can check the extension is where it belongs.
 json::value without_extension(json::value v, int* dropped = nullptr) {
+  // blockd gives the reason it lacks authz-pam after QSD's text; the rest is QSD's.
+  if (v.is_object())
+    if (auto* e = v.as_object().if_contains("error"); e && e->is_object())
+      if (auto* d = e->as_object().if_contains("desc"); d && d->is_string()) {
+        std::string s(d->as_string());
+        if (s.starts_with("invalid object type: authz-pam (")) e->as_object()["desc"] = "invalid object type: authz-pam";
+      }
   json::array* list = v.is_array() ? &v.as_array() : nullptr;
   if (v.is_object())
     if (auto* r = v.as_object().if_contains("return"); r && r->is_array()) list = &r->as_array();
@@ -218,7 +225,8 @@ TEST(ObjectAdd, CheckOrderMatchesQsd) {
   auto add = [&](const char* j) { return m.object_add(json::parse(j).as_object()); };
   EXPECT_EQ(add(R"({"qom-type":"memory-backend-ram","id":"1x"})").error().desc, "Parameter 'id' expects an identifier");
   EXPECT_EQ(add(R"({"qom-type":"memory-backend-ram","id":"m0"})").error().desc, "invalid object type: memory-backend-ram");
-  EXPECT_EQ(add(R"({"qom-type":"authz-pam","id":"p0","service":"x"})").error().desc, "invalid object type: authz-pam");
+  EXPECT_EQ(add(R"({"qom-type":"authz-pam","id":"p0","service":"x"})").error().desc,
+            "invalid object type: authz-pam (blockd is built without PAM; use authz-list or authz-listfile)");
   EXPECT_TRUE(add(R"({"qom-type":"iothread","id":"t2"})"));
   // Setter errors come before the duplicate id, completion errors after it.
   EXPECT_EQ(add(R"({"qom-type":"iothread","id":"t2","poll-max-ns":-1})").error().desc,

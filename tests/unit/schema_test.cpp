@@ -248,8 +248,9 @@ TEST(Introspection, ObjectAddFollows102WithEmptyBranchesForEmulatorTypes) {
   auto io = ours.at(by_case.at("iothread"));
   std::vector<std::string> names;
   for (auto& m : io.at("members").as_array()) names.push_back(std::string(m.at("name").as_string()));
+  // QSD's members, then blockd's one extension (pinning an iothread to a thread-context's CPUs).
   EXPECT_EQ((std::vector<std::string>{"aio-max-batch", "thread-pool-min", "thread-pool-max", "poll-max-ns", "poll-grow",
-                                      "poll-shrink"}),
+                                      "poll-shrink", "thread-context"}),
             names);
 }
 
