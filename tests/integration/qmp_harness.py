@@ -146,3 +146,16 @@ def import_libnbd():
         if r.returncode == 0:
             os.execv("/usr/bin/python3", ["/usr/bin/python3"] + sys.argv)
     return None
+
+
+def run_each(tests, blockd, prefix):
+    """Runs each test function as test(blockd, tmp) in a fresh temporary directory of its own."""
+    import shutil
+    import tempfile
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    for t in tests:
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=base)
+        try:
+            t(blockd, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -10,11 +10,10 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_harness import Client, Daemon, monitor_args  # noqa: E402
+from qmp_harness import Client, Daemon, monitor_args, run_each  # noqa: E402
 
 failures = []
 
@@ -216,12 +215,8 @@ def main():
     if not shutil.which("qemu-img"):
         print("SKIP: no qemu-img (scripts/deps.sh --with-oracles installs it)")
         return 77
-    for t in (test_main_loop_serves_during_a_slow_snapshot, test_blockdev_add_and_del_on_an_iothread):
-        tmp = tempfile.mkdtemp(prefix="blockd-off-", dir="/dev/shm")
-        try:
-            t(a.blockd, tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    run_each((test_main_loop_serves_during_a_slow_snapshot, test_blockdev_add_and_del_on_an_iothread), a.blockd,
+             "blockd-off-")
     return 1 if failures else 0
 
 

@@ -7,10 +7,9 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_harness import Client, Daemon, monitor_args  # noqa: E402
+from qmp_harness import Client, Daemon, monitor_args, run_each  # noqa: E402
 
 failures = []
 
@@ -273,14 +272,9 @@ def main():
         if not shutil.which(tool):
             print(f"SKIP: no {tool} (scripts/deps.sh --with-oracles installs it)")
             return 77
-    for t in (test_commands_cannot_kill_the_daemon, test_inherited_fd_on_the_command_line,
+    run_each((test_commands_cannot_kill_the_daemon, test_inherited_fd_on_the_command_line,
               test_reopen_replaces_children_under_an_export, test_refused_permission_change_changes_nothing,
-              test_objects_take_effect):
-        tmp = tempfile.mkdtemp(prefix="blockd-cp-", dir="/dev/shm")
-        try:
-            t(a.blockd, tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+              test_objects_take_effect), a.blockd, "blockd-cp-")
     return 1 if failures else 0
 
 
