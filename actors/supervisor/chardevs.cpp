@@ -8,6 +8,7 @@
 #include "actors/monitor/monitor.h"
 #include "actors/runtime/pinned.h"
 #include "actors/supervisor/supervisor.h"
+#include "protocol/qmp/base64.h"
 #include "config/inherited_fds.h"
 #include "config/objects/tls_creds.h"
 #include "protocol/chardev/ringbuf.h"
@@ -232,7 +233,7 @@ void supervisor_actor::register_chardev_commands() {
     auto* f = a.if_contains("format");
     std::string bytes;
     if (f && f->as_string() == "base64") {
-      auto d = chr::glib_base64_decode(data);
+      auto d = qmp::glib_base64_decode(data);
       if (!d) return command_outcome::failure(d.error());
       bytes = std::move(*d);
     } else {

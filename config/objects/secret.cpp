@@ -15,43 +15,18 @@
 
 #include "config/qom/model.h"
 #include "config/qom/type_registry.h"
+#include "protocol/qmp/base64.h"
 
 namespace blockd::qom {
 namespace {
 
 const std::vector<std::string> formats = {"raw", "base64"};
 
-int b64_value(unsigned char c) {
-  if (c >= 'A' && c <= 'Z') return c - 'A';
-  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-  if (c >= '0' && c <= '9') return c - '0' + 52;
-  if (c == '+') return 62;
-  if (c == '/') return 63;
-  return -1;
-}
-
 }  // namespace
 
 result<std::string> base64_decode(const std::string& in) {
-  if (in.find('\0') != std::string::npos) return fail("Base64 data contains embedded NUL characters");
-  // Whole quads of the alphabet, with at most two '=' at the very end.
-  size_t pad = 0;
-  while (pad < in.size() && pad < 2 && in[in.size() - 1 - pad] == '=') ++pad;
-  bool ok = in.size() % 4 == 0;
-  for (size_t i = 0; ok && i < in.size() - pad; ++i) ok = b64_value(static_cast<unsigned char>(in[i])) >= 0;
-  if (!ok) return fail("Base64 data contains invalid characters");
-  std::string out;
-  uint32_t acc = 0;
-  int bits = 0;
-  for (size_t i = 0; i < in.size() - pad; ++i) {
-    acc = (acc << 6) | static_cast<uint32_t>(b64_value(static_cast<unsigned char>(in[i])));
-    bits += 6;
-    if (bits >= 8) {
-      bits -= 8;
-      out.push_back(static_cast<char>((acc >> bits) & 0xff));
-    }
-  }
-  return out;
+  // QSD 7.2 accepts what GLib decodes ("aGVsbG8", "YWJj=") and calls a NUL an invalid character.
+  return qmp::glib_base64_decode(in);
 }
 
 result<std::string> aes256_cbc_decrypt(const std::string& key, const std::string& iv, const std::string& ct) {

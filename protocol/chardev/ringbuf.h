@@ -39,10 +39,5 @@ std::string qemu_utf8_text(std::string_view bytes);
 // as C0 80, so that is what gets written.
 std::string qemu_utf8_bytes(std::string_view text);
 
-// QEMU's base64 input rules for ringbuf-write: only the alphabet and '=' are allowed anywhere
-// ("Base64 data contains invalid characters"); decoding then follows GLib, which turns each full
-// group of four into bytes (an '=' as third or fourth character drops the last bytes) and ignores
-// a trailing partial group.
-result<std::string> glib_base64_decode(std::string_view text);
 
 }  // namespace blockd::chr

@@ -7,6 +7,7 @@
 #include "config/qemu_opts.h"
 #include "protocol/chardev/mux_escape.h"
 #include "protocol/chardev/ringbuf.h"
+#include "protocol/qmp/base64.h"
 #include "protocol/chardev/telnet.h"
 #include "protocol/chardev/websocket.h"
 
@@ -26,7 +27,7 @@ std::string cli_error(std::string_view text) {
   return s ? "OK" : s.error().desc;
 }
 
-result<chardev_spec> qmp(const char* backend_json) {
+result<chardev_spec> qmp_spec(const char* backend_json) {
   return chardev_spec_from_qmp("c", boost::json::parse(backend_json).as_object());
 }
 
@@ -137,31 +138,31 @@ TEST(chardev_cli, socket_validation_texts) {
 // ---- chardev-add -------------------------------------------------------------------------------
 
 TEST(chardev_qmp, defaults_differ_from_the_command_line) {
-  auto s = qmp(R"({"type":"socket","data":{"addr":{"type":"unix","data":{"path":"/p"}}}})");
+  auto s = qmp_spec(R"({"type":"socket","data":{"addr":{"type":"unix","data":{"path":"/p"}}}})");
   ASSERT_TRUE(s);
   EXPECT_TRUE(s->server);  // QMP's default
   EXPECT_FALSE(s->wait);
   EXPECT_FALSE(s->wait_given);
   EXPECT_EQ(s->addr, boost::json::parse(R"({"type":"unix","path":"/p"})"));
 
-  auto w = qmp(R"({"type":"socket","data":{"addr":{"type":"unix","data":{"path":"/p"}},"server":false,"wait":true}})");
+  auto w = qmp_spec(R"({"type":"socket","data":{"addr":{"type":"unix","data":{"path":"/p"}},"server":false,"wait":true}})");
   EXPECT_EQ(validate_socket_spec(*w).error().desc, "'wait' option is incompatible with socket in client connect mode");
 
-  auto r = qmp(R"({"type":"ringbuf","data":{"size":0}})");
+  auto r = qmp_spec(R"({"type":"ringbuf","data":{"size":0}})");
   EXPECT_EQ(r->size, 0);  // over QMP 0 stays 0 (and passes QEMU's power-of-two check)
-  EXPECT_EQ(qmp(R"({"type":"memory","data":{}})")->size, 65536);
+  EXPECT_EQ(qmp_spec(R"({"type":"memory","data":{}})")->size, 65536);
 
-  auto f = qmp(R"({"type":"file","data":{"in":"/i","out":"/o","append":true}})");
+  auto f = qmp_spec(R"({"type":"file","data":{"in":"/i","out":"/o","append":true}})");
   EXPECT_EQ(f->in_path, "/i");
   EXPECT_EQ(f->out_path, "/o");
   EXPECT_TRUE(f->append);
 
-  auto u = qmp(R"({"type":"udp","data":{"remote":{"type":"inet","data":{"host":"h","port":"1"}},
+  auto u = qmp_spec(R"({"type":"udp","data":{"remote":{"type":"inet","data":{"host":"h","port":"1"}},
                                         "local":{"type":"inet","data":{"host":"","port":"2"}}}})");
   EXPECT_EQ(u->addr_str("host"), "h");
   EXPECT_EQ(u->local_addr.at("port").as_string(), "2");
-  EXPECT_EQ(qmp(R"({"type":"mux","data":{"chardev":"b"}})")->chardev, "b");
-  EXPECT_EQ(qmp(R"({"type":"null"})")->backend, "null");
+  EXPECT_EQ(qmp_spec(R"({"type":"mux","data":{"chardev":"b"}})")->chardev, "b");
+  EXPECT_EQ(qmp_spec(R"({"type":"null"})")->backend, "null");
 }
 
 // ---- telnet ------------------------------------------------------------------------------------
@@ -383,7 +384,7 @@ TEST(ringbuf, utf8_text_as_qsd_72_returns_it) {
 
 TEST(ringbuf, base64_as_glib_decodes_it) {
   auto d = [](const char* s) {
-    auto r = glib_base64_decode(s);
+    auto r = blockd::qmp::glib_base64_decode(s);
     return r ? *r : "ERR:" + r.error().desc;
   };
   EXPECT_EQ(d("YWJj"), "abc");
