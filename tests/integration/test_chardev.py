@@ -362,8 +362,14 @@ def case_file_udp_and_logfile(binary, tmp):
         assert c.cmd("query-version", id="logged")["id"] == "logged"
         with open(out, "rb") as f:
             assert f.read().startswith(b'{"QMP"')
-        with open(log, "rb") as f:
-            logged = f.read()
+        # The log is written as the reply goes out, by the same loop: wait for it (bounded).
+        deadline = time.monotonic() + 10
+        while True:
+            with open(log, "rb") as f:
+                logged = f.read()
+            if (b'{"QMP"' in logged and b'"id": "logged"' in logged) or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         assert b'{"QMP"' in logged and b'"id": "logged"' in logged, logged
     finally:
         d.stop()
@@ -494,7 +500,7 @@ SCRIPT = [
     add("fil2", "file", {"out": "/nonexistent/x"}),
     add("pt", "pty", {}),
     add("sk", "socket", {"addr": {"type": "unix", "data": {"path": "TMP/sk.sock"}}}),
-    add("ab", "socket", {"addr": {"type": "unix", "data": {"path": "blockd-diff-abstract", "abstract": True}}}),
+    add("ab", "socket", {"addr": {"type": "unix", "data": {"path": "TMP/abstract", "abstract": True}}}),
     add("cl", "socket", {"addr": {"type": "unix", "data": {"path": "TMP/none.sock"}}, "server": False}),
     add("tn", "socket", {"addr": {"type": "unix", "data": {"path": "TMP/tn.sock"}}, "telnet": True}),
     add("fdx", "socket", {"addr": {"type": "fd", "data": {"str": "3"}}}),
