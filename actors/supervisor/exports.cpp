@@ -379,7 +379,10 @@ void supervisor_actor::finish_export(const std::string& id_ref) {
   const std::string id = id_ref;  // the caller's string may live in the entry erased below
   auto* e = find_export(id);
   if (!e) return;
-  if (block::node* n = export_node(*e)) graph_->detach_user(*n, e->root_key);
+  // Export del as an action list: the root goes (its permissions with it), then the entry.
+  std::vector<std::unique_ptr<block::action>> list;
+  if (block::node* n = export_node(*e)) list.push_back(graph_->detach_user_action(*n, e->root_key));
+  if (graph_) (void)graph_->run(std::move(list));  // giving permissions up cannot conflict
   auto gone = std::move(e->on_gone);
   // A deque is not contiguous: the entry is found by its id, not by pointer arithmetic.
   exports_.erase(std::find_if(exports_.begin(), exports_.end(), [&](const export_entry& x) { return x.id == id; }));

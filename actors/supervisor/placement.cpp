@@ -59,6 +59,17 @@ void supervisor_actor::rehome(const std::vector<block::node*>& nodes, iothread* 
   }
 }
 
+std::unique_ptr<block::action> supervisor_actor::rehome_action(std::vector<block::node*> nodes, iothread* to) {
+  // Nothing to check or take: the nodes are drained and the component moves whole, so prepare
+  // cannot fail; the move happens at commit, after every other action of the list prepared.
+  auto a = std::make_unique<block::lambda_action>();
+  a->on_commit = [this, nodes = std::move(nodes), to] {
+    for (block::node* n : nodes)
+      if (graph_->alive(n)) rehome({n}, to);
+  };
+  return a;
+}
+
 void supervisor_actor::move_components(const std::vector<block::node*>& seeds, iothread* to,
                                        std::function<command_outcome()> then, reply_fn reply) {
   auto nodes = components(seeds);
@@ -71,7 +82,10 @@ void supervisor_actor::move_components(const std::vector<block::node*>& seeds, i
     with_quiesced(
         nodes,
         [this, nodes, to, then] {
-          rehome(nodes, to);
+          // The move is an action like any other graph change, so a transaction can hold it.
+          std::vector<std::unique_ptr<block::action>> list;
+          list.push_back(rehome_action(nodes, to));
+          if (auto r = graph_->run(std::move(list)); !r) return command_outcome::failure(r.error());
           return then();
         },
         [this, reply = std::move(reply)](command_outcome o) mutable {

@@ -240,6 +240,8 @@ class supervisor_actor : public caf::event_based_actor {
   block::driver_env env_for(iothread* t) const;
   // Moves `nodes` (drained, inside with_quiesced) to `to`; their actors follow at the next sync.
   void rehome(const std::vector<block::node*>& nodes, iothread* to);
+  // The same as an action (x-blockdev-set-iothread, object-del of an iothread, export iothread).
+  std::unique_ptr<block::action> rehome_action(std::vector<block::node*> nodes, iothread* to);
   // Moves the components of `seeds` to `to` (quiesced around the move), then replies.
   void move_components(const std::vector<block::node*>& seeds, iothread* to, std::function<command_outcome()> then,
                        reply_fn reply);

@@ -476,10 +476,31 @@ std::unique_ptr<action> graph::attach_user_action(node& n, const std::string& ke
 }
 
 void graph::detach_user(node& n, const std::string& key) {
-  auto it = owned_roots_.find(key);
-  if (it == owned_roots_.end() || it->second->target != &n) return;
-  detach_root(*it->second);
-  owned_roots_.erase(it);
+  std::vector<std::unique_ptr<action>> list;
+  list.push_back(detach_user_action(n, key));
+  (void)run(std::move(list));  // giving permissions up cannot conflict
+}
+
+std::unique_ptr<action> graph::detach_user_action(node& n, const std::string& key) {
+  // prepare takes the root off its node (the permission update of the list then no longer counts
+  // it), abort puts it back, commit lets it go.
+  auto a = std::make_unique<lambda_action>();
+  a->perm_seeds = {&n};
+  a->on_prepare = [this, &n, key]() -> result<void> {
+    auto it = owned_roots_.find(key);
+    if (it == owned_roots_.end() || it->second->target != &n) return {};
+    std::erase(n.roots, it->second.get());
+    return {};
+  };
+  a->on_abort = [this, &n, key] {
+    auto it = owned_roots_.find(key);
+    if (it != owned_roots_.end() && it->second->target == &n) n.roots.push_back(it->second.get());
+  };
+  a->on_commit = [this, &n, key] {
+    auto it = owned_roots_.find(key);
+    if (it != owned_roots_.end() && it->second->target == &n) owned_roots_.erase(it);
+  };
+  return a;
 }
 
 root* graph::find_root(const std::string& key) const {

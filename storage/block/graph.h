@@ -143,6 +143,7 @@ class graph {
   result<void> attach_user(node& n, const std::string& key, perm_user u);
   // The same as an action (export add, job start in a transaction).
   std::unique_ptr<action> attach_user_action(node& n, const std::string& key, perm_user u);
+  std::unique_ptr<action> detach_user_action(node& n, const std::string& key);  // export del, job end
   void detach_user(node& n, const std::string& key);
   root* find_root(const std::string& key) const;
 
