@@ -2408,6 +2408,8 @@ void register_qcow2_driver() {
   e.backing_from_image = true;
   e.options_type = "BlockdevOptionsQcow2";
   e.define_options = define_qcow2_options;  // qcow2_options.cpp
+  e.create_options_type = "BlockdevCreateOptionsQcow2";
+  e.define_create_options = define_qcow2_create_options;
   register_driver(std::move(e));
 }
 

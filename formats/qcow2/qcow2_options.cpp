@@ -1,4 +1,4 @@
-// The qcow2 driver's blockdev-add options in the QMP schema, with QSD 10.2's names; start-up, any thread.
+// The qcow2 driver's blockdev-add and blockdev-create options in the QMP schema, with QSD 10.2's names; start-up, any thread.
 #include "formats/qcow2/qcow2_options.h"
 
 #include "protocol/qmp/schema.h"
@@ -21,6 +21,16 @@ void define_qcow2_options(qmp::schema& s) {
            "*overlap-check:Qcow2OverlapChecks *cache-size:int *l2-cache-size:int *l2-cache-entry-size:int "
            "*refcount-cache-size:int *cache-clean-interval:int *encrypt:BlockdevQcow2Encryption "
            "*data-file:BlockdevRef");
+}
+
+void define_qcow2_create_options(qmp::schema& s) {
+  // QCryptoBlockCreateOptions, PreallocMode and Qcow2CompressionType are shared (schema_defs.cpp).
+  s.enumeration("BlockdevQcow2Version", "v2 v3");
+  s.object("BlockdevCreateOptionsQcow2",
+           "file:BlockdevRef *data-file:BlockdevRef *data-file-raw:bool *extended-l2:bool size:size "
+           "*version:BlockdevQcow2Version *backing-file:str *backing-fmt:BlockdevDriver "
+           "*encrypt:QCryptoBlockCreateOptions *cluster-size:size *preallocation:PreallocMode *lazy-refcounts:bool "
+           "*refcount-bits:int *compression-type:Qcow2CompressionType");
 }
 
 }  // namespace blockd::qcow2

@@ -1,4 +1,4 @@
-// The qcow2 driver's blockdev-add options in the QMP schema (BlockdevOptionsQcow2 and its types); start-up, any thread.
+// The qcow2 driver's blockdev-add and blockdev-create options in the QMP schema, with QSD 10.2's names; start-up, any thread.
 #pragma once
 
 namespace blockd::qmp {
@@ -8,5 +8,6 @@ class schema;
 namespace blockd::qcow2 {
 
 void define_qcow2_options(qmp::schema& s);
+void define_qcow2_create_options(qmp::schema& s);  // BlockdevCreateOptionsQcow2
 
 }  // namespace blockd::qcow2

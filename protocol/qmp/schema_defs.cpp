@@ -281,22 +281,21 @@ void define_block_queries(schema& s) {
 // refuses by name (their option structs would only be validated to be refused).
 void define_create_amend(schema& s) {
   s.enumeration("PreallocMode", "off metadata falloc full");
-  s.object("BlockdevCreateOptionsFile",
-           "filename:str size:size *preallocation:PreallocMode *nocow:bool *extent-size-hint:size");
-  s.enumeration("BlockdevQcow2Version", "v2 v3");
   s.enumeration("QCryptoBlockFormat", "qcow luks");
   s.object("QCryptoBlockCreateOptionsLUKS",
            "*key-secret:str *cipher-alg:QCryptoCipherAlgo *cipher-mode:QCryptoCipherMode *ivgen-alg:QCryptoIVGenAlgo "
            "*ivgen-hash-alg:QCryptoHashAlgo *hash-alg:QCryptoHashAlgo *iter-time:int");
   s.flat_union("QCryptoBlockCreateOptions", "format:QCryptoBlockFormat", "format",
                {{"qcow", "QCryptoBlockOptionsQCow"}, {"luks", "QCryptoBlockCreateOptionsLUKS"}});
-  s.object("BlockdevCreateOptionsQcow2",
-           "file:BlockdevRef *data-file:BlockdevRef *data-file-raw:bool *extended-l2:bool size:size "
-           "*version:BlockdevQcow2Version *backing-file:str *backing-fmt:BlockdevDriver "
-           "*encrypt:QCryptoBlockCreateOptions *cluster-size:size *preallocation:PreallocMode *lazy-refcounts:bool "
-           "*refcount-bits:int *compression-type:Qcow2CompressionType");
-  s.flat_union("BlockdevCreateOptions", "driver:BlockdevDriver", "driver",
-               {{"file", "BlockdevCreateOptionsFile"}, {"qcow2", "BlockdevCreateOptionsQcow2"}},
+  // Each driver that creates images defines its branch next to its code.
+  std::vector<std::pair<std::string, std::string>> branches;
+  for (const block::driver_entry* d : block::registered_drivers()) {
+    if (d->create_options_type.empty()) continue;
+    if (d->define_create_options && !s.find_type(d->create_options_type)) d->define_create_options(s);
+    branches.emplace_back(d->name, d->create_options_type);
+  }
+  std::sort(branches.begin(), branches.end());
+  s.flat_union("BlockdevCreateOptions", "driver:BlockdevDriver", "driver", std::move(branches),
                /*open_branches=*/true);
   s.command("blockdev-create", "job-id:str options:BlockdevCreateOptions");
   s.enumeration("QCryptoBlockLUKSKeyslotState", "active inactive");

@@ -263,6 +263,9 @@ struct driver_entry {
   // that share a type (file and host_device) name it; the first one registered defines it.
   std::string options_type = {};
   std::function<void(qmp::schema&)> define_options = nullptr;
+  // The same for blockdev-create's BlockdevCreateOptions (drivers with `create` only).
+  std::string create_options_type = {};
+  std::function<void(qmp::schema&)> define_create_options = nullptr;
 };
 
 // The drivers this build has (registered at start-up by each driver's translation unit).

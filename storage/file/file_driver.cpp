@@ -900,6 +900,11 @@ void register_file_drivers() {
   auto plain = [](const boost::json::object& o) { return std::string(o.at("filename").as_string()); };
   driver_entry file{"file", true, {}, [](open_args& a) { return open_file(a, false); }, plain};
   file.create = create_file;  // blockdev-create (file_create.cpp)
+  file.create_options_type = "BlockdevCreateOptionsFile";
+  file.define_create_options = [](qmp::schema& s) {
+    s.object("BlockdevCreateOptionsFile",
+             "filename:str size:size *preallocation:PreallocMode *nocow:bool *extent-size-hint:size");
+  };
   file.options_type = "BlockdevOptionsFile";
   file.define_options = [](qmp::schema& s) {
     s.enumeration("BlockdevAioOptions", "threads native io_uring");
