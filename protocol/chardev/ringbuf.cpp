@@ -1,7 +1,9 @@
-// Ring buffer storage, QEMU's UTF-8 sanitising of ringbuf-read and GLib's base64 decoding; plain C++, the chardev's thread.
+// Ring buffer storage and QEMU's UTF-8 sanitising of ringbuf-read; plain C++, the chardev's thread.
 #include "protocol/chardev/ringbuf.h"
 
 #include <algorithm>
+
+#include "protocol/qmp/utf8.h"
 
 namespace blockd::chr {
 
@@ -41,24 +43,6 @@ result<void> check_ringbuf_size(int64_t size) {
 
 namespace {
 
-void put_utf8(std::string& out, uint32_t cp) {
-  if (cp < 0x80) {
-    out.push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out.push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out.push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out.push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
-
 bool valid_codepoint(uint32_t cp) {
   if (cp > 0x10FFFF) return false;
   if (cp >= 0xD800 && cp <= 0xDFFF) return false;  // surrogates
@@ -83,7 +67,7 @@ std::string qemu_utf8_text(std::string_view s) {
     // Sequence length from the lead byte, the old (pre-2003) UTF-8 way: up to six bytes.
     size_t len = c >= 0xFE ? 0 : c >= 0xFC ? 6 : c >= 0xF8 ? 5 : c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 0;
     if (len == 0) {  // continuation byte or FE/FF as a lead
-      put_utf8(out, bad);
+      qmp::append_utf8(out, bad);
       ++i;
       continue;
     }
@@ -96,7 +80,7 @@ std::string qemu_utf8_text(std::string_view s) {
       cp = cp << 6 | (cc & 0x3F);
     }
     if (k < len) {  // cut short: the bytes so far make one replacement
-      put_utf8(out, bad);
+      qmp::append_utf8(out, bad);
       i += k;
       continue;
     }
@@ -105,9 +89,9 @@ std::string qemu_utf8_text(std::string_view s) {
     if (len == 2 && cp == 0) {
       out.push_back('\0');  // C0 80: the encoded NUL QEMU uses inside strings
     } else if (cp < min_cp[len] || !valid_codepoint(cp)) {
-      put_utf8(out, bad);
+      qmp::append_utf8(out, bad);
     } else {
-      put_utf8(out, cp);
+      qmp::append_utf8(out, cp);
     }
   }
   return out;
