@@ -1,4 +1,4 @@
-// Supervisor: runs state-changing QMP commands, owns objects/chardevs/monitors, broadcasts events; main iothread only.
+// Supervisor: the command queue and table, the event bus, start-up and shutdown (each responsibility's commands live in their own file); main iothread only.
 #include "actors/supervisor/supervisor.h"
 
 #include <caf/all.hpp>

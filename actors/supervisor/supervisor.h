@@ -1,4 +1,4 @@
-// The supervisor actor: owner of objects, chardevs, monitors and the event bus; pinned to the main iothread.
+// The supervisor actor: sole writer of the block graph, owner of the QOM model, chardevs, monitors, exports and jobs, and the event bus; pinned to the main iothread.
 #pragma once
 #include <caf/event_based_actor.hpp>
 
