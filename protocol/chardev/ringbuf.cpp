@@ -43,13 +43,6 @@ result<void> check_ringbuf_size(int64_t size) {
 
 namespace {
 
-bool valid_codepoint(uint32_t cp) {
-  if (cp > 0x10FFFF) return false;
-  if (cp >= 0xD800 && cp <= 0xDFFF) return false;  // surrogates
-  if (cp >= 0xFDD0 && cp <= 0xFDEF) return false;  // noncharacters
-  if ((cp & 0xFFFE) == 0xFFFE) return false;       // U+xFFFE, U+xFFFF
-  return true;
-}
 
 }  // namespace
 
@@ -88,7 +81,7 @@ std::string qemu_utf8_text(std::string_view s) {
     static const uint32_t min_cp[] = {0, 0, 0x80, 0x800, 0x10000, 0x200000, 0x4000000};
     if (len == 2 && cp == 0) {
       out.push_back('\0');  // C0 80: the encoded NUL QEMU uses inside strings
-    } else if (cp < min_cp[len] || !valid_codepoint(cp)) {
+    } else if (cp < min_cp[len] || !qmp::valid_codepoint(cp)) {
       qmp::append_utf8(out, bad);
     } else {
       qmp::append_utf8(out, cp);

@@ -172,10 +172,17 @@ class parser {
             if (cp >= 0xD800 && cp <= 0xDBFF) {
               int lo = (i + 7 < s.size() && s[i + 6] == '\\' && s[i + 7] == 'u') ? hex4(s, i + 8) : -1;
               if (lo < 0xDC00 || lo > 0xDFFF) return bad(i);
-              append_utf8(out, 0x10000 + ((static_cast<uint32_t>(cp) - 0xD800) << 10) + (static_cast<uint32_t>(lo) - 0xDC00));
+              uint32_t full = 0x10000 + ((static_cast<uint32_t>(cp) - 0xD800) << 10) + (static_cast<uint32_t>(lo) - 0xDC00);
+              // A pair that makes a noncharacter is refused whole, as QEMU names both escapes.
+              if (!valid_codepoint(full)) {
+                fail(std::string(s.substr(i, 12)) + " is not a valid Unicode character");
+                return std::nullopt;
+              }
+              append_utf8(out, full);
               i += 12;
               continue;
             }
+            if (!valid_codepoint(static_cast<uint32_t>(cp))) return bad(i);  // U+FFFF, U+FDD0, ...
             append_utf8(out, static_cast<uint32_t>(cp));
             i += 6;
             continue;
@@ -203,8 +210,7 @@ class parser {
         cp = (cp << 6) | (cc & 0x3F);
       }
       static const uint32_t min_for_len[] = {0, 0, 0x80, 0x800, 0x10000};
-      if (cp < min_for_len[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-        return fail("invalid UTF-8 sequence in string"), std::nullopt;
+      if (cp < min_for_len[n] || !valid_codepoint(cp)) return fail("invalid UTF-8 sequence in string"), std::nullopt;
       out.append(s.substr(i, n));
       i += n;
     }

@@ -366,6 +366,14 @@ QOM_OBJECTS = [
 ]
 CASES += QOM_OBJECTS
 
+# Noncharacters (U+FFFF, U+FDD0, U+10FFFF) are refused in strings, escaped or raw; a valid pair passes.
+CASES += [
+    ("JSON strings with noncharacters", [], "", [NEG] + [
+        b'{"execute": "qom-list", "arguments": {"path": "' + p + b'"}, "id": ' + str(i).encode() + b'}\n'
+        for i, p in enumerate([b"a\\uffffb", b"a\xef\xbf\xbfb", b"a\\ufdd0b", b"a\xf4\x8f\xbf\xbfb",
+                               b"a\\udbff\\udfffb", b"a\\ud83d\\ude00b", b"a\xef\xb7\x90b"])]),
+]
+
 VERSION_RE = re.compile(rb'\{"qemu": \{"micro": \d+, "minor": \d+, "major": \d+\}, "package": "[^"]*"\}')
 PRETTY_VERSION_RE = re.compile(rb'"micro": \d+,(\r\n +)"minor": \d+,(\r\n +)"major": \d+(\r\n +)\},(\r\n +)"package": "[^"]*"')
 TS_RE = re.compile(rb'"seconds": \d+, "microseconds": \d+')
