@@ -41,51 +41,16 @@ result<void> check_ringbuf_size(int64_t size) {
   return {};
 }
 
-namespace {
-
-
-}  // namespace
-
 std::string qemu_utf8_text(std::string_view s) {
-  constexpr uint32_t bad = 0xFFFD;
+  // QEMU's JSON writer cleans the text; the ring's bytes end at the first NUL (a C string there).
   std::string out;
   size_t i = 0;
   while (i < s.size() && s[i] != '\0') {
-    auto c = static_cast<uint8_t>(s[i]);
-    if (c < 0x80) {
-      out.push_back(static_cast<char>(c));
-      ++i;
-      continue;
-    }
-    // Sequence length from the lead byte, the old (pre-2003) UTF-8 way: up to six bytes.
-    size_t len = c >= 0xFE ? 0 : c >= 0xFC ? 6 : c >= 0xF8 ? 5 : c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 0;
-    if (len == 0) {  // continuation byte or FE/FF as a lead
-      qmp::append_utf8(out, bad);
-      ++i;
-      continue;
-    }
-    uint32_t cp = c & (0x7F >> len);
-    size_t k = 1;
-    for (; k < len; ++k) {
-      if (i + k >= s.size()) break;
-      auto cc = static_cast<uint8_t>(s[i + k]);
-      if ((cc & 0xC0) != 0x80) break;
-      cp = cp << 6 | (cc & 0x3F);
-    }
-    if (k < len) {  // cut short: the bytes so far make one replacement
-      qmp::append_utf8(out, bad);
-      i += k;
-      continue;
-    }
-    i += len;
-    static const uint32_t min_cp[] = {0, 0, 0x80, 0x800, 0x10000, 0x200000, 0x4000000};
-    if (len == 2 && cp == 0) {
+    uint32_t cp = qmp::next_qemu_codepoint(s, i);
+    if (cp == 0)
       out.push_back('\0');  // C0 80: the encoded NUL QEMU uses inside strings
-    } else if (cp < min_cp[len] || !qmp::valid_codepoint(cp)) {
-      qmp::append_utf8(out, bad);
-    } else {
+    else
       qmp::append_utf8(out, cp);
-    }
   }
   return out;
 }

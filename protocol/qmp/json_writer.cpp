@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <vector>
 
+#include "protocol/qmp/utf8.h"
+
 namespace blockd::qmp {
 
 unsigned qdict_bucket(std::string_view key) {
@@ -23,44 +25,10 @@ void put_hex4(std::string& out, uint32_t u) {
   out += buf;
 }
 
-// Decodes one UTF-8 sequence; invalid input yields U+FFFD and consumes one byte. C0 80 is NUL.
-uint32_t next_codepoint(std::string_view s, size_t& i) {
-  unsigned char c = static_cast<unsigned char>(s[i]);
-  if (c < 0x80) {
-    ++i;
-    return c;
-  }
-  size_t n = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 0;
-  if (c == 0xC0 && i + 1 < s.size() && static_cast<unsigned char>(s[i + 1]) == 0x80) {
-    i += 2;
-    return 0;
-  }
-  if (n == 0 || c > 0xF4 || i + n > s.size()) {
-    ++i;
-    return 0xFFFD;
-  }
-  uint32_t cp = c & (0x7F >> n);
-  for (size_t k = 1; k < n; ++k) {
-    unsigned char cc = static_cast<unsigned char>(s[i + k]);
-    if ((cc & 0xC0) != 0x80) {
-      ++i;
-      return 0xFFFD;
-    }
-    cp = (cp << 6) | (cc & 0x3F);
-  }
-  static const uint32_t min_for_len[] = {0, 0, 0x80, 0x800, 0x10000};
-  if (cp < min_for_len[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
-    ++i;
-    return 0xFFFD;
-  }
-  i += n;
-  return cp;
-}
-
 void put_string(std::string& out, std::string_view s) {
   out.push_back('"');
   for (size_t i = 0; i < s.size();) {
-    uint32_t cp = next_codepoint(s, i);
+    uint32_t cp = next_qemu_codepoint(s, i);  // utf8.h: QEMU's decoding and replacements
     switch (cp) {
       case '"': out += "\\\""; continue;
       case '\\': out += "\\\\"; continue;

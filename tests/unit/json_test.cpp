@@ -161,3 +161,14 @@ TEST(Request, EnvelopeChecksAndIdEcho) {
 }
 
 }  // namespace
+
+TEST(JsonWriter, InvalidTextBecomesReplacementsAsQsd) {
+  // Recorded from QSD 7.2 (a file name holding U+FFFF and a surrogate, shown by
+  // query-named-block-nodes): each complete but invalid sequence is one U+FFFD.
+  EXPECT_EQ(to_json(boost::json::value("a\xef\xbf\xbf" "b\xed\xa0\x80" "c")), "\"a\\uFFFDb\\uFFFDc\"");
+  // A sequence cut short is one replacement for the bytes so far; a stray continuation byte is one.
+  EXPECT_EQ(to_json(boost::json::value("x\xe2\x82" "y\x80z")), "\"x\\uFFFDy\\uFFFDz\"");
+  // Overlong forms are refused, C0 80 is QEMU's NUL, and valid text passes as \u escapes.
+  EXPECT_EQ(to_json(boost::json::value("\xe0\x80\xaf" "|\xc0\x80|\xc3\xa9\xf0\x9f\x98\x80")),
+            "\"\\uFFFD|\\u0000|\\u00E9\\uD83D\\uDE00\"");
+}
