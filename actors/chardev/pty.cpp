@@ -11,6 +11,7 @@
 
 #include "actors/chardev/backends.h"
 #include "actors/chardev/fd_stream.h"
+#include "actors/chardev/stream_chardev.h"
 
 namespace blockd::chr {
 namespace {
@@ -27,10 +28,10 @@ bool slave_open(int master) {
   return !(p.revents & POLLHUP);
 }
 
-class pty_chardev final : public chardev, public fd_stream::handler {
+class pty_chardev final : public stream_chardev {
  public:
   pty_chardev(chardev_spec s, env e, int master, std::string slave)
-      : chardev(std::move(s), std::move(e)), master_(master), slave_(std::move(slave)) {
+      : stream_chardev(std::move(s), std::move(e)), master_(master), slave_(std::move(slave)) {
     timer_.on_done = [this](int res) { on_timer(res); };
   }
   ~pty_chardev() override {
@@ -50,13 +51,6 @@ class pty_chardev final : public chardev, public fd_stream::handler {
   void start() { arm_timer(); }
   std::string filename() const override { return "pty:" + slave_; }
   std::string pty_path() const override { return slave_; }
-  size_t backlog() const override { return stream_ ? stream_->backlog() : 0; }
-  void flush(std::function<void()> done) override {
-    if (stream_)
-      stream_->when_drained(std::move(done));
-    else
-      done();
-  }
 
  protected:
   void backend_write(std::string_view bytes) override {
@@ -65,16 +59,10 @@ class pty_chardev final : public chardev, public fd_stream::handler {
     if (!stream_ && slave_open(master_)) connect();
     if (stream_) stream_->write(bytes);
   }
-  void resume_reading() override {
-    if (stream_) stream_->read_more();
-  }
   void on_close() override {
-    if (stream_) stream_->shutdown(true);
-    stream_.reset();
+    stream_chardev::on_close();
     if (timer_.busy) env_.reactor->cancel(&timer_);
   }
-  bool stream_wants_input() override { return wants_input(); }
-  void stream_data(std::string_view bytes) override { deliver_input(bytes); }
   void stream_end(int) override { disconnect(); }
   void stream_write_failed(int) override { disconnect(); }
 
@@ -109,7 +97,6 @@ class pty_chardev final : public chardev, public fd_stream::handler {
   int master_;
   std::string slave_;
   std::string link_;
-  std::shared_ptr<fd_stream> stream_;
   op timer_;
 };
 

@@ -10,6 +10,7 @@
 
 #include "actors/chardev/backends.h"
 #include "actors/chardev/fd_stream.h"
+#include "actors/chardev/stream_chardev.h"
 #include "protocol/chardev/ringbuf.h"
 
 namespace blockd::chr {
@@ -35,38 +36,17 @@ class null_chardev final : public chardev {
 
 // A backend over one or two descriptors: open from the start, input until EOF (then CLOSED for
 // the frontend, as QEMU's fd chardevs do), output kept in order.
-class fd_chardev : public chardev, public fd_stream::handler {
+class fd_chardev : public stream_chardev {
  public:
-  fd_chardev(chardev_spec s, env e, int in, int out, bool owns) : chardev(std::move(s), std::move(e)) {
+  fd_chardev(chardev_spec s, env e, int in, int out, bool owns) : stream_chardev(std::move(s), std::move(e)) {
     stream_ = fd_stream::create(*env_.reactor, in, out, fd_stream::mode::file, owns);
     stream_->set_handler(this);
     be_open_ = true;
   }
-  size_t backlog() const override { return stream_ ? stream_->backlog() : 0; }
-  void flush(std::function<void()> done) override {
-    if (stream_)
-      stream_->when_drained(std::move(done));
-    else
-      done();
-  }
 
  protected:
-  void backend_write(std::string_view bytes) override {
-    if (stream_) stream_->write(bytes);
-  }
-  void resume_reading() override {
-    if (stream_) stream_->read_more();
-  }
-  void on_close() override {
-    if (stream_) stream_->shutdown(true);
-    stream_.reset();
-  }
-  bool stream_wants_input() override { return wants_input(); }
-  void stream_data(std::string_view bytes) override { deliver_input(bytes); }
   void stream_end(int) override { deliver_event(event::closed); }
   void stream_write_failed(int) override {}  // output is dropped from here on, as QEMU ignores it
-
-  std::shared_ptr<fd_stream> stream_;
 };
 
 // stdio: raw terminal input while it is a tty (signals kept with signal=on), restored on close.

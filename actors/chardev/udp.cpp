@@ -7,40 +7,26 @@
 
 #include "actors/chardev/backends.h"
 #include "actors/chardev/fd_stream.h"
+#include "actors/chardev/stream_chardev.h"
 #include "actors/chardev/socket_address.h"
 
 namespace blockd::chr {
 namespace {
 
-class udp_chardev final : public chardev, public fd_stream::handler {
+class udp_chardev final : public stream_chardev {
  public:
-  udp_chardev(chardev_spec s, env e, int fd) : chardev(std::move(s), std::move(e)) {
+  udp_chardev(chardev_spec s, env e, int fd) : stream_chardev(std::move(s), std::move(e)) {
+    finish_output_on_close_ = false;  // a datagram not sent by now has nobody waiting for it
     stream_ = fd_stream::create(*env_.reactor, fd, fd, fd_stream::mode::datagram);
     stream_->set_handler(this);
     be_open_ = true;
   }
   std::string filename() const override { return "udp"; }
-  size_t backlog() const override { return stream_ ? stream_->backlog() : 0; }
 
  protected:
-  void backend_write(std::string_view bytes) override {
-    if (stream_) stream_->write(bytes);
-  }
-  void resume_reading() override {
-    if (stream_) stream_->read_more();
-  }
-  void on_close() override {
-    if (stream_) stream_->shutdown(false);
-    stream_.reset();
-  }
-  bool stream_wants_input() override { return wants_input(); }
-  void stream_data(std::string_view bytes) override { deliver_input(bytes); }
   // A refused datagram (ICMP port unreachable) shows as an error; UDP has no connection to lose.
   void stream_end(int) override {}
   void stream_write_failed(int) override {}
-
- private:
-  std::shared_ptr<fd_stream> stream_;
 };
 
 }  // namespace
