@@ -349,21 +349,32 @@ long session::push(void* self, const void* buf, size_t n) {
   return long(n);
 }
 
-result<std::unique_ptr<session>> session::server(std::shared_ptr<const credentials> c, authorizer authz) {
-  std::unique_ptr<session> s(new session());
-  s->creds_ = std::move(c);
-  s->authz_ = std::move(authz);
+namespace {
+
+// gnutls_init, then the priority QEMU builds: the configured one plus the key exchanges each
+// credential type needs. `out` holds the session from init on (the session object frees it).
+result<void> init_with_priority(void*& out, unsigned flags, const creds_options& o) {
   gnutls_session_t h;
-  int rc = gnutls_init(&h, GNUTLS_SERVER | GNUTLS_NONBLOCK);
+  int rc = gnutls_init(&h, flags | GNUTLS_NONBLOCK);
   if (rc < 0) return fail("Cannot initialize TLS session: " + gerr(rc));
-  s->s_ = h;
-  const auto& o = s->creds_->options();
+  out = h;
   std::string prio = o.priority.empty() ? "NORMAL" : o.priority;
-  // QEMU adds the key exchanges each credential type needs to the configured priority.
   if (o.type == kind::psk) prio += ":+ECDHE-PSK:+DHE-PSK:+PSK";
   if (o.type == kind::anon) prio += ":+ANON-DH:+ANON-ECDH";
   rc = gnutls_priority_set_direct(h, prio.c_str(), nullptr);
   if (rc < 0) return fail("Unable to set TLS session priority " + prio + ": " + gerr(rc));
+  return {};
+}
+
+}  // namespace
+
+result<std::unique_ptr<session>> session::server(std::shared_ptr<const credentials> c, authorizer authz) {
+  std::unique_ptr<session> s(new session());
+  s->creds_ = std::move(c);
+  s->authz_ = std::move(authz);
+  if (auto r = init_with_priority(s->s_, GNUTLS_SERVER, s->creds_->options()); !r) return std::unexpected(r.error());
+  auto h = static_cast<gnutls_session_t>(s->s_);
+  int rc = 0;
   if (s->creds_->x509_) {
     rc = gnutls_credentials_set(h, GNUTLS_CRD_CERTIFICATE, s->creds_->x509_);
     // The certificate is requested, not required: a client without one fails the peer check with QEMU's text.
@@ -396,16 +407,9 @@ result<std::unique_ptr<session>> session::client(std::shared_ptr<const credentia
   s->creds_ = std::move(c);
   s->client_ = true;
   s->hostname_ = hostname;
-  gnutls_session_t h;
-  int rc = gnutls_init(&h, GNUTLS_CLIENT | GNUTLS_NONBLOCK);
-  if (rc < 0) return fail("Cannot initialize TLS session: " + gerr(rc));
-  s->s_ = h;
-  const auto& o = s->creds_->options();
-  std::string prio = o.priority.empty() ? "NORMAL" : o.priority;
-  if (o.type == kind::psk) prio += ":+ECDHE-PSK:+DHE-PSK:+PSK";
-  if (o.type == kind::anon) prio += ":+ANON-DH:+ANON-ECDH";
-  rc = gnutls_priority_set_direct(h, prio.c_str(), nullptr);
-  if (rc < 0) return fail("Unable to set TLS session priority " + prio + ": " + gerr(rc));
+  if (auto r = init_with_priority(s->s_, GNUTLS_CLIENT, s->creds_->options()); !r) return std::unexpected(r.error());
+  auto h = static_cast<gnutls_session_t>(s->s_);
+  int rc = 0;
   if (s->creds_->x509_) {
     rc = gnutls_credentials_set(h, GNUTLS_CRD_CERTIFICATE, s->creds_->x509_);
     if (rc >= 0 && !hostname.empty()) gnutls_server_name_set(h, GNUTLS_NAME_DNS, hostname.data(), hostname.size());
