@@ -339,6 +339,17 @@ def case_busy_missing_and_change(binary, tmp):
         d.stop()
 
 
+def file_content(path, done, timeout=10):
+    """The file's bytes once `done(bytes)` holds, or whatever is there after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(path, "rb") as f:
+            data = f.read()
+        if done(data) or time.monotonic() > deadline:
+            return data
+        time.sleep(0.01)
+
+
 def case_file_udp_and_logfile(binary, tmp):
     out = os.path.join(tmp, "f.out")
     log = os.path.join(tmp, "m.log")
@@ -360,16 +371,11 @@ def case_file_udp_and_logfile(binary, tmp):
         c = Client.unix(path)
         c.negotiate()
         assert c.cmd("query-version", id="logged")["id"] == "logged"
-        with open(out, "rb") as f:
-            assert f.read().startswith(b'{"QMP"')
-        # The log is written as the reply goes out, by the same loop: wait for it (bounded).
-        deadline = time.monotonic() + 10
-        while True:
-            with open(log, "rb") as f:
-                logged = f.read()
-            if (b'{"QMP"' in logged and b'"id": "logged"' in logged) or time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
+        # File output and the log are written through the loop's ring after the replies go out:
+        # wait (bounded) until the bytes are there.
+        written = file_content(out, lambda b: b.startswith(b'{"QMP"'))
+        assert written.startswith(b'{"QMP"'), written
+        logged = file_content(log, lambda b: b'{"QMP"' in b and b'"id": "logged"' in b)
         assert b'{"QMP"' in logged and b'"id": "logged"' in logged, logged
     finally:
         d.stop()
