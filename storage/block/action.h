@@ -20,12 +20,34 @@ class node;
 class action {
  public:
   virtual ~action() = default;
-  virtual result<void> prepare() = 0;
+  virtual result<void> prepare() { return {}; }
   virtual void commit() {}
   virtual void abort() {}
   virtual void clean() {}
   std::vector<node*> perm_seeds;
+
+  // Actions whose steps wait for another thread (a driver call sent to a node's home, nodes to
+  // drain) override these; each calls `done` exactly once, now or later, on the thread that runs
+  // the list. The defaults run the plain steps above. Only run_steps() uses them: graph::run is
+  // for lists whose every step is immediate.
+  using prepared_fn = std::function<void(result<void>)>;
+  virtual void prepare_steps(prepared_fn done) { done(prepare()); }
+  virtual void commit_steps(std::function<void()> done) {
+    commit();
+    done();
+  }
+  virtual void abort_steps(std::function<void()> done) {
+    abort();
+    done();
+  }
 };
+
+// graph::run for actions with steps: prepare each in order (the next starts once the previous
+// reported), one permission update over every prepared action's seeds (`update_perms`), then
+// commit all in order or abort the prepared ones in reverse; clean last either way; then `done`.
+void run_steps(std::vector<std::unique_ptr<action>> actions,
+               std::function<result<void>(const std::vector<node*>&)> update_perms,
+               std::function<void(result<void>)> done);
 
 // An action from functions, for changes that need nothing more (each may be empty).
 class lambda_action final : public action {

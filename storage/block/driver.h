@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "protocol/error.h"
+#include "storage/block/dirty_bitmap.h"
 #include "storage/block/edge.h"
 #include "storage/block/io_request.h"
 #include "storage/block/perm.h"
@@ -64,6 +65,8 @@ struct image_facts {
   std::string backing_format{};
   boost::json::array snapshots{};  // SnapshotInfo list for internal snapshots (formats that have them)
   bool has_snapshots = false;
+  // Filled by the node, not the driver: its dirty bitmaps as queries show them.
+  std::vector<bitmap_fact> bitmaps{};
 };
 
 // Every virtual added here must also be forwarded by the contract checker (contract.cpp).
@@ -155,6 +158,21 @@ class block_driver {
     return fail("internal snapshots are not supported by this driver");
   }
 
+  // Persistent dirty bitmaps (formats that keep them in the image: qcow2). The driver is opened
+  // with its node's bitmap set (open_args::bitmaps): it loads the stored bitmaps into it at open
+  // and writes the persistent ones back at close, inactivation and a reopen to read-only (the
+  // points where QEMU stores them). Home thread.
+  virtual bool stores_bitmaps() const { return false; }
+  // Whether a new persistent bitmap could be stored; the error says why, without a prefix.
+  virtual result<void> can_store_bitmap(const std::string& name, uint64_t granularity) {
+    (void)name;
+    (void)granularity;
+    return fail("Operation not supported");
+  }
+  // Removes a stored bitmap from the image now (block-dirty-bitmap-remove of a persistent bitmap);
+  // one the image does not hold yet is no error.
+  virtual result<void> remove_stored_bitmap(const std::string& name) { (void)name; return {}; }
+
   // Called once before the driver is destroyed, on the home thread, with nothing in flight and the
   // children still open (parents close first). A format writes back what it caches and marks its
   // image clean here.
@@ -196,6 +214,8 @@ struct open_args {
   bool no_flush = false;  // cache.no-flush
   bool discard_unmap = false;  // discard=unmap (a format's default for passing discards down)
   std::string node_name{};  // the name the node will have (for events and messages)
+  // The node's dirty bitmaps, made before the driver opens so a format can load its stored ones.
+  std::shared_ptr<bitmap_set> bitmaps = std::make_shared<bitmap_set>();
   // Opens a child the options did not name but the image does (a qcow2 backing file from its header):
   // the graph opens `options` as an automatically named node and adds it as `role`. Empty in tests.
   std::function<result<node*>(const std::string& role, const boost::json::object& options)> open_child = nullptr;

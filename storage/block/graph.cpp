@@ -247,7 +247,7 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
   auto drv = e->open(a);
   if (!drv) return std::unexpected(drv.error());
   s.read_only = a.read_only;  // auto-read-only may have fallen back
-  auto n = std::make_unique<node>(std::move(s), std::move(*drv), a.env);
+  auto n = std::make_unique<node>(std::move(s), std::move(*drv), a.env, a.bitmaps);
   node* np = n.get();
   // Children attach in the driver's role order (file, data-file, backing), whether the options
   // named them or the image did, as QEMU attaches them.

@@ -57,6 +57,8 @@ struct io_request {
   int64_t start_ns = 0;        // set by the node for accounting
   bool unaccounted = false;    // reserved for the node layer
   bool fua_emulated = false;   // reserved for the node layer: FUA it adds a flush for (no cap_fua)
+  bool hooked = false;         // reserved for the node layer: a write its hooks see complete
+  uint8_t hook_pos = 0;        // reserved for the node layer: the gating hook holding it
   io_request* next_free = nullptr;
 
   void set_buffer(void* buf, int64_t len) {

@@ -17,8 +17,10 @@ int64_t node::now_ns() {
   return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 
-node::node(node_settings s, std::unique_ptr<block_driver> drv, driver_env env)
-    : s_(std::move(s)), drv_(std::move(drv)), env_(std::move(env)) {
+node::node(node_settings s, std::unique_ptr<block_driver> drv, driver_env env, std::shared_ptr<bitmap_set> bitmaps)
+    : s_(std::move(s)), drv_(std::move(drv)), env_(std::move(env)), bitmaps_(std::move(bitmaps)) {
+  if (!bitmaps_) bitmaps_ = std::make_shared<bitmap_set>();
+  sync_bitmap_hook();
   fua_waiter_.owner = this;
   if (contract_checks_enabled()) drv_ = check_contract(std::move(drv_), s_.name, env_);
   // Empty until whoever opens the node publishes the driver's facts on its home (the graph does
@@ -26,7 +28,25 @@ node::node(node_settings s, std::unique_ptr<block_driver> drv, driver_env env)
   facts_.store(std::make_shared<const image_facts>());
 }
 
-void node::publish_facts() { facts_.store(std::make_shared<const image_facts>(drv_->facts()), std::memory_order_release); }
+void node::publish_facts() {
+  auto f = std::make_shared<image_facts>(drv_->facts());
+  bitmaps_->resize(drv_->length());
+  f->bitmaps = bitmaps_->facts();
+  facts_.store(std::shared_ptr<const image_facts>(std::move(f)), std::memory_order_release);
+}
+
+void node::add_write_hook(write_hook* h) {
+  if (std::find(hooks_.begin(), hooks_.end(), h) == hooks_.end()) hooks_.push_back(h);
+}
+
+void node::remove_write_hook(write_hook* h) { std::erase(hooks_, h); }
+
+void node::sync_bitmap_hook() {
+  if (bitmaps_->recording())
+    add_write_hook(bitmaps_.get());
+  else
+    remove_write_hook(bitmaps_.get());
+}
 
 void node::rehome(driver_env env) {
   env_ = std::move(env);
@@ -109,6 +129,28 @@ void node::start(io_request& r) {
     finish_later(r, 0);
     return;
   }
+  if (is_write_op(r.op)) {
+    r.hooked = true;
+    if (!hooks_.empty()) return run_hooks(r, 0);
+  }
+  to_driver(r);
+}
+
+void node::run_hooks(io_request& r, size_t from) {
+  // Gating hooks in registration order; one that holds the request resumes it at the next one
+  // (release_write). A hook list changed meanwhile only shifts who is asked next, never skips the
+  // driver.
+  for (size_t i = from; i < hooks_.size(); ++i) {
+    if (!hooks_[i]->gates) continue;
+    r.hook_pos = uint8_t(std::min<size_t>(i, 255));
+    if (!hooks_[i]->before_write(r)) return;
+  }
+  to_driver(r);
+}
+
+void node::release_write(io_request& r) { run_hooks(r, size_t(r.hook_pos) + 1); }
+
+void node::to_driver(io_request& r) {
   if ((r.flags & io_fua) && !(drv_->caps() & cap_fua)) {
     // The driver cannot make one write durable by itself: the node flushes after it (io_done).
     r.flags &= ~uint32_t(io_fua);
@@ -146,6 +188,10 @@ void node::fua_flush_waiter::io_done(io_request& f) {
 }
 
 void node::finish(io_request& r) {
+  if (r.hooked) {
+    r.hooked = false;
+    for (write_hook* h : hooks_) h->after_write(r);
+  }
   int64_t end = now_ns();
   if (!r.unaccounted) account(r, end);
   r.unaccounted = false;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "storage/block/counter.h"
+#include "storage/block/dirty_bitmap.h"
 #include "storage/block/driver.h"
 #include "storage/block/edge.h"
 #include "storage/block/io_request.h"
@@ -50,7 +51,8 @@ struct node_settings {
 
 class node final : private io_waiter {
  public:
-  node(node_settings s, std::unique_ptr<block_driver> drv, driver_env env);
+  // `bitmaps`: the set the driver was opened with (open_args::bitmaps); null makes an empty one.
+  node(node_settings s, std::unique_ptr<block_driver> drv, driver_env env, std::shared_ptr<bitmap_set> bitmaps = nullptr);
   ~node();
 
   const node_settings& settings() const { return s_; }
@@ -95,6 +97,18 @@ class node final : private io_waiter {
   uint64_t write_threshold() const { return write_threshold_.load(std::memory_order_relaxed); }
   std::function<void(uint64_t exceeded, uint64_t threshold)> on_threshold;
 
+  // Write hooks (write_hook.h), home thread only; a hook stays registered until removed.
+  void add_write_hook(write_hook* h);
+  void remove_write_hook(write_hook* h);
+  // A gating hook that held `r` lets it go on (home thread).
+  void release_write(io_request& r);
+  // The node's dirty bitmaps (home thread; the driver of a format that stores them has the same
+  // set, see open_args::bitmaps). sync_bitmap_hook() registers the set as a hook while one records;
+  // call it after enabling, disabling, adding or removing a bitmap.
+  bitmap_set& bitmaps() { return *bitmaps_; }
+  const bitmap_set& bitmaps() const { return *bitmaps_; }
+  void sync_bitmap_hook();
+
   // Graph bookkeeping, owned by the graph (changed on the supervisor's thread, with the node
   // quiesced where a driver could see it): one slot per child role of the driver (see edge.h),
   // the filled slots of parents that hold this node, and the roots (exports, jobs, commands).
@@ -122,6 +136,8 @@ class node final : private io_waiter {
   void finish(io_request& r);
   void account(const io_request& r, int64_t end_ns);
   void check_drained();
+  void run_hooks(io_request& r, size_t from);
+  void to_driver(io_request& r);  // FUA emulation, then the driver
 
   node_settings s_;
   std::unique_ptr<block_driver> drv_;
@@ -136,6 +152,8 @@ class node final : private io_waiter {
   std::atomic<std::shared_ptr<const image_facts>> facts_;
   std::shared_ptr<bool> life_ = std::make_shared<bool>(true);
   request_pool pool_;
+  std::vector<write_hook*> hooks_;
+  std::shared_ptr<bitmap_set> bitmaps_;
 };
 
 }  // namespace blockd::block
