@@ -233,26 +233,16 @@ void supervisor_actor::with_quiesced(std::vector<block::node*> nodes, std::funct
 void supervisor_actor::with_quiesced_steps(std::vector<block::node*> nodes, step_fn step, reply_fn reply) {
   std::vector<std::string> names;
   for (auto* n : nodes) names.push_back(n->name());
-  auto run = std::make_shared<std::function<void()>>([this, names, step = std::move(step), reply = std::move(reply)] {
+  // Quiescing goes through each node's actor, so it works wherever the node lives.
+  quiesce_nodes(nodes, [this, names, step = std::move(step), reply = std::move(reply)] {
     if (!graph_) return reply(command_outcome::failure(error("blockd is shutting down")));
     // All drained: run the change, put the actors where their nodes now live, let held requests go
     // (a node may be gone after a delete).
     step([this, names, reply](command_outcome out) {
-      sync_node_actors();
-      for (auto& name : names)
-        if (auto it = node_actors_.find(name); it != node_actors_.end()) send(it->second.actor, resume_atom::value);
+      resume_nodes(names);
       reply(std::move(out));
     });
   });
-  if (nodes.empty()) return (*run)();
-  // Quiescing goes through each node's actor, so it works wherever the node lives.
-  auto left = std::make_shared<size_t>(nodes.size());
-  auto one_done = [left, run] {
-    if (--*left == 0) (*run)();
-  };
-  for (auto* n : nodes)
-    request(node_actors_.at(n->name()).actor, caf::infinite, quiesce_atom::value)
-        .then([one_done](bool) { one_done(); }, [one_done](const caf::error&) { one_done(); });
 }
 
 }  // namespace blockd

@@ -118,6 +118,31 @@ class supervisor_actor : public caf::event_based_actor {
   void blockdev_reopen(const boost::json::object& args, reply_fn reply);
   void blockdev_set_active(const boost::json::object& args, reply_fn reply);
   void set_iothread(const boost::json::object& args, reply_fn reply);
+  // ---- transactions (transaction.cpp) ---------------------------------------------------------
+  // A transaction action kind: makes the action from its `data` (checked by the schema). The
+  // action does its lookups in prepare, so the first failing action of a list names the error,
+  // as in QEMU. `grouped`: the kind supports completion-mode grouped (backup jobs only).
+  struct txn_kind {
+    std::function<std::unique_ptr<block::action>(const boost::json::object& data)> build;
+    bool grouped = false;
+  };
+  std::map<std::string, txn_kind> txn_kinds_;
+  void register_transaction_commands();
+  // Runs `list` as one transaction (block::run_steps with the graph's permission update) and
+  // replies success or the first failure.
+  void run_actions(std::vector<std::unique_ptr<block::action>> list, reply_fn reply);
+  // Runs one kind's action alone: what the plain command of a transactionable action does.
+  void run_one(const std::string& kind, const boost::json::object& data, reply_fn reply);
+  // For actions that keep nodes drained from prepare to clean: quiesce through the node actors,
+  // then `then`; resume_nodes lets the held requests go (nodes gone meanwhile are skipped).
+  void quiesce_nodes(const std::vector<block::node*>& nodes, std::function<void()> then);
+  void resume_nodes(const std::vector<std::string>& names);
+  // An action step that runs `fn` on the home of the node `name` names (gone: the step fails
+  // with `gone`); `then` gets the outcome here.
+  void node_step(const std::string& name, node_fn fn, std::function<void(command_outcome)> then);
+  // ---- dirty bitmaps (bitmaps.cpp) ------------------------------------------------------------
+  void register_bitmap_commands();
+
   // ---- objects and QOM (objects.cpp) ----------------------------------------------------------
   qom::type_registry types_;          // the built-in types with this supervisor's live factories
   std::unique_ptr<qom::model> qom_;   // /objects, /chardevs; reset at shutdown (joins iothreads)

@@ -311,6 +311,8 @@ void define_create_amend(schema& s) {
   s.command_features("x-blockdev-amend", {"unstable"});
 }
 
+void define_bitmaps(schema& s);  // below
+
 void define_block(schema& s) {
   s.enumeration("BlockdevDriver",
                 "blkdebug blklogwrites blkreplay blkverify bochs cloop compress copy-before-write copy-on-read dmg "
@@ -355,6 +357,7 @@ void define_block(schema& s) {
   s.command("x-blockdev-set-iothread", "node-name:str iothread:StrOrNull *force:bool");
   s.command_features("x-blockdev-set-iothread", {"unstable"});
   define_block_queries(s);
+  define_bitmaps(s);
 }
 
 // Sockets (sockets.json) and exports (block-export.json): the NBD server and block exports.
@@ -386,8 +389,6 @@ void define_exports(schema& s) {
   s.object("NbdServerOptions", "addr:SocketAddress", "NbdServerOptionsBase");
   s.object("NbdServerOptionsLegacy", "addr:SocketAddressLegacy", "NbdServerOptionsBase");
   s.command("nbd-server-start", "NbdServerOptionsLegacy", "", true);
-  s.object("BlockDirtyBitmap", "node:str name:str");
-  s.alternate("BlockDirtyBitmapOrStr", {"str", "BlockDirtyBitmap"});
   s.object("BlockExportOptionsNbdBase", "*name:str *description:str");
   s.object("BlockExportOptionsNbd", "*bitmaps:[BlockDirtyBitmapOrStr] *allocation-depth:bool",
            "BlockExportOptionsNbdBase");
@@ -419,6 +420,51 @@ void define_exports(schema& s) {
 }
 
 // char.json (QSD 10.2): chardev backends and the commands over them.
+// Dirty bitmaps (block-core.json). Each transaction action kind
+// is one entry of `kinds` (its data type's wrapper); the supervisor refuses to start when a kind
+// has no action builder, as it does for commands.
+void define_bitmaps(schema& s) {
+  s.object("BlockDirtyBitmap", "node:str name:str");
+  s.alternate("BlockDirtyBitmapOrStr", {"str", "BlockDirtyBitmap"});
+  s.object("BlockDirtyBitmapAdd", "node:str name:str *granularity:uint32 *persistent:bool *disabled:bool");
+  s.command("block-dirty-bitmap-add", "BlockDirtyBitmapAdd", "", true);
+  for (const char* c : {"block-dirty-bitmap-remove", "block-dirty-bitmap-clear", "block-dirty-bitmap-enable",
+                        "block-dirty-bitmap-disable"})
+    s.command(c, "BlockDirtyBitmap", "", true);
+  s.object("BlockDirtyBitmapMerge", "node:str target:str bitmaps:[BlockDirtyBitmapOrStr]");
+  s.command("block-dirty-bitmap-merge", "BlockDirtyBitmapMerge", "", true);
+  s.object("BlockDirtyBitmapSha256", "sha256:str");
+  s.command("x-debug-block-dirty-bitmap-sha256", "BlockDirtyBitmap", "BlockDirtyBitmapSha256", true);
+  s.command_features("x-debug-block-dirty-bitmap-sha256", {"unstable"});
+}
+
+// transaction (transaction.json).
+void define_transaction(schema& s) {
+  s.object("Abort", "");
+  std::vector<std::pair<std::string, std::string>> kinds = {
+      {"abort", "Abort"},
+      {"block-dirty-bitmap-add", "BlockDirtyBitmapAdd"},
+      {"block-dirty-bitmap-remove", "BlockDirtyBitmap"},
+      {"block-dirty-bitmap-clear", "BlockDirtyBitmap"},
+      {"block-dirty-bitmap-enable", "BlockDirtyBitmap"},
+      {"block-dirty-bitmap-disable", "BlockDirtyBitmap"},
+      {"block-dirty-bitmap-merge", "BlockDirtyBitmapMerge"},
+  };
+  std::string values;
+  std::vector<std::pair<std::string, std::string>> branches;
+  for (auto& [kind, type] : kinds) {
+    values += (values.empty() ? "" : " ") + kind;
+    std::string wrapper = type + "Wrapper";
+    if (!s.find_type(wrapper)) s.object(wrapper, "data:" + type);
+    branches.emplace_back(kind, wrapper);
+  }
+  s.enumeration("TransactionActionKind", values);
+  s.flat_union("TransactionAction", "type:TransactionActionKind", "type", std::move(branches));
+  s.enumeration("ActionCompletionMode", "individual grouped");
+  s.object("TransactionProperties", "*completion-mode:ActionCompletionMode");
+  s.command("transaction", "actions:[TransactionAction] *properties:TransactionProperties");
+}
+
 void define_char(schema& s) {
   s.object("ChardevInfo", "label:str filename:str frontend-open:bool");
   s.command("query-chardev", "", "[ChardevInfo]");
@@ -500,6 +546,7 @@ schema build() {
   define_block(s);
   define_exports(s);
   define_char(s);
+  define_transaction(s);
   define_cli(s);
   return s;
 }

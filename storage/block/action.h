@@ -42,6 +42,30 @@ class action {
   }
 };
 
+// An action with steps from functions (each may be empty: that step succeeds at once). The
+// functions may send work to other threads and call their `done` later.
+class step_lambda_action final : public action {
+ public:
+  std::function<void(prepared_fn)> on_prepare;
+  std::function<void(std::function<void()>)> on_commit, on_abort;
+  std::function<void()> on_clean;
+  void prepare_steps(prepared_fn done) override {
+    if (!on_prepare) return done({});
+    on_prepare(std::move(done));
+  }
+  void commit_steps(std::function<void()> done) override {
+    if (!on_commit) return done();
+    on_commit(std::move(done));
+  }
+  void abort_steps(std::function<void()> done) override {
+    if (!on_abort) return done();
+    on_abort(std::move(done));
+  }
+  void clean() override {
+    if (on_clean) on_clean();
+  }
+};
+
 // graph::run for actions with steps: prepare each in order (the next starts once the previous
 // reported), one permission update over every prepared action's seeds (`update_perms`), then
 // commit all in order or abort the prepared ones in reverse; clean last either way; then `done`.

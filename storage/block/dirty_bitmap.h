@@ -44,6 +44,11 @@ class dirty_bitmap {
   void resize(int64_t size);
   // this |= o. Granularities may differ: each dirty granule of `o` dirties the bytes it covers.
   void merge_from(const dirty_bitmap& o);
+  // Takes o's bits (same size and granularity: a backup of this bitmap made earlier).
+  void copy_bits_from(const dirty_bitmap& o) {
+    words_ = o.words_;
+    set_count_ = o.set_count_;
+  }
   bool same_bits(const dirty_bitmap& o) const { return gran_ == o.gran_ && size_ == o.size_ && words_ == o.words_; }
 
   // Granule bits as bytes, least significant bit of byte 0 first, ceil(bits/8) bytes: the qcow2

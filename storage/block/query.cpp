@@ -108,6 +108,12 @@ boost::json::object device_info(const graph& g, const node& n, bool flat) {
   o["iops"] = 0;
   o["bps_wr"] = 0;
   o["write_threshold"] = n.write_threshold();
+  // Present only on a node with bitmaps, as in QSD (newest first).
+  if (auto f = n.facts(); !f->bitmaps.empty()) {
+    boost::json::array bms;
+    for (const bitmap_fact& b : f->bitmaps) bms.push_back(to_json(b));
+    o["dirty-bitmaps"] = std::move(bms);
+  }
   o["encrypted"] = false;
   o["bps"] = 0;
   o["bps_rd"] = 0;

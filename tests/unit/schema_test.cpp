@@ -66,7 +66,8 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
                                    "query-blockstats", "blockdev-set-active",     "blockdev-create",
                                    "x-blockdev-amend", "nbd-server-start",     "block-export-add",
                                    "qom-list-get",  // new in 10.1
-                                   "chardev-add",   "chardev-change"};  // ChardevBackend: see Chardev102
+                                   "chardev-add",   "chardev-change",  // ChardevBackend: see Chardev102
+                                   "transaction"};  // blockd has a subset of the action kinds: see below
   int compared = 0;
   for (auto& [name, e] : ours) {
     auto meta = e.at("meta-type").as_string();
@@ -80,8 +81,33 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
   // control+introspect, object-del, the qom-* commands 7.2 has, events, block commands, graph dump, set-iothread, job-* and query-jobs,
   // the two internal snapshot commands, the export commands but block-export-add and nbd-server-start
   // (10.2 added allow-inactive, handshake-max-seconds and the keep-alive tunables)
-  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1 + 7 + 2 + 5 + 5 + 6, compared);  // + qom-list/-get/-set/-list-types/-list-properties
+  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1 + 7 + 2 + 5 + 5 + 6 + 7, compared);  // + qom-list/-get/-set/-list-types/-list-properties
   // + query-chardev, query-chardev-backends, ringbuf-write/-read, chardev-remove, chardev-send-break
+  // + the six block-dirty-bitmap-* commands and x-debug-block-dirty-bitmap-sha256
+}
+
+TEST(Introspection, TransactionKindsAreQsdsOwn) {
+  // blockd's TransactionAction offers only the kinds it runs (backup joins with the jobs): each one
+  // must have QSD's data type, and the properties member must be QSD's.
+  auto ours = index(introspect(qsd_schema()));
+  auto theirs = qsd72();
+  auto actions = [](table& t) {
+    auto arg = t.at(std::string(t.at("transaction").at("arg-type").as_string()));
+    std::string arr = std::string(arg.at("members").as_array()[0].at("type").as_string());
+    return t.at(std::string(t.at(arr).at("element-type").as_string()));
+  };
+  auto o = actions(ours), q = actions(theirs);
+  std::map<std::string, std::string> qv;
+  for (auto& v : q.at("variants").as_array()) qv[std::string(v.at("case").as_string())] = std::string(v.at("type").as_string());
+  int n = 0;
+  for (auto& v : o.at("variants").as_array()) {
+    std::string kind(v.at("case").as_string());
+    ASSERT_TRUE(qv.count(kind)) << kind;
+    std::set<std::string> s1, s2;
+    EXPECT_EQ(canon(resolve(theirs, qv[kind], s2)), canon(resolve(ours, std::string(v.at("type").as_string()), s1))) << kind;
+    ++n;
+  }
+  EXPECT_GE(n, 7);
 }
 
 TEST(Introspection, BlockdevAddFollows102AndMatchesQsdForBuiltDrivers) {
@@ -269,8 +295,10 @@ TEST(CommandList, NewestRegistrationFirst) {
   auto l = command_list(qsd_schema());
   ASSERT_GE(l.size(), 7u);
   // char.json comes after block-export.json, block-export.json after block-core.json (as QSD lists them).
-  EXPECT_EQ("chardev-send-break", l[0].at("name").as_string());
-  EXPECT_EQ("query-block-exports", l[8].at("name").as_string());
+  // transaction.json comes after char.json (7.2 and 10.2 both list transaction first).
+  EXPECT_EQ("transaction", l[0].at("name").as_string());
+  EXPECT_EQ("chardev-send-break", l[1].at("name").as_string());
+  EXPECT_EQ("query-block-exports", l[9].at("name").as_string());
   EXPECT_EQ("qmp_capabilities", l[l.size() - 1].at("name").as_string());
 }
 

@@ -1,0 +1,64 @@
+// The rules of the dirty bitmap commands (see bitmap_ops.h); the node's home iothread only.
+#include "storage/block/bitmap_ops.h"
+
+#include <bit>
+
+#include "storage/block/node.h"
+
+namespace blockd::block {
+
+result<void> check_bitmap(const dirty_bitmap& b, unsigned need) {
+  if ((need & need_not_busy) && b.busy)
+    return fail("Bitmap '" + b.name() + "' is currently in use by another operation and cannot be used");
+  if ((need & need_writable) && b.readonly) return fail("Bitmap '" + b.name() + "' is readonly and cannot be modified");
+  if ((need & need_consistent) && b.inconsistent)
+    return fail("Bitmap '" + b.name() + "' is inconsistent and cannot be used");
+  return {};
+}
+
+result<dirty_bitmap*> find_bitmap(node& n, const std::string& name) {
+  if (dirty_bitmap* b = n.bitmaps().find(name)) return b;
+  return fail("Dirty bitmap '" + name + "' not found");
+}
+
+uint64_t default_granularity(const node& n) {
+  int64_t cs = n.facts()->cluster_size;
+  if (cs <= 0) return 65536;
+  return uint64_t(std::clamp<int64_t>(cs, 4096, 65536));
+}
+
+result<dirty_bitmap*> add_bitmap(node& n, const bitmap_add_request& a) {
+  uint64_t g = a.granularity ? *a.granularity : default_granularity(n);
+  if (a.granularity && (g < bitmap_min_granularity || !std::has_single_bit(g)))
+    return fail("Granularity must be power of 2 and at least 512");
+  if (a.persistent) {
+    if (!n.driver().stores_bitmaps()) return fail("Can't store persistent bitmaps to " + n.name() + ": Operation not supported");
+    if (auto r = n.driver().can_store_bitmap(a.name, g); !r)
+      return fail("Can't make bitmap '" + a.name + "' persistent in '" + n.name() + "': " + r.error().desc);
+  }
+  if (n.bitmaps().find(a.name)) return fail("Bitmap already exists: " + a.name);
+  if (a.name.size() > bitmap_max_name) return fail("Bitmap name too long: " + a.name);
+  auto b = std::make_shared<dirty_bitmap>(a.name, g, n.length());
+  b->enabled = !a.disabled;
+  b->persistent = a.persistent;
+  dirty_bitmap& added = n.bitmaps().add(std::move(b));
+  n.sync_bitmap_hook();
+  return &added;
+}
+
+std::shared_ptr<dirty_bitmap> release_bitmap(node& n, const std::string& name) {
+  auto b = n.bitmaps().take(name);
+  n.sync_bitmap_hook();
+  return b;
+}
+
+result<dirty_bitmap*> prepare_remove(node& n, const std::string& name) {
+  auto b = find_bitmap(n, name);
+  if (!b) return b;
+  if (auto r = check_bitmap(**b, need_not_busy | need_writable); !r) return fail(r.error().desc);
+  if ((*b)->persistent)
+    if (auto r = n.driver().remove_stored_bitmap(name); !r) return fail(r.error().desc);
+  return b;
+}
+
+}  // namespace blockd::block
