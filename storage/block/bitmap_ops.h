@@ -26,8 +26,8 @@ result<void> check_bitmap(const dirty_bitmap& b, unsigned need);
 result<dirty_bitmap*> find_bitmap(node& n, const std::string& name);
 
 struct bitmap_add_request {
-  std::string name;
-  std::optional<uint64_t> granularity;
+  std::string name{};
+  std::optional<uint64_t> granularity{};
   bool persistent = false;
   bool disabled = false;
 };
