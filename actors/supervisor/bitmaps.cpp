@@ -140,12 +140,15 @@ void supervisor_actor::register_bitmap_commands() {
   // ---- block-dirty-bitmap-merge ---------------------------------------------------------------
   // The sources are gathered into a scratch bitmap shaped like the target, each on its own node's
   // home (a source may live on another iothread), and the target takes the scratch bits last, so
-  // a failure anywhere leaves the target as it was.
+  // a failure anywhere leaves the target as it was. Errors come in QEMU's order: the target's
+  // lookup, then per source its lookup, the target's state (checked with the first source), the
+  // source's state and its size.
   txn_kinds_["block-dirty-bitmap-merge"].build = [this, reply_as, ignore](const boost::json::object& d) {
     struct merge_state {
       std::string node, target;
       std::vector<std::pair<std::string, std::string>> sources;  // (node, name); node empty = the target's
       std::shared_ptr<dirty_bitmap> scratch;
+      std::optional<error> target_refused;  // the target's state check, reported after the first lookup
       bitmap_undo undo;
     };
     auto st = std::make_shared<merge_state>();
@@ -178,14 +181,17 @@ void supervisor_actor::register_bitmap_commands() {
           });
         }
         auto& [src_node, src_name] = st->sources[i];
-        auto merge_src = [st, name = src_name, local = src_node.empty()](block::node& x) {
+        auto merge_src = [st, name = src_name](block::node& x) {
           auto b = block::find_bitmap(x, name);
           if (!b) return command_outcome::failure(b.error());
-          if (auto r = block::check_bitmap(**b, block::need_consistent); !r) return command_outcome::failure(r.error());
+          if (st->target_refused) return command_outcome::failure(*st->target_refused);
+          // A source may be read-only, but not busy (a transaction's remove holds it) nor inconsistent.
+          if (auto r = block::check_bitmap(**b, block::need_allow_ro); !r) return command_outcome::failure(r.error());
           if ((*b)->size() != st->scratch->size())
-            return command_outcome::failure(error("Bitmaps are incompatible and can't be merged"));
+            return command_outcome::failure(error("Bitmaps are of different sizes (destination size is " +
+                                                  std::to_string(st->scratch->size()) + ", source size is " +
+                                                  std::to_string((*b)->size()) + ") and can't be merged"));
           st->scratch->merge_from(**b);
-          (void)local;
           return command_outcome::success();
         };
         node_step(src_node.empty() ? st->node : src_node, merge_src, [step, i, done](command_outcome o) {
@@ -199,6 +205,10 @@ void supervisor_actor::register_bitmap_commands() {
       node_step(st->node, [st](block::node& x) {
         auto b = block::find_bitmap(x, st->target);
         if (!b) return command_outcome::failure(b.error());
+        // QSD 7.2 (and QEMU up to 10.2 at least) crashes on an empty list once the merge would
+        // commit (it frees the backup of a target no source touched); blockd refuses it instead.
+        if (st->sources.empty()) return command_outcome::failure(error("Parameter 'bitmaps' must list at least one bitmap"));
+        if (auto r = block::check_bitmap(**b, block::need_default); !r) st->target_refused = r.error();
         st->scratch = std::make_shared<dirty_bitmap>("", (*b)->granularity(), (*b)->size());
         return command_outcome::success();
       }, [step, done](command_outcome o) {

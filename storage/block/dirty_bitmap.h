@@ -24,8 +24,8 @@ class dirty_bitmap {
   uint64_t granularity() const { return gran_; }
   int64_t size() const { return size_; }
   uint64_t bits() const { return bits_; }
-  // Bytes that are dirty, counted in whole granules (the last one as its real length): QEMU's
-  // "count".
+  // Bytes that are dirty, counted in whole granules (a partial last one as a whole one too):
+  // QEMU's "count".
   int64_t dirty_bytes() const;
   uint64_t dirty_granules() const { return set_count_; }
 
