@@ -299,6 +299,11 @@ CASES += [
              ("block-dirty-bitmap-merge", {"node": "q0", "target": "b", "bitmaps": ["a"]})], 18),
         txn([("block-dirty-bitmap-remove", {"node": "q0", "name": "a"}),
              ("block-dirty-bitmap-merge", {"node": "q0", "target": "a", "bitmaps": ["b"]})], 19),
+        # The target's state is checked after the first source's lookup.
+        txn([("block-dirty-bitmap-remove", {"node": "q0", "name": "a"}),
+             ("block-dirty-bitmap-merge", {"node": "q0", "target": "a", "bitmaps": ["nope", "b"]})], 25),
+        txn([("block-dirty-bitmap-remove", {"node": "q0", "name": "a"}),
+             ("block-dirty-bitmap-merge", {"node": "q0", "target": "a", "bitmaps": ["b", "nope"]})], 26),
         # Left out: [remove a, enable a]. Both refuse the enable (a is busy), but QSD 7.2 then runs the
         # failed enable's abort, which disables a (it never saved the old state), so QSD's rollback is
         # not exact; blockd leaves a recording.
