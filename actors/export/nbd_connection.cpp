@@ -357,12 +357,14 @@ void nbd_connection::dispatch(op* o) {
         if (!o->want_base && !o->want_depth && !any_bitmap)
           return reply_error(o, nbd::e_inval, "no negotiated context selected");
       }
+      // A reply must describe at least one byte (QEMU refuses the request, with its text).
+      if (len == 0) return reply_error(o, nbd::e_inval, "need non-zero length");
       o->pos = q.offset;
       o->end = q.offset + len;
       o->base.clear();
       o->depth.clear();
       // Bitmap contexts alone need nothing from the node: the bitmaps answer at once.
-      if (len == 0 || (!o->want_base && !o->want_depth)) return finish_block_status(o);
+      if (!o->want_base && !o->want_depth) return finish_block_status(o);
       return step_block_status(o);
     }
   }
