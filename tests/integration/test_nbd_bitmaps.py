@@ -428,9 +428,29 @@ def case_concurrent_writes(s):
     return {"final": flat, "sha256": sha, "reads": "several" if rounds >= 3 else rounds}
 
 
+def case_export_on_an_iothread(s):
+    """The export runs on an iothread (its node moves there); a client connected while the node moves
+    back to the main loop keeps reading the bitmap, which keeps recording on the node's new home."""
+    s.ok("object-add", {"qom-type": "iothread", "id": "io1"})
+    s.ok("block-dirty-bitmap-add", {"node": "q0", "name": "b0", "granularity": 4096})
+    s.ok("block-export-add", {"type": "nbd", "id": "e0", "node-name": "q0", "writable": True, "iothread": "io1",
+                              "bitmaps": ["b0"]})
+    h = s.handle(contexts=["qemu:dirty-bitmap:b0"])
+    h.pwrite(b"a" * 4096, 0)
+    first = block_status(h, SIZE, 0)
+    assert [e for _, es in first["qemu:dirty-bitmap:b0"] for e in es] == expected_extents([(0, 4096)], 4096)
+    moved = s.cmd("x-blockdev-set-iothread", {"node-name": "q0", "iothread": None, "force": True})
+    h.pwrite(b"b" * 4096, 3 * M)
+    second = block_status(h, SIZE, 0)
+    assert [e for _, es in second["qemu:dirty-bitmap:b0"] for e in es] == \
+        expected_extents([(0, 4096), (3 * M, 4096)], 4096), second
+    h.shutdown()
+    return {"moved": moved, "first": first, "second": second, "info": s.bitmap_info("q0", "b0")}
+
+
 CASES = [(f.__name__[5:], f) for f in (case_map_and_list, case_meta_context_queries, case_req_one_and_several_contexts,
                                         case_errors, case_busy_while_exported, case_daemon_stops_while_exported,
-                                        case_concurrent_writes)]
+                                        case_concurrent_writes, case_export_on_an_iothread)]
 
 
 # ---- blockd only: what QSD 7.2 cannot do, or does differently by design ---------------------------
