@@ -349,6 +349,15 @@ void define_block(schema& s) {
   s.object("BlockdevSnapshotInternal", "device:str name:str");
   s.command("blockdev-snapshot-internal-sync", "BlockdevSnapshotInternal", "", true);
   s.command("blockdev-snapshot-delete-internal-sync", "device:str *id:str *name:str", "SnapshotInfo");
+  // External snapshots (an overlay on top of a node) and the backing name in an image's header.
+  s.enumeration("NewImageMode", "existing absolute-paths");
+  s.object("BlockdevSnapshotSync",
+           "*device:str *node-name:str snapshot-file:str *snapshot-node-name:str *format:str *mode:NewImageMode");
+  s.command("blockdev-snapshot-sync", "BlockdevSnapshotSync", "", true);
+  s.object("BlockdevSnapshot", "node:str overlay:str");
+  s.command("blockdev-snapshot", "BlockdevSnapshot", "", true);
+  s.command_features("blockdev-snapshot", {"allow-write-only-overlay"});
+  s.command("change-backing-file", "device:str image-node-name:str backing-file:str");
   s.command("block-set-write-threshold", "node-name:str write-threshold:uint64");
   s.command("blockdev-reopen", "options:[BlockdevOptions]");
   s.command("blockdev-set-active", "*node-name:str active:bool");
@@ -449,6 +458,9 @@ void define_transaction(schema& s) {
       {"block-dirty-bitmap-enable", "BlockDirtyBitmap"},
       {"block-dirty-bitmap-disable", "BlockDirtyBitmap"},
       {"block-dirty-bitmap-merge", "BlockDirtyBitmapMerge"},
+      {"blockdev-snapshot", "BlockdevSnapshot"},
+      {"blockdev-snapshot-internal-sync", "BlockdevSnapshotInternal"},
+      {"blockdev-snapshot-sync", "BlockdevSnapshotSync"},
   };
   std::string values;
   std::vector<std::pair<std::string, std::string>> branches;
