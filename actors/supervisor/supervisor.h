@@ -148,6 +148,7 @@ class supervisor_actor : public caf::event_based_actor {
   // nodes stay drained until commit (old reopened read-only) or abort (everything back). The
   // action's state is private to the file, hence the opaque pointer.
   void register_snapshot_commands();
+  void register_export_actions();  // export_actions.cpp: x-block-export-add in transactions
   void snapshot_prepare(std::shared_ptr<void> st, block::action::prepared_fn done);
   void snapshot_link(std::shared_ptr<void> st, block::action::prepared_fn done);
   void snapshot_release(std::shared_ptr<void> st);

@@ -435,10 +435,14 @@ void define_exports(schema& s) {
 void define_bitmaps(schema& s) {
   s.object("BlockDirtyBitmap", "node:str name:str");
   s.alternate("BlockDirtyBitmapOrStr", {"str", "BlockDirtyBitmap"});
-  s.object("BlockDirtyBitmapAdd", "node:str name:str *granularity:uint32 *persistent:bool *disabled:bool");
+  // x-exist-ok and x-missing-ok: blockd's idempotent add and remove for retried checkpoints
+  // (README, "Beyond QSD"); absent, everything is as in QSD.
+  s.object("BlockDirtyBitmapAdd",
+           "node:str name:str *granularity:uint32 *persistent:bool *disabled:bool *x-exist-ok:bool");
   s.command("block-dirty-bitmap-add", "BlockDirtyBitmapAdd", "", true);
-  for (const char* c : {"block-dirty-bitmap-remove", "block-dirty-bitmap-clear", "block-dirty-bitmap-enable",
-                        "block-dirty-bitmap-disable"})
+  s.object("BlockDirtyBitmapRemove", "node:str name:str *x-missing-ok:bool");
+  s.command("block-dirty-bitmap-remove", "BlockDirtyBitmapRemove", "", true);
+  for (const char* c : {"block-dirty-bitmap-clear", "block-dirty-bitmap-enable", "block-dirty-bitmap-disable"})
     s.command(c, "BlockDirtyBitmap", "", true);
   s.object("BlockDirtyBitmapMerge", "node:str target:str bitmaps:[BlockDirtyBitmapOrStr]");
   s.command("block-dirty-bitmap-merge", "BlockDirtyBitmapMerge", "", true);
@@ -453,7 +457,7 @@ void define_transaction(schema& s) {
   std::vector<std::pair<std::string, std::string>> kinds = {
       {"abort", "Abort"},
       {"block-dirty-bitmap-add", "BlockDirtyBitmapAdd"},
-      {"block-dirty-bitmap-remove", "BlockDirtyBitmap"},
+      {"block-dirty-bitmap-remove", "BlockDirtyBitmapRemove"},
       {"block-dirty-bitmap-clear", "BlockDirtyBitmap"},
       {"block-dirty-bitmap-enable", "BlockDirtyBitmap"},
       {"block-dirty-bitmap-disable", "BlockDirtyBitmap"},
@@ -461,6 +465,8 @@ void define_transaction(schema& s) {
       {"blockdev-snapshot", "BlockdevSnapshot"},
       {"blockdev-snapshot-internal-sync", "BlockdevSnapshotInternal"},
       {"blockdev-snapshot-sync", "BlockdevSnapshotSync"},
+      // blockd's extension: an export started with the rest of the list (README, "Beyond QSD").
+      {"x-block-export-add", "BlockExportOptions"},
   };
   std::string values;
   std::vector<std::pair<std::string, std::string>> branches;
