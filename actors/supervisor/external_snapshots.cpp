@@ -73,6 +73,8 @@ boost::json::object supervisor_actor::reopen_options(const block::node& n, bool 
     if (s->child) o[s->role] = s->child->name();
     else if (o.contains(s->role)) o[s->role] = nullptr;
   }
+  o["node-name"] = n.name();
+  o["driver"] = n.settings().driver;
   o["read-only"] = ro;
   return o;
 }

@@ -7,13 +7,27 @@
 
 namespace blockd::block {
 
+namespace {
+// The formats QEMU's image creation (qemu-img create, bdrv_img_create) knows, and those of them
+// whose creation takes a backing file: QEMU's checks are made against these, so a format blockd
+// does not build yet fails as it would in QSD when QSD would fail too.
+bool one_of(const std::string& f, std::initializer_list<const char*> l) {
+  return std::any_of(l.begin(), l.end(), [&](const char* x) { return f == x; });
+}
+bool qemu_creates(const std::string& f) {
+  return one_of(f, {"file", "host_device", "host_cdrom", "raw", "qcow2", "qcow", "qed", "vdi", "vhdx", "vmdk", "vpc",
+                    "parallels", "luks", "nfs", "ssh", "gluster", "rbd", "iscsi"});
+}
+bool qemu_backs(const std::string& f) { return one_of(f, {"qcow2", "qcow", "qed", "vmdk"}); }
+}  // namespace
+
 result<void> check_overlay_format(const std::string& format) {
   const driver_entry* e = find_driver(format);
-  if (!e || e->protocol) return fail("Unknown file format '" + format + "'");
-  // Formats that cannot name a backing file refuse it before anything is created.
-  bool backing = std::find(e->child_roles.begin(), e->child_roles.end(), "backing") != e->child_roles.end();
-  if (!backing) return fail("Backing file not supported for file format '" + format + "'");
-  if (!e->create) return fail("Format driver '" + format + "' does not support image creation");
+  if (!e && !qemu_creates(format)) return fail("Unknown file format '" + format + "'");
+  if (!qemu_creates(format)) return fail("Format driver '" + format + "' does not support image creation");
+  if (!qemu_backs(format)) return fail("Backing file not supported for file format '" + format + "'");
+  if (!e || !e->create)
+    return fail("Format '" + format + "' cannot create overlays in this blockd version (QSD can); use qcow2");
   return {};
 }
 
