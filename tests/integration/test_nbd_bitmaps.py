@@ -570,7 +570,32 @@ def blockd_bitmap_outside_the_graph(s):
     return "ok"
 
 
+def blockd_checkpoint_in_a_transaction(s):
+    """x-block-export-add (a blockd extension) with a bitmap added earlier in the same transaction: the
+    export serves it, busy; when the transaction aborts, the export goes and the bitmap with it."""
+    r = s.cmd("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "q0", "name": "cp1", "disabled": True}},
+        {"type": "x-block-export-add", "data": {"type": "nbd", "id": "e0", "node-name": "q0", "bitmaps": ["cp1"]}}]})
+    assert r == {"return": {}}, r
+    assert s.bitmap_info("q0", "cp1")["busy"] is True
+    h = s.handle(contexts=["qemu:dirty-bitmap:cp1"])
+    assert block_status(h, SIZE, 0) == {"qemu:dirty-bitmap:cp1": [[0, [[SIZE, 0]]]]}
+    h.shutdown()
+    r = s.cmd("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "q0", "name": "cp2", "disabled": True}},
+        {"type": "x-block-export-add", "data": {"type": "nbd", "id": "e1", "node-name": "q0", "name": "n1",
+                                                "bitmaps": ["cp2"]}},
+        {"type": "abort", "data": {}}]})
+    assert r == {"error": "Transaction aborted using Abort action"}, r
+    assert s.bitmap_info("q0", "cp2") is None
+    assert [e["id"] for e in s.ok("query-block-exports")] == ["e0"]
+    s.ok("block-export-del", {"id": "e0"})
+    s.ok("block-dirty-bitmap-remove", {"node": "q0", "name": "cp1"})
+    return "ok"
+
+
 BLOCKD_ONLY = [("blockd_extended_headers", blockd_extended_headers),
+               ("blockd_checkpoint_in_a_transaction", blockd_checkpoint_in_a_transaction),
                ("blockd_bitmap_outside_the_graph", blockd_bitmap_outside_the_graph)]
 BIG = ["--blockdev", "driver=null-co,node-name=big,size=8589934592,read-zeroes=on"]
 
