@@ -6,7 +6,11 @@ must be equal, and each case also checks its own rules, so a run without qemu-st
 something: the dirty extents must be the granules the writes touched (computed here from the writes), REQ_ONE
 gives one extent per context, a bitmap is busy while exported and free after the export goes (deleted, deleted
 with a client connected, nbd-server-stop, daemon exit), and block status read while writes arrive never fails
-and converges to the written granules. Readiness is the daemon's pid file; nothing sleeps.
+and converges to the written granules. blockd alone (QSD 7.2 lacks extended headers and the extension) also
+runs: extended headers (64-bit extents, REQ_ONE, contexts chosen by payload), checkpoint bitmaps exported with
+x-block-export-add in a transaction (and its abort), the README's backup of a frozen point, and the refusal of
+a {node, name} bitmap from outside the exported node's graph. Readiness is the daemon's pid file; nothing
+sleeps.
 
 Needs nbdinfo, qemu-img, qemu-io and python3-libnbd (module 'nbd'; a Python without it re-runs this file with
 /usr/bin/python3); skipped when one is missing."""
@@ -594,7 +598,30 @@ def blockd_checkpoint_in_a_transaction(s):
     return "ok"
 
 
+def blockd_backup_of_a_frozen_point(s):
+    """The README's incremental backup: one transaction freezes q0 under a new overlay, starts the next
+    checkpoint there, stops the previous one and exports the frozen node with it. Guest writes after the
+    transaction land in the new checkpoint only."""
+    s.ok("block-dirty-bitmap-add", {"node": "q0", "name": "cp1"})
+    s.ok("block-export-add", {"type": "nbd", "id": "guest", "node-name": "q0", "writable": True})
+    s.write_pattern()
+    s.ok("transaction", {"actions": [
+        {"type": "blockdev-snapshot-sync", "data": {"node-name": "q0", "snapshot-file": os.path.join(s.tmp, "ov1.qcow2"),
+                                                    "snapshot-node-name": "ov1"}},
+        {"type": "block-dirty-bitmap-add", "data": {"node": "ov1", "name": "cp2"}},
+        {"type": "block-dirty-bitmap-disable", "data": {"node": "q0", "name": "cp1"}},
+        {"type": "x-block-export-add", "data": {"type": "nbd", "id": "backup", "node-name": "q0", "name": "backup",
+                                                "bitmaps": ["cp1"]}}]})
+    run("qemu-io", "-f", "raw", "-c", "write -P 7 12M 4k", s.uri("q0"))  # the guest goes on, on ov1
+    got = parse_map(run("nbdinfo", "--map=qemu:dirty-bitmap:cp1", s.uri("backup")).stdout)
+    assert got == map_lines(expected_extents(writes_of_pattern(), 65536)), got
+    assert s.bitmap_info("ov1", "cp2")["count"] == 65536, s.bitmap_info("ov1", "cp2")
+    assert s.bitmap_info("q0", "cp1")["busy"] is True
+    return "ok"
+
+
 BLOCKD_ONLY = [("blockd_extended_headers", blockd_extended_headers),
+               ("blockd_backup_of_a_frozen_point", blockd_backup_of_a_frozen_point),
                ("blockd_checkpoint_in_a_transaction", blockd_checkpoint_in_a_transaction),
                ("blockd_bitmap_outside_the_graph", blockd_bitmap_outside_the_graph)]
 BIG = ["--blockdev", "driver=null-co,node-name=big,size=8589934592,read-zeroes=on"]
