@@ -296,7 +296,11 @@ void supervisor_actor::block_export_add_async(const boost::json::object& args, r
   bool activates = !n->settings().active && !bool_arg(args, "allow-inactive");
   auto add_here = [&] {
     if (!activates) return export_add_final(args, std::move(reply));
-    if (home_of(n) == home_)
+    // Bitmaps are judged on the active node (an enabled bitmap of a writable node cannot go to a
+    // read-only export): with them, activation comes first wherever the node lives.
+    auto* bm = args.if_contains("bitmaps");
+    bool with_bitmaps = bm && bm->is_array() && !bm->as_array().empty();
+    if (home_of(n) == home_ && !with_bitmaps)
       return with_quiesced_steps({n}, [this, args](reply_fn done) { export_add_final(args, std::move(done)); },
                                  std::move(reply));
     // A node living on another iothread is activated there first (its driver reloads the image at

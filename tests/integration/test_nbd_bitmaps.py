@@ -620,7 +620,22 @@ def blockd_backup_of_a_frozen_point(s):
     return "ok"
 
 
+def blockd_inactive_node(s):
+    """QEMU 10's rules (QSD 7.2 has no blockdev-set-active): an inactive node is not writable, so with
+    allow-inactive a read-only export takes its enabled bitmap; without it the export activates the node
+    first, and the same bitmap is then refused."""
+    s.ok("block-dirty-bitmap-add", {"node": "q0", "name": "b0"})
+    s.ok("blockdev-set-active", {"node-name": "q0", "active": False})
+    s.ok("block-export-add", {"type": "nbd", "id": "e0", "node-name": "q0", "bitmaps": ["b0"], "allow-inactive": True})
+    s.ok("block-export-del", {"id": "e0"})
+    r = s.cmd("block-export-add", {"type": "nbd", "id": "e1", "node-name": "q0", "bitmaps": ["b0"]})
+    assert r == {"error": "Enabled bitmap 'b0' incompatible with readonly export"}, r
+    assert s.bitmap_info("q0", "b0")["busy"] is False
+    return "ok"
+
+
 BLOCKD_ONLY = [("blockd_extended_headers", blockd_extended_headers),
+               ("blockd_inactive_node", blockd_inactive_node),
                ("blockd_backup_of_a_frozen_point", blockd_backup_of_a_frozen_point),
                ("blockd_checkpoint_in_a_transaction", blockd_checkpoint_in_a_transaction),
                ("blockd_bitmap_outside_the_graph", blockd_bitmap_outside_the_graph)]
