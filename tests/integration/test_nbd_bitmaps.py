@@ -306,6 +306,13 @@ def case_errors(s):
     assert texts[10] == "Bitmap 'dis' is currently in use by another operation and cannot be used", texts
     out.append(["busy", {b: s.bitmap_info("q0", b)["busy"] for b in ("en", "dis")}])
     assert out[-1][1] == {"en": True, "dis": True}, out[-1]
+    # The deprecated form, end to end: export, busy, removed, free.
+    s.ok("block-dirty-bitmap-add", {"node": "q0", "name": "srv", "disabled": True})
+    out.append(["nbd-server-add", s.cmd("nbd-server-add", {"device": "q0", "bitmap": "srv"})])
+    out.append(["srv busy", s.bitmap_info("q0", "srv")["busy"]])
+    out.append(["nbd-server-remove", s.cmd("nbd-server-remove", {"name": "q0"})])
+    out.append(["srv after", s.bitmap_info("q0", "srv")["busy"]])
+    assert out[-4][1] == {"return": {}} and out[-3][1] is True and out[-1][1] is False, out[-4:]
     return out
 
 
