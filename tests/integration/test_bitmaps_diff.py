@@ -196,12 +196,10 @@ CASES = [
         sha("r0", "g", 5), ex("block_resize", {"node-name": "r0", "size": 1 * MiB}, 6), snap("shrunk"),
         sha("r0", "a", 7), ex("block_resize", {"node-name": "r0", "size": 2 * MiB}, 8), snap("regrown"),
         sha("r0", "g", 9)]),
-    # Left out, blockd differs from QSD 7.2 outside the bitmap files:
-    #  * persistent bitmaps on qcow2 (QSD accepts them and stores them at close; blockd's qcow2 driver does not
-    #    store bitmaps and answers "Can't store persistent bitmaps to q0: Operation not supported"), so also
-    #    read-only and inconsistent bitmaps (loaded from an image) cannot be produced in blockd;
-    #  * block-export-add with "bitmaps" (QSD exports the bitmap and marks it busy; blockd answers "Bitmap 'a'
-    #    is not found"), so busy bitmaps cannot be produced in blockd either.
+    # Left out, blockd differs from QSD 7.2 outside the bitmap files: persistent bitmaps on qcow2 (QSD accepts
+    # them and stores them at close; blockd's qcow2 driver does not store bitmaps and answers "Can't store
+    # persistent bitmaps to q0: Operation not supported"), so read-only and inconsistent bitmaps (loaded from
+    # an image) cannot be produced in blockd either.
     ("bitmaps follow a node's deletion", [
         fmt_node("r0", "raw", "raw.img"), add("r0", "a", 1), ex("blockdev-del", {"node-name": "r0"}, 2),
         fmt_node("r0", "raw", "raw.img"), snap("fresh"), sha("r0", "a", 3)]),
@@ -248,6 +246,32 @@ CASES += [
         ex("block-dirty-bitmap-merge", {"node": "q0", "target": "t", "bitmaps": [{"node": "q0"}]}, 25),
         ex("block-dirty-bitmap-merge", {"node": "q0", "target": "t", "bitmaps": [{"name": "s1", "x": 1}]}, 26),
         merge("q0", "s1", ["t"], 27), sha("q0", "s1", 28), snap("end")]),
+]
+
+def bexport(id, name, bitmaps, n=None, writable=False):
+    return ex("block-export-add", {"type": "nbd", "id": id, "node-name": "q0", "name": name, "writable": writable,
+                                   "bitmaps": bitmaps}, n)
+
+
+# An NBD export of a bitmap holds it busy until the export goes.
+CASES += [
+    ("busy: bitmaps an export holds", BASE + [
+        add("q0", "a", 1), add("q0", "b", 2, disabled=True), add("q0", "t", 3), add("r0", "c", 4),
+        bexport("eb", "qb", ["a"], 5), bexport("eb", "qb", ["nope"], 6),
+        bexport("eb", "qb", [{"node": "q0", "name": "nope"}], 7), bexport("eb", "qb", [{"node": "nope", "name": "a"}], 8),
+        bexport("eb", "qb", ["c"], 9), bexport("eb", "qb", ["a", {"node": "q0", "name": "b"}], 10, writable=True),
+        snap("busy"), bexport("eb2", "qb2", ["b"], 11), bexport("eb2", "qb2", [{"node": "q0", "name": "a"}], 12, True),
+        bm("clear", "q0", "a", 13), bm("enable", "q0", "b", 14), bm("disable", "q0", "a", 15),
+        bm("remove", "q0", "a", 16), merge("q0", "a", ["t"], 17), merge("q0", "t", ["a"], 18),
+        merge("q0", "t", [{"node": "q0", "name": "b"}], 19), merge("q0", "t", ["nope", "a"], 20),
+        write("q0", 0, 4096), snap("written"), sha("q0", "a", 21), sha("q0", "b", 22),
+        txn([("block-dirty-bitmap-clear", {"node": "q0", "name": "t"}),
+             ("block-dirty-bitmap-clear", {"node": "q0", "name": "a"})], 23),
+        txn([("block-dirty-bitmap-add", {"node": "q0", "name": "n"}),
+             ("block-dirty-bitmap-remove", {"node": "q0", "name": "b"})], 24),
+        snap("after"), same("written", "after"),
+        ex("block-export-del", {"id": "eb"}, 25), wait_event("BLOCK_EXPORT_DELETED"), snap("released"),
+        bm("remove", "q0", "a", 26), bm("enable", "q0", "b", 27), snap("end")]),
 ]
 
 # Transactions: an abort (or a failing action) anywhere undoes every bitmap action before it.
