@@ -40,6 +40,7 @@ void supervisor_actor::register_bitmap_commands() {
     if (auto* g = d.if_contains("granularity")) req.granularity = g->to_number<uint64_t>();
     if (auto* p = d.if_contains("persistent")) req.persistent = p->as_bool();
     if (auto* x = d.if_contains("disabled")) req.disabled = x->as_bool();
+    if (auto* x = d.if_contains("x-exist-ok")) req.exist_ok = x->as_bool();
     std::string node = str(d, "node");
     auto a = std::make_unique<step_lambda_action>();
     auto added = std::make_shared<std::string>();  // the node it went to, once added
@@ -48,9 +49,10 @@ void supervisor_actor::register_bitmap_commands() {
       auto n = graph_->lookup(&node, &node);
       if (!n) return done(std::unexpected<error>(n.error()));
       run_on_node(*n, [req, added](block::node& x) {
-        auto r = block::add_bitmap(x, req);
+        bool made = false;
+        auto r = block::add_bitmap(x, req, &made);
         if (!r) return command_outcome::failure(r.error());
-        *added = x.name();
+        if (made) *added = x.name();  // an existing one (x-exist-ok) is not undone
         return command_outcome::success();
       }, reply_as(done));
     };
@@ -67,9 +69,13 @@ void supervisor_actor::register_bitmap_commands() {
   // ---- block-dirty-bitmap-remove: the stored copy goes in prepare, the bitmap at commit -------
   txn_kinds_["block-dirty-bitmap-remove"].build = [this, reply_as, ignore](const boost::json::object& d) {
     std::string node = str(d, "node"), name = str(d, "name");
+    auto* mo = d.if_contains("x-missing-ok");
+    bool missing_ok = mo && mo->as_bool();
     auto a = std::make_unique<step_lambda_action>();
-    a->on_prepare = [this, node, name, reply_as](prepared_fn done) {
-      node_step(node, [name](block::node& x) {
+    a->on_prepare = [this, node, name, missing_ok, reply_as](prepared_fn done) {
+      node_step(node, [name, missing_ok](block::node& x) {
+        // x-missing-ok (a blockd extension): a bitmap already gone is what a retry wants.
+        if (missing_ok && !x.bitmaps().find(name)) return command_outcome::success();
         auto b = block::prepare_remove(x, name);
         if (!b) return command_outcome::failure(b.error());
         // Until the transaction ends nothing else may use it, and a close would not store it.

@@ -25,7 +25,9 @@ void supervisor_actor::register_block_commands() {
     blockdev_del(node, std::move(reply));
   });
   commands_.add("block_resize", [this](args_t& a, reply_fn r) { block_resize(a, std::move(r)); });
-  commands_.add("blockdev-snapshot-internal-sync", [this](args_t& a, reply_fn r) { snapshot_internal(a, std::move(r)); });
+  txn_kinds_["blockdev-snapshot-internal-sync"].build = [this](const args_t& d) { return internal_snapshot_action(d); };
+  commands_.add("blockdev-snapshot-internal-sync",
+                [this](args_t& a, reply_fn r) { run_one("blockdev-snapshot-internal-sync", a, std::move(r)); });
   commands_.add("blockdev-snapshot-delete-internal-sync",
                 [this](args_t& a, reply_fn r) { snapshot_delete_internal(a, std::move(r)); });
   commands_.add("blockdev-reopen", [this](args_t& a, reply_fn r) { blockdev_reopen(a, std::move(r)); });

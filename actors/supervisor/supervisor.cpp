@@ -195,6 +195,8 @@ void supervisor_actor::register_commands() {
   register_object_commands();  // objects.cpp
   register_chardev_commands(); // chardevs.cpp
   register_bitmap_commands();  // bitmaps.cpp
+  register_snapshot_commands();  // external_snapshots.cpp, snapshots.cpp
+  register_export_actions();     // export_actions.cpp
   register_transaction_commands();  // transaction.cpp (last: checks every action kind has a builder)
   commands_.add("quit", [this](boost::json::object&, reply_fn reply) {
     // QSD cancels and dismisses its jobs before it answers (their events come first). Waiting for

@@ -73,7 +73,7 @@ class supervisor_actor : public caf::event_based_actor {
   void blockdev_add_async(const boost::json::object& args, reply_fn reply);
   void blockdev_del(const std::string& name, reply_fn reply);
   void block_resize(const boost::json::object& args, reply_fn reply);
-  void snapshot_internal(const boost::json::object& args, reply_fn reply);         // snapshots.cpp
+  std::unique_ptr<block::action> internal_snapshot_action(const boost::json::object& args);  // snapshots.cpp
   void snapshot_delete_internal(const boost::json::object& args, reply_fn reply);  // snapshots.cpp
   command_outcome set_write_threshold(const boost::json::object& args);
   // Runs `fn` with `nodes` quiesced (nothing in flight, new requests held), then resumes them (on
@@ -142,6 +142,22 @@ class supervisor_actor : public caf::event_based_actor {
   void node_step(const std::string& name, node_fn fn, std::function<void(command_outcome)> then);
   // ---- dirty bitmaps (bitmaps.cpp) ------------------------------------------------------------
   void register_bitmap_commands();
+  // ---- external snapshots (external_snapshots.cpp) --------------------------------------------
+  // blockdev-snapshot(-sync) as actions: prepare checks, opens an overlay (-sync), parks the old
+  // node's export clients and drains both nodes, then links the overlay above the old node; the
+  // nodes stay drained until commit (old reopened read-only) or abort (everything back). The
+  // action's state is private to the file, hence the opaque pointer.
+  void register_snapshot_commands();
+  void register_export_actions();  // export_actions.cpp: x-block-export-add in transactions
+  void snapshot_prepare(std::shared_ptr<void> st, block::action::prepared_fn done);
+  void snapshot_link(std::shared_ptr<void> st, block::action::prepared_fn done);
+  void snapshot_release(std::shared_ptr<void> st);
+  void snapshot_commit(std::shared_ptr<void> st, std::function<void()> done);
+  void snapshot_abort(std::shared_ptr<void> st, std::function<void()> done);
+  void change_backing_file(const boost::json::object& args, reply_fn reply);
+  // A blockdev-reopen of `n` that changes read-only and nothing else.
+  boost::json::object reopen_options(const block::node& n, bool ro) const;
+  void reopen_read_only(block::node* n, bool ro, reply_fn done);
 
   // ---- objects and QOM (objects.cpp) ----------------------------------------------------------
   qom::type_registry types_;          // the built-in types with this supervisor's live factories

@@ -156,6 +156,7 @@ class qcow2_driver final : public block_driver {
   bool supports_snapshots() const override { return true; }
   result<std::unique_ptr<reopen_state>> reopen_prepare(const reopen_args& a, std::vector<std::string>& consumed) override;
   result<void> snapshot_create(const std::string& name, int64_t date_sec, int64_t date_nsec) override;
+  result<void> change_backing_file(const std::string& file, const std::string& format) override;
   result<boost::json::object> snapshot_delete(const std::string* id, const std::string* name) override;
   bool stores_bitmaps() const override { return true; }
   result<void> can_store_bitmap(const std::string& name, uint64_t granularity) override;

@@ -27,8 +27,19 @@ uint64_t default_granularity(const node& n) {
   return uint64_t(std::clamp<int64_t>(cs, 4096, 65536));
 }
 
-result<dirty_bitmap*> add_bitmap(node& n, const bitmap_add_request& a) {
+result<dirty_bitmap*> add_bitmap(node& n, const bitmap_add_request& a, bool* added_now) {
+  if (added_now) *added_now = false;
   uint64_t g = a.granularity ? *a.granularity : default_granularity(n);
+  if (dirty_bitmap* have = a.exist_ok ? n.bitmaps().find(a.name) : nullptr) {
+    if (have->granularity() == g && have->persistent == a.persistent && have->enabled == !a.disabled &&
+        !have->inconsistent)
+      return have;
+    auto yes = [](bool v) { return std::string(v ? "true" : "false"); };
+    return fail("Bitmap '" + a.name + "' already exists on node '" + n.name() + "' with other settings (granularity " +
+                std::to_string(have->granularity()) + ", persistent " + yes(have->persistent) + ", recording " +
+                yes(have->enabled) + ", inconsistent " + yes(have->inconsistent) +
+                "); remove it first or ask for the same settings");
+  }
   if (a.granularity && (g < bitmap_min_granularity || !std::has_single_bit(g)))
     return fail("Granularity must be power of 2 and at least 512");
   if (a.persistent) {
@@ -43,6 +54,7 @@ result<dirty_bitmap*> add_bitmap(node& n, const bitmap_add_request& a) {
   b->persistent = a.persistent;
   dirty_bitmap& added = n.bitmaps().add(std::move(b));
   n.sync_bitmap_hook();
+  if (added_now) *added_now = true;
   return &added;
 }
 

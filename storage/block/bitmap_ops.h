@@ -30,10 +30,15 @@ struct bitmap_add_request {
   std::optional<uint64_t> granularity{};
   bool persistent = false;
   bool disabled = false;
+  // x-exist-ok (a blockd extension): a bitmap of that name with the same settings is success and
+  // nothing changes, so a backup tool may retry a checkpoint that may or may not have been made.
+  bool exist_ok = false;
 };
 // block-dirty-bitmap-add after the node was found: granularity, persistence (asks the driver),
 // name; on success the bitmap is in the set, newest first, and recording unless disabled.
-result<dirty_bitmap*> add_bitmap(node& n, const bitmap_add_request& a);
+// With exist_ok, an existing bitmap with the same settings is returned unchanged and `added` is
+// false; one with other settings is refused naming them.
+result<dirty_bitmap*> add_bitmap(node& n, const bitmap_add_request& a, bool* added = nullptr);
 // The default granularity for `n`: its cluster size within [4 KiB, 64 KiB], else 64 KiB.
 uint64_t default_granularity(const node& n);
 // Takes `name` out of the set (the caller checked it may); the node stops recording for it.

@@ -159,6 +159,20 @@ class checked_driver final : public block_driver, private io_waiter {
     drained("snapshot_delete");
     return inner_->snapshot_delete(id, name);
   }
+  result<void> change_backing_file(const std::string& file, const std::string& format) override {
+    check_home("change_backing_file");
+    drained("change_backing_file");
+    return inner_->change_backing_file(file, format);
+  }
+  bool stores_bitmaps() const override { return inner_->stores_bitmaps(); }
+  result<void> can_store_bitmap(const std::string& name, uint64_t granularity) override {
+    check_home("can_store_bitmap");
+    return inner_->can_store_bitmap(name, granularity);
+  }
+  result<void> remove_stored_bitmap(const std::string& name) override {
+    check_home("remove_stored_bitmap");
+    return inner_->remove_stored_bitmap(name);
+  }
   void close() override {
     check_home("close");
     drained("close");

@@ -158,6 +158,14 @@ class block_driver {
     return fail("internal snapshots are not supported by this driver");
   }
 
+  // change-backing-file: the backing file name (and format) the image's header records, nothing
+  // else; the node keeps the backing child it has. Home thread, node drained, image writable.
+  virtual result<void> change_backing_file(const std::string& file, const std::string& format) {
+    (void)file;
+    (void)format;
+    return fail("Operation not supported");
+  }
+
   // Persistent dirty bitmaps (formats that keep them in the image: qcow2). The driver is opened
   // with its node's bitmap set (open_args::bitmaps): it loads the stored bitmaps into it at open
   // and writes the persistent ones back at close, inactivation and a reopen to read-only (the

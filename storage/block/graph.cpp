@@ -664,6 +664,9 @@ boost::json::object graph::full_options(const node& n) const {
       }
     if (!child) o[kv.key()] = kv.value();
   }
+  // A child the options do not name (a backing file an external snapshot attached).
+  for (child_edge* edge : n.children())
+    if (!o.contains(edge->role)) o[edge->role] = full_options(*edge->child);
   return o;
 }
 
@@ -689,23 +692,30 @@ std::string graph::filename(const node& n) const {
     std::string_view k = kv.key();
     if (k == e->child_roles.front()) continue;
     if (std::find(e->runtime_options.begin(), e->runtime_options.end(), k) != e->runtime_options.end()) continue;
-    if (k == "backing" && e->backing_from_image) {
-      // An explicit backing keeps the plain name only when it is what the image names anyway.
-      // The facts the node's home published: this may run on another thread.
-      auto published = n.facts();
-      const image_facts& f = *published;
-      if (kv.value().is_null()) {
-        plain = f.backing_filename.empty();
-        continue;
-      }
-      const node* b = nullptr;
-      for (child_edge* edge : n.children())
-        if (edge->role == "backing") b = edge->child;
-      // Compared as the image spells it: a relative name never equals a node's full filename.
-      plain = b && !f.backing_filename.empty() && filename(*b) == f.backing_filename;
-      continue;
-    }
+    if (k == "backing" && e->backing_from_image) continue;  // judged below, from the graph
     plain = false;
+  }
+  if (plain && e->backing_from_image) {
+    // The backing the node has now (an explicit one, or one a snapshot attached) keeps the plain
+    // name only when it is what the image names; no backing only when the image names none. The
+    // facts are those the node's home published: this may run on another thread.
+    auto published = n.facts();
+    const image_facts& f = *published;
+    const node* b = nullptr;
+    for (child_edge* edge : n.children())
+      if (edge->role == "backing") b = edge->child;
+    auto* given = own.if_contains("backing");
+    // Compared as the image spells it: a relative name never equals a node's full filename.
+    bool matches = b && !f.backing_filename.empty() && filename(*b) == f.backing_filename;
+    if (!given) {
+      // The image's own backing file (opened from its name), unless a snapshot attached one to an
+      // image that names none.
+      plain = !(b && f.backing_filename.empty());
+    } else if (given->is_null()) {
+      plain = b ? matches : f.backing_filename.empty();
+    } else {
+      plain = matches;
+    }
   }
   if (plain) {
     std::string child = filename(*file);

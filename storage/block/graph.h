@@ -159,6 +159,9 @@ class graph {
   // `below`; removing it gives them back to its child and closes it if nothing else holds it.
   result<void> insert_filter(node& filter, node& below);
   result<void> remove_filter(node& filter);
+  // Closes those of `candidates` that nothing uses and the monitor did not add (the overlay a
+  // blockdev-snapshot-sync opened over a node nobody used), with the inline children only they held.
+  void release_unused(std::vector<node*> candidates) { collect(std::move(candidates)); }
 
   // Permissions, two-phase over the affected subgraph (the seeds and everything below them):
   // compute what every node and edge would take, check every pair of users of every node and ask
