@@ -205,6 +205,8 @@ void supervisor_actor::register_bitmap_commands() {
       node_step(st->node, [st](block::node& x) {
         auto b = block::find_bitmap(x, st->target);
         if (!b) return command_outcome::failure(b.error());
+        // The target is judged before any source, as QEMU does (its error wins over theirs).
+        if (auto r = block::check_bitmap(**b, block::need_default); !r) return command_outcome::failure(r.error());
         st->scratch = std::make_shared<dirty_bitmap>("", (*b)->granularity(), (*b)->size());
         return command_outcome::success();
       }, [step, done](command_outcome o) {

@@ -287,7 +287,7 @@ void write_at(node& n, int64_t off, int64_t len) {
   free(buf);
 }
 
-bool clean(const std::string& img) { return qcow2::shell_ok("qemu-img check -q " + img); }
+bool clean(const std::string& img) { return qcow2::shell_ok("qemu-img check -U -q " + img); }
 
 TEST(qcow2_bitmaps, load_record_store_and_remove) {
   if (!test::have_qemu_tools()) GTEST_SKIP() << "qemu-img/qemu-io not installed";
