@@ -309,6 +309,54 @@ def test_reopen_read_only_stores(blockd, tmp):
     check_clean(img)
 
 
+def test_inactivation_stores_and_activation_loads(blockd, tmp):
+    img = os.path.join(tmp, "a.qcow2")
+    qimg("create", "-q", "-f", "qcow2", img, "16M")
+    qimg("bitmap", "--add", img, "b1")
+    o = Open(blockd, tmp, img, nbd=True)
+    o.ok("block-dirty-bitmap-add", {"node": "d0", "name": "mem"})  # not persistent: stays in the node
+    o.nbd_write("write 0 64k", "write 8M 4k")
+    before = o.view()
+    o.ok("block-export-del", {"id": "e0"})
+    o.ok("blockdev-set-active", {"node-name": "d0", "active": False})
+    # The image holds the persistent bitmap now, stored and consistent; the node keeps only its own.
+    assert stored(img) == [{"flags": ["auto"], "name": "b1", "granularity": 65536}], stored(img)
+    check_clean(img)
+    assert [b["name"] for b in o.node().get("dirty-bitmaps", [])] == ["mem"], o.node()
+    assert view_of(QSD, tmp, img, name="qi")["sha256"] == {"b1": before["sha256"]["b1"]}
+    o.ok("blockdev-set-active", {"node-name": "d0", "active": True})
+    assert stored(img)[0]["flags"] == ["in-use", "auto"], stored(img)
+    after = o.view()
+    assert after["sha256"] == before["sha256"], (before, after)
+    assert [b["name"] for b in after["dirty-bitmaps"]] == ["b1", "mem"], after
+    o.quit()
+    check_clean(img)
+
+
+def test_refcount_rebuild_counts_bitmap_clusters(blockd, tmp):
+    # Lazy refcounts: a killed writer leaves the dirty bit, and the next read-write open rebuilds every
+    # refcount; the bitmap directory, tables and data must be counted or they would be freed (and reused).
+    img = os.path.join(tmp, "lazy.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "16M")
+    qimg("bitmap", "--add", "-g", "512", img, "fine")
+    qimg("bitmap", "--add", img, "coarse")
+    subprocess.run(["qemu-io", "-f", "qcow2", img, "-c", "write 0 2M"], check=True, capture_output=True)
+    o = Open(blockd, tmp, img, nbd=True)
+    o.nbd_write("write 4M 1M", "write 10M 64k")
+    o.stop(signal.SIGKILL)
+    assert json.loads(qimg("info", "-U", "--output=json", img).stdout)["dirty-flag"], "no refcount rebuild to test"
+    o = Open(blockd, tmp, img, nbd=True, name="again")
+    o.nbd_write("write 12M 3M")  # allocates: would land on bitmap clusters a bad rebuild freed
+    o.ok("block-dirty-bitmap-remove", {"node": "d0", "name": "coarse"})
+    o.ok("block-dirty-bitmap-add", {"node": "d0", "name": "new", "persistent": True, "granularity": 512})
+    o.nbd_write("write 1M 4k")
+    o.quit()
+    check_clean(img)
+    got = {b["name"]: b["flags"] for b in stored(img)}
+    assert got == {"fine": ["in-use", "auto"], "new": ["auto"]}, got
+    assert view_of(QSD, tmp, img, name="ql")["dirty-bitmaps"] == view_of(blockd, tmp, img, name="bl")["dirty-bitmaps"]
+
+
 def test_errors_match_qsd(blockd, tmp):
     v2 = os.path.join(tmp, "v2.qcow2")
     qimg("create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, "16M")
@@ -528,7 +576,8 @@ def main():
             return 77
     tests = [test_qemu_bitmaps_load_like_qsd, test_blockd_bitmaps_read_by_qemu,
              test_qemu_img_operations_on_blockd_images, test_sigkill_leaves_bitmaps_in_use,
-             test_sigterm_and_quit_store, test_reopen_read_only_stores, test_errors_match_qsd,
+             test_sigterm_and_quit_store, test_reopen_read_only_stores, test_inactivation_stores_and_activation_loads,
+             test_refcount_rebuild_counts_bitmap_clusters, test_errors_match_qsd,
              test_hostile_directories_fail_like_qemu, test_sigkill_trials]
     start = time.monotonic()
     for t in tests:
