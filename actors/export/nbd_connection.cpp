@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "actors/node/node_actor.h"
+#include "protocol/nbd/bitmap_extents.h"
 #include "protocol/nbd/wire.h"
 
 namespace blockd {
@@ -50,6 +51,7 @@ struct nbd_connection::op {
   // block status
   uint64_t pos = 0, end = 0;
   bool want_base = false, want_depth = false;
+  std::vector<uint8_t> want_bitmaps;  // per exported bitmap: its context is asked for
   std::vector<nbd::extent> base, depth;
 
   ~op() { std::free(buf); }
@@ -326,6 +328,8 @@ void nbd_connection::dispatch(op* o) {
       if (s_.contexts.count() == 0) return reply_error(o, nbd::e_inval, "CMD_BLOCK_STATUS not negotiated");
       o->want_base = s_.contexts.base_allocation;
       o->want_depth = s_.contexts.allocation_depth;
+      o->want_bitmaps.assign(s_.contexts.bitmaps.begin(), s_.contexts.bitmaps.end());
+      o->want_bitmaps.resize(s_.bitmaps.size(), 0);  // the handshake offered exactly these
       uint64_t len = q.length;
       if (s_.xs.mode == nbd::reply_mode::extended && (q.flags & nbd::cf_payload_len)) {
         nbd::block_status_payload p;
@@ -334,20 +338,33 @@ void nbd_connection::dispatch(op* o) {
         len = p.effect_length;
         if (q.offset > s_.xs.size || len > s_.xs.size - q.offset)
           return reply_error(o, nbd::e_inval, "operation past EOF");
+        // The client names the negotiated contexts it wants this time.
         bool b = false, d = false;
+        std::vector<uint8_t> chosen(o->want_bitmaps.size(), 0);
         for (uint32_t id : p.ids) {
           b = b || id == nbd::meta_id_base_allocation;
           d = d || id == nbd::meta_id_allocation_depth;
+          if (id >= nbd::meta_id_dirty_bitmap && id - nbd::meta_id_dirty_bitmap < chosen.size())
+            chosen[id - nbd::meta_id_dirty_bitmap] = 1;
         }
         o->want_base = o->want_base && b;
         o->want_depth = o->want_depth && d;
-        if (!o->want_base && !o->want_depth) return reply_error(o, nbd::e_inval, "no negotiated context selected");
+        bool any_bitmap = false;
+        for (size_t i = 0; i < chosen.size(); ++i) {
+          o->want_bitmaps[i] = o->want_bitmaps[i] && chosen[i];
+          any_bitmap = any_bitmap || o->want_bitmaps[i];
+        }
+        if (!o->want_base && !o->want_depth && !any_bitmap)
+          return reply_error(o, nbd::e_inval, "no negotiated context selected");
       }
+      // A reply must describe at least one byte (QEMU refuses the request, with its text).
+      if (len == 0) return reply_error(o, nbd::e_inval, "need non-zero length");
       o->pos = q.offset;
       o->end = q.offset + len;
       o->base.clear();
       o->depth.clear();
-      if (len == 0) return finish_block_status(o);
+      // Bitmap contexts alone need nothing from the node: the bitmaps answer at once.
+      if (!o->want_base && !o->want_depth) return finish_block_status(o);
       return step_block_status(o);
     }
   }
@@ -357,13 +374,28 @@ void nbd_connection::dispatch(op* o) {
 void nbd_connection::step_block_status(op* o) { submit(o, block::io_op::block_status, o->pos, o->end - o->pos, 0); }
 
 void nbd_connection::finish_block_status(op* o) {
+  // One chunk per context in id order (QEMU's order); the last one carries DONE.
+  size_t left = size_t(o->want_base) + size_t(o->want_depth);
+  for (uint8_t w : o->want_bitmaps) left += w;
   std::string out;
   if (o->want_base)
     nbd::put_block_status(out, s_.xs.mode, o->req.cookie, o->req.offset, nbd::meta_id_base_allocation, o->base,
-                          !o->want_depth);
+                          --left == 0);
   if (o->want_depth)
     nbd::put_block_status(out, s_.xs.mode, o->req.cookie, o->req.offset, nbd::meta_id_allocation_depth, o->depth,
-                          true);
+                          --left == 0);
+  // The bitmaps are read now, on the home where writes dirty them: a write that completed before
+  // this point shows, one still in flight may or may not (as with QEMU).
+  bool one = o->req.flags & nbd::cf_req_one;
+  bool extended = s_.xs.mode == nbd::reply_mode::extended;
+  for (size_t i = 0; i < o->want_bitmaps.size(); ++i) {
+    if (!o->want_bitmaps[i]) continue;
+    bitmap_scratch_.clear();
+    nbd::bitmap_extents(*s_.bitmaps[i], o->req.offset, o->end - o->req.offset, one ? 1 : nbd::max_bitmap_extents,
+                        extended, bitmap_scratch_);
+    nbd::put_block_status(out, s_.xs.mode, o->req.cookie, o->req.offset, nbd::meta_id_dirty_bitmap + uint32_t(i),
+                          bitmap_scratch_, --left == 0);
+  }
   queue_bytes(out);
   put_op(o);
   flush_out();

@@ -16,6 +16,7 @@
 #include "protocol/nbd/handshake.h"
 #include "protocol/nbd/transmission.h"
 #include "protocol/tls/tls.h"
+#include "storage/block/dirty_bitmap.h"
 #include "storage/block/io_request.h"
 #include "storage/io/reactor.h"
 
@@ -28,6 +29,10 @@ struct nbd_client_setup {
   std::string export_id;
   nbd::export_state xs;          // size, read-only, reply mode
   nbd::meta_selection contexts;  // negotiated metadata contexts
+  // The export's dirty bitmaps, in context order (qemu:dirty-bitmap:NAME, ids from 2). They belong
+  // to nodes of the exported node's graph, which shares its home: the connection reads them on
+  // its own thread, where every write that dirties them completes.
+  std::vector<std::shared_ptr<const block::dirty_bitmap>> bitmaps;
   bool writethrough = false;
   bool sparse_reads = false;     // the node answers block status cheaply: holes go out as hole chunks
   std::string pending_out;       // the tail of the handshake not yet sent (ciphertext under TLS)
@@ -76,6 +81,7 @@ class nbd_connection : public caf::event_based_actor, private block::io_waiter {
   void submit(op* o, block::io_op kind, uint64_t off, uint64_t len, uint32_t flags);
   void step_block_status(op* o);
   void finish_block_status(op* o);
+  std::vector<nbd::extent> bitmap_scratch_;  // one bitmap context's extents, reused per reply
   void reply_error(op* o, uint32_t err, const std::string& msg);
   void reply_done(op* o);
   void queue_bytes(const std::string& b);

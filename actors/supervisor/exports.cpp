@@ -10,6 +10,7 @@
 #include "actors/supervisor/supervisor.h"
 #include "config/chardev_spec.h"
 #include "protocol/nbd/wire.h"
+#include "storage/block/bitmap_ops.h"
 
 namespace blockd {
 namespace {
@@ -68,13 +69,7 @@ void supervisor_actor::register_export_types() {
       return command_outcome::failure(error("description '" + description + "' too long"));
     if (catalog_.find(name))
       return command_outcome::failure(error("NBD server already has export named '" + name + "'"));
-    if (auto* bm = args.if_contains("bitmaps"); bm && bm->is_array() && !bm->as_array().empty()) {
-      // No node has dirty bitmaps yet, so every named bitmap is missing (QEMU's text).
-      const auto& b = bm->as_array().front();
-      std::string bname = b.is_string() ? std::string(b.as_string())
-                                        : std::string(b.as_object().at("name").as_string());
-      return command_outcome::failure(error("Bitmap '" + bname + "' is not found"));
-    }
+    // The bitmaps are checked where they live (export_add_final), after everything here.
     return command_outcome::success();
   };
   nbd_type.describe = [this](const boost::json::object& args, block::node& n, export_entry& e) {
@@ -93,6 +88,11 @@ void supervisor_actor::register_export_types() {
     e.view.max_block = lim.max_transfer > 0 ? uint32_t(std::min<int64_t>(lim.max_transfer, nbd::max_buffer_size))
                                             : nbd::max_buffer_size;
     e.view.allocation_depth = bool_arg(args, "allocation-depth");
+    // Each bitmap's context is named after the bitmap, whichever node it was found on.
+    if (auto* bm = args.if_contains("bitmaps"); bm && bm->is_array())
+      for (auto& b : bm->as_array())
+        e.view.bitmaps.push_back(b.is_string() ? std::string(b.as_string())
+                                               : std::string(b.as_object().at("name").as_string()));
     e.sparse_reads = n.driver().caps() & block::cap_block_status;
   };
   export_types_.emplace("nbd", std::move(nbd_type));
@@ -132,7 +132,7 @@ void supervisor_actor::register_export_commands() {
     if (auto* d = a.if_contains("description")) o["description"] = *d;
     if (auto* w = a.if_contains("writable")) o["writable"] = *w;
     if (auto* b = a.if_contains("bitmap")) o["bitmaps"] = boost::json::array{*b};
-    reply(block_export_add(o));
+    block_export_add_async(o, std::move(reply));
   });
   commands_.add_now("query-block-exports", [this](args_t&) {
     boost::json::array out;
@@ -212,7 +212,7 @@ void supervisor_actor::stop_exports(bool server_too, std::function<void()> then)
   one();
 }
 
-command_outcome supervisor_actor::block_export_add(const boost::json::object& args) {
+command_outcome supervisor_actor::export_add_checks(const boost::json::object& args) {
   std::string type(args.at("type").as_string());
   std::string id(args.at("id").as_string());
   std::string node_name(args.at("node-name").as_string());
@@ -237,11 +237,21 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   }
   if (writable && n->settings().read_only)
     return command_outcome::failure(error("Cannot export read-only node as writable"));
+  return ty->second.check(args, *n);
+}
+
+command_outcome supervisor_actor::block_export_add(const boost::json::object& args) {
+  if (auto r = export_add_checks(args); !r.ok) return r;
+  std::string type(args.at("type").as_string());
+  std::string id(args.at("id").as_string());
+  std::string node_name(args.at("node-name").as_string());
+  auto ty = export_types_.find(type);
+  block::node* n = graph_->find(node_name);
+  bool writable = bool_arg(args, "writable");
   export_entry e;
   e.id = id;
   e.type = type;
   e.writable = writable;
-  if (auto r = ty->second.check(args, *n); !r.ok) return r;
   // Without allow-inactive an export activates its node (an image handed over by migration is
   // taken back) and later keeps it active; with it, the node stays as it is and may be inactivated
   // under the export (QEMU 10's rules). The caller has quiesced the node when it is inactive.
@@ -262,7 +272,11 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   e.fixed_iothread = bool_arg(args, "fixed-iothread");
   ty->second.describe(args, *n, e);
   auto reg = std::make_unique<block::lambda_action>();
-  reg->on_commit = [this, e = std::move(e)]() mutable { exports_.push_front(std::move(e)); };
+  reg->on_commit = [this, e = std::move(e)]() mutable {
+    e.bitmaps = std::move(adding_bitmaps_);  // held for it by export_add_final
+    adding_bitmaps_.clear();
+    exports_.push_front(std::move(e));
+  };
   list.push_back(std::move(reg));
   if (auto r = graph_->run(std::move(list)); !r) return command_outcome::failure(r.error());
   return command_outcome::success();
@@ -281,15 +295,22 @@ void supervisor_actor::block_export_add_async(const boost::json::object& args, r
   // Activating a node reloads its image: nothing may be in flight meanwhile.
   bool activates = !n->settings().active && !bool_arg(args, "allow-inactive");
   auto add_here = [&] {
-    if (!activates) return reply(block_export_add(args));
-    if (home_of(n) == home_) return with_quiesced({n}, [this, args] { return block_export_add(args); }, std::move(reply));
+    if (!activates) return export_add_final(args, std::move(reply));
+    // Bitmaps are judged on the active node (an enabled bitmap of a writable node cannot go to a
+    // read-only export): with them, activation comes first wherever the node lives.
+    auto* bm = args.if_contains("bitmaps");
+    bool with_bitmaps = bm && bm->is_array() && !bm->as_array().empty();
+    if (home_of(n) == home_ && !with_bitmaps)
+      return with_quiesced_steps({n}, [this, args](reply_fn done) { export_add_final(args, std::move(done)); },
+                                 std::move(reply));
     // A node living on another iothread is activated there first (its driver reloads the image at
     // home), as QEMU's blk_exp_add activates before the export type's own checks.
     with_quiesced_steps(
         {n},
         [this, n, args](reply_fn done) {
           set_active_steps(n, true, [this, args, done](command_outcome o) {
-            done(o.ok ? block_export_add(args) : std::move(o));
+            if (!o.ok) return done(std::move(o));
+            export_add_final(args, done);
           });
         },
         std::move(reply));
@@ -303,7 +324,78 @@ void supervisor_actor::block_export_add_async(const boost::json::object& args, r
       return reply(command_outcome::failure(error("Cannot change iothread of active block backend")));
     return add_here();
   }
-  move_components({n}, to, [this, args] { return block_export_add(args); }, std::move(reply));
+  // The export is added once its node is there (and its clients of other exports resumed).
+  move_components({n}, to, [] { return command_outcome::success(); },
+                  [this, args, reply = std::move(reply)](command_outcome o) mutable {
+                    if (!o.ok) return reply(std::move(o));
+                    export_add_final(args, std::move(reply));
+                  });
+}
+
+// QEMU's nbd_export_create looks the bitmaps up last, each in order: a plain name on the exported
+// node and down its backing chain, {node, name} on that node. Nodes are resolved here (the graph is
+// this actor's); the bitmaps themselves are looked at, checked and held on the node's home.
+void supervisor_actor::export_add_final(const boost::json::object& args, reply_fn reply) {
+  auto* bm = args.if_contains("bitmaps");
+  if (!bm || !bm->is_array() || bm->as_array().empty()) return reply(block_export_add(args));
+  if (auto r = export_add_checks(args); !r.ok) return reply(std::move(r));
+  block::node* n = graph_->find(std::string(args.at("node-name").as_string()));
+  auto comp = components({n});
+  std::vector<block::export_bitmap_ref> refs;
+  for (auto& v : bm->as_array()) {
+    block::export_bitmap_ref r;
+    if (v.is_string()) {
+      r.name = std::string(v.as_string());
+      for (block::node* x = n; x;) {
+        r.chain.push_back(x);
+        block::child_edge* b = x->slot("backing");
+        x = b ? b->child : nullptr;
+      }
+    } else {
+      const auto& o = v.as_object();
+      r.name = std::string(o.at("name").as_string());
+      std::string owner(o.at("node").as_string());
+      r.owner = graph_->find(owner);
+      if (!r.owner) {
+        r.error = "Node '" + owner + "' not found";
+      } else if (std::find(comp.begin(), comp.end(), r.owner) == comp.end()) {
+        // Connections read their bitmaps on the exported node's home, without locks; a node outside
+        // its graph may live (or later move) elsewhere.
+        r.error = "Bitmap '" + r.name + "' of node '" + owner + "' cannot be exported with node '" + n->name() +
+                  "': the bitmap's node must be in the exported node's graph (its file, backing chain or parents)";
+        r.owner = nullptr;
+      }
+    }
+    refs.push_back(std::move(r));
+  }
+  bool readonly = !bool_arg(args, "writable");
+  auto held = std::make_shared<std::vector<std::shared_ptr<block::dirty_bitmap>>>();
+  run_on_node(
+      n,
+      [refs = std::move(refs), readonly, held](block::node&) {
+        auto r = block::hold_export_bitmaps(refs, readonly);
+        if (!r) return command_outcome::failure(r.error());
+        *held = std::move(*r);
+        return command_outcome::success();
+      },
+      [this, args, n, held, reply = std::move(reply)](command_outcome o) mutable {
+        if (!o.ok) return reply(std::move(o));
+        adding_bitmaps_ = std::move(*held);
+        command_outcome added = block_export_add(args);
+        if (added.ok || adding_bitmaps_.empty()) return reply(std::move(added));
+        // The registration failed after the hold (a refused permission): the bitmaps are let go
+        // before the error is answered, so the next command finds them free.
+        auto list = std::move(adding_bitmaps_);
+        adding_bitmaps_.clear();
+        if (!graph_->alive(n)) return reply(std::move(added));
+        run_on_node(
+            n,
+            [list = std::move(list)](block::node&) {
+              block::release_export_bitmaps(list);
+              return command_outcome::success();
+            },
+            [added = std::move(added), reply = std::move(reply)](command_outcome) mutable { reply(std::move(added)); });
+      });
 }
 
 const supervisor_actor::export_entry* supervisor_actor::pinning_export(const std::vector<block::node*>& nodes) const {
@@ -378,7 +470,33 @@ void supervisor_actor::shutdown_export(const std::string& id, std::function<void
 void supervisor_actor::finish_export(const std::string& id_ref) {
   const std::string id = id_ref;  // the caller's string may live in the entry erased below
   auto* e = find_export(id);
-  if (!e) return;
+  if (!e || e->finishing) return;
+  if (!e->bitmaps.empty()) {
+    // Its bitmaps are free again before the export is gone (QEMU clears busy in the export's
+    // delete, before BLOCK_EXPORT_DELETED), on the home where its clients read them.
+    auto list = std::move(e->bitmaps);
+    e->bitmaps.clear();
+    block::node* n = export_node(*e);
+    if (n && graph_ && graph_->alive(n)) {
+      e->finishing = true;
+      run_on_node(
+          n,
+          [list = std::move(list)](block::node&) {
+            block::release_export_bitmaps(list);
+            return command_outcome::success();
+          },
+          [this, id](command_outcome) {
+            // The rest edits the graph: not while a task of another change may be reading it.
+            when_no_tasks([this, id] {
+              if (auto* x = find_export(id)) {
+                x->finishing = false;
+                finish_export(id);
+              }
+            });
+          });
+      return;
+    }
+  }
   // Export del as an action list: the root goes (its permissions with it), then the entry.
   std::vector<std::unique_ptr<block::action>> list;
   if (block::node* n = export_node(*e)) list.push_back(graph_->detach_user_action(*n, e->root_key));
@@ -431,6 +549,7 @@ void supervisor_actor::start_client(nbd_client_setup s) {
     return;
   }
   s.node = actor_it->second.actor;
+  s.bitmaps.assign(e->bitmaps.begin(), e->bitmaps.end());
   e->serving = node;
   iothread* h = home_of(node);
   uint64_t cid = s.client_id;

@@ -226,6 +226,10 @@ class supervisor_actor : public caf::event_based_actor {
     bool sparse_reads = false;
     bool fixed_iothread = false;  // its node may not move while the export exists
     bool shutting_down = false;
+    bool finishing = false;  // its bitmaps are being released; then it goes
+    // The dirty bitmaps it exports (busy meanwhile), in context order; they live on the exported
+    // node's home and are touched only there.
+    std::vector<std::shared_ptr<block::dirty_bitmap>> bitmaps;
     std::map<uint64_t, caf::actor> clients;
     std::vector<std::function<void()>> on_gone;  // run once the export is deleted
   };
@@ -254,8 +258,15 @@ class supervisor_actor : public caf::event_based_actor {
   uint64_t nbd_client_counter_ = 0;
   void nbd_server_start(const boost::json::object& args, reply_fn reply);
   void nbd_server_stop(reply_fn reply);
+  // The checks of block-export-add that change nothing (shared ones, then the type's own).
+  command_outcome export_add_checks(const boost::json::object& args);
   command_outcome block_export_add(const boost::json::object& args);
   void block_export_add_async(const boost::json::object& args, reply_fn reply);
+  // The last step of an add, once the node is where the export runs: with `bitmaps`, they are
+  // looked up, checked and held at the node's home first, and released again if the add fails.
+  void export_add_final(const boost::json::object& args, reply_fn reply);
+  // Bitmaps held for the export being added; its registration takes them.
+  std::vector<std::shared_ptr<block::dirty_bitmap>> adding_bitmaps_;
   // The export (fixed-iothread) that keeps one of `nodes` where it is, or nullptr.
   const export_entry* pinning_export(const std::vector<block::node*>& nodes) const;
   void block_export_del(const std::string& id, const std::string& mode, reply_fn reply);

@@ -75,4 +75,56 @@ result<dirty_bitmap*> prepare_remove(node& n, const std::string& name) {
   return b;
 }
 
+namespace {
+
+std::shared_ptr<dirty_bitmap> shared_bitmap(const node& n, const std::string& name) {
+  for (auto& b : n.bitmaps().all())
+    if (b->name() == name) return b;
+  return nullptr;
+}
+
+// QEMU's bdrv_is_writable: opened read-write and active.
+bool node_writable(const node& n) { return !n.settings().read_only && n.settings().active; }
+
+}  // namespace
+
+result<std::vector<std::shared_ptr<dirty_bitmap>>> hold_export_bitmaps(const std::vector<export_bitmap_ref>& refs,
+                                                                      bool readonly_export) {
+  std::vector<std::shared_ptr<dirty_bitmap>> found;
+  for (auto& r : refs) {
+    std::shared_ptr<dirty_bitmap> b;
+    if (!r.error.empty()) return fail(r.error);
+    if (!r.owner) {
+      const node* where = nullptr;
+      for (const node* x : r.chain)
+        if ((b = shared_bitmap(*x, r.name))) {
+          where = x;
+          break;
+        }
+      if (!b) return fail("Bitmap '" + r.name + "' is not found");
+      // A read-only export would show a bitmap that changes under its clients (only for the plain
+      // form, as in QEMU).
+      if (readonly_export && node_writable(*where) && b->enabled)
+        return fail("Enabled bitmap '" + r.name + "' incompatible with readonly export");
+    } else {
+      b = shared_bitmap(*r.owner, r.name);
+      if (!b) return fail("Dirty bitmap '" + r.name + "' not found");
+    }
+    if (auto c = check_bitmap(*b, need_allow_ro); !c) return fail(c.error().desc);
+    found.push_back(std::move(b));
+  }
+  // Marked in a second pass, so a failure above leaves nothing to undo; a bitmap listed twice is
+  // held twice (QEMU accepts that too).
+  for (auto& b : found) {
+    ++b->export_users;
+    b->busy = true;
+  }
+  return found;
+}
+
+void release_export_bitmaps(const std::vector<std::shared_ptr<dirty_bitmap>>& held) {
+  for (auto& b : held)
+    if (b->export_users > 0 && --b->export_users == 0) b->busy = false;
+}
+
 }  // namespace blockd::block

@@ -4,6 +4,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "protocol/error.h"
 #include "storage/block/dirty_bitmap.h"
@@ -45,5 +46,24 @@ uint64_t default_granularity(const node& n);
 std::shared_ptr<dirty_bitmap> release_bitmap(node& n, const std::string& name);
 // The first half of block-dirty-bitmap-remove: checks, and the stored copy leaves the image.
 result<dirty_bitmap*> prepare_remove(node& n, const std::string& name);
+
+// ---- bitmaps of an export (QEMU's nbd_export_create) ------------------------------------------
+// One entry of an export's `bitmaps`, as the supervisor resolved it from the graph it owns.
+struct export_bitmap_ref {
+  std::string name;
+  // A plain name: the exported node, then down its backing chain (QEMU's bdrv_filter_or_cow_bs).
+  std::vector<node*> chain;
+  // {node, name}: the bitmap's node, or an error for its turn (the node is missing).
+  node* owner = nullptr;
+  std::string error;
+};
+// Looks every entry up and checks it in order (the first failure wins, QEMU's texts), then marks
+// them all busy: while an export uses a bitmap, nothing else may change or remove it. On failure
+// nothing is marked. Runs on the home of the nodes named (an export's graph shares one).
+result<std::vector<std::shared_ptr<dirty_bitmap>>> hold_export_bitmaps(const std::vector<export_bitmap_ref>& refs,
+                                                                      bool readonly_export);
+// The export is gone (or its add failed after the hold): each bitmap is free again once no export
+// uses it any more. Home of the bitmaps' node.
+void release_export_bitmaps(const std::vector<std::shared_ptr<dirty_bitmap>>& held);
 
 }  // namespace blockd::block

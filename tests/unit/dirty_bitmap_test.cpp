@@ -227,5 +227,51 @@ TEST(write_hook, a_gating_hook_holds_the_write_until_released) {
   EXPECT_EQ(1, h.after);  // a removed hook sees nothing more
 }
 
+TEST(export_bitmaps, lookup_order_checks_and_busy_until_the_last_release) {
+  register_builtin_drivers();
+  null_node t;
+  auto en = add_bitmap(*t.n, {.name = "en"});
+  auto dis = add_bitmap(*t.n, {.name = "dis", .disabled = true});
+  ASSERT_TRUE(en && dis);
+  auto ref = [&](std::string name) {
+    export_bitmap_ref r;
+    r.name = std::move(name);
+    r.chain = {t.n.get()};
+    return r;
+  };
+  // The first entry that fails names the error; nothing is held then.
+  auto r = hold_export_bitmaps({ref("dis"), ref("nope"), ref("en")}, true);
+  ASSERT_FALSE(r);
+  EXPECT_EQ("Bitmap 'nope' is not found", r.error().desc);
+  EXPECT_FALSE((*dis)->busy);
+  r = hold_export_bitmaps({ref("en")}, true);
+  ASSERT_FALSE(r);
+  EXPECT_EQ("Enabled bitmap 'en' incompatible with readonly export", r.error().desc);
+  // {node, name}: no read-only rule; a missing bitmap has the command's text.
+  export_bitmap_ref ext;
+  ext.name = "en";
+  ext.owner = t.n.get();
+  EXPECT_TRUE(hold_export_bitmaps({ext}, true).has_value());
+  EXPECT_TRUE((*en)->busy);
+  ext.name = "gone";
+  EXPECT_EQ("Dirty bitmap 'gone' not found", hold_export_bitmaps({ext}, true).error().desc);
+  // Listed twice in one export: held twice, free after both releases.
+  auto twice = hold_export_bitmaps({ref("dis"), ref("dis")}, true);
+  ASSERT_TRUE(twice);
+  EXPECT_EQ(2, (*dis)->export_users);
+  EXPECT_EQ("Bitmap 'dis' is currently in use by another operation and cannot be used",
+            hold_export_bitmaps({ref("dis")}, false).error().desc);
+  EXPECT_FALSE(prepare_remove(*t.n, "dis").has_value());
+  release_export_bitmaps({(*twice)[0]});
+  EXPECT_TRUE((*dis)->busy);
+  release_export_bitmaps({(*twice)[1]});
+  EXPECT_FALSE((*dis)->busy);
+  EXPECT_TRUE(prepare_remove(*t.n, "dis").has_value());
+  (*en)->inconsistent = true;
+  (*en)->busy = false;
+  (*en)->export_users = 0;
+  EXPECT_EQ("Bitmap 'en' is inconsistent and cannot be used", hold_export_bitmaps({ref("en")}, false).error().desc);
+}
+
 }  // namespace
 }  // namespace blockd::block
