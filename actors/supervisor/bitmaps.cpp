@@ -211,9 +211,11 @@ void supervisor_actor::register_bitmap_commands() {
       node_step(st->node, [st](block::node& x) {
         auto b = block::find_bitmap(x, st->target);
         if (!b) return command_outcome::failure(b.error());
-        // QSD 7.2 (and QEMU up to 10.2 at least) crashes on an empty list once the merge would
+        // QSD 7.2 (and upstream QEMU as read, same code) crashes on an empty list once the merge would
         // commit (it frees the backup of a target no source touched); blockd refuses it instead.
         if (st->sources.empty()) return command_outcome::failure(error("Parameter 'bitmaps' must list at least one bitmap"));
+        // The target is judged before any source's state, but after the first source's lookup (QSD 7.2
+        // answers a missing first source before a busy target).
         if (auto r = block::check_bitmap(**b, block::need_default); !r) st->target_refused = r.error();
         st->scratch = std::make_shared<dirty_bitmap>("", (*b)->granularity(), (*b)->size());
         return command_outcome::success();

@@ -1,4 +1,16 @@
-// The qcow2 driver's class and the helpers its parts share (scatter lists, extents, L2 words); home iothread only. Parts: qcow2_driver.cpp (cache, mapping, refcounts, writeback, locks, corruption), qcow2_io.cpp (reads, writes, zero/discard, flush, block status), qcow2_control.cpp (open, repair, control, snapshots, registration).
+// The qcow2 driver's class and the helpers its parts share (scatter lists, extents, L2 words); home iothread only. Parts: qcow2_cache.cpp (metadata cache, writeback), qcow2_alloc.cpp (refcounts, allocation), qcow2_map.cpp (mapping, L2 tables, cluster locks, corruption), qcow2_io.cpp (reads, writes, zero/discard, flush, block status), qcow2_open.cpp (open, repair), qcow2_control.cpp (close, reopen, facts, registration), qcow2_snapshots.cpp (internal snapshots), qcow2_bitmaps.cpp (persistent dirty bitmaps).
+// Ordering rules that keep a crashed image consistent (at worst leaked clusters):
+//  * a cluster's refcount reaches the disk (and a flush) before any L2 entry naming it is written;
+//  * a new L2 table is written and flushed before the L1 entry naming it;
+//  * a refcount decrement is applied only after the L2 change that dropped the reference is durable
+//    (frees are queued and applied at the end of a writeback), so a freed cluster is never reused
+//    while an old on-disk table still points at it;
+//  * every metadata change and every writeback runs under one coroutine mutex (meta_lock_), so a
+//    writeback sees a consistent set of tables; data I/O never takes it;
+//  * bitmap data, tables and directories follow the same rule: refcounts durable before the header
+//    names them, old clusters freed only once the header no longer does (qcow2_bitmaps.cpp).
+// Guest clusters are locked shared (in-place writes) or exclusive (mapping changes), so a mapping
+// never changes under a write still in flight to the old host cluster.
 #pragma once
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -10,6 +22,7 @@
 #include <chrono>
 #include <cstring>
 
+#include "formats/qcow2/bitmap_dir.h"
 #include "formats/qcow2/qcow2_options.h"
 #include "formats/qcow2/compress.h"
 #include "formats/qcow2/create.h"
@@ -118,7 +131,7 @@ struct l2_words {
 
 class qcow2_driver final : public block_driver {
  public:
-  qcow2_driver(open_args& a) : env_(a.env), node_name_(a.node_name) {
+  qcow2_driver(open_args& a) : env_(a.env), node_name_(a.node_name), bitmaps_(a.bitmaps) {
     meta_lock_.bind(&env_.defer);
     cluster_wait_.bind(&env_.defer);
   }
@@ -145,6 +158,9 @@ class qcow2_driver final : public block_driver {
   result<void> snapshot_create(const std::string& name, int64_t date_sec, int64_t date_nsec) override;
   result<void> change_backing_file(const std::string& file, const std::string& format) override;
   result<boost::json::object> snapshot_delete(const std::string* id, const std::string* name) override;
+  bool stores_bitmaps() const override { return true; }
+  result<void> can_store_bitmap(const std::string& name, uint64_t granularity) override;
+  result<void> remove_stored_bitmap(const std::string& name) override;
 
  private:
   // ---- helpers -----------------------------------------------------------------------------------
@@ -248,6 +264,27 @@ class qcow2_driver final : public block_driver {
   task<int> sync_copied_flags();
   void start_piece(join_state* j, task<int> t);
 
+  // ---- persistent dirty bitmaps (qcow2_bitmaps.cpp) -------------------------------------------------
+  // A directory entry as on disk, with its bitmap table.
+  struct stored_bitmap {
+    bitmap_entry e;
+    std::vector<uint64_t> table;
+  };
+  void set_bitmaps_header(const bitmaps_ext* e);
+  task<int> read_bitmap_directory(std::string& err);
+  std::vector<std::pair<uint64_t, uint64_t>> clusters_of(const stored_bitmap& s) const;
+  void count_bitmap_clusters(const std::function<void(uint64_t, uint64_t)>& add) const;
+  task<int> load_bitmaps(std::string& err);
+  task<int> write_bitmap_directory(std::vector<stored_bitmap> next);
+  task<int> rewrite_bitmap_flags(const std::vector<uint32_t>& flags);
+  task<int> mark_bitmaps_in_use();
+  task<int> guard_new_metadata(uint64_t off, uint64_t len, const char* what);
+  task<int> write_bitmap(const dirty_bitmap& b, stored_bitmap& s);
+  result<void> check_bitmap_constraints(const std::string& name, uint64_t granularity) const;
+  task<int> store_bitmaps(bool release, std::string& err);
+  result<void> check_bitmaps_resizable() const;
+  boost::json::array bitmap_info() const;
+
   // Guest cluster locks: shared for in-place writes, exclusive for mapping changes.
   struct cluster_lock {
     int shared = 0;
@@ -305,6 +342,11 @@ class qcow2_driver final : public block_driver {
   int background_ = 0;  // detached metadata writes (the corrupt mark); close waits for them
   co::wait_list background_done_{&env_.defer};
   aligned_buf compressed_cache_;
+  // The node's bitmaps (open_args::bitmaps), the directory on disk in its order, and the extension.
+  std::shared_ptr<bitmap_set> bitmaps_;
+  std::vector<stored_bitmap> stored_;
+  bitmaps_ext bm_ext_{};
+  bool bitmaps_stale_ = false;  // an extension without the autoclear bit: ignored, dropped when writable
 };
 
 }  // namespace impl

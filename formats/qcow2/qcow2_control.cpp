@@ -1,347 +1,8 @@
-// The qcow2 driver's control path: open (metadata load, refcount rebuild), close, (in)activate, truncate, permissions, facts, reopen, internal snapshots, and its registration; home iothread only.
+// The qcow2 driver's control path: close, (in)activate, truncate, permissions, facts, reopen, and its registration; home iothread only.
 #include "formats/qcow2/driver_impl.h"
 
 namespace blockd::qcow2 {
 namespace impl {
-
-// ---- open ---------------------------------------------------------------------------------------
-
-// Reads [off, off+len) of the image file, rounded out to the file's alignment and cut at its end.
-task<int> qcow2_driver::read_range(uint64_t off, uint64_t len, aligned_buf& out) {
-  uint64_t a = std::max<uint64_t>(align_, 1);
-  uint64_t start = off / a * a;
-  uint64_t end = (off + len + a - 1) / a * a;
-  uint64_t flen = uint64_t(std::max<int64_t>(file_->length(), 0));
-  auto buf = make_buf(end - start);
-  uint64_t rend = std::min(end, flen);
-  if (rend > start) {
-    uint64_t rlen = (rend - start) / a * a;
-    if (rlen) {
-      int r = co_await io(*file_, io_op::read, int64_t(start), int64_t(rlen)).buffer(buf.get());
-      if (r < 0) co_return r;
-    }
-  }
-  if (start != off) std::memmove(buf.get(), buf.get() + (off - start), len);
-  out = std::move(buf);
-  co_return 0;
-}
-
-task<int> qcow2_driver::load_metadata(std::string& err) {
-  uint64_t flen = uint64_t(std::max<int64_t>(file_->length(), 0));
-  aligned_buf first;
-  int r = co_await read_range(0, std::min<uint64_t>(flen, 4096), first);
-  if (r < 0) co_return err = "Could not read qcow2 header: " + std::string(std::strerror(-r)), r;
-  uint32_t cbits = flen >= 24 ? be32(first.get() + 20) : 0;
-  uint64_t want = cbits >= min_cluster_bits && cbits <= max_cluster_bits ? std::min<uint64_t>(flen, uint64_t(1) << cbits)
-                                                                         : std::min<uint64_t>(flen, 4096);
-  if (want > 4096) {
-    r = co_await read_range(0, want, first);
-    if (r < 0) co_return err = "Could not read qcow2 header: " + std::string(std::strerror(-r)), r;
-  }
-  auto h = parse_header(std::span<const uint8_t>(first.get(), std::min<uint64_t>(flen, std::max<uint64_t>(want, 0))), flen);
-  if (!h) co_return err = h.error().desc, -EINVAL;
-  h_ = std::move(*h);
-  cs_ = h_.cluster_size();
-  cbits_ = h_.cluster_bits;
-  l2_bits_ = cbits_ - (ext() ? 4 : 3);
-  rb_entries_ = cs_ * 8 / h_.refcount_bits();
-  if (h_.crypt_method)
-    co_return err = "The qcow2 image is encrypted (" + std::string(h_.crypt_method == 1 ? "aes" : "luks") +
-                    "); blockd does not support encrypted images yet: convert it with qemu-img to an unencrypted one",
-                    -ENOTSUP;
-  if ((h_.incompatible_features & incompat_corrupt) && writable())
-    co_return err = "qcow2: Image is corrupt; cannot be opened read/write", -EACCES;
-  if (h_.l1_size > max_l1_bytes / 8) co_return err = "Active L1 table too large", -EFBIG;
-  if (h_.l1_size < h_.l1_entries_for(h_.size)) co_return err = "L1 table is too small", -EINVAL;
-  if (h_.l1_size && (h_.l1_table_offset & (cs_ - 1))) co_return err = "Invalid L1 table offset", -EINVAL;
-  if (uint64_t(h_.refcount_table_clusters) * cs_ > max_refcount_table_bytes)
-    co_return err = "Reference count table too large", -EINVAL;
-  if (h_.refcount_table_offset & (cs_ - 1) || !h_.refcount_table_clusters)
-    co_return err = "Invalid reference count table offset", -EINVAL;
-  if (h_.nb_snapshots > 65536) co_return err = "Too many snapshots", -EINVAL;
-  if (h_.nb_snapshots && (h_.snapshots_offset & (cs_ - 1))) co_return err = "Invalid snapshot table offset", -EINVAL;
-
-  // Active L1 table.
-  l1_.assign(h_.l1_size, 0);
-  if (h_.l1_size) {
-    if (h_.l1_table_offset + uint64_t(h_.l1_size) * 8 > flen)
-      co_return err = "Active L1 table lies beyond the end of the image file", -EINVAL;
-    aligned_buf b;
-    r = co_await read_range(h_.l1_table_offset, uint64_t(h_.l1_size) * 8, b);
-    if (r < 0) co_return err = "Could not read L1 table: " + std::string(std::strerror(-r)), r;
-    for (uint32_t i = 0; i < h_.l1_size; ++i) {
-      l1_[i] = be64(b.get() + i * 8);
-      auto d = decode_l1(h_, l1_[i]);
-      if (!d.valid) co_return err = "Invalid L1 entry " + std::to_string(i) + ": " + d.why, -EINVAL;
-      if (d.l2_offset && d.l2_offset + cs_ > flen)
-        co_return err = "L2 table of L1 entry " + std::to_string(i) + " lies beyond the end of the image file", -EINVAL;
-    }
-  }
-  // Refcount table.
-  {
-    uint64_t n = uint64_t(h_.refcount_table_clusters) * cs_ / 8;
-    if (h_.refcount_table_offset + n * 8 > flen + cs_)
-      co_return err = "Reference count table lies beyond the end of the image file", -EINVAL;
-    aligned_buf b;
-    r = co_await read_range(h_.refcount_table_offset, n * 8, b);
-    if (r < 0) co_return err = "Could not read refcount table: " + std::string(std::strerror(-r)), r;
-    reftable_.assign(n, 0);
-    for (uint64_t i = 0; i < n; ++i) {
-      reftable_[i] = be64(b.get() + i * 8);
-      uint64_t off = reftable_[i] & offset_mask;
-      if ((reftable_[i] & ~offset_mask) || (off & (cs_ - 1)) || (off && off + cs_ > flen + cs_))
-        co_return err = "Invalid refcount table entry " + std::to_string(i), -EINVAL;
-    }
-  }
-  // Snapshot table: read growing chunks until every entry parses.
-  snapshots_.clear();
-  if (h_.nb_snapshots) {
-    uint64_t len = 65536;
-    for (;;) {
-      uint64_t avail = h_.snapshots_offset < flen ? flen - h_.snapshots_offset : 0;
-      uint64_t take = std::min(len, avail);
-      aligned_buf b;
-      r = co_await read_range(h_.snapshots_offset, take, b);
-      if (r < 0) co_return err = "Could not read snapshot table: " + std::string(std::strerror(-r)), r;
-      auto s = parse_snapshots(b.get(), take, h_.nb_snapshots);
-      if (s) {
-        for (auto& x : *s) {
-          if (uint64_t(x.l1_size) * 8 > max_l1_bytes) co_return err = "Snapshot L1 table too large", -EFBIG;
-          if (x.l1_size && (x.l1_offset & (cs_ - 1) || x.l1_offset + uint64_t(x.l1_size) * 8 > flen))
-            co_return err = "Snapshot L1 table offset invalid", -EINVAL;
-        }
-        snapshots_ = std::move(*s);
-        snapshot_table_bytes_ = serialize_snapshots(snapshots_).size();
-        break;
-      }
-      if (take < len || len >= (64u << 20)) co_return err = s.error().desc, -EINVAL;
-      len *= 4;
-    }
-  }
-  meta_clusters_.clear();
-  for (uint64_t i = 0; i < reftable_.size(); ++i)
-    if (reftable_[i] & offset_mask) meta_clusters_[(reftable_[i] & offset_mask) / cs_] = 'r';
-  for (auto e : l1_)
-    if (e & offset_mask) meta_clusters_[(e & offset_mask) / cs_] = 'l';
-  fresh_end_ = (flen + cs_ - 1) / cs_ * cs_;
-  free_hint_ = 0;
-  co_return 0;
-}
-
-// Rebuilds every refcount from the tables that reference clusters (after a crash with lazy
-// refcounts). The new refcount structures go past everything in use, then the header switches to
-// them; the old ones simply become free space.
-task<int> qcow2_driver::rebuild_refcounts(std::string& err) {
-  uint64_t flen = uint64_t(std::max<int64_t>(file_->length(), 0));
-  uint64_t nclusters = (flen + cs_ - 1) / cs_;
-  std::vector<uint64_t> want(nclusters + 1, 0);
-  bool beyond = false;
-  // Everything counted must lie in the file: a table naming space past its end is corrupt, and
-  // sizing the rebuild by it would let a hostile image ask for any amount of memory.
-  auto add = [&](uint64_t off, uint64_t len) -> bool {
-    if (!len) return true;
-    uint64_t last = (off + len - 1) / cs_;
-    if (off >= flen + cs_ || last >= nclusters + 1) {
-      beyond = true;
-      return false;
-    }
-    for (uint64_t c = off / cs_; c <= last; ++c) ++want[c];
-    return true;
-  };
-  add(0, cs_);
-  if (h_.nb_snapshots) {
-    auto bytes = serialize_snapshots(snapshots_);
-    add(h_.snapshots_offset, bytes.size());
-  }
-  auto walk_l1 = [&](const std::vector<uint64_t>& l1, uint64_t l1_off) -> task<int> {
-    add(l1_off, l1.size() * 8);
-    auto table = make_buf(cs_);
-    for (auto e : l1) {
-      uint64_t l2 = e & offset_mask;
-      if (!l2) continue;
-      add(l2, cs_);
-      int r = co_await io(*file_, io_op::read, int64_t(l2), int64_t(cs_)).buffer(table.get());
-      if (r < 0) co_return r;
-      for (uint64_t i = 0; i < h_.l2_entries(); ++i) {
-        l2_words w;
-        w.entry = be64(table.get() + i * h_.l2_entry_size());
-        if (w.entry & entry_compressed) {
-          auto d = decode_l2(h_, w.entry);
-          uint64_t start = d.m.host_offset & ~uint64_t(511);
-          add(start, d.m.host_offset + d.m.compressed_size - start);
-        } else if ((w.entry & offset_mask) && !h_.has_data_file()) {
-          add(w.entry & offset_mask, cs_);
-        }
-      }
-    }
-    co_return 0;
-  };
-  int r = co_await walk_l1(l1_, h_.l1_table_offset);
-  if (r < 0) co_return err = "Could not rebuild refcounts: " + std::string(std::strerror(-r)), r;
-  for (auto& s : snapshots_) {
-    aligned_buf b;
-    r = co_await read_range(s.l1_offset, uint64_t(s.l1_size) * 8, b);
-    if (r < 0) co_return err = "Could not rebuild refcounts: " + std::string(std::strerror(-r)), r;
-    std::vector<uint64_t> l1(s.l1_size);
-    for (uint32_t i = 0; i < s.l1_size; ++i) l1[i] = be64(b.get() + i * 8);
-    r = co_await walk_l1(l1, s.l1_offset);
-    if (r < 0) co_return err = "Could not rebuild refcounts: " + std::string(std::strerror(-r)), r;
-  }
-  if (beyond) co_return err = "Could not rebuild refcounts: a table points beyond the end of the image file", -EIO;
-  // The new structures' own clusters, placed after the last cluster anything uses.
-  uint64_t used_end = want.size();
-  while (used_end > 1 && want[used_end - 1] == 0) --used_end;
-  uint64_t area = used_end, k = 1, t = 1;
-  for (int i = 0; i < 64; ++i) {
-    uint64_t total = area + k + t;
-    uint64_t k2 = (total + rb_entries_ - 1) / rb_entries_;
-    uint64_t t2 = (k2 * 8 + cs_ - 1) / cs_;
-    if (k2 == k && t2 == t) break;
-    k = k2;
-    t = t2;
-  }
-  if (want.size() < area + k + t) want.resize(area + k + t, 0);
-  for (uint64_t c = area; c < area + k + t; ++c) want[c] = 1;
-  uint64_t max_rc = h_.refcount_bits() >= 64 ? ~0ull : (uint64_t(1) << h_.refcount_bits()) - 1;
-  auto table = make_buf(t * cs_);
-  for (uint64_t i = 0; i < k; ++i) {
-    auto blk = make_buf(cs_);
-    bool any = false;
-    for (uint64_t j = 0; j < rb_entries_; ++j) {
-      uint64_t c = i * rb_entries_ + j;
-      if (c >= want.size() || !want[c]) continue;
-      if (want[c] > max_rc) co_return err = "Could not rebuild refcounts: a refcount overflows refcount-bits", -ERANGE;
-      refcount_set(h_, blk.get(), j, want[c]);
-      any = true;
-    }
-    if (!any) continue;
-    r = co_await io(*file_, io_op::write, int64_t((area + i) * cs_), int64_t(cs_)).buffer(blk.get());
-    if (r < 0) co_return err = "Could not rebuild refcounts: " + std::string(std::strerror(-r)), r;
-    put_be64(table.get() + i * 8, (area + i) * cs_);
-  }
-  r = co_await io(*file_, io_op::write, int64_t((area + k) * cs_), int64_t(t * cs_)).buffer(table.get());
-  if (r >= 0) r = co_await io(*file_, io_op::flush, 0, 0);
-  if (r < 0) co_return err = "Could not rebuild refcounts: " + std::string(std::strerror(-r)), r;
-  h_.refcount_table_offset = (area + k) * cs_;
-  h_.refcount_table_clusters = uint32_t(t);
-  h_.incompatible_features &= ~incompat_dirty;
-  r = co_await write_header();
-  if (r >= 0) r = co_await io(*file_, io_op::flush, 0, 0);
-  if (r < 0) co_return err = "Could not rebuild refcounts: " + std::string(std::strerror(-r)), r;
-  reftable_.assign(t * cs_ / 8, 0);
-  for (uint64_t i = 0; i < reftable_.size(); ++i) reftable_[i] = be64(table.get() + i * 8);
-  rc_cache_->clear_clean();
-  meta_clusters_.clear();
-  for (auto e : reftable_)
-    if (e & offset_mask) meta_clusters_[(e & offset_mask) / cs_] = 'r';
-  for (auto e : l1_)
-    if (e & offset_mask) meta_clusters_[(e & offset_mask) / cs_] = 'l';
-  fresh_end_ = std::max(fresh_end_, (area + k + t) * cs_);
-  co_return 0;
-}
-
-std::string resolve_relative(const std::string& image, const std::string& name) {
-  if (name.empty() || name[0] == '/' || name.find("://") != std::string::npos || name.rfind("json:", 0) == 0) return name;
-  auto slash = image.rfind('/');
-  if (slash == std::string::npos || image.rfind("json:", 0) == 0) return name;
-  return image.substr(0, slash + 1) + name;
-}
-
-// The format of a backing file the header does not name: qcow2 by its magic, raw otherwise.
-std::string probe_format(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return "raw";
-  uint8_t m[4] = {};
-  ssize_t n = ::pread(fd, m, 4, 0);
-  ::close(fd);
-  return n == 4 && be32(m) == magic ? "qcow2" : "raw";
-}
-
-result<void> qcow2_driver::open(open_args& a) {
-  file_ = child_ref(a.edge("file"));
-  if (!file_) return fail("qcow2 node needs a file child");
-  data_ = file_;
-  read_only_ = a.read_only;
-  align_ = std::max<uint32_t>(file_->driver().limits().request_alignment, 1);
-  std::string err;
-  // Open runs before the node exists: children's I/O goes out directly under the control flag.
-  int r = run_sync(load_metadata(err));
-  if (r < 0) return fail(err.empty() ? "Could not open qcow2 image: " + std::string(std::strerror(-r)) : err);
-  auto opts = parse_open_options(a.options, h_, h_.size, a.discard_unmap);
-  if (!opts) return std::unexpected(opts.error());
-  o_ = *opts;
-  if (auto* enc = a.options.if_contains("encrypt"); enc && !h_.crypt_method) {
-    std::string fmt = enc->is_object() && enc->as_object().contains("format")
-                          ? std::string(enc->as_object().at("format").as_string())
-                          : "aes";
-    return fail("No encryption in image header, but options specified format '" + fmt + "'");
-  }
-  l2_cache_ = std::make_unique<meta_cache>(o_.l2_slice_bytes, o_.l2_cache_bytes / o_.l2_slice_bytes);
-  rc_cache_ = std::make_unique<meta_cache>(cs_, o_.refcount_cache_bytes / cs_);
-  slice_entries_ = o_.l2_slice_bytes / h_.l2_entry_size();
-  compressed_cache_ = make_buf(cs_);
-
-  // External data file.
-  node* df = a.find_child("data-file");
-  if (h_.has_data_file()) {
-    if (!df) {
-      if (h_.data_file.empty()) return fail("'data-file' is required for this image");
-      if (!a.open_child) return fail("'data-file' is required for this image");
-      // The name is used as it is (relative to the daemon's working directory), as QEMU does.
-      boost::json::object o{{"driver", "file"}, {"filename", h_.data_file}};
-      if (read_only_) o["read-only"] = true;
-      auto c = a.open_child("data-file", o);
-      if (!c) return std::unexpected(c.error());
-      df = *c;
-    }
-    data_ = child_ref(a.edge("data-file"));
-    align_ = std::max(align_, df->driver().limits().request_alignment);
-  } else if (df) {
-    return fail("'data-file' can only be set for images with an external data file");
-  }
-
-  // Backing file: given (a node, a reference, or null for none), or from the header.
-  auto* bopt = a.options.if_contains("backing");
-  backing_ = child_ref(a.edge("backing"));
-  if (bopt) {
-    // given: the slot holds it (or stays empty for null)
-  } else if (!bopt && !h_.backing_file.empty() && a.open_child) {
-    std::string self = a.filename_of ? a.filename_of(*file_) : "";
-    std::string path = resolve_relative(self, h_.backing_file);
-    struct stat st_self {}, st_back {};
-    if (!self.empty() && ::stat(self.c_str(), &st_self) == 0 && ::stat(path.c_str(), &st_back) == 0 &&
-        st_self.st_dev == st_back.st_dev && st_self.st_ino == st_back.st_ino)
-      return fail("Backing file '" + path + "' of image '" + self + "' is the image itself");
-    std::string fmt = h_.backing_format.empty() ? probe_format(path) : h_.backing_format;
-    boost::json::object o{{"driver", fmt}, {"file", boost::json::object{{"driver", "file"}, {"filename", path}}},
-                          {"read-only", true}};
-    if (!find_driver(fmt)) return fail("Could not open backing file: Unknown driver '" + fmt + "'");
-    auto c = a.open_child("backing", o);
-    if (!c) return fail("Could not open backing file: " + c.error().desc);
-  }
-  if (backing_) align_ = std::max(align_, backing_->driver().limits().request_alignment);
-
-  if (writable()) {
-    if (h_.incompatible_features & incompat_dirty) {
-      // A crash left refcounts behind (lazy refcounts): rebuild them before anything allocates.
-      r = run_sync(rebuild_refcounts(err));
-      if (r < 0) return fail(err);
-    }
-    // Autoclear features blockd does not keep up to date (persistent bitmaps) are dropped, so no
-    // later reader trusts bitmaps that writes through blockd left stale.
-    uint64_t keep = h_.autoclear_features & autoclear_data_file_raw;
-    if (keep != h_.autoclear_features) {
-      h_.autoclear_features = keep;
-      r = run_sync([](qcow2_driver* d) -> task<int> {
-        int rc = co_await d->write_header();
-        if (rc >= 0) rc = co_await d->io(*d->file_, io_op::flush, 0, 0);
-        co_return rc;
-      }(this));
-      if (r < 0) return fail("Could not update qcow2 header: " + std::string(std::strerror(-r)));
-    }
-  }
-  return {};
-}
 
 // ---- control ------------------------------------------------------------------------------------
 
@@ -367,13 +28,23 @@ void qcow2_driver::wait_background() {
 
 void qcow2_driver::close() {
   wait_background();
-  if (writable() && !corrupt_ && l2_cache_) (void)run_sync(close_image());
+  if (writable() && !corrupt_ && l2_cache_) {
+    // Bitmaps first (QEMU's order): their clusters are allocated, then everything is written back.
+    std::string err;
+    (void)run_sync(store_bitmaps(false, err));
+    (void)run_sync(close_image());
+  }
   // Writing back may itself find corruption and start the corrupt mark: it finishes first too.
   wait_background();
 }
 
 void qcow2_driver::inactivate() {
-  if (writable() && !corrupt_ && l2_cache_) (void)run_sync(close_image());
+  if (writable() && !corrupt_ && l2_cache_) {
+    // The image holds the bitmaps from now on; activation loads them again.
+    std::string err;
+    (void)run_sync(store_bitmaps(true, err));
+    (void)run_sync(close_image());
+  }
   wait_background();
 }
 
@@ -384,6 +55,12 @@ result<void> qcow2_driver::activate() {
   rc_cache_->clear_clean();
   int r = run_sync(load_metadata(err));
   if (r < 0) return fail(err);
+  r = run_sync(load_bitmaps(err));
+  if (r < 0) return fail(err);
+  if (writable()) {
+    r = run_sync(mark_bitmaps_in_use());
+    if (r < 0) return fail("Can't update bitmap directory: " + std::string(std::strerror(-r)));
+  }
   return {};
 }
 
@@ -391,6 +68,7 @@ task<int> qcow2_driver::do_truncate(int64_t size, std::string& err) {
   if (size % 512) co_return err = "The new size must be a multiple of 512", -EINVAL;
   if (!snapshots_.empty()) co_return err = "Can't resize an image which has snapshots", -ENOTSUP;
   if (corrupt_) co_return err = "Image is corrupt; cannot be resized", -EIO;
+  if (auto b = check_bitmaps_resizable(); !b) co_return err = b.error().desc, -ENOTSUP;
   co_await meta_lock_.lock();
   co::guard g{meta_lock_};
   uint64_t old = h_.size;
@@ -521,6 +199,8 @@ image_facts qcow2_driver::facts() const {
     }
     d["extended-l2"] = ext();
     d["lazy-refcounts"] = bool(h_.compatible_features & compat_lazy_refcounts);
+    // The directory as the image holds it (in-use flags included), as QEMU reads it for queries.
+    if (!stored_.empty()) d["bitmaps"] = bitmap_info();
     d["corrupt"] = bool(incompat & incompat_corrupt);
   }
   d["refcount-bits"] = h_.refcount_bits();
@@ -543,11 +223,23 @@ result<std::unique_ptr<block_driver::reopen_state>> qcow2_driver::reopen_prepare
     bool to_writable;
     void commit() override {
       if (to_read_only) {
-        // Everything cached goes out and the image is marked clean before writes stop.
-        if (!d->corrupt_) (void)d->run_sync(d->close_image());
+        // Bitmaps are stored and everything cached goes out, and the image is marked clean, before
+        // writes stop; the stored bitmaps stay in the node, read-only.
+        if (!d->corrupt_) {
+          std::string err;
+          (void)d->run_sync(d->store_bitmaps(false, err));
+          (void)d->run_sync(d->close_image());
+        }
         d->read_only_ = true;
+        for (auto& b : d->bitmaps_->all())
+          if (b->persistent) b->readonly = true;
       }
-      if (to_writable) d->read_only_ = false;
+      if (to_writable) {
+        d->read_only_ = false;
+        // The stored bitmaps are blockd's to change again: in use on disk, writable in memory. A
+        // failure leaves them read-only (QEMU only warns about it too).
+        (void)d->run_sync(d->mark_bitmaps_in_use());
+      }
     }
   };
   auto st = std::make_unique<state>();
@@ -555,230 +247,6 @@ result<std::unique_ptr<block_driver::reopen_state>> qcow2_driver::reopen_prepare
   st->to_read_only = a.read_only && !read_only_;
   st->to_writable = !a.read_only && read_only_;
   return std::unique_ptr<reopen_state>(std::move(st));
-}
-
-// ---- internal snapshots -------------------------------------------------------------------------
-
-// Writes `next` as the snapshot table in new clusters, then points the header at it; the old table
-// is freed afterwards (a crash in between leaks it, nothing worse).
-task<int> qcow2_driver::write_snapshot_table(std::vector<snapshot> next) {
-  auto bytes = serialize_snapshots(next);
-  uint64_t off = 0, clusters = (bytes.size() + cs_ - 1) / cs_;
-  if (!next.empty()) {
-    bool fresh = false;
-    int r = co_await alloc_clusters(clusters, off, fresh);
-    if (r < 0) co_return r;
-    auto buf = make_buf(clusters * cs_);
-    std::memcpy(buf.get(), bytes.data(), bytes.size());
-    r = co_await write_blocks(*rc_cache_);
-    if (r >= 0) r = co_await io(*file_, io_op::flush, 0, 0);
-    if (r >= 0) r = co_await io(*file_, io_op::write, int64_t(off), int64_t(clusters * cs_)).buffer(buf.get());
-    if (r >= 0) r = co_await io(*file_, io_op::flush, 0, 0);
-    if (r < 0) co_return r;
-  }
-  uint64_t old_off = h_.snapshots_offset;
-  uint64_t old_clusters = (serialize_snapshots(snapshots_).size() + cs_ - 1) / cs_;
-  uint32_t old_n = h_.nb_snapshots;
-  h_.snapshots_offset = off;
-  h_.nb_snapshots = uint32_t(next.size());
-  int r = co_await write_header();
-  if (r >= 0) r = co_await io(*file_, io_op::flush, 0, 0);
-  if (r < 0) {
-    h_.snapshots_offset = old_off;
-    h_.nb_snapshots = old_n;
-    co_return r;
-  }
-  if (old_n && old_off) queue_free(old_off, old_clusters * cs_);
-  snapshots_ = std::move(next);
-  snapshot_table_bytes_ = bytes.size();
-  co_return 0;
-}
-
-// Makes every COPIED flag of the active tables say whether the refcount is exactly one.
-task<int> qcow2_driver::sync_copied_flags() {
-  bool l1_changed = false;
-  auto table = make_buf(cs_);
-  for (uint64_t i = 0; i < l1_.size(); ++i) {
-    uint64_t l2 = l1_[i] & offset_mask;
-    if (!l2) continue;
-    uint64_t rc = 0;
-    int r = co_await get_refcount(l2 / cs_, rc);
-    if (r < 0) co_return r;
-    uint64_t want = l2 | (rc == 1 ? entry_copied : 0);
-    if (want != l1_[i]) {
-      l1_[i] = want;
-      l1_changed = true;
-    }
-    r = co_await io(*file_, io_op::read, int64_t(l2), int64_t(cs_)).buffer(table.get());
-    if (r < 0) co_return r;
-    bool changed = false;
-    for (uint64_t j = 0; j < h_.l2_entries(); ++j) {
-      uint8_t* p = table.get() + j * h_.l2_entry_size();
-      l2_words w{be64(p), 0};
-      if (!has_host(w) || h_.has_data_file()) continue;
-      r = co_await get_refcount((w.entry & offset_mask) / cs_, rc);
-      if (r < 0) co_return r;
-      uint64_t e = (w.entry & ~entry_copied) | (rc == 1 ? entry_copied : 0);
-      if (e != w.entry) {
-        put_be64(p, e);
-        changed = true;
-      }
-    }
-    if (changed) {
-      for (uint64_t s = 0; s < cs_ / l2_cache_->block_bytes(); ++s) l2_cache_->erase(l2 + s * l2_cache_->block_bytes());
-      r = co_await io(*file_, io_op::write, int64_t(l2), int64_t(cs_)).buffer(table.get());
-      if (r < 0) co_return r;
-    }
-  }
-  if (l1_changed && !l1_.empty()) {
-    uint64_t bytes = (l1_.size() * 8 + cs_ - 1) / cs_ * cs_;
-    auto buf = make_buf(bytes);
-    for (uint64_t i = 0; i < l1_.size(); ++i) put_be64(buf.get() + i * 8, l1_[i]);
-    int r = co_await io(*file_, io_op::flush, 0, 0);
-    if (r >= 0) r = co_await io(*file_, io_op::write, int64_t(h_.l1_table_offset), int64_t(bytes)).buffer(buf.get());
-    if (r < 0) co_return r;
-  }
-  co_return co_await io(*file_, io_op::flush, 0, 0);
-}
-
-task<int> qcow2_driver::do_snapshot_create(const std::string& name, int64_t date_sec, int64_t date_nsec,
-                                           std::string& err) {
-  if (snapshots_.size() >= 65536) co_return err = "File too large", -EFBIG;
-  co_await meta_lock_.lock();
-  co::guard g{meta_lock_};
-  int r = co_await writeback();
-  if (r >= 0) r = co_await writeback();
-  if (r < 0) co_return r;
-  // Every cluster the active L1 reaches gains a reference: the snapshot's copy of the tables.
-  auto table = make_buf(cs_);
-  for (uint64_t i = 0; i < l1_.size(); ++i) {
-    uint64_t l2 = l1_[i] & offset_mask;
-    if (!l2) continue;
-    uint64_t rc = 0;
-    r = co_await get_refcount(l2 / cs_, rc);
-    if (r >= 0) r = co_await set_refcount(l2 / cs_, rc + 1);
-    if (r >= 0) r = co_await io(*file_, io_op::read, int64_t(l2), int64_t(cs_)).buffer(table.get());
-    if (r < 0) co_return r == -ERANGE ? (err = "refcount overflow (refcount-bits too small for a snapshot)", r) : r;
-    for (uint64_t j = 0; j < h_.l2_entries(); ++j) {
-      l2_words w{be64(table.get() + j * h_.l2_entry_size()), 0};
-      if (h_.has_data_file()) continue;
-      uint64_t first = 0, last = 0;
-      if (w.entry & entry_compressed) {
-        auto d = decode_l2(h_, w.entry);
-        first = (d.m.host_offset & ~uint64_t(511)) / cs_;
-        last = (d.m.host_offset + d.m.compressed_size - 1) / cs_;
-      } else if (w.entry & offset_mask) {
-        first = last = (w.entry & offset_mask) / cs_;
-      } else {
-        continue;
-      }
-      for (uint64_t c = first; c <= last; ++c) {
-        r = co_await get_refcount(c, rc);
-        if (r >= 0) r = co_await set_refcount(c, rc + 1);
-        if (r < 0) co_return r == -ERANGE ? (err = "refcount overflow (refcount-bits too small for a snapshot)", r) : r;
-      }
-    }
-  }
-  // The snapshot's own L1 table.
-  uint64_t l1_bytes = uint64_t(l1_.size()) * 8;
-  uint64_t l1_clusters = std::max<uint64_t>((l1_bytes + cs_ - 1) / cs_, 1);
-  uint64_t l1_off = 0;
-  bool fresh = false;
-  r = co_await alloc_clusters(l1_clusters, l1_off, fresh);
-  if (r < 0) co_return r;
-  auto l1buf = make_buf(l1_clusters * cs_);
-  for (uint64_t i = 0; i < l1_.size(); ++i) put_be64(l1buf.get() + i * 8, l1_[i] & ~entry_copied);
-  // Refcounts first, then the copy, then the tables lose their COPIED flags.
-  r = co_await write_blocks(*rc_cache_);
-  if (r >= 0) r = co_await io(*file_, io_op::flush, 0, 0);
-  if (r >= 0) r = co_await io(*file_, io_op::write, int64_t(l1_off), int64_t(l1_clusters * cs_)).buffer(l1buf.get());
-  if (r >= 0) r = co_await sync_copied_flags();
-  if (r < 0) co_return r;
-  snapshot s;
-  uint64_t max_id = 0;
-  for (auto& x : snapshots_) max_id = std::max<uint64_t>(max_id, std::strtoull(x.id.c_str(), nullptr, 10));
-  s.id = std::to_string(max_id + 1);
-  s.name = name;
-  s.l1_offset = l1_off;
-  s.l1_size = uint32_t(l1_.size());
-  s.date_sec = uint32_t(date_sec);
-  s.date_nsec = uint32_t(date_nsec);
-  // Without a guest the virtual clock is the wall clock, as in qemu-storage-daemon.
-  s.vm_clock_nsec = uint64_t(date_sec) * 1000000000ull + uint64_t(date_nsec);
-  s.disk_size = h_.size;
-  s.has_disk_size = true;
-  auto next = snapshots_;
-  next.push_back(s);
-  r = co_await write_snapshot_table(std::move(next));
-  if (r >= 0) r = co_await writeback();
-  co_return r;
-}
-
-task<int> qcow2_driver::do_snapshot_delete(size_t index, std::string& err) {
-  (void)err;
-  co_await meta_lock_.lock();
-  co::guard g{meta_lock_};
-  int r = co_await writeback();
-  if (r < 0) co_return r;
-  snapshot s = snapshots_[index];
-  auto next = snapshots_;
-  next.erase(next.begin() + std::ptrdiff_t(index));
-  // First the table forgets it (a crash from here on only leaks), then its references go.
-  r = co_await write_snapshot_table(std::move(next));
-  if (r < 0) co_return r;
-  aligned_buf l1buf;
-  r = co_await read_range(s.l1_offset, uint64_t(s.l1_size) * 8, l1buf);
-  if (r < 0) co_return r;
-  auto table = make_buf(cs_);
-  for (uint32_t i = 0; i < s.l1_size; ++i) {
-    uint64_t l2 = be64(l1buf.get() + i * 8) & offset_mask;
-    if (!l2) continue;
-    r = co_await io(*file_, io_op::read, int64_t(l2), int64_t(cs_)).buffer(table.get());
-    if (r < 0) co_return r;
-    for (uint64_t j = 0; j < h_.l2_entries(); ++j) {
-      l2_words w{be64(table.get() + j * h_.l2_entry_size()), 0};
-      if (w.entry & entry_compressed) free_for_entry(w, free_snapshot);
-      else if ((w.entry & offset_mask) && !h_.has_data_file()) queue_free(w.entry & offset_mask, cs_, free_snapshot);
-    }
-    queue_free(l2, cs_, free_snapshot);
-  }
-  if (s.l1_size)
-    queue_free(s.l1_offset, std::max<uint64_t>((uint64_t(s.l1_size) * 8 + cs_ - 1) / cs_, 1) * cs_, free_snapshot);
-  r = co_await writeback();
-  if (r >= 0) r = co_await writeback();
-  if (r >= 0) r = co_await sync_copied_flags();
-  // Tables whose refcount fell to one belong to the active image alone again.
-  meta_clusters_.clear();
-  for (auto e : reftable_)
-    if (e & offset_mask) meta_clusters_[(e & offset_mask) / cs_] = 'r';
-  for (auto e : l1_)
-    if (e & offset_mask) meta_clusters_[(e & offset_mask) / cs_] = 'l';
-  co_return r;
-}
-
-result<void> qcow2_driver::snapshot_create(const std::string& name, int64_t date_sec, int64_t date_nsec) {
-  if (read_only_ || corrupt_) return fail("Read-only file system");
-  std::string err;
-  int r = run_sync(do_snapshot_create(name, date_sec, date_nsec, err));
-  if (r < 0) return fail(err.empty() ? std::string(std::strerror(-r)) : err);
-  return {};
-}
-
-result<boost::json::object> qcow2_driver::snapshot_delete(const std::string* id, const std::string* name) {
-  size_t index = snapshots_.size();
-  for (size_t i = 0; i < snapshots_.size(); ++i) {
-    if (id && snapshots_[i].id != *id) continue;
-    if (name && snapshots_[i].name != *name) continue;
-    index = i;
-    break;
-  }
-  if (index == snapshots_.size()) return fail("no such snapshot");
-  boost::json::object info = snapshot_info(snapshots_[index]);
-  if (read_only_ || corrupt_) return fail("Read-only file system");
-  std::string err;
-  int r = run_sync(do_snapshot_delete(index, err));
-  if (r < 0) return fail(err.empty() ? std::string(std::strerror(-r)) : err);
-  return info;
 }
 
 result<std::unique_ptr<block_driver>> open_qcow2(open_args& a) {

@@ -44,6 +44,8 @@ result<dirty_bitmap*> add_bitmap(node& n, const bitmap_add_request& a, bool* add
     return fail("Granularity must be power of 2 and at least 512");
   if (a.persistent) {
     if (!n.driver().stores_bitmaps()) return fail("Can't store persistent bitmaps to " + n.name() + ": Operation not supported");
+    // A format that stores bitmaps names a taken name before its own limits (QEMU's qcow2 does).
+    if (n.bitmaps().find(a.name)) return fail("Bitmap already exists: " + a.name);
     if (auto r = n.driver().can_store_bitmap(a.name, g); !r)
       return fail("Can't make bitmap '" + a.name + "' persistent in '" + n.name() + "': " + r.error().desc);
   }

@@ -221,6 +221,9 @@ struct open_args {
   bool direct = false;    // cache.direct
   bool no_flush = false;  // cache.no-flush
   bool discard_unmap = false;  // discard=unmap (a format's default for passing discards down)
+  // Opened inactive (active=off): another process may own the image, so a format leaves what it
+  // would write at open (persistent bitmaps' in-use marks) to activate().
+  bool inactive = false;
   std::string node_name{};  // the name the node will have (for events and messages)
   // The node's dirty bitmaps, made before the driver opens so a format can load its stored ones.
   std::shared_ptr<bitmap_set> bitmaps = std::make_shared<bitmap_set>();

@@ -202,6 +202,7 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
   a.no_flush = s.no_flush;
   a.node_name = name;
   a.discard_unmap = s.discard_unmap;
+  a.inactive = !s.active;
   a.filename_of = [this](const node& n) { return filename(n); };
   // A slot for every role the driver has, in its order (file, data-file, backing), filled or not:
   // the driver keeps handles on them, and the graph may fill, replace or empty them later.

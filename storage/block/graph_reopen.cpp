@@ -248,6 +248,7 @@ void graph::commit_driver(reopen_plan::entry& e) {
   e.state->commit();
   e.state.reset();
   e.n->update_settings(std::move(e.next));
+  e.n->sync_bitmap_hook();  // a reopen may have made the node's stored bitmaps read-only or writable
 }
 
 void graph::abort_driver(reopen_plan::entry& e) {

@@ -125,6 +125,7 @@ result<void> graph::activate_driver(node& m) {
     m.update_settings(s);
     return r;
   }
+  m.sync_bitmap_hook();  // a format loaded its stored bitmaps again
   return {};
 }
 
@@ -155,6 +156,7 @@ result<void> graph::check_inactivate(node& m) const {
 void graph::inactivate_driver(node& m) {
   // The driver writes back and marks its image clean while it may still write (QEMU's order).
   m.driver().inactivate();
+  m.sync_bitmap_hook();  // a format took the bitmaps it stored out of the set
   node_settings s = m.settings();
   s.active = false;
   m.update_settings(s);
