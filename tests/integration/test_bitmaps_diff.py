@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -121,6 +122,11 @@ def export(node, id=None):
                                    "writable": True}, id)
 
 
+def bexport(id, name, bitmaps, n=None, writable=False, node="q0"):
+    return ex("block-export-add", {"type": "nbd", "id": id, "node-name": node, "name": name, "writable": writable,
+                                   "bitmaps": bitmaps}, n)
+
+
 # Images every work directory holds (name, format, size, qcow2 cluster size).
 IMAGES = [("raw.img", "raw", 4 * MiB, None), ("odd.img", "raw", 1000000, None),
           ("q512.qcow2", "qcow2", 4 * MiB, 512), ("q4k.qcow2", "qcow2", 4 * MiB, 4096),
@@ -131,6 +137,7 @@ IMAGES = [("raw.img", "raw", 4 * MiB, None), ("odd.img", "raw", 1000000, None),
 BASE = [fmt_node("q0", "qcow2", "q64k.qcow2"), fmt_node("r0", "raw", "raw.img"),
         blockdev({"driver": "null-co", "node-name": "n0", "size": 4 * MiB}), NBD_START, export("q0"), export("r0")]
 
+ABORT = ("abort", {})
 LONG = "b" * 1023
 TOO_LONG = "b" * 1024
 
@@ -196,10 +203,6 @@ CASES = [
         sha("r0", "g", 5), ex("block_resize", {"node-name": "r0", "size": 1 * MiB}, 6), snap("shrunk"),
         sha("r0", "a", 7), ex("block_resize", {"node-name": "r0", "size": 2 * MiB}, 8), snap("regrown"),
         sha("r0", "g", 9)]),
-    # Left out, blockd differs from QSD 7.2 outside the bitmap files: persistent bitmaps on qcow2 (QSD accepts
-    # them and stores them at close; blockd's qcow2 driver does not store bitmaps and answers "Can't store
-    # persistent bitmaps to q0: Operation not supported"), so read-only and inconsistent bitmaps (loaded from
-    # an image) cannot be produced in blockd either.
     ("bitmaps follow a node's deletion", [
         fmt_node("r0", "raw", "raw.img"), add("r0", "a", 1), ex("blockdev-del", {"node-name": "r0"}, 2),
         fmt_node("r0", "raw", "raw.img"), snap("fresh"), sha("r0", "a", 3)]),
@@ -248,10 +251,68 @@ CASES += [
         merge("q0", "s1", ["t"], 27), sha("q0", "s1", 28), snap("end")]),
 ]
 
-def bexport(id, name, bitmaps, n=None, writable=False):
-    return ex("block-export-add", {"type": "nbd", "id": id, "node-name": "q0", "name": name, "writable": writable,
-                                   "bitmaps": bitmaps}, n)
 
+
+def stored_bitmaps(tmp):
+    """bm.qcow2 with two stored bitmaps (b1 recording, b2 disabled), some of whose bits are set."""
+    img = os.path.join(tmp, "bm.qcow2")
+    for args in (["create", "-q", "-f", "qcow2", img, "4M"], ["bitmap", "--add", img, "b1"], ["bitmap", "--add", "--disable", "-g", "4096", img, "b2"]):
+        subprocess.run(["qemu-img"] + args, check=True, capture_output=True, timeout=30)
+    subprocess.run(["qemu-io", "-c", "write 64k 4k", "-c", "write 1M 512", img], check=True, capture_output=True,
+                   timeout=30)
+
+
+def in_use_bitmaps(tmp):
+    """inuse.qcow2: stored bitmaps a writer was killed over (their in-use flag stays: inconsistent)."""
+    img = os.path.join(tmp, "inuse.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "4M"], check=True, timeout=30)
+    subprocess.run(["qemu-img", "bitmap", "--add", img, "i1"], check=True, timeout=30)
+    subprocess.run(["qemu-img", "bitmap", "--add", "--disable", img, "i2"], check=True, timeout=30)
+    d = Daemon(shutil.which("qemu-storage-daemon"), ["--blockdev", f"driver=qcow2,node-name=k,file.driver=file,"
+                                                     f"file.filename={img}"], tmp)
+    d.stop(signal.SIGKILL)
+
+
+def setup(fn):
+    return ("setup", fn)
+
+
+PERSIST = [fmt_node("q0", "qcow2", "q64k.qcow2"), NBD_START, export("q0")]
+
+CASES += [
+    ("persistent bitmaps on qcow2: add, limits, remove", PERSIST + [
+        add("q0", "p", 1, persistent=True), add("q0", "p", 2, persistent=True), add("q0", "d", 3, persistent=True,
+                                                                                    disabled=True),
+        add("q0", "g", 4, persistent=True, granularity=512), add("q0", "big", 5, persistent=True, granularity=1 << 31),
+        add("q0", "big2", 6, persistent=True, granularity=1 << 30), add("q0", LONG, 7, persistent=True),
+        add("q0", TOO_LONG, 8, persistent=True), add("q0", "", 9, persistent=True),
+        add("q0", "np", 10, persistent=False), snap("added"), write("q0", 0, 65536), write("q0", 3 * MiB, 1),
+        sha("q0", "p", 11), sha("q0", "g", 12), bm("remove", "q0", "g", 13), bm("remove", "q0", LONG, 14),
+        txn([("block-dirty-bitmap-remove", {"node": "q0", "name": "p"}), ABORT], 15), snap("aborted remove"),
+        txn([("block-dirty-bitmap-add", {"node": "q0", "name": "t1", "persistent": True}), ABORT], 16),
+        txn([("block-dirty-bitmap-add", {"node": "q0", "name": "t2", "persistent": True}),
+             ("block-dirty-bitmap-remove", {"node": "q0", "name": "d"})], 17),
+        snap("end"), close_nbd("q0"), ex("block-export-del", {"id": "e-q0"}, 18), wait_event("BLOCK_EXPORT_DELETED"),
+        # Closing the node stores the persistent ones; opening it again loads them.
+        ex("blockdev-del", {"node-name": "q0"}, 19), fmt_node("q0", "qcow2", "q64k.qcow2"), snap("reloaded"),
+        sha("q0", "p", 20), sha("q0", "big2", 21), sha("q0", "t2", 22), sha("q0", "np", 23)]),
+    ("stored bitmaps: loaded, read-only node", [
+        setup(stored_bitmaps), fmt_node("w", "qcow2", "bm.qcow2"), snap("rw"), sha("w", "b1", 1), sha("w", "b2", 2),
+        ex("blockdev-del", {"node-name": "w"}, 3), fmt_node("r", "qcow2", "bm.qcow2", **{"read-only": True}),
+        snap("ro"), sha("r", "b1", 4), bm("clear", "r", "b1", 5), bm("remove", "r", "b1", 6),
+        bm("disable", "r", "b1", 7), bm("enable", "r", "b2", 8), snap("toggled"), merge("r", "b1", ["b2"], 9),
+        add("r", "n", 10), merge("r", "n", ["b1", "b2"], 11), sha("r", "n", 12), add("r", "p", 13, persistent=True), snap("pre"),
+        txn([("block-dirty-bitmap-clear", {"node": "r", "name": "n"}),
+             ("block-dirty-bitmap-clear", {"node": "r", "name": "b2"})], 14),
+        txn([("block-dirty-bitmap-enable", {"node": "r", "name": "b1"}), ABORT], 15), snap("end"), same("pre", "end")]),
+    ("stored bitmaps: inconsistent after a killed writer", [
+        setup(in_use_bitmaps), fmt_node("k", "qcow2", "inuse.qcow2"), NBD_START, snap("loaded"), sha("k", "i1", 1),
+        bm("clear", "k", "i1", 2), bm("enable", "k", "i2", 3), bm("disable", "k", "i1", 4),
+        add("k", "n", 5), merge("k", "n", ["i1"], 6), merge("k", "i1", ["n"], 7),
+        bexport("ek", "k", ["i1"], 8, node="k"), snap("pre"),
+        txn([("block-dirty-bitmap-remove", {"node": "k", "name": "i1"}), ABORT], 9), snap("post"), same("pre", "post"),
+        bm("remove", "k", "i1", 10), bm("remove", "k", "i2", 11), snap("removed")]),
+]
 
 # An NBD export of a bitmap holds it busy until the export goes.
 CASES += [
@@ -289,9 +350,6 @@ ALL_KINDS = [("block-dirty-bitmap-add", {"node": "q0", "name": "new"}),
              ("block-dirty-bitmap-merge", {"node": "q0", "target": "new", "bitmaps": ["b"]}),
              ("block-dirty-bitmap-remove", {"node": "q0", "name": "a"}),
              ("block-dirty-bitmap-remove", {"node": "r0", "name": "c"})]
-ABORT = ("abort", {})
-
-
 def abort_at(i):
     acts = list(ALL_KINDS)
     acts.insert(i, ABORT)
@@ -483,6 +541,9 @@ class Player:
             else:
                 h.trim(length, off)
             self.lines.append(f"nbd {how} {exp} {off}+{length}".encode())
+        elif kind == "setup":
+            step[1](self.tmp)
+            self.lines.append(f"setup {step[1].__name__}".encode())
         elif kind == "nbd-close":
             self.handles.pop(step[1]).shutdown()
             self.lines.append(f"nbd close {step[1]}".encode())
