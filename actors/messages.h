@@ -19,6 +19,11 @@ struct command_outcome {
 
   static command_outcome success(boost::json::value v = boost::json::object()) { return {true, std::move(v), {}}; }
   static command_outcome failure(error e) { return {false, nullptr, std::move(e)}; }
+  // As a step result for actions (block::action's prepared_fn).
+  result<void> as_result() const {
+    if (ok) return {};
+    return std::unexpected<error>(err);
+  }
 };
 
 // One QMP event, already stamped with wall-clock time when it was raised.

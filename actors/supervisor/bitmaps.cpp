@@ -7,11 +7,6 @@ namespace {
 
 using block::dirty_bitmap;
 
-result<void> as_result(const command_outcome& o) {
-  if (o.ok) return {};
-  return std::unexpected<error>(o.err);
-}
-
 std::string str(const boost::json::object& o, const char* key) {
   auto* v = o.if_contains(key);
   return v && v->is_string() ? std::string(v->as_string()) : std::string();
@@ -30,7 +25,7 @@ void supervisor_actor::register_bitmap_commands() {
   using block::step_lambda_action;
   using prepared_fn = block::action::prepared_fn;
   using done_fn = std::function<void()>;
-  auto reply_as = [](prepared_fn done) { return [done](command_outcome o) { done(as_result(o)); }; };
+  auto reply_as = [](prepared_fn done) { return [done](command_outcome o) { done(o.as_result()); }; };
   auto ignore = [](done_fn done) { return [done](command_outcome) { done(); }; };
 
   // ---- block-dirty-bitmap-add --------------------------------------------------------------
@@ -183,7 +178,7 @@ void supervisor_actor::register_bitmap_commands() {
             return command_outcome::success();
           }, [step, done](command_outcome o) {
             *step = nullptr;  // breaks the self-reference
-            done(as_result(o));
+            done(o.as_result());
           });
         }
         auto& [src_node, src_name] = st->sources[i];
@@ -203,7 +198,7 @@ void supervisor_actor::register_bitmap_commands() {
         node_step(src_node.empty() ? st->node : src_node, merge_src, [step, i, done](command_outcome o) {
           if (!o.ok) {
             *step = nullptr;
-            return done(as_result(o));
+            return done(o.as_result());
           }
           (*step)(i + 1);
         });
@@ -222,7 +217,7 @@ void supervisor_actor::register_bitmap_commands() {
       }, [step, done](command_outcome o) {
         if (!o.ok) {
           *step = nullptr;
-          return done(as_result(o));
+          return done(o.as_result());
         }
         (*step)(0);
       });

@@ -8,11 +8,6 @@ namespace {
 
 using block::node;
 
-result<void> as_result(const command_outcome& o) {
-  if (o.ok) return {};
-  return std::unexpected<error>(o.err);
-}
-
 const std::string* opt_str(const boost::json::object& o, const char* key, std::string& store) {
   auto* v = o.if_contains(key);
   if (!v || !v->is_string()) return nullptr;
@@ -135,7 +130,7 @@ void supervisor_actor::snapshot_prepare(std::shared_ptr<void> state, block::acti
   // What the overlay will hide is made durable first.
   block::node* old = st->old;
   auto after_flush = [this, st, done](command_outcome o) mutable {
-    if (!o.ok) return done(as_result(o));
+    if (!o.ok) return done(o.as_result());
     if (!st->sync) {
       auto ov = graph_->lookup(&st->overlay_ref, &st->overlay_ref);
       if (!ov) return done(std::unexpected(ov.error()));
@@ -148,7 +143,7 @@ void supervisor_actor::snapshot_prepare(std::shared_ptr<void> state, block::acti
     if (!graph_->alive(st->old)) return done(fail("Node '" + st->node_name + "' went away"));
     iothread* home = home_of(st->old);
     auto open_overlay = [this, st, home, done](command_outcome o) mutable {
-      if (!o.ok) return done(as_result(o));
+      if (!o.ok) return done(o.as_result());
       boost::json::object opts{{"driver", st->format},
                                {"file", boost::json::object{{"driver", "file"}, {"filename", st->file}}},
                                {"backing", nullptr}};
@@ -160,7 +155,7 @@ void supervisor_actor::snapshot_prepare(std::shared_ptr<void> state, block::acti
         auto r = g->open_staged(*staged);
         return r ? command_outcome::success() : command_outcome::failure(r.error());
       }, [this, st, staged, home, done](command_outcome o) mutable {
-        if (!o.ok) return done(as_result(o));
+        if (!o.ok) return done(o.as_result());
         for (block::node* x : staged->created) homes_[x] = home;
         auto n = graph_->commit_staged(*staged);
         if (!n) return when_closed([done, e = n.error()] { done(std::unexpected(e)); });

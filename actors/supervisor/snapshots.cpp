@@ -59,7 +59,7 @@ std::unique_ptr<block::action> supervisor_actor::internal_snapshot_action(const 
         st->created = true;
         x.publish_facts();
         return command_outcome::success();
-      }, [done](command_outcome o) { done(o.ok ? result<void>{} : result<void>(std::unexpected(o.err))); });
+      }, [done](command_outcome o) { done(o.as_result()); });
     });
   };
   auto release = [this, st] {

@@ -168,6 +168,26 @@ FORMAT_SCRIPT = [
     ["x-debug-query-block-graph"],
 ]
 
+# Bitmaps stay on the node a snapshot freezes: stored at its reopen to read-only (persistent ones), readonly
+# from then on, mergeable into the overlay's bitmaps.
+BITMAP_SCRIPT = [
+    ["blockdev-add", qcow2("b0", "$D/base.qcow2")],
+    NBD,
+    ["block-export-add", {"type": "nbd", "id": "e0", "node-name": "b0", "writable": True}],
+    ["block-dirty-bitmap-add", {"node": "b0", "name": "p1", "persistent": True}],
+    ["block-dirty-bitmap-add", {"node": "b0", "name": "t1"}],
+    ["blockdev-snapshot-sync", {"node-name": "b0", "snapshot-file": "$D/o1.qcow2", "snapshot-node-name": "o1"}],
+    "qemu-img info -U --output=json $D/base.qcow2 | grep -A8 bitmaps",
+    ["block-dirty-bitmap-add", {"node": "b0", "name": "p2", "persistent": True}],
+    ["block-dirty-bitmap-remove", {"node": "b0", "name": "p1"}],
+    ["block-dirty-bitmap-clear", {"node": "b0", "name": "t1"}],
+    ["block-dirty-bitmap-disable", {"node": "b0", "name": "p1"}],
+    ["block-dirty-bitmap-merge", {"node": "o1", "target": "m", "bitmaps": [{"node": "b0", "name": "p1"}]}],
+    ["block-dirty-bitmap-add", {"node": "o1", "name": "m"}],
+    ["block-dirty-bitmap-merge", {"node": "o1", "target": "m", "bitmaps": [{"node": "b0", "name": "p1"}]}],
+    ["query-named-block-nodes", {"flat": True}],
+]
+
 # A snapshot of a node nothing uses: the overlay has no user either and goes again (QEMU's refcounting),
 # while the old node stays read-only.
 UNUSED_SCRIPT = [
@@ -315,6 +335,7 @@ def main():
     bad = differential(a.blockd, "snapshots", IMAGES, SNAPSHOT_SCRIPT)
     bad += differential(a.blockd, "formats", IMAGES, FORMAT_SCRIPT)
     bad += differential(a.blockd, "unused", IMAGES, UNUSED_SCRIPT)
+    bad += differential(a.blockd, "bitmaps", IMAGES, BITMAP_SCRIPT)
     bad += differential(a.blockd, "transactions", IMAGES, TXN_SCRIPT)
     for t in (clients_follow, rollback_leaves_files):
         tmp = tempfile.mkdtemp(prefix="xsnap-", dir="/dev/shm")
