@@ -25,18 +25,20 @@ void supervisor_actor::register_transaction_commands() {
     bool grouped = false;
     if (auto* p = args.if_contains("properties"))
       if (auto* m = p->as_object().if_contains("completion-mode")) grouped = m->as_string() == "grouped";
-    // completion-mode grouped ties jobs' fates together; kinds without jobs refuse it up front.
-    if (grouped)
-      for (const auto& v : actions) {
-        std::string kind(v.as_object().at("type").as_string());
-        if (!txn_kinds_.at(kind).grouped)
-          return reply(command_outcome::failure(
-              error("Action '" + kind + "' does not support Transaction property completion-mode = grouped")));
-      }
+    // completion-mode grouped ties jobs' fates together; a kind without jobs refuses it in its own
+    // prepare, in list order as QEMU checks it (so an earlier failure, an abort, answers first).
     std::vector<std::unique_ptr<block::action>> list;
     for (const auto& v : actions) {
       const auto& o = v.as_object();
       std::string kind(o.at("type").as_string());
+      if (grouped && !txn_kinds_.at(kind).grouped && kind != "abort") {
+        auto refuse = std::make_unique<block::lambda_action>();
+        refuse->on_prepare = [kind]() -> result<void> {
+          return fail("Action '" + kind + "' does not support Transaction property completion-mode = grouped");
+        };
+        list.push_back(std::move(refuse));
+        continue;
+      }
       static const boost::json::object empty;
       const auto* data = o.if_contains("data");
       list.push_back(txn_kinds_.at(kind).build(data && data->is_object() ? data->as_object() : empty));

@@ -443,9 +443,9 @@ CASES += [
     ("transaction: completion-mode", BASE + [
         add("q0", "a", 1), snap("before"),
         txn([("block-dirty-bitmap-add", {"node": "q0", "name": "g"})], 2, {"completion-mode": "grouped"}),
-        # Left out: [abort] alone with completion-mode grouped. QSD checks the mode in each action's
-        # prepare, in order, so abort fails first ("Transaction aborted using Abort action");
-        # blockd checks every action up front and answers "Action 'abort' does not support ...".
+        # Each action checks the mode in its own prepare, in order: abort first answers abort's text.
+        txn([ABORT], 3, {"completion-mode": "grouped"}),
+        txn([ABORT, ("block-dirty-bitmap-add", {"node": "q0", "name": "g"})], 6, {"completion-mode": "grouped"}),
         txn([("block-dirty-bitmap-clear", {"node": "q0", "name": "a"}), ABORT,
              ("block-dirty-bitmap-remove", {"node": "q0", "name": "a"})], 4, {"completion-mode": "grouped"}),
         txn([("block-dirty-bitmap-clear", {"node": "nope", "name": "a"})], 5, {"completion-mode": "grouped"}),
