@@ -27,6 +27,7 @@
 #include "formats/qcow2/compress.h"
 #include "formats/qcow2/create.h"
 #include "formats/qcow2/qcow2.h"
+#include "storage/block/iov.h"
 #include "storage/block/node.h"
 #include "storage/block/sync_io.h"
 
@@ -37,60 +38,16 @@ using namespace block;
 // Internal to the driver's translation units (the driver is reached through its registration).
 namespace impl {
 
-// ---- scatter lists -----------------------------------------------------------------------------
+// ---- scatter lists (storage/block/iov.h, over a request's payload) ------------------------------
 
-// The part [off, off+len) of a request's payload as its own scatter list.
-struct iov_part {
-  iovec inl[4];
-  std::vector<iovec> heap;
-  iovec* v = inl;
-  int n = 0;
-  iov_part(const io_request& r, int64_t off, int64_t len) {
-    int64_t pos = 0;
-    for (int i = 0; i < r.iovcnt && len > 0; ++i) {
-      int64_t l = int64_t(r.iov[i].iov_len);
-      if (pos + l <= off) {
-        pos += l;
-        continue;
-      }
-      int64_t skip = std::max<int64_t>(off - pos, 0);
-      int64_t take = std::min(l - skip, len);
-      push({static_cast<uint8_t*>(r.iov[i].iov_base) + skip, size_t(take)});
-      len -= take;
-      off += take;
-      pos += l;
-    }
-  }
-  void push(iovec e) {
-    if (n < 4 && heap.empty()) {
-      inl[n++] = e;
-      return;
-    }
-    if (heap.empty()) heap.assign(inl, inl + n);
-    heap.push_back(e);
-    v = heap.data();
-    n = int(heap.size());
-  }
+struct iov_part : block::iov_part {
+  iov_part(const io_request& r, int64_t off, int64_t len) : block::iov_part(r.iov, r.iovcnt, off, len) {}
 };
-
 inline void iov_fill(const io_request& r, int64_t off, int64_t len, const uint8_t* src /* null = zeroes */) {
-  iov_part p(r, off, len);
-  for (int i = 0; i < p.n; ++i) {
-    if (src) {
-      std::memcpy(p.v[i].iov_base, src, p.v[i].iov_len);
-      src += p.v[i].iov_len;
-    } else {
-      std::memset(p.v[i].iov_base, 0, p.v[i].iov_len);
-    }
-  }
+  block::copy_to_iov(r.iov, r.iovcnt, off, src, len);
 }
-
 inline void iov_copy_out(const io_request& r, int64_t off, int64_t len, uint8_t* dst) {
-  iov_part p(r, off, len);
-  for (int i = 0; i < p.n; ++i) {
-    std::memcpy(dst, p.v[i].iov_base, p.v[i].iov_len);
-    dst += p.v[i].iov_len;
-  }
+  block::copy_from_iov(r.iov, r.iovcnt, off, dst, len);
 }
 
 // Waits for a set of started tasks; the first error wins.

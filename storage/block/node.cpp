@@ -2,6 +2,7 @@
 #include "storage/block/node.h"
 
 #include "storage/block/contract.h"
+#include "storage/block/iov.h"
 
 #include <time.h>
 
@@ -60,14 +61,7 @@ node::~node() {
 }
 
 namespace {
-bool all_zero(const io_request& r) {
-  for (int i = 0; i < r.iovcnt; ++i) {
-    auto* p = static_cast<const unsigned char*>(r.iov[i].iov_base);
-    size_t n = r.iov[i].iov_len;
-    if (n && (p[0] != 0 || std::memcmp(p, p + 1, n - 1) != 0)) return false;
-  }
-  return true;
-}
+bool all_zero(const io_request& r) { return iov_is_zero(r.iov, r.iovcnt); }
 
 op_stats* bucket(node_stats& st, io_op op) {
   switch (op) {

@@ -20,6 +20,7 @@
 #include "protocol/qmp/schema.h"
 #include "storage/block/counter.h"
 #include "storage/block/driver.h"
+#include "storage/block/iov.h"
 #include "storage/file/file_create.h"
 #include "storage/file/ofd_lock.h"
 #include "storage/io/reactor.h"
@@ -44,39 +45,6 @@ struct dio_alignment {
   uint32_t memory = 1;
 };
 
-// Walks `n` bytes of a request's scatter list from byte `skip` on, one contiguous piece at a time.
-template <class Piece>
-void for_each_piece(const iovec* iov, int iovcnt, int64_t skip, int64_t n, Piece piece) {
-  for (int i = 0; i < iovcnt && n > 0; ++i) {
-    int64_t len = int64_t(iov[i].iov_len);
-    if (skip >= len) {
-      skip -= len;
-      continue;
-    }
-    int64_t k = std::min(len - skip, n);
-    piece(static_cast<char*>(iov[i].iov_base) + skip, k);
-    n -= k;
-    skip = 0;
-  }
-}
-
-// Copies between a request's scatter list and a flat buffer (a null source writes zeroes).
-void copy_from_iov(const iovec* iov, int iovcnt, int64_t skip, char* dst, int64_t n) {
-  for_each_piece(iov, iovcnt, skip, n, [&](char* p, int64_t k) {
-    std::memcpy(dst, p, size_t(k));
-    dst += k;
-  });
-}
-void copy_to_iov(const iovec* iov, int iovcnt, int64_t skip, const char* src, int64_t n) {
-  for_each_piece(iov, iovcnt, skip, n, [&](char* p, int64_t k) {
-    if (src) {
-      std::memcpy(p, src, size_t(k));
-      src += k;
-    } else {
-      std::memset(p, 0, size_t(k));
-    }
-  });
-}
 
 dio_alignment probe_dio(int fd, bool blockdev);
 bool option_bool(const boost::json::object& o, const char* name, bool dflt);
