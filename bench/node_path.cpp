@@ -149,7 +149,7 @@ class driver_loop final : public block::io_waiter {
     } else {
       blk = int64_t(rng_.next() % uint64_t(blocks_));
     }
-    s.r = block::io_request{};
+    s.r.reset();
     s.r.op = writes_ ? block::io_op::write : block::io_op::read;
     s.r.offset = blk * o_.bs;
     s.r.set_buffer(s.buf, o_.bs);

@@ -2,46 +2,23 @@
 #include <cerrno>
 
 #include "protocol/qmp/schema.h"
-#include "storage/block/driver.h"
-#include "storage/block/node.h"
+#include "storage/block/filter.h"
 
 namespace blockd::block {
 namespace {
 
-class raw_driver final : public block_driver, private io_waiter {
+// raw is a filter with a window: requests pass down shifted by the window's offset.
+class raw_driver final : public filter_driver {
  public:
   raw_driver(child_ref child, int64_t offset, int64_t size, bool windowed)
-      : child_(child), offset_(offset), size_(size), windowed_(windowed) {}
+      : filter_driver(child), offset_(offset), size_(size), windowed_(windowed) {}
 
-  uint32_t caps() const override {
-    return child_->driver().caps() & (cap_write_zeroes | cap_discard | cap_fua | cap_block_status | cap_resize);
-  }
-  driver_limits limits() const override { return child_->driver().limits(); }
   int64_t length() const override {
     if (size_ >= 0) return size_;
     int64_t n = child_->length() - offset_;
     return n < 0 ? 0 : n;
   }
-  image_facts facts() const override {
-    // The child's published facts, not its driver: during a move the child may briefly live on
-    // another thread (a reopen that takes it from another iothread commits before it moves).
-    auto f = child_->facts();
-    return {.virtual_size = length(), .actual_size = f->actual_size, .has_dirty_flag = f->has_dirty_flag};
-  }
-
-  void submit(io_request& r) override {
-    // A request received is never passed on: the child gets its own, shifted by the window offset.
-    io_request* c = pool_.get();
-    c->op = r.op;
-    c->flags = r.flags;
-    c->offset = r.offset + offset_;
-    c->length = r.length;
-    c->iov = r.iov;
-    c->iovcnt = r.iovcnt;
-    c->user = &r;
-    c->waiter = this;
-    child_->submit(*c);
-  }
+  void submit(io_request& r) override { pass_down(r, offset_); }
 
   // offset and size may change, and the child may be replaced (the slot then holds the new one);
   // the window is checked against the child the node will have, as at open.
@@ -93,21 +70,9 @@ class raw_driver final : public block_driver, private io_waiter {
   }
 
  private:
-  void io_done(io_request& c) override {
-    auto& r = *static_cast<io_request*>(c.user);
-    r.status = c.status;
-    r.status_length = c.status_length;
-    r.depth = c.depth;
-    int res = c.result;
-    pool_.put(&c);
-    r.complete(res);
-  }
-
-  child_ref child_;
   int64_t offset_;
   int64_t size_;
   bool windowed_;
-  request_pool pool_;
 };
 
 int64_t get_int(const boost::json::object& o, const char* key, int64_t dflt) {

@@ -51,16 +51,74 @@ struct io_request {
   int64_t status_length = 0;   // block_status: length of that extent (<= length)
   int depth = 0;               // block_status: 1 = allocated here, 2 = in the first backing file, ...
   io_waiter* waiter = nullptr;
-  io_waiter* outer = nullptr;  // reserved for the node layer (the submitter's waiter while in the node)
   uint64_t tag = 0;            // free for the submitter
   void* user = nullptr;        // free for the submitter
-  int64_t start_ns = 0;        // set by the node for accounting
-  bool unaccounted = false;    // reserved for the node layer
-  bool fua_emulated = false;   // reserved for the node layer: FUA it adds a flush for (no cap_fua)
-  bool hooked = false;         // reserved for the node layer: a write its hooks see complete
-  uint8_t hook_pos = 0;        // reserved for the node layer: the gating hook holding it
+
+  // The layers the request is passing through (nodes, filter drivers), innermost last. Each keeps
+  // here what it changes (waiter, offset, flags, op) and its own per-request state, and puts the
+  // request back as it got it on the way out, so one request object serves a whole chain of
+  // layers with nothing allocated per layer. A pass-through layer that finds fewer than
+  // `layers_reserve` free entries copies the request instead (filter_driver does), so a node
+  // always has room for its own.
+  struct layer {
+    layer() {}  // left uninitialised: push() fills what it uses
+    io_waiter* waiter;  // the layer above, told when this layer is done
+    void* user;         // the layer's own word
+    int64_t offset;     // as the layer above sent them
+    uint32_t flags;
+    io_op op;
+    // Node layers: accounting start and the node's per-request marks.
+    bool unaccounted, fua_emulated, hooked;
+    uint8_t hook_pos;  // the gating hook holding the write
+    int64_t start_ns;
+  };
+  static constexpr int max_layers = 12;
+  static constexpr int layers_reserve = 2;  // a filter's own layer and its child node's
+  layer layers[max_layers];
+  uint8_t nlayers = 0;
+  bool layer_room() const { return nlayers + layers_reserve <= max_layers; }
+  layer& push_layer(io_waiter* self) {
+    layer& l = layers[nlayers++];
+    l.waiter = waiter;
+    l.user = nullptr;
+    l.offset = offset;
+    l.flags = flags;
+    l.op = op;
+    l.unaccounted = l.fua_emulated = l.hooked = false;
+    l.hook_pos = 0;
+    l.start_ns = 0;
+    waiter = self;
+    return l;
+  }
+  layer& top_layer() { return layers[nlayers - 1]; }
+  // Back to what the layer above sent (results stay); the caller then tells `waiter`.
+  void pop_layer() {
+    layer& l = layers[--nlayers];
+    waiter = l.waiter;
+    offset = l.offset;
+    flags = l.flags;
+    op = l.op;
+  }
   io_request* next_free = nullptr;
 
+  // A fresh request (the pool's get): every field but the layer entries, which push_layer fills.
+  void reset() {
+    op = io_op::read;
+    flags = 0;
+    offset = 0;
+    length = 0;
+    iov = nullptr;
+    iovcnt = 0;
+    one = {};
+    result = 0;
+    status = 0;
+    status_length = 0;
+    depth = 0;
+    waiter = nullptr;
+    tag = 0;
+    user = nullptr;
+    nlayers = 0;
+  }
   void set_buffer(void* buf, int64_t len) {
     one.iov_base = buf;
     one.iov_len = static_cast<size_t>(len);
@@ -82,7 +140,7 @@ class request_pool {
     if (!free_) grow();
     io_request* r = free_;
     free_ = r->next_free;
-    *r = io_request{};
+    r->reset();
     ++live_;
     return r;
   }

@@ -77,9 +77,10 @@ op_stats* bucket(node_stats& st, io_op op) {
 }  // namespace
 
 void node::submit(io_request& r) {
-  r.outer = r.waiter;
-  r.waiter = this;
-  r.start_ns = now_ns();
+  // The node's own layer: what it changes (op and flags: detect-zeroes, discard, io_control) goes
+  // back when it finishes, and the submitter is told through the layer's waiter.
+  io_request::layer& l = r.push_layer(this);
+  l.start_ns = now_ns();
   ++in_flight_;
   int64_t len = drv_->length();
   int err = 0;
@@ -99,7 +100,7 @@ void node::submit(io_request& r) {
   }
   if (err) {
     if (auto* b = bucket(stats_, r.op)) b->invalid++;
-    r.unaccounted = true;
+    l.unaccounted = true;
     finish_later(r, err);
     return;
   }
@@ -124,7 +125,7 @@ void node::start(io_request& r) {
     return;
   }
   if (is_write_op(r.op)) {
-    r.hooked = true;
+    r.top_layer().hooked = true;
     if (!hooks_.empty()) return run_hooks(r, 0);
   }
   to_driver(r);
@@ -136,19 +137,19 @@ void node::run_hooks(io_request& r, size_t from) {
   // driver.
   for (size_t i = from; i < hooks_.size(); ++i) {
     if (!hooks_[i]->gates) continue;
-    r.hook_pos = uint8_t(std::min<size_t>(i, 255));
+    r.top_layer().hook_pos = uint8_t(std::min<size_t>(i, 255));
     if (!hooks_[i]->before_write(r)) return;
   }
   to_driver(r);
 }
 
-void node::release_write(io_request& r) { run_hooks(r, size_t(r.hook_pos) + 1); }
+void node::release_write(io_request& r) { run_hooks(r, size_t(r.top_layer().hook_pos) + 1); }
 
 void node::to_driver(io_request& r) {
   if ((r.flags & io_fua) && !(drv_->caps() & cap_fua)) {
     // The driver cannot make one write durable by itself: the node flushes after it (io_done).
     r.flags &= ~uint32_t(io_fua);
-    r.fua_emulated = true;
+    r.top_layer().fua_emulated = true;
   }
   drv_->submit(r);
 }
@@ -159,9 +160,8 @@ void node::finish_later(io_request& r, int res) {
 }
 
 void node::io_done(io_request& r) {
-  if (r.fua_emulated) {
-    r.fua_emulated = false;
-    r.flags |= io_fua;  // the submitter gets its flags back
+  if (r.top_layer().fua_emulated) {
+    r.top_layer().fua_emulated = false;  // the submitter gets its flags back when the layer goes
     if (r.result != 0 || s_.no_flush) return finish(r);
     // Emulated FUA: the write is done; make it durable before the submitter hears of it.
     io_request* f = pool_.get();
@@ -182,13 +182,13 @@ void node::fua_flush_waiter::io_done(io_request& f) {
 }
 
 void node::finish(io_request& r) {
-  if (r.hooked) {
-    r.hooked = false;
+  io_request::layer& l = r.top_layer();
+  if (l.hooked) {
+    l.hooked = false;
     for (write_hook* h : hooks_) h->after_write(r);
   }
   int64_t end = now_ns();
-  if (!r.unaccounted) account(r, end);
-  r.unaccounted = false;
+  if (!l.unaccounted) account(r, l.start_ns, end);
   stats_.last_op_ns.set(end);
   if (r.result == 0 && (r.op == io_op::write || r.op == io_op::write_zeroes)) {
     uint64_t end_off = uint64_t(r.offset + r.length);
@@ -199,13 +199,12 @@ void node::finish(io_request& r) {
       on_threshold(end_off - t, t);
   }
   --in_flight_;
-  r.waiter = r.outer;
-  r.outer = nullptr;
+  r.pop_layer();
   r.waiter->io_done(r);
   check_drained();
 }
 
-void node::account(const io_request& r, int64_t end_ns) {
+void node::account(const io_request& r, int64_t start_ns, int64_t end_ns) {
   auto* b = bucket(stats_, r.op);
   if (!b) return;
   if (r.result < 0) {
@@ -214,7 +213,7 @@ void node::account(const io_request& r, int64_t end_ns) {
     b->operations++;
     if (r.op != io_op::flush) b->bytes += uint64_t(r.length);
   }
-  b->total_time_ns += uint64_t(end_ns - r.start_ns);
+  b->total_time_ns += uint64_t(end_ns - start_ns);
 }
 
 void node::check_drained() {

@@ -134,7 +134,7 @@ class node final : private io_waiter {
   void start(io_request& r);
   void finish_later(io_request& r, int res);
   void finish(io_request& r);
-  void account(const io_request& r, int64_t end_ns);
+  void account(const io_request& r, int64_t start_ns, int64_t end_ns);
   void check_drained();
   void run_hooks(io_request& r, size_t from);
   void to_driver(io_request& r);  // FUA emulation, then the driver

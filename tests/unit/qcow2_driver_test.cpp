@@ -630,7 +630,7 @@ struct qd_runner final : io_waiter {
         int64_t off = int64_t(rng() % uint64_t(size / 4096)) * 4096;
         if (off + len > size) len = size - off;
         if (overlaps(off, len)) continue;
-        s.r = io_request{};
+        s.r.reset();
         int k = int(rng() % 20);
         s.r.offset = off;
         s.r.length = len;
