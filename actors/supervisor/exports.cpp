@@ -570,7 +570,7 @@ void supervisor_actor::park_clients(const std::vector<block::node*>& nodes, std:
     if (!n || std::find(nodes.begin(), nodes.end(), n) == nodes.end()) continue;
     for (auto& [cid, a] : e.clients) waiting.push_back({e.id, {cid, a}});
   }
-  parking_ = true;
+  ++parking_;
   auto left = std::make_shared<size_t>(waiting.size() + 1);
   auto one = [left, then = std::move(then)] {
     if (--*left == 0) then();
@@ -596,7 +596,7 @@ void supervisor_actor::park_clients(const std::vector<block::node*>& nodes, std:
 // After the move: every parked client continues on its export node's (new) home, with the node's
 // new actor; the bytes it had received and not parsed come along.
 void supervisor_actor::unpark_clients() {
-  parking_ = false;
+  if (parking_ > 0 && --parking_ > 0) return;  // an enclosing move still holds them
   auto parked = std::move(parked_);
   parked_.clear();
   for (auto& s : parked) start_client(std::move(s));

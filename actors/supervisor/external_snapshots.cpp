@@ -56,6 +56,9 @@ struct snapshot_state {
   bool linked = false;               // overlay's backing is old, and old's users hold the overlay
   iothread* overlay_home = nullptr;  // where the overlay lived before it joined old's home
   std::vector<std::string> held;     // names of the quiesced nodes
+  // The users of the old node the overlay took over (abort gives exactly these back).
+  std::vector<block::child_edge*> moved_edges;
+  std::vector<block::root*> moved_roots;
 };
 
 }  // namespace
@@ -131,6 +134,7 @@ void supervisor_actor::snapshot_prepare(std::shared_ptr<void> state, block::acti
   block::node* old = st->old;
   auto after_flush = [this, st, done](command_outcome o) mutable {
     if (!o.ok) return done(o.as_result());
+    if (!graph_->alive(st->old)) return done(fail("Node '" + st->node_name + "' went away"));
     if (!st->sync) {
       auto ov = graph_->lookup(&st->overlay_ref, &st->overlay_ref);
       if (!ov) return done(std::unexpected(ov.error()));
@@ -144,6 +148,7 @@ void supervisor_actor::snapshot_prepare(std::shared_ptr<void> state, block::acti
     iothread* home = home_of(st->old);
     auto open_overlay = [this, st, home, done](command_outcome o) mutable {
       if (!o.ok) return done(o.as_result());
+      if (!graph_->alive(st->old)) return done(fail("Node '" + st->node_name + "' went away"));
       boost::json::object opts{{"driver", st->format},
                                {"file", boost::json::object{{"driver", "file"}, {"filename", st->file}}},
                                {"backing", nullptr}};
@@ -211,13 +216,22 @@ void supervisor_actor::snapshot_link(std::shared_ptr<void> state, block::action:
     moving = components({ov});
     if (pinning_export(moving)) return failed(error("Cannot change iothread of active block backend"));
   }
-  // Clients of exports on the old node leave their connection actors (they resume on the
-  // overlay), then both nodes drain; they stay drained until commit or abort.
+  // Clients of exports on the old node and on its parents (whose slots change) leave their
+  // connection actors (they resume on the overlay), then all of them drain; they stay drained
+  // until commit or abort.
+  std::vector<block::node*> touched{st->old};
+  for (block::child_edge* e : st->old->parents)
+    if (std::find(touched.begin(), touched.end(), e->parent) == touched.end()) touched.push_back(e->parent);
   st->parked = true;
-  park_clients({st->old}, [this, st, moving, failed, done]() mutable {
-    std::vector<block::node*> q{st->old, st->overlay};
+  park_clients(touched, [this, st, touched, moving, failed, done]() mutable {
+    if (!graph_->alive(st->old) || !graph_->alive(st->overlay)) {
+      snapshot_release(st);
+      return failed(error("Node '" + st->node_name + "' went away"));
+    }
+    std::vector<block::node*> q = touched;
     for (block::node* m : moving)
       if (std::find(q.begin(), q.end(), m) == q.end()) q.push_back(m);
+    if (std::find(q.begin(), q.end(), st->overlay) == q.end()) q.push_back(st->overlay);
     for (block::node* m : q) st->held.push_back(m->name());
     quiesce_nodes(q, [this, st, moving, failed, done]() mutable {
       st->quiesced = true;
@@ -228,7 +242,10 @@ void supervisor_actor::snapshot_link(std::shared_ptr<void> state, block::action:
       if (!moving.empty()) {
         st->overlay_home = home_of(st->overlay);
         rehome(moving, home_of(st->old));
+        sync_node_actors();  // later actions of the list reach the overlay on its new home
       }
+      std::vector<block::child_edge*> edges(st->old->parents.begin(), st->old->parents.end());
+      std::vector<block::root*> roots(st->old->roots.begin(), st->old->roots.end());
       block::child_edge* backing = slot(*st->overlay, "backing");
       auto r = graph_->set_child(*backing, st->old);
       if (r) {
@@ -236,10 +253,17 @@ void supervisor_actor::snapshot_link(std::shared_ptr<void> state, block::action:
         if (!r) (void)graph_->set_child(*backing, nullptr);
       }
       if (!r) {
-        if (st->overlay_home) rehome(components({st->overlay}), st->overlay_home);
+        if (st->overlay_home) {
+          rehome(components({st->overlay}), st->overlay_home);
+          sync_node_actors();
+        }
         snapshot_release(st);
         return failed(r.error());
       }
+      for (block::child_edge* e : edges)
+        if (e->child == st->overlay) st->moved_edges.push_back(e);
+      for (block::root* x : roots)
+        if (x->target == st->overlay) st->moved_roots.push_back(x);
       st->linked = true;
       done({});
     });
@@ -277,10 +301,18 @@ void supervisor_actor::snapshot_commit(std::shared_ptr<void> state, std::functio
 void supervisor_actor::snapshot_abort(std::shared_ptr<void> state, std::function<void()> done) {
   auto st = std::static_pointer_cast<snapshot_state>(state);
   if (st->linked && graph_->alive(st->old) && graph_->alive(st->overlay)) {
-    // Users back to the old node, then the backing link goes; permissions only shrink.
-    (void)graph_->replace_node(*st->overlay, *st->old);
-    if (block::child_edge* b = slot(*st->overlay, "backing")) (void)graph_->set_child(*b, nullptr);
-    if (st->overlay_home) rehome(components({st->overlay}), st->overlay_home);
+    // Exactly the users the overlay took over go back to the old node (the overlay's own users
+    // from before stay), then the backing link goes; permissions only shrink.
+    for (block::child_edge* e : st->moved_edges)
+      if (graph_->alive(e->parent) && e->child == st->overlay) (void)graph_->set_child(*e, st->old);
+    for (block::root* x : st->moved_roots)
+      if (x->target == st->overlay) (void)graph_->repoint_root(*x, *st->old);
+    // Moving its last user away may have closed an overlay nobody else held.
+    if (graph_->alive(st->overlay)) {
+      if (block::child_edge* b = slot(*st->overlay, "backing")) (void)graph_->set_child(*b, nullptr);
+      if (st->overlay_home) rehome(components({st->overlay}), st->overlay_home);
+    }
+    sync_node_actors();
   }
   st->linked = false;
   snapshot_release(st);
@@ -318,8 +350,9 @@ void supervisor_actor::change_backing_file(const boost::json::object& args, repl
   // A read-only image is made writable for the header change and read-only again after.
   bool ro = image->settings().read_only;
   std::string fmt = image->settings().driver;
-  reopen_read_only(image, false, [this, image, ro, file, fmt, reply](command_outcome o) mutable {
+  reopen_read_only(image, false, [this, image, image_name, ro, file, fmt, reply](command_outcome o) mutable {
     if (!o.ok) return reply(std::move(o));
+    if (!graph_->alive(image)) return reply(command_outcome::failure(error("Node '" + image_name + "' went away")));
     with_quiesced_steps({image}, [this, image, file, fmt](reply_fn done) {
       run_on_node(image, [file, fmt](block::node& x) {
         auto r = x.driver().change_backing_file(file, fmt);

@@ -249,7 +249,9 @@ class supervisor_actor : public caf::event_based_actor {
   std::deque<export_entry> exports_;  // newest first, as query-block-exports lists them
   // NBD clients between two homes while their export's node moves (exports.cpp).
   std::vector<nbd_client_setup> parked_;
-  bool parking_ = false;  // a move is under way: new clients wait in parked_ too
+  // Moves under way (parks not yet unparked; they nest inside one transaction): while any is,
+  // new clients wait in parked_ too, and the parked clients start only when the last one ends.
+  int parking_ = 0;
   void park_clients(const std::vector<block::node*>& nodes, std::function<void()> then);
   void unpark_clients();
   void start_client(nbd_client_setup s);

@@ -664,9 +664,11 @@ boost::json::object graph::full_options(const node& n) const {
       }
     if (!child) o[kv.key()] = kv.value();
   }
-  // A child the options do not name (a backing file an external snapshot attached).
+  // A child the options do not name: a backing file an external snapshot attached to an image
+  // that names none (one opened from the image's own name is not an override, as in QEMU).
   for (child_edge* edge : n.children())
-    if (!o.contains(edge->role)) o[edge->role] = full_options(*edge->child);
+    if (!o.contains(edge->role) && (edge->role != "backing" || n.facts()->backing_filename.empty()))
+      o[edge->role] = full_options(*edge->child);
   return o;
 }
 

@@ -299,6 +299,53 @@ def clients_follow(blockd, tmp):
     return bad
 
 
+def failed_list_keeps_clients(blockd, tmp):
+    """A transaction whose second snapshot fails after the first parked an export's client: the client
+    goes on against the old node once everything is undone, and what it writes lands in that image."""
+    nbd = import_libnbd()
+    if nbd is None:
+        print("SKIP failed_list_keeps_clients: python3-libnbd missing")
+        return 0
+    sh(tmp, "qemu-img create -f qcow2 a.qcow2 4M && qemu-img create -f qcow2 o.qcow2 4M && "
+            "qemu-img create -f qcow2 x.qcow2 4M")
+    d, c = start(blockd, tmp)
+    bad = 0
+    try:
+        for name in ("a", "o", "x"):
+            kw = {} if name == "a" else {"backing": None}
+            assert "return" in c.cmd("blockdev-add", qcow2(name, f"{tmp}/{name}.qcow2", **kw)), name
+        assert "return" in c.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": tmp + "/nbd.sock"}}})
+        assert "return" in c.cmd("block-export-add", {"type": "nbd", "id": "e0", "node-name": "a", "writable": True})
+        h = nbd.NBD()
+        h.set_export_name("a")
+        h.connect_unix(tmp + "/nbd.sock")
+        h.pwrite(b"\x33" * 65536, 0)
+        r = c.cmd("transaction", {"actions": [
+            {"type": "blockdev-snapshot", "data": {"node": "a", "overlay": "o"}},
+            {"type": "blockdev-snapshot", "data": {"node": "x", "overlay": "x"}}]})
+        if "error" not in r:
+            print("FAIL failed_list_keeps_clients: a snapshot of a node onto itself succeeded:", r)
+            bad += 1
+        h.pwrite(b"\x44" * 65536, 65536)
+        h.flush()
+        if h.pread(131072, 0) != b"\x33" * 65536 + b"\x44" * 65536:
+            print("FAIL failed_list_keeps_clients: the client reads other data than it wrote")
+            bad += 1
+        h.shutdown()
+        exports = c.cmd("query-block-exports")["return"]
+        if [e["node-name"] for e in exports] != ["a"]:
+            print("FAIL failed_list_keeps_clients: the export moved:", exports)
+            bad += 1
+    finally:
+        d.stop()
+    out = subprocess.run("qemu-io -r -c 'read -P 0x33 0 64k' -c 'read -P 0x44 64k 64k' a.qcow2", shell=True,
+                         cwd=tmp, capture_output=True, text=True)
+    if out.returncode != 0 or "Pattern verification failed" in out.stdout:
+        print("FAIL failed_list_keeps_clients: the writes did not land in a.qcow2:", out.stdout, out.stderr)
+        bad += 1
+    return bad
+
+
 def rollback_leaves_files(blockd, tmp):
     """An aborted transaction leaves the images as they were: no snapshot in the table, the old header."""
     sh(tmp, "qemu-img create -f qcow2 a.qcow2 4M && qemu-img create -f qcow2 b.qcow2 4M")
@@ -337,7 +384,7 @@ def main():
     bad += differential(a.blockd, "unused", IMAGES, UNUSED_SCRIPT)
     bad += differential(a.blockd, "bitmaps", IMAGES, BITMAP_SCRIPT)
     bad += differential(a.blockd, "transactions", IMAGES, TXN_SCRIPT)
-    for t in (clients_follow, rollback_leaves_files):
+    for t in (clients_follow, failed_list_keeps_clients, rollback_leaves_files):
         tmp = tempfile.mkdtemp(prefix="xsnap-", dir="/dev/shm")
         try:
             bad += t(a.blockd, tmp)
