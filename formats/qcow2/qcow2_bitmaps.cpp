@@ -7,6 +7,8 @@
 // leaks clusters at worst.
 #include <bit>
 
+#include <unordered_set>
+
 #include "formats/qcow2/driver_impl.h"
 #include "storage/block/bitmap_ops.h"
 
@@ -93,14 +95,24 @@ task<int> qcow2_driver::read_bitmap_directory(std::string& err) {
 
 // Every cluster a stored bitmap holds (its table and its data), for freeing and for a refcount
 // rebuild. Entries that are invalid or past the end of the file are not the bitmap's to give back.
+// A hostile image may point a table or a data entry at live metadata, or name one cluster twice:
+// such clusters are never given back (freeing them would free metadata, or underflow a refcount).
 std::vector<std::pair<uint64_t, uint64_t>> qcow2_driver::clusters_of(const stored_bitmap& s) const {
   std::vector<std::pair<uint64_t, uint64_t>> out;
   uint64_t flen = uint64_t(std::max<int64_t>(file_->length(), 0));
-  out.emplace_back(s.e.table_offset, (uint64_t(s.e.table_size) * 8 + cs_ - 1) / cs_ * cs_);
+  std::unordered_set<uint64_t> seen;
+  std::string what;
+  auto take = [&](uint64_t off, uint64_t len) {
+    if (!len || overlaps_metadata(off, len, what)) return;
+    for (uint64_t c = off / cs_; c < (off + len + cs_ - 1) / cs_; ++c)
+      if (!seen.insert(c).second) return;
+    out.emplace_back(off, len);
+  };
+  take(s.e.table_offset, (uint64_t(s.e.table_size) * 8 + cs_ - 1) / cs_ * cs_);
   for (uint64_t v : s.table) {
     uint64_t off = v & bitmap_entry_offset_mask;
     if (!off || !bitmap_table_entry_ok(v, cs_) || off > flen || cs_ > flen - off) continue;
-    out.emplace_back(off, cs_);
+    take(off, cs_);
   }
   return out;
 }
@@ -280,7 +292,9 @@ task<int> qcow2_driver::write_bitmap(const dirty_bitmap& b, stored_bitmap& s) {
   uint64_t per_cluster = cs_ * 8;
   uint64_t n = bitmap_table_entries(h_.size, s.e.granularity_bits, cs_);
   if (n == 0) co_return -EINVAL;  // an empty disk: a directory entry needs a table (QEMU fails too)
-  std::vector<uint64_t> table(n, 0);
+  // Entries go straight into s.table, so a failure part way gives back what was allocated so far.
+  s.table.assign(n, 0);
+  std::vector<uint64_t>& table = s.table;
   auto buf = make_buf(cs_);
   int64_t gran = int64_t(b.granularity());
   for (int64_t off = b.next_dirty(0); off >= 0;) {
@@ -297,9 +311,9 @@ task<int> qcow2_driver::write_bitmap(const dirty_bitmap& b, stored_bitmap& s) {
       bool fresh = false;
       int r = co_await alloc_clusters(1, host, fresh);
       if (r < 0) co_return r;
-      table[i] = host;  // now the bitmap's: freed with it if a later step fails
       r = co_await guard_new_metadata(host, cs_, "bitmap data");
-      if (r < 0) co_return r;
+      if (r < 0) co_return r;  // a cluster on live metadata is never recorded, so never freed
+      table[i] = host;  // now the bitmap's: freed with it if a later step fails
       auto bytes = b.to_bytes(first, count);
       std::memset(buf.get(), 0, cs_);
       std::memcpy(buf.get(), bytes.data(), bytes.size());
@@ -308,16 +322,16 @@ task<int> qcow2_driver::write_bitmap(const dirty_bitmap& b, stored_bitmap& s) {
     }
     off = end >= b.size() ? -1 : b.next_dirty(end);
   }
-  s.table = table;
   uint64_t clusters = (n * 8 + cs_ - 1) / cs_;
   uint64_t toff = 0;
   bool fresh = false;
   int r = co_await alloc_clusters(clusters, toff, fresh);
   if (r < 0) co_return r;
-  s.e.table_offset = toff;
-  s.e.table_size = uint32_t(n);
+  // A table the guard refuses lies on live metadata: it is not recorded, so nothing frees it.
   r = co_await guard_new_metadata(toff, clusters * cs_, "bitmap table");
   if (r < 0) co_return r;
+  s.e.table_offset = toff;
+  s.e.table_size = uint32_t(n);
   auto tbytes = encode_bitmap_table(table);
   auto tbuf = make_buf(clusters * cs_);
   std::memcpy(tbuf.get(), tbytes.data(), tbytes.size());

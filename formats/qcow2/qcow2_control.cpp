@@ -1,4 +1,6 @@
 // The qcow2 driver's control path: close, (in)activate, truncate, permissions, facts, reopen, and its registration; home iothread only.
+#include <cstdio>
+
 #include "formats/qcow2/driver_impl.h"
 
 namespace blockd::qcow2 {
@@ -225,14 +227,27 @@ result<std::unique_ptr<block_driver::reopen_state>> qcow2_driver::reopen_prepare
       if (to_read_only) {
         // Bitmaps are stored and everything cached goes out, and the image is marked clean, before
         // writes stop; the stored bitmaps stay in the node, read-only.
+        // This runs drained (a store before the drain would miss the writes still coming). A
+        // commit cannot fail: bitmaps whose store failed stay in use on disk and are marked
+        // inconsistent here too, so nobody trusts them (QEMU would refuse the reopen instead).
+        bool stored = true;
+        std::string err;
         if (!d->corrupt_) {
-          std::string err;
-          (void)d->run_sync(d->store_bitmaps(false, err));
+          stored = d->run_sync(d->store_bitmaps(false, err)) >= 0;
           (void)d->run_sync(d->close_image());
         }
+        if (!stored)
+          std::fprintf(stderr, "blockd: node '%s': could not store its dirty bitmaps at reopen to read-only: %s\n",
+                       d->node_name_.c_str(), err.c_str());
         d->read_only_ = true;
         for (auto& b : d->bitmaps_->all())
-          if (b->persistent) b->readonly = true;
+          if (b->persistent) {
+            b->readonly = true;
+            if (!stored) {
+              b->inconsistent = true;
+              b->enabled = false;
+            }
+          }
       }
       if (to_writable) {
         d->read_only_ = false;
