@@ -1,0 +1,295 @@
+// The conformance suite's harness: a node stack on a local loop, temporary images, and every stack the suite runs (each a driver chain built through nodes); test thread.
+#pragma once
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <linux/loop.h>
+#include <sys/ioctl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "storage/block/contract.h"
+#include "storage/block/driver.h"
+#include "storage/block/local_loop.h"
+#include "storage/block/node.h"
+#include "storage/io/reactor.h"
+#include "tests/drivers/fault_reactor.h"
+
+namespace blockd::block {
+namespace {
+
+
+constexpr int64_t image_size = 4 << 20;
+
+// A loop like an iothread's: deferred functions and reactor completions, on this thread only. The
+// poll backend (BLOCKD_REACTOR=poll, or no io_uring on the host) runs file I/O on worker threads.
+// The reactor is wrapped in a fault injector (passing everything through until a test sets a rule).
+struct test_loop : local_loop {
+  explicit test_loop(bool poll = false, unsigned ring = 256)
+      : local_loop(std::make_unique<io::fault_reactor>(poll ? io::reactor::create_poll()
+                                                            : io::reactor::create(ring, nullptr))) {}
+  io::fault_reactor& faults() { return static_cast<io::fault_reactor&>(*reactor); }
+  template <class Pred>
+  void until(Pred done) {
+    for (int i = 0; i < 1000000 && !done(); ++i) turn();
+    ASSERT_TRUE(done());
+  }
+};
+
+struct waiter final : io_waiter {
+  int calls = 0;
+  void io_done(io_request&) override { ++calls; }
+};
+
+// One stack of nodes under test; the top node is what requests go to.
+struct stack {
+  // Every node of the suite runs under the contract checker; a violation fails the test.
+  explicit stack(bool poll = false, unsigned ring = 256) : loop(poll, ring) {
+    set_contract_checks(true);
+    set_contract_handler([](const std::string& what) { ADD_FAILURE() << what; });
+  }
+  test_loop loop;
+  std::string path;
+  int loop_dev = -1;  // an attached loop device (host_device stacks)
+  bool direct = false;  // cache.direct=on for the nodes opened from now on
+  std::string skip;     // why this stack cannot be built on this host
+  std::vector<std::unique_ptr<node>> nodes;
+  node* top() { return nodes.back().get(); }
+
+  node* open(const std::string& driver, boost::json::object opts, node* child = nullptr) {
+    auto* e = find_driver(driver);
+    EXPECT_NE(e, nullptr) << driver;
+    open_args a{opts, {}, loop.env()};
+    a.direct = direct;
+    if (child) a.set_child("file", child);
+    auto drv = e->open(a);
+    EXPECT_TRUE(drv.has_value()) << (drv ? "" : drv.error().desc);
+    node_settings s;
+    s.name = "n" + std::to_string(nodes.size());
+    s.driver = driver;
+    s.direct = direct;
+    s.discard_unmap = true;
+    s.options = opts;
+    nodes.push_back(std::make_unique<node>(std::move(s), std::move(*drv), loop.env()));
+    nodes.back()->slots = std::move(a.edges);  // the driver's child handles point into these
+    return nodes.back().get();
+  }
+  ~stack() {
+    // Parents first: a format writes its caches back through its child when it closes.
+    while (!nodes.empty()) nodes.pop_back();
+    if (loop_dev >= 0) {
+      ioctl(loop_dev, LOOP_CLR_FD, 0);
+      close(loop_dev);
+    }
+    if (!path.empty()) unlink(path.c_str());
+  }
+};
+
+std::string temp_image(int64_t size, const std::string& dir = "/dev/shm") {
+  std::string tmpl = dir + "/blockd-conf-XXXXXX";
+  int fd = mkstemp(tmpl.data());
+  EXPECT_GE(fd, 0);
+  EXPECT_EQ(ftruncate(fd, size), 0);
+  close(fd);
+  return tmpl;
+}
+
+// A directory whose file system takes O_DIRECT opens ($TMPDIR, /var/tmp, /tmp; tmpfs only since
+// Linux 6.6), or "" with `why` saying what was tried.
+std::string direct_io_dir(std::string* why) {
+  std::vector<std::string> dirs;
+  if (const char* t = getenv("TMPDIR"); t && *t) dirs.push_back(t);
+  dirs.push_back("/var/tmp");
+  dirs.push_back("/tmp");
+  std::string tried;
+  for (auto& d : dirs) {
+    std::string p = d + "/blockd-dio-probe-XXXXXX";
+    int fd = mkstemp(p.data());
+    if (fd < 0) continue;
+    close(fd);
+    int dfd = open(p.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+    int err = errno;
+    unlink(p.c_str());
+    if (dfd >= 0) {
+      close(dfd);
+      return d;
+    }
+    tried += " " + d + " (" + std::strerror(err) + ")";
+  }
+  if (why) *why = "no directory takes O_DIRECT; tried" + tried + "; set TMPDIR to one on a disk file system";
+  return "";
+}
+
+struct null_stack {
+  static constexpr bool stores_data = false;
+  static void build(stack& s) { s.open("null-co", {{"size", image_size}, {"read-zeroes", true}}); }
+};
+struct null_aio_latency_stack {
+  static constexpr bool stores_data = false;
+  static void build(stack& s) {
+    s.open("null-aio", {{"size", image_size}, {"read-zeroes", true}, {"latency-ns", 20000}});
+  }
+};
+struct file_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    s.path = temp_image(image_size);
+    s.open("file", {{"filename", s.path}});
+  }
+};
+// aio=io_uring: reads and writes of this tmpfs file go through the ring (file_stack makes them on
+// the iothread), so both paths of the file driver take the suite.
+struct raw_over_file_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    s.path = temp_image(image_size);
+    node* f = s.open("file", {{"filename", s.path}, {"aio", "io_uring"}});
+    s.open("raw", {}, f);
+  }
+};
+struct raw_window_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    s.path = temp_image(image_size + 8192);
+    node* f = s.open("file", {{"filename", s.path}});
+    s.open("raw", {{"offset", 4096}, {"size", image_size}}, f);
+  }
+};
+// Seven raw windows stacked (15 layers on one request): the deepest filters find the layer stack full
+// and copy the request; every window's shift must apply exactly once.
+struct deep_raw_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    s.path = temp_image(image_size + 7 * 4096);
+    node* n = s.open("file", {{"filename", s.path}});
+    for (int i = 1; i <= 7; ++i) n = s.open("raw", {{"offset", 4096}, {"size", image_size + (7 - i) * 4096}}, n);
+  }
+};
+// qcow2 over a file, on an image qemu-img made (64 KiB clusters: the suite's 4 KiB requests land
+// in partial clusters, so allocation, copy-on-write and the metadata writeback all take part).
+struct qcow2_stack {
+  static constexpr bool stores_data = true;
+  static constexpr bool owns_every_byte = false;
+  static void build(stack& s) {
+    s.path = temp_image(0);
+    std::string cmd = "qemu-img create -q -f qcow2 " + s.path + " " + std::to_string(image_size) + " >/dev/null 2>&1";
+    if (std::system(cmd.c_str()) != 0) {
+      s.skip = "qemu-img is not installed";
+      return;
+    }
+    node* f = s.open("file", {{"filename", s.path}});
+    s.open("qcow2", {}, f);
+  }
+};
+// The same file stacks with file I/O on the poll backend's workers.
+template <class Base>
+struct on_poll : Base {
+  static constexpr bool poll = true;
+};
+// cache.direct=on: misaligned requests go through the driver's padding (read-modify-write).
+struct file_direct_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    std::string dir = direct_io_dir(&s.skip);
+    if (dir.empty()) return;
+    s.path = temp_image(image_size, dir);
+    s.direct = true;
+    s.open("file", {{"filename", s.path}});
+  }
+};
+struct raw_window_direct_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    std::string dir = direct_io_dir(&s.skip);
+    if (dir.empty()) return;
+    s.path = temp_image(image_size + 8192, dir);
+    s.direct = true;
+    node* f = s.open("file", {{"filename", s.path}});
+    // Every request of the suite lands misaligned on the file: all of them are padded, and
+    // neighbouring 4 KiB writes share a block, so the write ordering gets a workout too.
+    s.open("raw", {{"offset", 100}, {"size", image_size}}, f);
+  }
+  // Hole punching frees only whole file-system blocks; a window off their alignment keeps partial
+  // blocks allocated (zeroed), so block status reports data there.
+  static constexpr bool holes_follow_requests = false;
+};
+
+// host_device on a loop device over a tmpfs file: discard and zeroing go through BLKDISCARD and
+// BLKZEROOUT on the reactor's workers. Needs loop devices (root, not every container has them).
+std::string attach_loop_device(const std::string& file, int& dev_fd, std::string& dev_path) {
+  int ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+  if (ctl < 0) return std::string("no /dev/loop-control: ") + std::strerror(errno);
+  int n = ioctl(ctl, LOOP_CTL_GET_FREE);
+  int err = errno;
+  close(ctl);
+  if (n < 0) return std::string("LOOP_CTL_GET_FREE: ") + std::strerror(err);
+  dev_path = "/dev/loop" + std::to_string(n);
+  dev_fd = open(dev_path.c_str(), O_RDWR | O_CLOEXEC);
+  if (dev_fd < 0) return dev_path + ": " + std::strerror(errno);
+  int back = open(file.c_str(), O_RDWR | O_CLOEXEC);
+  int rc = ioctl(dev_fd, LOOP_SET_FD, back);
+  err = errno;
+  close(back);
+  if (rc != 0) {
+    close(dev_fd);
+    dev_fd = -1;
+    return "LOOP_SET_FD on " + dev_path + ": " + std::strerror(err);
+  }
+  return "";
+}
+struct host_device_stack {
+  static constexpr bool stores_data = true;
+  static constexpr bool sparse = false;  // a block device reports everything as data
+  static void build(stack& s) {
+    s.path = temp_image(image_size);
+    std::string dev;
+    s.skip = attach_loop_device(s.path, s.loop_dev, dev);
+    if (!s.skip.empty()) return;
+    s.open("host_device", {{"filename", dev}});
+  }
+};
+
+template <class T>
+constexpr bool holes_follow_requests() {
+  if constexpr (requires { T::holes_follow_requests; })
+    return T::holes_follow_requests;
+  else
+    return true;
+}
+template <class T>
+constexpr bool sparse() {
+  if constexpr (requires { T::sparse; })
+    return T::sparse;
+  else
+    return true;
+}
+// A format reports what it has not allocated as not allocated (its backing file, or zeroes, shows
+// through); a protocol node owns every byte of its range.
+template <class T>
+constexpr bool owns_every_byte() {
+  if constexpr (requires { T::owns_every_byte; })
+    return T::owns_every_byte;
+  else
+    return true;
+}
+template <class T>
+constexpr bool uses_poll() {
+  if constexpr (requires { T::poll; })
+    return T::poll;
+  else
+    return false;
+}
+
+}  // namespace
+}  // namespace blockd::block
