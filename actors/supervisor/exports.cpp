@@ -272,9 +272,11 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   e.fixed_iothread = bool_arg(args, "fixed-iothread");
   ty->second.describe(args, *n, e);
   auto reg = std::make_unique<block::lambda_action>();
-  reg->on_commit = [this, e = std::move(e)]() mutable {
+  reg->on_commit = [this, n, e = std::move(e)]() mutable {
     e.bitmaps = std::move(adding_bitmaps_);  // held for it by export_add_final
     adding_bitmaps_.clear();
+    if (!e.bitmaps.empty())
+      for (block::node* x : components({n})) e.bitmap_graph.push_back(x->name());
     exports_.push_front(std::move(e));
   };
   list.push_back(std::move(reg));

@@ -230,6 +230,10 @@ class supervisor_actor : public caf::event_based_actor {
     // The dirty bitmaps it exports (busy meanwhile), in context order; they live on the exported
     // node's home and are touched only there.
     std::vector<std::shared_ptr<block::dirty_bitmap>> bitmaps;
+    // With bitmaps: the nodes of the exported node's graph when it was added (the bitmaps' nodes
+    // are among them). None of them may move to another iothread without the rest, or a
+    // connection would read a bitmap that another thread dirties.
+    std::vector<std::string> bitmap_graph;
     std::map<uint64_t, caf::actor> clients;
     std::vector<std::function<void()>> on_gone;  // run once the export is deleted
   };

@@ -581,6 +581,23 @@ def blockd_bitmap_outside_the_graph(s):
     return "ok"
 
 
+def blockd_split_graph_does_not_move_apart(s):
+    """After a reopen splits the exported node from the backing node whose bitmap it exports, neither part
+    may move to another iothread on its own (a connection would read a bitmap another thread dirties);
+    once the export is gone, the move is allowed."""
+    s.ok("object-add", {"qom-type": "iothread", "id": "io1"})
+    s.ok("block-dirty-bitmap-add", {"node": "base", "name": "b"})
+    s.ok("block-dirty-bitmap-disable", {"node": "base", "name": "b"})
+    s.ok("block-export-add", {"type": "nbd", "id": "e0", "node-name": "q0", "bitmaps": ["b"]})
+    s.ok("blockdev-reopen", {"options": [{"driver": "qcow2", "node-name": "q0", "file": "f0", "backing": None}]})
+    for node, extra in (("base", {}), ("q0", {"force": True})):
+        r = s.cmd("x-blockdev-set-iothread", dict({"node-name": node, "iothread": "io1"}, **extra))
+        assert "reads dirty bitmaps of nodes that would stay behind" in r.get("error", ""), (node, r)
+    s.ok("block-export-del", {"id": "e0"})
+    s.ok("x-blockdev-set-iothread", {"node-name": "base", "iothread": "io1"})
+    return "ok"
+
+
 def blockd_checkpoint_in_a_transaction(s):
     """x-block-export-add (a blockd extension) with a bitmap added earlier in the same transaction: the
     export serves it, busy; when the transaction aborts, the export goes and the bitmap with it."""
@@ -645,7 +662,8 @@ BLOCKD_ONLY = [("blockd_extended_headers", blockd_extended_headers),
                ("blockd_inactive_node", blockd_inactive_node),
                ("blockd_backup_of_a_frozen_point", blockd_backup_of_a_frozen_point),
                ("blockd_checkpoint_in_a_transaction", blockd_checkpoint_in_a_transaction),
-               ("blockd_bitmap_outside_the_graph", blockd_bitmap_outside_the_graph)]
+               ("blockd_bitmap_outside_the_graph", blockd_bitmap_outside_the_graph),
+               ("blockd_split_graph_does_not_move_apart", blockd_split_graph_does_not_move_apart)]
 BIG = ["--blockdev", "driver=null-co,node-name=big,size=8589934592,read-zeroes=on"]
 
 
