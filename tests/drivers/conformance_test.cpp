@@ -41,11 +41,11 @@ class conformance : public ::testing::Test {
     for (size_t i = 0; i < n; ++i) v[i] = char((i * 31 + size_t(seed) * 7 + 1) & 0xff);
     return v;
   }
-  stack s{uses_poll<T>()};
+  stack s{uses_poll<T>(), 256, checked<T>()};
 };
 
 using stacks = ::testing::Types<null_stack, null_aio_latency_stack, file_stack, raw_over_file_stack, raw_window_stack,
-                                deep_raw_stack,
+                                deep_raw_stack, unchecked<deep_raw_stack>, unchecked<raw_window_stack>,
                                 on_poll<file_stack>, on_poll<raw_window_stack>, file_direct_stack,
                                 on_poll<file_direct_stack>, raw_window_direct_stack, host_device_stack,
                                 on_poll<host_device_stack>, qcow2_stack, on_poll<qcow2_stack>>;
