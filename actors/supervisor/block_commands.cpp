@@ -80,6 +80,8 @@ void supervisor_actor::blockdev_reopen(const boost::json::object& args, reply_fn
     if (pinning_export(moving))
       return reopen_abort_all(shared, command_outcome::failure(error("Cannot change iothread of active block backend")),
                               std::move(reply));
+    if (auto r = check_bitmaps_not_split(moving); !r)
+      return reopen_abort_all(shared, command_outcome::failure(r.error()), std::move(reply));
     park_clients(moving, [this, quiesce, shared, joins, reply = std::move(reply)]() mutable {
       with_quiesced_steps(
           quiesce,

@@ -275,8 +275,11 @@ command_outcome supervisor_actor::block_export_add(const boost::json::object& ar
   reg->on_commit = [this, n, e = std::move(e)]() mutable {
     e.bitmaps = std::move(adding_bitmaps_);  // held for it by export_add_final
     adding_bitmaps_.clear();
-    if (!e.bitmaps.empty())
-      for (block::node* x : components({n})) e.bitmap_graph.push_back(x->name());
+    if (!e.bitmaps.empty()) {
+      e.bitmap_graph = std::move(adding_bitmap_owners_);
+      e.bitmap_graph.push_back(n->name());
+    }
+    adding_bitmap_owners_.clear();
     exports_.push_front(std::move(e));
   };
   list.push_back(std::move(reg));
@@ -372,17 +375,31 @@ void supervisor_actor::export_add_final(const boost::json::object& args, reply_f
   }
   bool readonly = !bool_arg(args, "writable");
   auto held = std::make_shared<std::vector<std::shared_ptr<block::dirty_bitmap>>>();
+  auto owners = std::make_shared<std::vector<std::string>>();
   run_on_node(
       n,
-      [refs = std::move(refs), readonly, held](block::node&) {
+      [refs = std::move(refs), readonly, held, owners](block::node&) {
         auto r = block::hold_export_bitmaps(refs, readonly);
         if (!r) return command_outcome::failure(r.error());
         *held = std::move(*r);
+        // The nodes the bitmaps live on (read here, at home, where the sets change).
+        for (auto& ref : refs) {
+          if (ref.owner) {
+            owners->push_back(ref.owner->name());
+            continue;
+          }
+          for (block::node* x : ref.chain)
+            if (x->bitmaps().find(ref.name)) {
+              owners->push_back(x->name());
+              break;
+            }
+        }
         return command_outcome::success();
       },
-      [this, args, n, held, reply = std::move(reply)](command_outcome o) mutable {
+      [this, args, n, held, owners, reply = std::move(reply)](command_outcome o) mutable {
         if (!o.ok) return reply(std::move(o));
         adding_bitmaps_ = std::move(*held);
+        adding_bitmap_owners_ = std::move(*owners);
         command_outcome added = block_export_add(args);
         if (added.ok || adding_bitmaps_.empty()) return reply(std::move(added));
         // The registration failed after the hold (a refused permission): the bitmaps are let go

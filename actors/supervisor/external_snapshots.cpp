@@ -215,6 +215,7 @@ void supervisor_actor::snapshot_link(std::shared_ptr<void> state, block::action:
   if (home_of(ov) != home_of(st->old)) {
     moving = components({ov});
     if (pinning_export(moving)) return failed(error("Cannot change iothread of active block backend"));
+    if (auto r = check_bitmaps_not_split(moving); !r) return failed(r.error());
   }
   // Clients of exports on the old node and on its parents (whose slots change) leave their
   // connection actors (they resume on the overlay), then all of them drain; they stay drained

@@ -70,6 +70,21 @@ std::unique_ptr<block::action> supervisor_actor::rehome_action(std::vector<block
   return a;
 }
 
+result<void> supervisor_actor::check_bitmaps_not_split(const std::vector<block::node*>& moving) const {
+  for (const auto& e : exports_) {
+    size_t in = 0, still = 0;
+    for (const auto& name : e.bitmap_graph) {
+      if (!graph_->find(name)) continue;  // deleted since: nothing of it to read
+      ++still;
+      in += std::any_of(moving.begin(), moving.end(), [&](const block::node* x) { return x->name() == name; });
+    }
+    if (in && in != still)
+      return fail("Cannot move these nodes to another iothread: export '" + e.id +
+                  "' reads dirty bitmaps of nodes that would stay behind; delete the export first");
+  }
+  return {};
+}
+
 void supervisor_actor::move_components(const std::vector<block::node*>& seeds, iothread* to,
                                        std::function<command_outcome()> then, reply_fn reply) {
   auto nodes = components(seeds);
@@ -77,19 +92,8 @@ void supervisor_actor::move_components(const std::vector<block::node*>& seeds, i
   if (there) return reply(then());
   // An export created with fixed-iothread holds its node (QEMU's text).
   if (pinning_export(nodes)) return reply(command_outcome::failure(error("Cannot change iothread of active block backend")));
-  // An export's bitmaps are read where its node lives: the graph they came from moves whole.
-  for (const auto& e : exports_) {
-    size_t in = 0, still = 0;
-    for (const auto& name : e.bitmap_graph) {
-      if (!graph_->find(name)) continue;  // deleted since: nothing of it to read
-      ++still;
-      in += std::any_of(nodes.begin(), nodes.end(), [&](const block::node* x) { return x->name() == name; });
-    }
-    if (in && in != still)
-      return reply(command_outcome::failure(
-          error("Cannot move these nodes to another iothread: export '" + e.id + "' reads dirty bitmaps of nodes "
-                "that would stay behind; delete the export first")));
-  }
+  // An export's bitmaps are read where its node lives: its nodes move together or not at all.
+  if (auto r = check_bitmaps_not_split(nodes); !r) return reply(command_outcome::failure(r.error()));
   // Exported nodes take their NBD clients along (QEMU moves an export with its node).
   park_clients(nodes, [this, nodes, to, then, reply = std::move(reply)]() mutable {
     with_quiesced(

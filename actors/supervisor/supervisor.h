@@ -230,9 +230,9 @@ class supervisor_actor : public caf::event_based_actor {
     // The dirty bitmaps it exports (busy meanwhile), in context order; they live on the exported
     // node's home and are touched only there.
     std::vector<std::shared_ptr<block::dirty_bitmap>> bitmaps;
-    // With bitmaps: the nodes of the exported node's graph when it was added (the bitmaps' nodes
-    // are among them). None of them may move to another iothread without the rest, or a
-    // connection would read a bitmap that another thread dirties.
+    // With bitmaps: the exported node and the nodes the bitmaps live on. None of them may move to
+    // another iothread without the rest, or a connection would read a bitmap that another thread
+    // dirties (check_bitmaps_not_split refuses a move that would part them).
     std::vector<std::string> bitmap_graph;
     std::map<uint64_t, caf::actor> clients;
     std::vector<std::function<void()>> on_gone;  // run once the export is deleted
@@ -273,8 +273,11 @@ class supervisor_actor : public caf::event_based_actor {
   void export_add_final(const boost::json::object& args, reply_fn reply);
   // Bitmaps held for the export being added; its registration takes them.
   std::vector<std::shared_ptr<block::dirty_bitmap>> adding_bitmaps_;
+  std::vector<std::string> adding_bitmap_owners_;  // the nodes those bitmaps live on
   // The export (fixed-iothread) that keeps one of `nodes` where it is, or nullptr.
   const export_entry* pinning_export(const std::vector<block::node*>& nodes) const;
+  // Refuses a move of `moving` to another iothread that would part an export's bitmap nodes.
+  result<void> check_bitmaps_not_split(const std::vector<block::node*>& moving) const;
   void block_export_del(const std::string& id, const std::string& mode, reply_fn reply);
   export_entry* find_export(const std::string& id);
   // The node an export's root points at now (null once the graph is gone).
