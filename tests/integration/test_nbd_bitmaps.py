@@ -25,6 +25,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import threading
 import traceback
 
@@ -349,8 +350,14 @@ def case_busy_while_exported(s):
         out.append(["client after hard delete", "still served"])
     except nbd.Error:
         out.append(["client after hard delete", "disconnected"])
-    # The deletion answered once the export was gone (QSD's BLOCK_EXPORT_DELETED comes first).
-    out.append(["info-after-hard-del", s.bitmap_info("q0", "b0")])
+    # blockd answers once the export is gone; QSD may answer first and delete it (and free the bitmap)
+    # a moment later, so the state is polled until it settles (bounded).
+    end = time.monotonic() + 10
+    info = s.bitmap_info("q0", "b0")
+    while info["busy"] and time.monotonic() < end:
+        time.sleep(0.01)
+        info = s.bitmap_info("q0", "b0")
+    out.append(["info-after-hard-del", info])
     assert out[-1][1]["busy"] is False, out[-1]
     r = step("block-dirty-bitmap-remove", {"node": "q0", "name": "b0"})
     assert r == {"return": {}}, r
