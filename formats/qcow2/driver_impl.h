@@ -183,6 +183,7 @@ class qcow2_driver final : public block_driver {
   task<int> alloc_area(uint64_t n, uint64_t& off);
   task<int> ensure_l2(uint64_t cluster);
   task<int> write_l1_entry(uint64_t index);
+  task<int> write_table_entry(const std::vector<uint64_t>& table, uint64_t table_offset, uint64_t index);
   // Why clusters are freed decides whether their space is discarded (pass-discard-* options).
   enum free_reason : uint8_t { free_other, free_request, free_snapshot };
   void queue_free(uint64_t host, uint64_t len, free_reason why = free_other) { pending_frees_.push_back({host, len, why}); }

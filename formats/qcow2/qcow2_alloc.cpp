@@ -68,15 +68,7 @@ task<int> qcow2_driver::ensure_refblock(uint64_t rbi) {
   fresh_end_ = std::max(fresh_end_, off + cs_);
   reftable_[rbi] = off;
   // The reftable entry last: until it is written the new block is merely unreferenced space.
-  uint64_t chunk = std::max<uint64_t>(align_, 8);
-  uint64_t byte = rbi * 8 / chunk * chunk;
-  auto buf = make_buf(chunk);
-  for (uint64_t i = 0; i < chunk / 8; ++i) {
-    uint64_t idx = byte / 8 + i;
-    put_be64(buf.get() + i * 8, idx < reftable_.size() ? reftable_[idx] : 0);
-  }
-  r = co_await io(*file_, io_op::write, int64_t(h_.refcount_table_offset + byte), int64_t(chunk)).buffer(buf.get());
-  co_return r;
+  co_return co_await write_table_entry(reftable_, h_.refcount_table_offset, rbi);
 }
 
 // A bigger refcount table goes, with the refcount blocks describing its own clusters, into the

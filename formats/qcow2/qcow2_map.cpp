@@ -140,15 +140,21 @@ task<int> qcow2_driver::map(uint64_t goff, uint64_t maxlen, extent& out) {
   co_return 0;
 }
 
-task<int> qcow2_driver::write_l1_entry(uint64_t index) {
+// One entry of a table of big-endian 64-bit words at `table_offset`, written as the smallest
+// aligned piece of the file holding it (its neighbours as they are in memory).
+task<int> qcow2_driver::write_table_entry(const std::vector<uint64_t>& table, uint64_t table_offset, uint64_t index) {
   uint64_t chunk = std::max<uint64_t>(align_, 8);
   uint64_t byte = index * 8 / chunk * chunk;
   auto buf = make_buf(chunk);
   for (uint64_t i = 0; i < chunk / 8; ++i) {
     uint64_t idx = byte / 8 + i;
-    put_be64(buf.get() + i * 8, idx < l1_.size() ? l1_[idx] : 0);
+    put_be64(buf.get() + i * 8, idx < table.size() ? table[idx] : 0);
   }
-  co_return co_await io(*file_, io_op::write, int64_t(h_.l1_table_offset + byte), int64_t(chunk)).buffer(buf.get());
+  co_return co_await io(*file_, io_op::write, int64_t(table_offset + byte), int64_t(chunk)).buffer(buf.get());
+}
+
+task<int> qcow2_driver::write_l1_entry(uint64_t index) {
+  co_return co_await write_table_entry(l1_, h_.l1_table_offset, index);
 }
 
 // Makes the L2 table of `cluster` exist and belong to the active L1 alone (meta_lock_ held).
