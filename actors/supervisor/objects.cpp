@@ -7,6 +7,8 @@
 #include "actors/supervisor/supervisor.h"
 #include "config/objects/authz.h"
 #include "config/objects/event_loop.h"
+#include "config/objects/secret.h"
+#include "config/objects/throttle_group.h"
 #include "config/objects/tls_creds.h"
 
 namespace blockd {
@@ -103,6 +105,22 @@ void supervisor_actor::init_objects() {
     return std::make_unique<main_loop_object>(*home_, *p);
   });
   qom_ = std::make_unique<qom::model>(types_);
+  // Drivers name secrets and throttle groups in their options; each open gets the objects as
+  // they are now (the open may run on another iothread, which must not read the model).
+  graph_->set_object_source([this] {
+    auto refs = std::make_shared<block::object_refs>();
+    if (!qom_) return std::shared_ptr<const block::object_refs>(refs);
+    for (qom::object* o : qom_->objects()) {
+      block::object_refs::entry e;
+      if (auto* s = dynamic_cast<qom::secret_common*>(o)) {
+        e.is_secret = true;
+        e.secret = s->bytes();
+      }
+      if (auto* t = dynamic_cast<qom::throttle_group_object*>(o)) e.throttle = t->state();
+      refs->by_id.emplace(o->id(), std::move(e));
+    }
+    return std::shared_ptr<const block::object_refs>(refs);
+  });
 }
 
 void supervisor_actor::register_object_commands() {

@@ -12,6 +12,7 @@
 #include "storage/block/dirty_bitmap.h"
 #include "storage/block/edge.h"
 #include "storage/block/io_request.h"
+#include "storage/block/object_refs.h"
 #include "storage/block/perm.h"
 
 namespace blockd::io {
@@ -225,6 +226,8 @@ struct open_args {
   // would write at open (persistent bitmaps' in-use marks) to activate().
   bool inactive = false;
   std::string node_name{};  // the name the node will have (for events and messages)
+  // The objects the options may name (key-secret, throttle-group); never null.
+  std::shared_ptr<const object_refs> objects = std::make_shared<object_refs>();
   // The node's dirty bitmaps, made before the driver opens so a format can load its stored ones.
   std::shared_ptr<bitmap_set> bitmaps = std::make_shared<bitmap_set>();
   // Opens a child the options did not name but the image does (a qcow2 backing file from its header):

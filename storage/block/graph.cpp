@@ -204,6 +204,10 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
   a.discard_unmap = s.discard_unmap;
   a.inactive = !s.active;
   a.filename_of = [this](const node& n) { return filename(n); };
+  if (staged)
+    a.objects = staged->objects;
+  else if (objects_source_)
+    a.objects = objects_source_();
   // A slot for every role the driver has, in its order (file, data-file, backing), filled or not:
   // the driver keeps handles on them, and the graph may fill, replace or empty them later.
   for (auto& role : e->child_roles) a.set_child(role, nullptr);

@@ -19,6 +19,9 @@ class graph {
  public:
   // `env_for_new_node` gives a new node its home's reactor and defer function.
   explicit graph(std::function<driver_env()> env_for_new_node);
+  // Where opens find the objects their options name (the supervisor's QOM model); called on the
+  // graph's thread when an add begins. Unset: no objects (tests).
+  void set_object_source(std::function<std::shared_ptr<const object_refs>()> f) { objects_source_ = std::move(f); }
   ~graph();
 
   // blockdev-add: opens the node and its inline children (validated BlockdevOptions). All or nothing.
@@ -37,6 +40,7 @@ class graph {
     // and ordered among themselves, but not in the graph, so no other code can reach them.
     boost::json::object options;
     driver_env env;
+    std::shared_ptr<const object_refs> objects;  // taken at begin_add, on the graph's thread
     size_t base = 0;                           // the graph's node count when the add began
     std::vector<node*> created;                // creation order (children before parents)
     std::vector<std::unique_ptr<node>> owned;  // the same nodes
@@ -201,6 +205,7 @@ class graph {
   void destroy(node* n);  // detach + close_nodes
 
   std::function<driver_env()> env_for_new_node_;
+  std::function<std::shared_ptr<const object_refs>()> objects_source_;
   static constexpr int max_implicit_depth = 64;  // nested opens of children an image names itself
   int implicit_depth_ = 0;
   std::vector<std::unique_ptr<node>> nodes_;  // creation order

@@ -16,6 +16,7 @@ std::shared_ptr<graph::staged_add> graph::begin_add(const boost::json::object& o
   auto s = std::make_shared<staged_add>();
   s->options = options;
   s->env = std::move(env);
+  s->objects = objects_source_ ? objects_source_() : std::make_shared<object_refs>();
   s->base = nodes_.size();
   return s;
 }
