@@ -1,4 +1,4 @@
-// The qcow2 driver's class and the helpers its parts share (scatter lists, extents, L2 words); home iothread only. Parts: qcow2_cache.cpp (metadata cache, writeback), qcow2_alloc.cpp (refcounts, allocation), qcow2_map.cpp (mapping, L2 tables, cluster locks, corruption), qcow2_io.cpp (reads, writes, zero/discard, flush, block status), qcow2_open.cpp (open, repair), qcow2_control.cpp (close, reopen, facts, registration), qcow2_snapshots.cpp (internal snapshots), qcow2_bitmaps.cpp (persistent dirty bitmaps).
+// The qcow2 driver's class and the helpers its parts share (scatter lists, extents, L2 words); home iothread only. Parts: qcow2_cache.cpp (metadata cache, writeback), qcow2_alloc.cpp (refcounts, allocation), qcow2_map.cpp (mapping, L2 tables, cluster locks, corruption), qcow2_io.cpp (reads, writes, zero/discard, flush, block status), qcow2_open.cpp (open, repair), qcow2_control.cpp (close, reopen, facts, registration), qcow2_snapshots.cpp (internal snapshots), qcow2_compressed.cpp (compressed writes, copy-on-read), qcow2_bitmaps.cpp (persistent dirty bitmaps).
 // Ordering rules that keep a crashed image consistent (at worst leaked clusters):
 //  * a cluster's refcount reaches the disk (and a flush) before any L2 entry naming it is written;
 //  * a new L2 table is written and flushed before the L1 entry naming it;
@@ -97,7 +97,9 @@ class qcow2_driver final : public block_driver {
   result<void> open(open_args& a);
 
   // ---- block_driver --------------------------------------------------------------------------------
-  uint32_t caps() const override { return cap_write_zeroes | cap_discard | cap_block_status | cap_resize; }
+  uint32_t caps() const override {
+    return cap_write_zeroes | cap_discard | cap_block_status | cap_resize | cap_compress | cap_copy_on_read;
+  }
   driver_limits limits() const override { return {align_, 0}; }
   int64_t length() const override { return int64_t(h_.size); }
   void submit(io_request& r) override;
@@ -200,12 +202,17 @@ class qcow2_driver final : public block_driver {
   // ---- guest requests ----------------------------------------------------------------------------
   task<int> do_read(io_request& r);
   task<int> read_extent(io_request& r, int64_t pos, uint64_t goff, const extent& e);
+  task<int> read_plain(io_request& r, int64_t pos, uint64_t goff, uint64_t len);
+  task<int> copy_up(io_request& r, int64_t pos, uint64_t goff, uint64_t len);
   task<int> read_old(uint64_t cluster, const l2_words& w, uint64_t in, uint64_t len, uint8_t* out);
   task<int> decompress(uint64_t host, uint64_t csize, uint8_t* out);
   task<int> do_write(io_request& r);
   task<int> write_cluster(io_request& r, int64_t pos, uint64_t cluster, uint64_t in, uint64_t n, bool zero);
   task<int> write_in_place_run(io_request& r);
   task<int> allocating_write(io_request& r, int64_t pos, uint64_t cluster, uint64_t in, uint64_t n, bool zero);
+  task<int> do_write_compressed(io_request& r);
+  task<int> write_compressed_cluster(io_request& r, int64_t pos, uint64_t cl, uint64_t n);
+  task<int> alloc_compressed_bytes(uint64_t size, uint64_t& host);
   task<int> do_zero_or_discard(io_request& r, bool discard);
   task<int> raw_data_zero(io_request& r, bool discard);
   task<int> zero_cluster_units(uint64_t cluster, uint64_t in, uint64_t n, bool discard, bool may_unmap);
@@ -294,6 +301,7 @@ class qcow2_driver final : public block_driver {
   uint64_t free_hint_ = 0;
   uint64_t fresh_end_ = 0;  // clusters at or past this offset were never written: they read as zeroes
   uint64_t last_compressed_ = ~0ull;
+  uint64_t compress_cursor_ = 0;  // where the next compressed cluster may go (0: a new host cluster)
   uint64_t snapshot_table_bytes_ = 0;  // the snapshot table's extent in the file (overlap checks)
   uint64_t lookups_ = 0;
   int64_t last_clean_ns_ = 0;

@@ -158,8 +158,10 @@ result<void> qcow2_driver::truncate(int64_t size) {
 void qcow2_driver::child_perm(const std::string& role, bool read_only, uint32_t node_perm, uint32_t node_shared,
                               uint32_t& perm, uint32_t& shared) const {
   if (role == "backing") {
-    // A backing file is only read; others may write it only if they keep its content (QEMU's COW rule).
-    perm = (node_perm & (perm_consistent_read | perm_write | perm_write_unchanged)) ? uint32_t(perm_consistent_read) : 0u;
+    // A backing file is only read, and consistently only when the node's users read consistently
+    // (QEMU's COW rule: a parent that only writes, or only rewrites unchanged data, asks for nothing);
+    // others may write it only if they keep its content.
+    perm = node_perm & perm_consistent_read;
     shared = perm_consistent_read | perm_write_unchanged | ((node_shared & perm_write) ? uint32_t(perm_write | perm_resize) : 0u);
     return;
   }

@@ -38,6 +38,7 @@ task<int> qcow2_driver::read_extent(io_request& r, int64_t pos, uint64_t goff, c
       iov_fill(r, pos, int64_t(e.len), nullptr);
       co_return 0;
     case run_kind::backing: {
+      if ((r.flags & io_copy_up) && backing_ && writable()) co_return co_await copy_up(r, pos, goff, e.len);
       uint64_t blen = backing_ ? uint64_t(std::max<int64_t>(backing_->length(), 0)) : 0;
       uint64_t in_backing = goff < blen ? std::min(e.len, blen - goff) : 0;
       if (in_backing) {
@@ -525,7 +526,7 @@ void qcow2_driver::submit(io_request& r) {
   task<int> t = [&]() -> task<int> {
     switch (r.op) {
       case io_op::read: return do_read(r);
-      case io_op::write: return do_write(r);
+      case io_op::write: return (r.flags & io_compress) ? do_write_compressed(r) : do_write(r);
       case io_op::write_zeroes: return do_zero_or_discard(r, false);
       case io_op::discard: return do_zero_or_discard(r, true);
       case io_op::flush: return do_flush();

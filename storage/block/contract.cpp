@@ -86,6 +86,10 @@ class checked_driver final : public block_driver, private io_waiter {
     --submitting_;
   }
 
+  result<void> preallocate(int64_t offset, int64_t len) override {
+    check_home("preallocate");
+    return inner_->preallocate(offset, len);
+  }
   result<void> truncate(int64_t size) override {
     // Growing is allowed under I/O (a format appends clusters past the end of its file while other
     // requests run below the old end); anything else needs the node drained.
@@ -218,7 +222,8 @@ class checked_driver final : public block_driver, private io_waiter {
                     std::to_string(lim.max_transfer));
     }
     uint32_t allowed = 0;
-    if (r.op == io_op::write) allowed = io_fua;
+    if (r.op == io_op::read && (inner_->caps() & cap_copy_on_read)) allowed = io_copy_up;
+    if (r.op == io_op::write) allowed = io_fua | ((inner_->caps() & cap_compress) ? uint32_t(io_compress) : 0u);
     if (r.op == io_op::write_zeroes) allowed = io_fua | io_may_unmap | io_no_fallback;
     if (r.flags & ~allowed) return fail(op + " with flags it may not carry (" + std::to_string(r.flags) + ")");
     if ((r.flags & io_fua) && !(inner_->caps() & cap_fua))

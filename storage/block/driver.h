@@ -47,6 +47,8 @@ enum driver_cap : uint32_t {
   cap_fua = 1u << 2,           // honours io_fua natively (else the node adds a flush)
   cap_block_status = 1u << 3,
   cap_resize = 1u << 4,
+  cap_compress = 1u << 5,  // takes io_compress writes (compressed clusters)
+  cap_copy_on_read = 1u << 6,  // takes io_copy_up reads (copies backing data into the image)
 };
 
 struct driver_limits {
@@ -88,6 +90,14 @@ class block_driver {
   // home iothread with requests in flight: a format extends its image file that way before writing
   // past the end.
   virtual result<void> truncate(int64_t size) { (void)size; return fail("Image format driver does not support resize"); }
+  // Reserves storage for [offset, offset+len), growing the image to offset+len if it is shorter,
+  // without changing any byte it holds (fallocate mode 0), so writes may run meanwhile. Home
+  // iothread, synchronous like a growing truncate. The preallocate filter uses it.
+  virtual result<void> preallocate(int64_t offset, int64_t len) {
+    (void)offset;
+    (void)len;
+    return fail("Operation not supported");
+  }
   // Permission changes are two-phase over the whole affected subgraph (graph::update_perms):
   // check_perm() says whether the node can take the new cumulative permissions (a file asks whether
   // another process holds conflicting OFD locks) without changing anything; once every node of the
@@ -241,6 +251,8 @@ struct open_args {
       if (e->role == role) return e.get();
     return nullptr;
   }
+  // Any node of the graph by name (a copy-on-read filter's `bottom`); null when there is none.
+  std::function<node*(const std::string&)> find_node = nullptr;
   // The node `role` holds now (null: empty or no such slot).
   node* find_child(const std::string& role) const {
     child_edge* e = edge(role);
@@ -292,6 +304,12 @@ struct driver_entry {
   // The image names its backing file itself (qcow2): an explicit backing that differs, or null
   // while the image names one, makes the node's filename a json: description.
   bool backing_from_image = false;
+  // A filter (QEMU's is_filter): its node presents its `file` child's data unchanged in place, so
+  // queries show that child as the node's backing image, and its filename is always a json: one.
+  bool is_filter = false;
+  // Options a json: filename leaves out (QEMU names a node by its strong options only: those that
+  // change what the data is, not how it is served).
+  std::vector<std::string> weak_options = {};
   // The driver's branch of BlockdevOptions: its QAPI type, and a function that defines the type
   // (and the types only it uses) in the schema the monitor validates blockdev-add with. Drivers
   // that share a type (file and host_device) name it; the first one registered defines it.

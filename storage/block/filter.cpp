@@ -8,18 +8,19 @@ namespace {
 char passed_marker;
 }  // namespace
 
-void filter_driver::pass_down(io_request& r, int64_t shift) {
+void filter_driver::pass_down(io_request& r, int64_t shift, uint32_t add_flags) {
   if (r.layer_room()) {
     io_request::layer& l = r.push_layer(this);
     l.user = &passed_marker;
     r.offset += shift;
+    r.flags |= add_flags;
     child_->submit(r);
     return;
   }
   // A chain deeper than the stack: this layer's child gets a request of its own, once.
   io_request* c = copies_.get();
   c->op = r.op;
-  c->flags = r.flags;
+  c->flags = r.flags | add_flags;
   c->offset = r.offset + shift;
   c->length = r.length;
   c->iov = r.iov;

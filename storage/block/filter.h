@@ -15,7 +15,8 @@ class filter_driver : public block_driver, protected io_waiter {
   explicit filter_driver(child_ref child) : child_(child) {}
 
   uint32_t caps() const override {
-    return child_->driver().caps() & (cap_write_zeroes | cap_discard | cap_fua | cap_block_status | cap_resize);
+    return child_->driver().caps() &
+           (cap_write_zeroes | cap_discard | cap_fua | cap_block_status | cap_resize | cap_copy_on_read);
   }
   driver_limits limits() const override { return child_->driver().limits(); }
   int64_t length() const override { return child_->length(); }
@@ -23,7 +24,8 @@ class filter_driver : public block_driver, protected io_waiter {
     // The child's published facts, not its driver: during a move the child may briefly live on
     // another thread (a reopen that takes it from another iothread commits before it moves).
     auto f = child_->facts();
-    return {.virtual_size = length(), .actual_size = f->actual_size, .has_dirty_flag = f->has_dirty_flag};
+    return {.virtual_size = length(), .actual_size = f->actual_size, .has_dirty_flag = f->has_dirty_flag,
+            .cluster_size = f->cluster_size};
   }
   void submit(io_request& r) override { pass_down(r, 0); }
   result<void> truncate(int64_t size) override { return child_->driver().truncate(size); }
@@ -35,7 +37,7 @@ class filter_driver : public block_driver, protected io_waiter {
 
  protected:
   // Sends `r` to the child, `shift` bytes further into it.
-  void pass_down(io_request& r, int64_t shift);
+  void pass_down(io_request& r, int64_t shift, uint32_t add_flags = 0);
   // The child finished `r` (this layer's entry already removed, so `r` is as the layer above sent
   // it, with the child's results); the default tells the layer above.
   virtual void completed(io_request& r) { r.waiter->io_done(r); }

@@ -204,6 +204,7 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
   a.discard_unmap = s.discard_unmap;
   a.inactive = !s.active;
   a.filename_of = [this](const node& n) { return filename(n); };
+  a.find_node = [this, staged](const std::string& n) { return lookup_for_open(n, staged); };
   if (staged)
     a.objects = staged->objects;
   else if (objects_source_)
@@ -658,8 +659,10 @@ std::vector<std::unique_ptr<node>> graph::detach_all() {
 boost::json::object graph::full_options(const node& n) const {
   boost::json::object o;
   o["driver"] = n.settings().driver;
+  const driver_entry* e = find_driver(n.settings().driver);
   for (auto& kv : n.settings().options) {
     if (is_common(kv.key())) continue;
+    if (e && std::find(e->weak_options.begin(), e->weak_options.end(), kv.key()) != e->weak_options.end()) continue;
     bool child = false;
     for (child_edge* edge : n.children())
       if (edge->role == kv.key()) {
@@ -692,7 +695,7 @@ std::string graph::filename(const node& n) const {
   for (child_edge* edge : n.children())
     if (e && !e->child_roles.empty() && edge->role == e->child_roles.front()) file = edge->child;
   const driver_entry* fe = file ? find_driver(file->settings().driver) : nullptr;
-  bool plain = e && fe && fe->protocol;
+  bool plain = e && fe && fe->protocol && !e->is_filter;
   for (auto& kv : own) {
     if (!plain) break;
     std::string_view k = kv.key();

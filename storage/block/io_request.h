@@ -17,6 +17,13 @@ enum io_flag : uint32_t {
   // Issued by a parent driver's control path (open, close, reopen, snapshot) while the node may be
   // quiesced for that very change: it bypasses the quiesce hold. The node strips it before its driver.
   io_control = 1u << 3,
+  // write: store the data compressed (qcow2 compressed clusters). Only to drivers with cap_compress;
+  // whole clusters, or the image's last partial one. Set by the compress filter and by backup.
+  io_compress = 1u << 4,
+  // read: copy what the read finds in backing files into this image on the way (copy-on-read), under
+  // the format's own locks so no write races the copy. Only to drivers with cap_copy_on_read; the
+  // node drops it for others (they have no backing files to copy from).
+  io_copy_up = 1u << 5,
 };
 
 // Block-status answer bits (the NBD base:allocation view plus QEMU's allocation depth needs).

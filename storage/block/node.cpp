@@ -98,6 +98,9 @@ void node::submit(io_request& r) {
     // The driver's contract: it only sees aligned payload requests (alignment > 1 only with O_DIRECT).
     if (a > 1 && (r.offset % a || r.length % a)) err = -EINVAL;
   }
+  // A compressed write to a driver that cannot store one fails, as in QEMU (never a plain write).
+  if (!err && (r.flags & io_compress) && (r.op != io_op::write || !(drv_->caps() & cap_compress))) err = -ENOTSUP;
+  if ((r.flags & io_copy_up) && (r.op != io_op::read || !(drv_->caps() & cap_copy_on_read))) r.flags &= ~uint32_t(io_copy_up);
   if (err) {
     if (auto* b = bucket(stats_, r.op)) b->invalid++;
     l.unaccounted = true;

@@ -15,6 +15,13 @@ const node* child_of(const node& n, const char* role) {
   return nullptr;
 }
 
+// The next image down the chain queries show (backing-image): a backing file, or what a filter filters.
+const node* chain_child(const node& n) {
+  if (auto* b = child_of(n, "backing")) return b;
+  const driver_entry* e = find_driver(n.settings().driver);
+  return e && e->is_filter ? child_of(n, "file") : nullptr;
+}
+
 // The child whose data this node presents (QEMU's "primary child"): a format's or filter's file.
 const node* primary_child(const node& n) {
   if (auto* f = child_of(n, "file")) return f;
@@ -74,7 +81,7 @@ boost::json::object image_info(const graph& g, const node& n, bool flat) {
   if (f.has_snapshots && !f.snapshots.empty()) img["snapshots"] = f.snapshots;
   if (!f.format_specific.is_null()) img["format-specific"] = f.format_specific;
   if (!flat)
-    if (const node* b = child_of(n, "backing")) img["backing-image"] = image_info(g, *b, flat);
+    if (const node* b = chain_child(n)) img["backing-image"] = image_info(g, *b, flat);
   return img;
 }
 

@@ -9,6 +9,9 @@ namespace blockd::block {
 void register_null_drivers();
 void register_file_drivers();
 void register_raw_driver();
+void register_compress_driver();
+void register_cor_driver();
+void register_preallocate_driver();
 }  // namespace blockd::block
 namespace blockd::qcow2 {
 void register_qcow2_driver();
@@ -31,6 +34,9 @@ void register_builtin_drivers() {
     register_null_drivers();
     register_raw_driver();
     qcow2::register_qcow2_driver();
+    register_compress_driver();
+    register_cor_driver();
+    register_preallocate_driver();
   });
 }
 

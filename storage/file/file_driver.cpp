@@ -138,6 +138,15 @@ class file_driver final : public block_driver {
     return {};
   }
 
+  result<void> preallocate(int64_t offset, int64_t len) override {
+    if (s_.blockdev) return fail("Cannot preallocate device files");
+    forget_data();
+    size_ = -1;
+    if (::fallocate(fd_, 0, offset, len) != 0)
+      return fail(std::string("Failed to preallocate '") + s_.path + "': " + std::strerror(errno));
+    return {};
+  }
+
   result<void> check_perm(uint32_t perm, uint32_t shared) override {
     if (!s_.locking) return {};
     // Only asks: the locks this process holds stay as they are until set_perm.

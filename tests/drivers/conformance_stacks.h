@@ -70,11 +70,18 @@ struct stack {
   node* top() { return nodes.back().get(); }
 
   node* open(const std::string& driver, boost::json::object opts, node* child = nullptr) {
+    std::vector<std::pair<std::string, node*>> kids;
+    if (child) kids.emplace_back("file", child);
+    return open_with(driver, std::move(opts), kids);
+  }
+  // The same with children in any roles (a qcow2 node's file and backing).
+  node* open_with(const std::string& driver, boost::json::object opts,
+                  const std::vector<std::pair<std::string, node*>>& kids) {
     auto* e = find_driver(driver);
     EXPECT_NE(e, nullptr) << driver;
     open_args a{opts, {}, loop.env()};
     a.direct = direct;
-    if (child) a.set_child("file", child);
+    for (auto& [role, n] : kids) a.set_child(role, n);
     auto drv = e->open(a);
     EXPECT_TRUE(drv.has_value()) << (drv ? "" : drv.error().desc);
     node_settings s;
@@ -192,6 +199,56 @@ struct qcow2_stack {
     }
     node* f = s.open("file", {{"filename", s.path}});
     s.open("qcow2", {}, f);
+  }
+};
+// copy-on-read over a qcow2 overlay whose backing file holds (zero) data everywhere: every first
+// read of a cluster copies it up (the overlay's allocating path under its cluster locks), and the
+// suite's writes then race nothing but themselves.
+struct cor_over_qcow2_stack {
+  static constexpr bool stores_data = true;
+  static constexpr bool owns_every_byte = false;
+  static constexpr bool sparse = false;  // the backing file's zeroes are written data
+  static void build(stack& s) {
+    std::string base = temp_image(image_size);
+    s.path = temp_image(0);
+    std::string cmd = "qemu-io -f raw -c 'write -P 0 0 " + std::to_string(image_size) + "' " + base +
+                      " >/dev/null 2>&1 && qemu-img create -q -f qcow2 -b " + base + " -F raw " + s.path + " " +
+                      std::to_string(image_size) + " >/dev/null 2>&1";
+    if (std::system(cmd.c_str()) != 0) {
+      s.skip = "qemu-img or qemu-io is not installed";
+      unlink(base.c_str());
+      return;
+    }
+    node* b = s.open("file", {{"filename", base}});
+    unlink(base.c_str());  // open: the file lives as long as the node
+    node* f = s.open("file", {{"filename", s.path}});
+    node* q = s.open_with("qcow2", {}, {{"file", f}, {"backing", b}});
+    s.open("copy-on-read", {}, q);
+  }
+};
+// preallocate under qcow2: every cluster the suite allocates grows the image file through the
+// filter's reservation.
+struct qcow2_over_preallocate_stack {
+  static constexpr bool stores_data = true;
+  static constexpr bool owns_every_byte = false;
+  static void build(stack& s) {
+    s.path = temp_image(0);
+    std::string cmd = "qemu-img create -q -f qcow2 " + s.path + " " + std::to_string(image_size) + " >/dev/null 2>&1";
+    if (std::system(cmd.c_str()) != 0) {
+      s.skip = "qemu-img is not installed";
+      return;
+    }
+    node* f = s.open("file", {{"filename", s.path}});
+    node* p = s.open("preallocate", {{"prealloc-size", 1 << 20}, {"prealloc-align", 65536}}, f);
+    s.open("qcow2", {}, p);
+  }
+};
+struct preallocate_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    s.path = temp_image(image_size);
+    node* f = s.open("file", {{"filename", s.path}});
+    s.open("preallocate", {}, f);
   }
 };
 // The same file stacks with file I/O on the poll backend's workers.
