@@ -13,6 +13,9 @@ void register_raw_driver();
 namespace blockd::qcow2 {
 void register_qcow2_driver();
 }  // namespace blockd::qcow2
+namespace blockd::luks {
+void register_luks_driver();
+}  // namespace blockd::luks
 namespace blockd::block {
 
 namespace {
@@ -31,6 +34,7 @@ void register_builtin_drivers() {
     register_null_drivers();
     register_raw_driver();
     qcow2::register_qcow2_driver();
+    luks::register_luks_driver();
   });
 }
 
