@@ -30,6 +30,17 @@ struct zero_run {
   uint8_t* buf = nullptr;
 };
 
+// A request not on sector boundaries: the covering sectors [a0, a1) are read and decrypted; a write
+// then lays its bytes (or zeroes) over them, encrypts and writes them back.
+struct padded {
+  io_request* orig;
+  int64_t a0, a1;
+  uint8_t* buf;
+};
+
+// Child request tags: which path a completion belongs to.
+enum : uint64_t { t_direct = 0, t_bounce = 1, t_zero = 2, t_padded_read = 3, t_rmw_read = 4, t_rmw_write = 5 };
+
 class luks_driver final : public block_driver, io_waiter {
  public:
   luks_driver(child_ref file, child_ref hdr, header h, std::unique_ptr<sector_cipher> c, driver_env env,
@@ -65,13 +76,18 @@ class luks_driver final : public block_driver, io_waiter {
   void submit(io_request& r) override {
     switch (r.op) {
       case io_op::read:
+        if (r.length == 0) return finish_later(r, 0);
+        if (unaligned(r)) return start_padded(r, t_padded_read);
+        return start_read(r);
       case io_op::write:
-        if (r.offset % int64_t(sector) || r.length % int64_t(sector)) return finish_later(r, -EINVAL);
-        return r.op == io_op::read ? start_read(r) : start_write(r);
+        if (r.length == 0) return finish_later(r, 0);
+        if (unaligned(r)) return queue_rmw(r);
+        return start_write(r);
       case io_op::write_zeroes: {
-        if (r.offset % int64_t(sector) || r.length % int64_t(sector)) return finish_later(r, -EINVAL);
+        if (r.length == 0) return finish_later(r, 0);
         // Plaintext zeroes are not zeroes on disk: they must be written encrypted, never unmapped.
         if (r.flags & io_no_fallback) return finish_later(r, -ENOTSUP);
+        if (unaligned(r)) return queue_rmw(r);
         auto* z = new zero_run{&r};
         z->buf = alloc_bounce(std::min(r.length, zero_chunk));
         return next_zero(z);
@@ -107,6 +123,61 @@ class luks_driver final : public block_driver, io_waiter {
     env_.defer([&r, res] { r.complete(res); });
   }
 
+  static bool unaligned(const io_request& r) { return r.offset % int64_t(sector) || r.length % int64_t(sector); }
+
+  void start_padded(io_request& r, uint64_t tag) {
+    auto* p = new padded{&r, r.offset / int64_t(sector) * int64_t(sector),
+                         (r.offset + r.length + int64_t(sector) - 1) / int64_t(sector) * int64_t(sector), nullptr};
+    p->buf = alloc_bounce(p->a1 - p->a0);
+    io_request* c = pool_.get();
+    c->op = io_op::read;
+    c->offset = p->a0 + payload_;
+    c->set_buffer(p->buf, p->a1 - p->a0);
+    c->user = p;
+    c->tag = tag;
+    c->waiter = this;
+    file_->submit(*c);
+  }
+  // Read-modify-write cycles run one at a time, so two writes into one sector never lose each
+  // other's bytes (an aligned write racing a cycle's edge sector is the caller's overlap, as in QEMU
+  // without serialisation).
+  void queue_rmw(io_request& r) {
+    rmw_queue_.push_back(&r);
+    if (rmw_queue_.size() == 1) start_padded(r, t_rmw_read);
+  }
+  void rmw_done() {
+    rmw_queue_.erase(rmw_queue_.begin());
+    if (!rmw_queue_.empty()) start_padded(*rmw_queue_.front(), t_rmw_read);
+  }
+  void padded_done(io_request& c) {
+    auto* p = static_cast<padded*>(c.user);
+    io_request& r = *p->orig;
+    int res = c.result;
+    uint64_t tag = c.tag;
+    pool_.put(&c);
+    size_t n = size_t(p->a1 - p->a0);
+    if (res == 0 && tag != t_rmw_write) cipher_->decrypt(uint64_t(p->a0) / sector, p->buf, n);
+    if (res == 0 && tag == t_padded_read) copy_to_iov(r.iov, r.iovcnt, 0, p->buf + (r.offset - p->a0), r.length);
+    if (res == 0 && tag == t_rmw_read) {
+      if (r.op == io_op::write) copy_from_iov(r.iov, r.iovcnt, 0, p->buf + (r.offset - p->a0), r.length);
+      else std::memset(p->buf + (r.offset - p->a0), 0, size_t(r.length));
+      cipher_->encrypt(uint64_t(p->a0) / sector, p->buf, n);
+      io_request* w = pool_.get();
+      w->op = io_op::write;
+      w->flags = r.flags & io_fua;
+      w->offset = p->a0 + payload_;
+      w->set_buffer(p->buf, int64_t(n));
+      w->user = p;
+      w->tag = t_rmw_write;
+      w->waiter = this;
+      return file_->submit(*w);
+    }
+    std::free(p->buf);
+    delete p;
+    if (tag != t_padded_read) rmw_done();
+    r.complete(res);
+  }
+
   void start_read(io_request& r) {
     io_request* c = child_req(r, io_op::read);
     if (r.iovcnt == 1) {
@@ -115,7 +186,7 @@ class luks_driver final : public block_driver, io_waiter {
     } else {
       // Sectors may straddle the caller's pieces: read whole into a bounce buffer, decrypt, copy out.
       c->set_buffer(alloc_bounce(r.length), r.length);
-      c->tag = 1;
+      c->tag = t_bounce;
     }
     file_->submit(*c);
   }
@@ -127,7 +198,7 @@ class luks_driver final : public block_driver, io_waiter {
     copy_from_iov(r.iov, r.iovcnt, 0, b, r.length);
     cipher_->encrypt(uint64_t(r.offset) / sector, b, size_t(r.length));
     c->set_buffer(b, r.length);
-    c->tag = 1;
+    c->tag = t_bounce;
     file_->submit(*c);
   }
 
@@ -142,14 +213,15 @@ class luks_driver final : public block_driver, io_waiter {
     c->offset = r.offset + z->done + payload_;
     c->set_buffer(z->buf, n);
     c->user = z;
-    c->tag = 2;
+    c->tag = t_zero;
     c->waiter = this;
     file_->submit(*c);
   }
 
   void io_done(io_request& c) override {
+    if (c.tag >= t_padded_read) return padded_done(c);
     int res = c.result;
-    if (c.tag == 2) {
+    if (c.tag == t_zero) {
       auto* z = static_cast<zero_run*>(c.user);
       z->done += c.length;
       pool_.put(&c);
@@ -161,7 +233,7 @@ class luks_driver final : public block_driver, io_waiter {
     }
     io_request& r = *static_cast<io_request*>(c.user);
     if (r.op == io_op::read && res == 0) {
-      if (c.tag == 1) {
+      if (c.tag == t_bounce) {
         auto* b = static_cast<uint8_t*>(c.one.iov_base);
         cipher_->decrypt(uint64_t(r.offset) / sector, b, size_t(r.length));
         copy_to_iov(r.iov, r.iovcnt, 0, b, r.length);
@@ -169,7 +241,7 @@ class luks_driver final : public block_driver, io_waiter {
         cipher_->decrypt(uint64_t(r.offset) / sector, static_cast<uint8_t*>(r.iov[0].iov_base), size_t(r.length));
       }
     }
-    if (c.tag == 1) std::free(c.one.iov_base);
+    if (c.tag == t_bounce) std::free(c.one.iov_base);
     pool_.put(&c);
     r.complete(res);
   }
@@ -181,6 +253,7 @@ class luks_driver final : public block_driver, io_waiter {
   std::string secret_;  // the open's key-secret: amend unlocks with it when no "secret" is given
   int64_t payload_ = 0;
   request_pool pool_;
+  std::vector<io_request*> rmw_queue_;  // unaligned writes; the front one is in its cycle
 };
 
 result<std::unique_ptr<block_driver>> open_luks(open_args& a) {

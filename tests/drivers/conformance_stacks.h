@@ -66,6 +66,7 @@ struct stack {
   int loop_dev = -1;  // an attached loop device (host_device stacks)
   bool direct = false;  // cache.direct=on for the nodes opened from now on
   std::string skip;     // why this stack cannot be built on this host
+  std::shared_ptr<const object_refs> objects;  // secrets the opens may name (luks); null: none
   std::vector<std::unique_ptr<node>> nodes;
   node* top() { return nodes.back().get(); }
 
@@ -74,6 +75,7 @@ struct stack {
     EXPECT_NE(e, nullptr) << driver;
     open_args a{opts, {}, loop.env()};
     a.direct = direct;
+    if (objects) a.objects = objects;
     if (child) a.set_child("file", child);
     auto drv = e->open(a);
     EXPECT_TRUE(drv.has_value()) << (drv ? "" : drv.error().desc);
@@ -192,6 +194,30 @@ struct qcow2_stack {
     }
     node* f = s.open("file", {{"filename", s.path}});
     s.open("qcow2", {}, f);
+  }
+};
+// luks over a file, on an image qemu-img made (aes-256-xts, iter-time 10 so opening is quick) and
+// filled with encrypted zeroes (a fresh luks payload decrypts to noise): every request is decrypted
+// or encrypted on the way, unaligned ones through read-modify-write.
+struct luks_stack {
+  static constexpr bool stores_data = true;
+  static constexpr bool sparse = false;  // everything reads as data, as QEMU's luks reports it
+  static void build(stack& s) {
+    s.path = temp_image(0);
+    std::string sec = "--object secret,id=s0,data=pw ";
+    std::string cmd = "qemu-img create -q -f luks " + sec + "-o key-secret=s0,iter-time=10 " + s.path + " " +
+                      std::to_string(image_size) + " >/dev/null 2>&1 && qemu-io " + sec +
+                      "--image-opts driver=luks,key-secret=s0,file.filename=" + s.path + " -c 'write -z 0 " +
+                      std::to_string(image_size) + "' >/dev/null 2>&1";
+    if (std::system(cmd.c_str()) != 0) {
+      s.skip = "qemu-img/qemu-io are not installed";
+      return;
+    }
+    auto refs = std::make_shared<object_refs>();
+    refs->by_id["s0"] = object_refs::entry{true, "pw", nullptr};
+    s.objects = refs;
+    node* f = s.open("file", {{"filename", s.path}});
+    s.open("luks", {{"key-secret", "s0"}}, f);
   }
 };
 // The same file stacks with file I/O on the poll backend's workers.
