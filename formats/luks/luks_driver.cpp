@@ -63,6 +63,7 @@ class luks_driver final : public block_driver, io_waiter {
     image_facts f{.virtual_size = length()};
     f.actual_size = file_->facts()->actual_size;
     f.encrypted = true;
+    f.has_dirty_flag = true;  // QSD shows "dirty-flag": false for luks nodes
     f.format_specific = boost::json::object{{"type", "luks"}, {"data", info_json(h_, bool(hdr_))}};
     return f;
   }
@@ -261,14 +262,15 @@ result<std::unique_ptr<block_driver>> open_luks(open_args& a) {
   if (!file) return fail("luks node needs a file child");
   node* hdr = a.find_child("header");
   node* hnode = hdr ? hdr : file;
-  auto buf = read_header_bytes(*hnode);
-  if (!buf) return std::unexpected(buf.error());
-  auto h = parse_header(buf->data(), buf->size(), uint64_t(std::max<int64_t>(hnode->length(), 0)), hdr != nullptr);
-  if (!h) return std::unexpected(h.error());
+  // QEMU's order: the secret first, then the header.
   auto* ks = a.options.if_contains("key-secret");
   if (!ks || !ks->is_string()) return fail("Parameter 'key-secret' is required for cipher");
   auto secret = a.objects->secret_bytes(std::string(ks->get_string()));
   if (!secret) return std::unexpected(secret.error());
+  auto buf = read_header_bytes(*hnode);
+  if (!buf) return std::unexpected(buf.error());
+  auto h = parse_header(buf->data(), buf->size(), uint64_t(std::max<int64_t>(hnode->length(), 0)), hdr != nullptr);
+  if (!h) return std::unexpected(h.error());
   sync_io io(*hnode);
   auto key = unlock(*h, *secret, [&](uint64_t off, size_t len, uint8_t* out) {
     return io.read(out, int64_t(len), int64_t(off));

@@ -55,7 +55,10 @@ class Mon:
                     return
             if time.monotonic() > end:
                 raise AssertionError(f"job {job} never reached {status}: {self.events}")
-            self.events.append(self.c.line())
+            try:
+                self.events.append(self.c.line())
+            except TimeoutError:
+                pass  # PBKDF2 benchmarks take seconds on a loaded machine; the deadline above bounds it
 
     def wait_event(self, name, data):
         end = time.monotonic() + DEADLINE
@@ -176,7 +179,8 @@ CREATE = [
     {},
     {"cipher-alg": "aes-128", "cipher-mode": "cbc", "ivgen-alg": "essiv", "hash-alg": "sha1"},
     {"cipher-alg": "serpent-256", "cipher-mode": "xts", "ivgen-alg": "plain", "hash-alg": "sha512"},
-    {"cipher-alg": "twofish-192", "cipher-mode": "ctr", "ivgen-alg": "plain64", "hash-alg": "ripemd160"},
+    # (No 24-byte keys: QEMU 7.2 aborts on them, as its key material of 96000 bytes is not whole sectors.)
+    {"cipher-alg": "twofish-256", "cipher-mode": "ctr", "ivgen-alg": "plain64", "hash-alg": "ripemd160"},
     {"cipher-alg": "cast5-128", "cipher-mode": "cbc", "ivgen-alg": "essiv", "ivgen-hash-alg": "md5"},
 ]
 
@@ -323,9 +327,11 @@ def main():
         print("SKIP: qemu-img, qemu-io or qemu-storage-daemon missing")
         return 77
     failed = 0
+    ran = 0
     for case in CASES:
         if a.k and a.k not in case.__name__:
             continue
+        ran += 1
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         tmp = tempfile.mkdtemp(prefix="blockd-luks-", dir=base)
         try:
@@ -337,7 +343,7 @@ def main():
             traceback.print_exc()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{len(CASES) - failed} passed, {failed} failed")
+    print(f"{ran - failed} passed, {failed} failed")
     return 1 if failed else 0
 
 
