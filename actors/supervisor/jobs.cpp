@@ -244,7 +244,9 @@ result<block::node*> supervisor_actor::job_hold(job_entry& j, const boost::json:
   if (std::find(j.held.begin(), j.held.end(), n->name()) == j.held.end()) {
     block::perm_user u{"an unnamed block device (uses node '" + n->name() + "' as 'root' child)",
                        block::perm_write | block::perm_resize, block::perm_all};
-    if (auto r = graph_->attach_user(*n, user_key(id), u); !r) {
+    // One root per held node: a luks creation with a detached header holds two nodes.
+    std::string key = j.held.empty() ? user_key(id) : user_key(id) + "/" + n->name();
+    if (auto r = graph_->attach_user(*n, key, u); !r) {
       if (!opened.empty()) {
         graph_->del(opened);
         sync_node_actors();
@@ -260,8 +262,9 @@ result<block::node*> supervisor_actor::job_hold(job_entry& j, const boost::json:
 void supervisor_actor::job_release(const std::string& id) {
   job_entry* j = find_job(id);
   if (!j || !graph_) return;
-  for (auto& name : j->held)
-    if (block::node* n = graph_->find(name)) graph_->detach_user(*n, user_key(id));
+  for (size_t i = 0; i < j->held.size(); ++i)
+    if (block::node* n = graph_->find(j->held[i]))
+      graph_->detach_user(*n, i == 0 ? user_key(id) : user_key(id) + "/" + j->held[i]);
   j->held.clear();
   // The job's own nodes go now. Nothing can be in flight on them: the job was their only user and
   // its body has returned; a node someone else started to use meanwhile stays.

@@ -314,8 +314,43 @@ def case_amend_slots_interop(binary, tmp):
     assert r.returncode != 0 and "Invalid password" in r.stdout + r.stderr, r
 
 
+def case_detached_header_round_trip(binary, tmp):
+    """9.0's detached header (QSD 7.2 has none, so blockd against itself): create with header + file, the data
+    file holds only payload, reopen reads back what the export wrote; without the header the file is no LUKS."""
+    hdr, data = os.path.join(tmp, "h.img"), os.path.join(tmp, "d.img")
+    open(hdr, "w").close()
+    open(data, "w").close()
+    d, m = start(binary, tmp)
+    try:
+        for n, p in (("fh", hdr), ("fd", data)):
+            assert m.cmd("blockdev-add", {"driver": "file", "filename": p, "node-name": n}) == {"return": {}}
+        assert m.run_job("blockdev-create", {"job-id": "c", "options": {
+            "driver": "luks", "file": "fd", "header": "fh", "size": 1 << 20, "key-secret": "s0", "iter-time": 10}}) is None
+        assert os.path.getsize(data) == 1 << 20, os.path.getsize(data)
+        r = m.cmd("blockdev-add", {"driver": "luks", "file": "fd", "header": "fh", "node-name": "l0", "key-secret": "s0"})
+        assert r == {"return": {}}, r
+        node = [n for n in m.cmd("query-named-block-nodes")["return"] if n["node-name"] == "l0"][0]
+        assert node["image"]["virtual-size"] == 1 << 20, node
+        assert node["image"]["format-specific"]["data"]["detached-header"] is True, node
+        sock = export(m, tmp, "l0")
+        nbd_io(sock, "write -P 0x21 0 64k")
+        assert m.cmd("block-export-del", {"id": "e0"}) == {"return": {}}
+        m.wait_event("BLOCK_EXPORT_DELETED", {"id": "e0"})
+        assert m.cmd("blockdev-del", {"node-name": "l0"}) == {"return": {}}
+        r = m.cmd("blockdev-add", {"driver": "luks", "file": "fd", "header": "fh", "node-name": "l1", "key-secret": "s0"})
+        assert r == {"return": {}}, r
+        assert m.cmd("block-export-add", {"type": "nbd", "id": "e1", "name": "e0", "node-name": "l1", "writable": True}) == {"return": {}}
+        nbd_io(sock, "read -P 0x21 0 64k")
+        r = m.cmd("blockdev-add", {"driver": "luks", "file": "fd", "node-name": "l2", "key-secret": "s0"})
+        assert r["error"]["desc"] == "Volume is not in LUKS format", r
+    finally:
+        d.stop()
+    with open(data, "rb") as f:
+        assert f.read(65536) != b"\x21" * 65536  # the payload is stored encrypted
+
+
 CASES = [case_qemu_images_read_back_in_blockd, case_blockd_images_open_in_qemu, case_errors_and_query_equal_qsd,
-         case_amend_slots_interop]
+         case_amend_slots_interop, case_detached_header_round_trip]
 
 
 def main():
