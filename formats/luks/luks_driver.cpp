@@ -50,11 +50,10 @@ class luks_driver final : public block_driver, io_waiter {
   }
 
   uint32_t caps() const override { return cap_fua | cap_block_status | cap_resize; }
-  driver_limits limits() const override {
-    auto l = file_->driver().limits();
-    l.request_alignment = std::max<uint32_t>(512, l.request_alignment);
-    return l;
-  }
+  // The cipher works on 512-byte sectors (QEMU's request_alignment 512), but this driver pads
+  // unaligned requests itself (read-modify-write), so callers may send any byte range: the node
+  // layer refuses requests off the alignment a driver states.
+  driver_limits limits() const override { return file_->driver().limits(); }
   int64_t length() const override {
     int64_t n = file_->length() - payload_;
     return n < 0 ? 0 : n;
