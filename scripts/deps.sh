@@ -2,7 +2,7 @@
 # Installs what blockd needs to build and test on Debian 12 (bookworm): run as root; safe to repeat.
 set -euo pipefail
 build_pkgs=(cmake ninja-build g++ pkg-config libcaf-dev libboost-json1.81-dev liburing-dev googletest libgtest-dev
-            zlib1g-dev libzstd-dev libgnutls28-dev)
+            zlib1g-dev libzstd-dev libgnutls28-dev nettle-dev)
 oracle_pkgs=(qemu-utils qemu-system-common libnbd-bin python3-libnbd nbdkit fio python3 gnutls-bin)
 want=("${build_pkgs[@]}")
 [ "${1:-}" = "--with-oracles" ] && want+=("${oracle_pkgs[@]}")

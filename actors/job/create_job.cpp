@@ -38,7 +38,8 @@ result<void> create_runner::work(const std::atomic<bool>& cancelled) {
                            if (known == ref) return answer;
                          return ask_supervisor(sup, {job_graph_request::op::resolve, id, ref, nullptr});
                        },
-                       [&cancelled] { return cancelled.load(); }};
+                       [&cancelled] { return cancelled.load(); },
+                       objects_};
   auto r = entry_->create(a);
   // A creation that stopped for the cancel reports it as QEMU does for every cancelled job.
   if (!r && cancelled.load()) r = fail(std::strerror(ECANCELED));
@@ -52,7 +53,8 @@ result<void> create_runner::work(const std::atomic<bool>& cancelled) {
 void amend_runner::run(job::core& j) {
   j.progress_set_remaining(1);
   result<void> r;
-  if (options_.contains("encrypt")) r = fail("image is not encrypted, can't amend");
+  if (done_) r = *done_;
+  else if (options_.contains("encrypt")) r = fail("image is not encrypted, can't amend");
   j.progress_update(1);
   if (r)
     j.work_done(0);

@@ -4,6 +4,7 @@
 
 #include <future>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -42,6 +43,8 @@ class create_runner final : public worker_runner {
   // resolve() hands them out, errors included, when the driver asks. Set before run().
   using known_refs = std::vector<std::pair<boost::json::value, result<block::node*>>>;
   void preresolve(known_refs known) { known_ = std::move(known); }
+  // The secrets the options may name, taken by the supervisor when the command ran. Set before run().
+  void set_objects(std::shared_ptr<const block::object_refs> o) { objects_ = std::move(o); }
 
  protected:
   result<void> work(const std::atomic<bool>& cancelled) override;
@@ -50,6 +53,7 @@ class create_runner final : public worker_runner {
  private:
   const block::driver_entry* entry_;
   known_refs known_;
+  std::shared_ptr<const block::object_refs> objects_ = std::make_shared<block::object_refs>();
   boost::json::object options_;
   std::string job_id_;
 };
@@ -61,10 +65,13 @@ class create_runner final : public worker_runner {
 class amend_runner final : public job_runner {
  public:
   explicit amend_runner(boost::json::object options) : options_(std::move(options)) {}
+  // A driver's amend the supervisor already ran on the node's home (luks): the job only reports it.
+  amend_runner(boost::json::object options, result<void> done) : options_(std::move(options)), done_(std::move(done)) {}
   void run(job::core& j) override;
 
  private:
   boost::json::object options_;
+  std::optional<result<void>> done_;
 };
 
 }  // namespace blockd

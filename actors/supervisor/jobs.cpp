@@ -109,6 +109,7 @@ void supervisor_actor::blockdev_create(const boost::json::object& args, reply_fn
   }
   if (auto r = check_new_job_id(id, find_job(id) != nullptr); !r) return reply(command_outcome::failure(r.error()));
   auto runner = std::make_shared<create_runner>(e, options, id);
+  if (graph_) runner->set_objects(graph_->objects_now());
   // QEMU's create opens the nodes its options name before its first yield, so they are held when the
   // command returns (a blockdev-del right after must be refused). The driver's resolve() gets these
   // answers, errors included, when it asks, in its own order; other references go to job_graph.
@@ -135,8 +136,9 @@ void supervisor_actor::blockdev_amend(const boost::json::object& args, reply_fn 
     return reply(command_outcome::failure(error("Block driver '" + drv + "' not found or not supported")));
   if (n->settings().driver != drv)
     return reply(command_outcome::failure(error("x-blockdev-amend doesn't support changing the block driver")));
-  // QEMU amends luks and qcow2; blockd has no luks driver, so a luks node cannot exist here.
-  if (drv != "qcow2") return reply(command_outcome::failure(error("Driver does not support x-blockdev-amend")));
+  // QEMU amends luks and qcow2 (whose images blockd opens are never encrypted: see amend_runner).
+  if (drv != "qcow2" && drv != "luks")
+    return reply(command_outcome::failure(error("Driver does not support x-blockdev-amend")));
   if (auto r = check_new_job_id(id, find_job(id) != nullptr); !r) return reply(command_outcome::failure(r.error()));
   // The job holds the node (no permissions, as QEMU's bdrv_ref) until it is dismissed, so the node
   // cannot be deleted under a job that still reports on it.
@@ -144,6 +146,27 @@ void supervisor_actor::blockdev_amend(const boost::json::object& args, reply_fn 
     block::perm_user u{"an unnamed block device (uses node '" + node + "' as 'root' child)", 0, block::perm_all};
     if (graph_->attach_user(*n, user_key(id), u)) j.held.push_back(node);  // taking nothing cannot conflict
   };
+  if (drv == "luks") {
+    // The keyslot change runs on the node's home with the node quiesced; the job then reports its
+    // outcome (QSD's amend job concludes with the driver's error text, the command itself succeeds).
+    bool force = args.contains("force") && args.at("force").is_bool() && args.at("force").as_bool();
+    auto objs = graph_->objects_now();
+    boost::json::object opts = options;
+    with_quiesced_steps({n}, [this, n, opts, force, objs](reply_fn done) {
+      run_on_node(n, [opts, force, objs](block::node& x) {
+        auto r = x.driver().amend(opts, force, *objs);
+        x.publish_facts();
+        return r ? command_outcome::success() : command_outcome::failure(r.error());
+      }, std::move(done));
+    }, [this, id, opts, hold, reply](command_outcome o) mutable {
+      if (find_job(id)) return reply(command_outcome::failure(error("Job ID '" + id + "' already in use")));
+      result<void> r;
+      if (!o.ok) r = std::unexpected(o.err);
+      start_job(job::options{id, job::type::amend, true, false}, std::make_shared<amend_runner>(opts, std::move(r)),
+                hold, std::move(reply));
+    });
+    return;
+  }
   start_job(job::options{id, job::type::amend, true, false}, std::make_shared<amend_runner>(options), hold,
             std::move(reply));
 }
@@ -221,7 +244,9 @@ result<block::node*> supervisor_actor::job_hold(job_entry& j, const boost::json:
   if (std::find(j.held.begin(), j.held.end(), n->name()) == j.held.end()) {
     block::perm_user u{"an unnamed block device (uses node '" + n->name() + "' as 'root' child)",
                        block::perm_write | block::perm_resize, block::perm_all};
-    if (auto r = graph_->attach_user(*n, user_key(id), u); !r) {
+    // One root per held node: a luks creation with a detached header holds two nodes.
+    std::string key = j.held.empty() ? user_key(id) : user_key(id) + "/" + n->name();
+    if (auto r = graph_->attach_user(*n, key, u); !r) {
       if (!opened.empty()) {
         graph_->del(opened);
         sync_node_actors();
@@ -237,8 +262,9 @@ result<block::node*> supervisor_actor::job_hold(job_entry& j, const boost::json:
 void supervisor_actor::job_release(const std::string& id) {
   job_entry* j = find_job(id);
   if (!j || !graph_) return;
-  for (auto& name : j->held)
-    if (block::node* n = graph_->find(name)) graph_->detach_user(*n, user_key(id));
+  for (size_t i = 0; i < j->held.size(); ++i)
+    if (block::node* n = graph_->find(j->held[i]))
+      graph_->detach_user(*n, i == 0 ? user_key(id) : user_key(id) + "/" + j->held[i]);
   j->held.clear();
   // The job's own nodes go now. Nothing can be in flight on them: the job was their only user and
   // its body has returned; a node someone else started to use meanwhile stays.

@@ -163,6 +163,11 @@ class checked_driver final : public block_driver, private io_waiter {
     drained("snapshot_delete");
     return inner_->snapshot_delete(id, name);
   }
+  result<void> amend(const boost::json::object& options, bool force, const object_refs& objects) override {
+    check_home("amend");
+    drained("amend");
+    return inner_->amend(options, force, objects);
+  }
   result<void> change_backing_file(const std::string& file, const std::string& format) override {
     check_home("change_backing_file");
     drained("change_backing_file");

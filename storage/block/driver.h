@@ -62,6 +62,7 @@ struct image_facts {
   int64_t actual_size = 0;
   bool has_dirty_flag = false;  // QSD shows "dirty-flag": false for file-backed nodes
   bool dirty = false;           // the value of "dirty-flag" (a qcow2 image with the dirty bit set)
+  bool encrypted = false;       // "encrypted" (luks, qcow2 with encryption): image and node level
   boost::json::value format_specific = nullptr;  // ImageInfoSpecific ("format-specific"), or null
   int64_t cluster_size = 0;     // formats with clusters ("cluster-size"); 0 = none
   std::string backing_filename{};  // as the image names its backing file (empty: none, or not from the image)
@@ -177,6 +178,15 @@ class block_driver {
     return fail("Operation not supported");
   }
 
+  // x-blockdev-amend: `options` is the driver's BlockdevAmendOptions branch (with "driver"), `objects`
+  // the secrets it may name. Home thread, node drained. The error text is the job's.
+  virtual result<void> amend(const boost::json::object& options, bool force, const object_refs& objects) {
+    (void)options;
+    (void)force;
+    (void)objects;
+    return fail("Driver does not support x-blockdev-amend");
+  }
+
   // Persistent dirty bitmaps (formats that keep them in the image: qcow2). The driver is opened
   // with its node's bitmap set (open_args::bitmaps): it loads the stored bitmaps into it at open
   // and writes the persistent ones back at close, inactivation and a reopen to read-only (the
@@ -280,6 +290,8 @@ struct create_args {
   std::function<result<node*>(const boost::json::value& ref)> resolve;
   // Set when the job is cancelled: a long creation (preallocation) stops at its next check.
   std::function<bool()> cancelled = [] { return false; };
+  // The objects the options may name (luks key-secret), as they were when the command ran; never null.
+  std::shared_ptr<const object_refs> objects = std::make_shared<object_refs>();
 };
 
 }  // namespace blockd::block

@@ -22,6 +22,10 @@ class graph {
   // Where opens find the objects their options name (the supervisor's QOM model); called on the
   // graph's thread when an add begins. Unset: no objects (tests).
   void set_object_source(std::function<std::shared_ptr<const object_refs>()> f) { objects_source_ = std::move(f); }
+  // The objects as they are now (blockdev-create's secrets); the graph's thread only.
+  std::shared_ptr<const object_refs> objects_now() const {
+    return objects_source_ ? objects_source_() : std::make_shared<const object_refs>();
+  }
   ~graph();
 
   // blockdev-add: opens the node and its inline children (validated BlockdevOptions). All or nothing.

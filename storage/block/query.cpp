@@ -73,6 +73,7 @@ boost::json::object image_info(const graph& g, const node& n, bool flat) {
   img["actual-size"] = f.actual_size;
   img["virtual-size"] = sectors_rounded(f.virtual_size);
   if (f.cluster_size) img["cluster-size"] = f.cluster_size;
+  if (f.encrypted) img["encrypted"] = true;
   if (!f.backing_filename.empty()) {
     img["backing-filename"] = f.backing_filename;
     if (auto full = full_backing_filename(g, n, f.backing_filename)) img["full-backing-filename"] = *full;
@@ -121,7 +122,7 @@ boost::json::object device_info(const graph& g, const node& n, bool flat) {
     for (const bitmap_fact& b : f->bitmaps) bms.push_back(to_json(b));
     o["dirty-bitmaps"] = std::move(bms);
   }
-  o["encrypted"] = false;
+  o["encrypted"] = n.facts()->encrypted;
   o["bps"] = 0;
   o["bps_rd"] = 0;
   o["cache"] = boost::json::object{{"no-flush", s.no_flush}, {"direct", s.direct}, {"writeback", true}};

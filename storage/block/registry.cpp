@@ -16,6 +16,9 @@ void register_preallocate_driver();
 namespace blockd::qcow2 {
 void register_qcow2_driver();
 }  // namespace blockd::qcow2
+namespace blockd::luks {
+void register_luks_driver();
+}  // namespace blockd::luks
 namespace blockd::block {
 
 namespace {
@@ -37,6 +40,7 @@ void register_builtin_drivers() {
     register_compress_driver();
     register_cor_driver();
     register_preallocate_driver();
+    luks::register_luks_driver();
   });
 }
 
