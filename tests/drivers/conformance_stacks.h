@@ -251,6 +251,8 @@ struct preallocate_stack {
     s.path = temp_image(image_size);
     node* f = s.open("file", {{"filename", s.path}});
     s.open("preallocate", {}, f);
+  }
+};
 // luks over a file, on an image qemu-img made (aes-256-xts, iter-time 10 so opening is quick) and
 // filled with encrypted zeroes (a fresh luks payload decrypts to noise): every request is decrypted
 // or encrypted on the way, unaligned ones through read-modify-write.
