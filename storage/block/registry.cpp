@@ -9,6 +9,8 @@ namespace blockd::block {
 void register_null_drivers();
 void register_file_drivers();
 void register_raw_driver();
+void register_quorum_driver();
+void register_blklogwrites_driver();
 }  // namespace blockd::block
 namespace blockd::qcow2 {
 void register_qcow2_driver();
@@ -31,6 +33,8 @@ void register_builtin_drivers() {
     register_null_drivers();
     register_raw_driver();
     qcow2::register_qcow2_driver();
+    register_quorum_driver();
+    register_blklogwrites_driver();
   });
 }
 
