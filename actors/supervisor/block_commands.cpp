@@ -33,6 +33,7 @@ void supervisor_actor::register_block_commands() {
   commands_.add("blockdev-reopen", [this](args_t& a, reply_fn r) { blockdev_reopen(a, std::move(r)); });
   commands_.add("blockdev-set-active", [this](args_t& a, reply_fn r) { blockdev_set_active(a, std::move(r)); });
   commands_.add("x-blockdev-set-iothread", [this](args_t& a, reply_fn r) { set_iothread(a, std::move(r)); });
+  commands_.add("x-blockdev-change", [this](args_t& a, reply_fn r) { blockdev_change(a, std::move(r)); });
   commands_.add_now("block-set-write-threshold", [this](args_t& a) { return set_write_threshold(a); });
   commands_.add("query-named-block-nodes", [this](args_t& a, reply_fn reply) {
     auto* f = a.if_contains("flat");

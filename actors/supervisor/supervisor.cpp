@@ -34,8 +34,25 @@ supervisor_actor::~supervisor_actor() = default;
 void supervisor_actor::emit(std::string name, boost::json::object data) {
   timeval tv{};
   ::gettimeofday(&tv, nullptr);
+  auto key = qmp::event_throttle::key_of(name, data);
   qmp_event ev{std::move(name), std::move(data), tv.tv_sec, tv.tv_usec};
+  if (!key) return broadcast(ev);
+  // QEMU's monitor: the first event of a key goes out now, later ones within the second are held
+  // (only the newest), and the held one goes out when the second is up.
+  if (!throttle_.offer(*key, ev, throttled_)) return;
+  broadcast(ev);
+  delayed_send(this, std::chrono::milliseconds(qmp::event_throttle::period_ms), event_atom::value, *key);
+}
+
+void supervisor_actor::broadcast(const qmp_event& ev) {
   for (auto& s : subscribers_) send(s, event_atom::value, ev);
+}
+
+void supervisor_actor::throttle_expired(const std::string& key) {
+  auto held = throttle_.expire(key, throttled_);
+  if (!held) return;
+  broadcast(*held);
+  delayed_send(this, std::chrono::milliseconds(qmp::event_throttle::period_ms), event_atom::value, key);
 }
 
 caf::behavior supervisor_actor::make_behavior() {
@@ -90,6 +107,7 @@ caf::behavior supervisor_actor::make_behavior() {
       },
       // Components (nodes, jobs, exports) raise events here; the bus stamps and broadcasts them.
       [this](event_atom, std::string& name, json_args& data) { emit(std::move(name), std::move(data.v)); },
+      [this](event_atom, const std::string& throttle_key) { throttle_expired(throttle_key); },
       // Job bodies ask for graph work; jobs report that they reached null (jobs.cpp).
       [this](job_graph_atom, job_graph_request& r) { job_graph(std::move(r)); },
       // Both release nodes, which edits the graph: not while a home task may be reading it.

@@ -20,6 +20,7 @@
 #include "actors/supervisor/command_table.h"
 #include "config/qom/model.h"
 #include "storage/block/graph.h"
+#include "protocol/qmp/event_throttle.h"
 
 namespace blockd {
 
@@ -312,6 +313,13 @@ class supervisor_actor : public caf::event_based_actor {
   supervisor_hooks hooks_;
   std::vector<caf::actor> monitors_;
   std::vector<caf::actor> subscribers_;
+  // Rate-limited events (QUORUM_*): per key, the event held back while its second runs.
+  qmp::event_throttle throttle_;
+  std::map<std::string, std::optional<qmp_event>> throttled_;
+  void broadcast(const qmp_event& ev);
+  void throttle_expired(const std::string& key);
+  // x-blockdev-change (child_change.cpp): a quorum's children added or removed.
+  void blockdev_change(const boost::json::object& args, reply_fn reply);
   bool shutting_down_ = false;
   // Until main() reports the command line applied, monitors and the NBD server hold their clients
   // (QSD serves nobody before its main loop runs, so no client sees a half-built configuration).

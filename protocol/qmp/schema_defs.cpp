@@ -365,6 +365,8 @@ void define_block(schema& s) {
   s.alternate("StrOrNull", {"str", "null"});
   s.command("x-blockdev-set-iothread", "node-name:str iothread:StrOrNull *force:bool");
   s.command_features("x-blockdev-set-iothread", {"unstable"});
+  s.command("x-blockdev-change", "parent:str *child:str *node:str");
+  s.command_features("x-blockdev-change", {"unstable"});
   define_block_queries(s);
   define_bitmaps(s);
 }

@@ -182,6 +182,25 @@ class checked_driver final : public block_driver, private io_waiter {
     check_home("remove_stored_bitmap");
     return inner_->remove_stored_bitmap(name);
   }
+  bool has_child_list() const override { return inner_->has_child_list(); }
+  result<std::string> child_add_role() override {
+    check_home("child_add_role");
+    return inner_->child_add_role();
+  }
+  void child_added(child_ref c) override {
+    check_home("child_added");
+    drained("child_added");
+    inner_->child_added(c);
+  }
+  result<void> child_del_check(const std::string& role) override {
+    check_home("child_del_check");
+    return inner_->child_del_check(role);
+  }
+  void child_deleted(child_edge* e) override {
+    check_home("child_deleted");
+    drained("child_deleted");
+    inner_->child_deleted(e);
+  }
   void close() override {
     check_home("close");
     drained("close");

@@ -202,6 +202,19 @@ class block_driver {
   // one the image does not hold yet is no error.
   virtual result<void> remove_stored_bitmap(const std::string& name) { (void)name; return {}; }
 
+  // x-blockdev-change, for drivers with a list of children (quorum). Home thread, node drained.
+  // child_add_role names the slot a new child gets, or says why none may be added; child_added
+  // follows once the graph filled that slot. child_del_check says whether the child in `role` may
+  // go; child_deleted follows before the graph empties and drops the slot.
+  virtual bool has_child_list() const { return false; }
+  virtual result<std::string> child_add_role() { return fail("Operation not supported"); }
+  virtual void child_added(child_ref c) { (void)c; }
+  virtual result<void> child_del_check(const std::string& role) {
+    (void)role;
+    return fail("Operation not supported");
+  }
+  virtual void child_deleted(child_edge* e) { (void)e; }
+
   // Called once before the driver is destroyed, on the home thread, with nothing in flight and the
   // children still open (parents close first). A format writes back what it caches and marks its
   // image clean here.
@@ -330,7 +343,17 @@ struct driver_entry {
   // The same for blockdev-create's BlockdevCreateOptions (drivers with `create` only).
   std::string create_options_type = {};
   std::function<void(qmp::schema&)> define_create_options = nullptr;
+  // Option members holding a list of BlockdevRef (quorum's "children"): element N opens as role
+  // "<member>.N" (QEMU's names), after the fixed roles; x-blockdev-change may add or drop such slots.
+  std::vector<std::string> child_list_roles = {};
 };
+
+// The list member a role belongs to ("children" for "children.2"), or empty for a fixed role.
+inline std::string list_member_of(const driver_entry& e, const std::string& role) {
+  for (auto& m : e.child_list_roles)
+    if (role.size() > m.size() + 1 && role.compare(0, m.size(), m) == 0 && role[m.size()] == '.') return m;
+  return {};
+}
 
 // The drivers this build has (registered at start-up by each driver's translation unit).
 const driver_entry* find_driver(const std::string& name);

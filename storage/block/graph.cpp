@@ -34,15 +34,21 @@ std::vector<node*> graph::referenced_nodes(const boost::json::object& options) c
   auto* drv = options.if_contains("driver");
   const driver_entry* e = drv && drv->is_string() ? find_driver(std::string(drv->as_string())) : nullptr;
   if (!e) return out;
+  auto ref = [&](const boost::json::value& v) {
+    if (v.is_string()) {
+      if (node* n = find(std::string(v.as_string()))) out.push_back(n);
+    } else if (v.is_object()) {
+      for (node* n : referenced_nodes(v.as_object())) out.push_back(n);
+    }
+  };
   for (auto& role : e->child_roles) {
     auto* v = options.if_contains(role);
     if (!v || v->is_null()) continue;  // null: explicitly none (a qcow2 image without its backing file)
-    if (v->is_string()) {
-      if (node* n = find(std::string(v->as_string()))) out.push_back(n);
-    } else if (v->is_object()) {
-      for (node* n : referenced_nodes(v->as_object())) out.push_back(n);
-    }
+    ref(*v);
   }
+  for (auto& member : e->child_list_roles)
+    if (auto* v = options.if_contains(member); v && v->is_array())
+      for (auto& el : v->as_array()) ref(el);
   return out;
 }
 
@@ -163,9 +169,14 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
     name = buf;
     auto_named = true;
   }
-  if (!e)
-    return fail("Driver '" + driver + "' is not available in this blockd version yet; available drivers: "
-                "file, host_device, null-aio, null-co, qcow2, raw");
+  if (!e) {
+    std::vector<std::string> names;
+    for (const driver_entry* d : registered_drivers()) names.push_back(d->name);
+    std::sort(names.begin(), names.end());
+    std::string list;
+    for (auto& n : names) list += (list.empty() ? "" : ", ") + n;
+    return fail("Driver '" + driver + "' is not available in this blockd version yet; available drivers: " + list);
+  }
 
   node_settings s;
   s.name = name;
@@ -225,30 +236,44 @@ result<node*> graph::open_node(const boost::json::object& options, bool top_leve
     return r;
   };
   size_t slot = listed();  // where this node goes in the creation order: after its file child
-  for (auto& role : e->child_roles) {
-    auto* v = options.if_contains(role);
-    if (!v || v->is_null()) continue;  // null: explicitly none (a qcow2 image without its backing file)
-    node* child = nullptr;
+  auto open_ref = [&](const std::string& role, const boost::json::value* v) -> result<node*> {
     if (v->is_string()) {
-      child = lookup_for_open(std::string(v->as_string()), staged);
+      node* child = lookup_for_open(std::string(v->as_string()), staged);
       std::string ref(v->as_string());
       if (!child) {
         std::string msg = "Cannot find device='" + ref + "' nor node-name='" + ref + "'";
         return fail(role == "backing" ? "Could not open backing file: " + msg : msg);
       }
-    } else {
-      auto child_opts = inherited_options(v->as_object(), options);
-      // A backing file is only read: read-only unless its own options say otherwise (QEMU's default).
-      if (role == "backing" && !v->as_object().contains("read-only")) {
-        child_opts["read-only"] = true;
-        child_opts["auto-read-only"] = false;
-      }
-      auto r = open_node(child_opts, false, created, &v->as_object(), staged);
-      if (!r) return r;
-      child = *r;
+      return child;
     }
-    a.set_child(role, child);
+    auto child_opts = inherited_options(v->as_object(), options);
+    // A backing file is only read: read-only unless its own options say otherwise (QEMU's default).
+    if (role == "backing" && !v->as_object().contains("read-only")) {
+      child_opts["read-only"] = true;
+      child_opts["auto-read-only"] = false;
+    }
+    return open_node(child_opts, false, created, &v->as_object(), staged);
+  };
+  for (auto& role : e->child_roles) {
+    auto* v = options.if_contains(role);
+    if (!v || v->is_null()) continue;  // null: explicitly none (a qcow2 image without its backing file)
+    auto child = open_ref(role, v);
+    if (!child) return child;
+    a.set_child(role, *child);
     if (role == e->child_roles.front()) slot = listed();
+  }
+  // List members (quorum's children): one slot per element, "children.0", "children.1", ... A
+  // driver with only list children is listed before them, as QEMU registers a quorum node.
+  for (auto& member : e->child_list_roles) {
+    auto* v = options.if_contains(member);
+    if (!v || !v->is_array()) continue;
+    size_t i = 0;
+    for (auto& el : v->as_array()) {
+      std::string role = member + "." + std::to_string(i++);
+      auto child = open_ref(role, &el);
+      if (!child) return child;
+      a.set_child(role, *child);
+    }
   }
   auto drv = e->open(a);
   if (!drv) return std::unexpected(drv.error());
@@ -574,6 +599,31 @@ result<void> graph::insert_filter(node& filter, node& below) {
   return replace_node(below, filter);
 }
 
+result<child_edge*> graph::add_slot(node& parent, const std::string& role, node& child) {
+  if (parent.slot(role)) return fail("Node '" + parent.name() + "' already has a child '" + role + "'");
+  if (reaches(child, parent))
+    return fail("Making '" + child.name() + "' a " + role + " child of '" + parent.name() + "' would create a cycle");
+  parent.slots.push_back(std::make_unique<child_edge>());
+  child_edge* e = parent.slots.back().get();
+  e->parent = &parent;
+  e->role = role;
+  link(*e, &child);
+  if (auto r = update_perms({&parent}); !r) {
+    link(*e, nullptr);
+    parent.slots.pop_back();
+    return std::unexpected(r.error());
+  }
+  return e;
+}
+
+void graph::remove_slot(node& parent, child_edge& e) {
+  node* old = e.child;
+  link(e, nullptr);
+  std::erase_if(parent.slots, [&](const std::unique_ptr<child_edge>& p) { return p.get() == &e; });
+  (void)update_perms({&parent});  // giving permissions up cannot conflict
+  if (old) collect({old});
+}
+
 result<void> graph::remove_filter(node& filter) {
   auto kids = filter.children();
   if (kids.empty()) return fail("node '" + filter.name() + "' has no child to give its users back to");
@@ -659,10 +709,19 @@ std::vector<std::unique_ptr<node>> graph::detach_all() {
 boost::json::object graph::full_options(const node& n) const {
   boost::json::object o;
   o["driver"] = n.settings().driver;
-  const driver_entry* e = find_driver(n.settings().driver);
+  const driver_entry* de = find_driver(n.settings().driver);
   for (auto& kv : n.settings().options) {
     if (is_common(kv.key())) continue;
-    if (e && std::find(e->weak_options.begin(), e->weak_options.end(), kv.key()) != e->weak_options.end()) continue;
+    if (de && std::find(de->weak_options.begin(), de->weak_options.end(), kv.key()) != de->weak_options.end()) continue;
+    if (de && std::find(de->child_list_roles.begin(), de->child_list_roles.end(), kv.key()) !=
+                  de->child_list_roles.end()) {
+      // The list as the node has it now (x-blockdev-change may have changed it), in slot order.
+      boost::json::array list;
+      for (child_edge* edge : n.children())
+        if (list_member_of(*de, edge->role) == kv.key()) list.push_back(full_options(*edge->child));
+      o[kv.key()] = std::move(list);
+      continue;
+    }
     bool child = false;
     for (child_edge* edge : n.children())
       if (edge->role == kv.key()) {
@@ -674,7 +733,8 @@ boost::json::object graph::full_options(const node& n) const {
   // A child the options do not name: a backing file an external snapshot attached to an image
   // that names none (one opened from the image's own name is not an override, as in QEMU).
   for (child_edge* edge : n.children())
-    if (!o.contains(edge->role) && (edge->role != "backing" || n.facts()->backing_filename.empty()))
+    if (!o.contains(edge->role) && (!de || list_member_of(*de, edge->role).empty()) &&
+        (edge->role != "backing" || n.facts()->backing_filename.empty()))
       o[edge->role] = full_options(*edge->child);
   return o;
 }

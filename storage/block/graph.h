@@ -166,6 +166,11 @@ class graph {
   // A filter opened over `below` (its first child slot holds it) takes every other user of
   // `below`; removing it gives them back to its child and closes it if nothing else holds it.
   result<void> insert_filter(node& filter, node& below);
+  // x-blockdev-change: a new slot `role` on `parent` holding `child` (a cycle or a permission
+  // conflict refuses it and changes nothing), and the removal of a slot with what it held (closed
+  // when nothing else holds it). The parent's driver is told by the caller (child_added/deleted).
+  result<child_edge*> add_slot(node& parent, const std::string& role, node& child);
+  void remove_slot(node& parent, child_edge& e);
   result<void> remove_filter(node& filter);
   // Closes those of `candidates` that nothing uses and the monitor did not add (the overlay a
   // blockdev-snapshot-sync opened over a node nobody used), with the inline children only they held.

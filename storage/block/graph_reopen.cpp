@@ -98,7 +98,7 @@ result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object
   for (auto& kv : cur.options) {
     std::string_view k = kv.key();
     if (options.contains(k) || reset_common(k) || contains(resettable, k)) continue;
-    if (de && contains(de->child_roles, k)) continue;
+    if (de && (contains(de->child_roles, k) || contains(de->child_list_roles, k))) continue;
     return fail("Option '" + std::string(k) + "' cannot be reset to its default value");
   }
 
@@ -162,7 +162,8 @@ result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object
   reopen_plan::entry entry;
   entry.n = &n;
   for (auto& kv : options)
-    if (!is_common(kv.key()) && !(de && contains(de->child_roles, kv.key()))) entry.own[kv.key()] = kv.value();
+    if (!is_common(kv.key()) && !(de && (contains(de->child_roles, kv.key()) || contains(de->child_list_roles, kv.key()))))
+      entry.own[kv.key()] = kv.value();
   for (auto& [edge, child] : children) {
     entry.roles.emplace_back(edge->role, child);
     entry.prev_children.emplace_back(edge, edge->child);

@@ -12,6 +12,8 @@ void register_raw_driver();
 void register_compress_driver();
 void register_cor_driver();
 void register_preallocate_driver();
+void register_quorum_driver();
+void register_blklogwrites_driver();
 }  // namespace blockd::block
 namespace blockd::qcow2 {
 void register_qcow2_driver();
@@ -41,6 +43,8 @@ void register_builtin_drivers() {
     register_cor_driver();
     register_preallocate_driver();
     luks::register_luks_driver();
+    register_quorum_driver();
+    register_blklogwrites_driver();
   });
 }
 

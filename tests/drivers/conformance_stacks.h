@@ -70,29 +70,41 @@ struct stack {
   std::vector<std::unique_ptr<node>> nodes;
   node* top() { return nodes.back().get(); }
 
+  std::vector<std::string> extra_paths;  // more images to remove (a quorum's, a log)
+  // Events the drivers emit (QUORUM_*), in order.
+  std::vector<std::pair<std::string, boost::json::object>> events;
+
   node* open(const std::string& driver, boost::json::object opts, node* child = nullptr) {
     std::vector<std::pair<std::string, node*>> kids;
     if (child) kids.emplace_back("file", child);
-    return open_with(driver, std::move(opts), kids);
+    node* n = open_with(driver, std::move(opts), kids);
+    EXPECT_NE(n, nullptr) << open_error;
+    return n;
   }
-  // The same with children in any roles (a qcow2 node's file and backing).
+  // A node over children in named roles ("file" and "log", "children.0", ...).
   node* open_with(const std::string& driver, boost::json::object opts,
                   const std::vector<std::pair<std::string, node*>>& kids) {
     auto* e = find_driver(driver);
     EXPECT_NE(e, nullptr) << driver;
-    open_args a{opts, {}, loop.env()};
+    driver_env env = loop.env();
+    env.emit = [this](std::string name, boost::json::object data) { events.emplace_back(std::move(name), std::move(data)); };
+    open_args a{opts, {}, env};
     a.direct = direct;
     if (objects) a.objects = objects;
+    a.node_name = "n" + std::to_string(nodes.size());
     for (auto& [role, n] : kids) a.set_child(role, n);
     auto drv = e->open(a);
-    EXPECT_TRUE(drv.has_value()) << (drv ? "" : drv.error().desc);
+    if (!drv) {
+      open_error = drv.error().desc;
+      return nullptr;
+    }
     node_settings s;
     s.name = "n" + std::to_string(nodes.size());
     s.driver = driver;
     s.direct = direct;
     s.discard_unmap = true;
     s.options = opts;
-    nodes.push_back(std::make_unique<node>(std::move(s), std::move(*drv), loop.env()));
+    nodes.push_back(std::make_unique<node>(std::move(s), std::move(*drv), env));
     nodes.back()->slots = std::move(a.edges);  // the driver's child handles point into these
     return nodes.back().get();
   }
@@ -104,7 +116,9 @@ struct stack {
       close(loop_dev);
     }
     if (!path.empty()) unlink(path.c_str());
+    for (auto& p : extra_paths) unlink(p.c_str());
   }
+  std::string open_error;  // why the last open_with failed
 };
 
 std::string temp_image(int64_t size, const std::string& dir = "/dev/shm") {
@@ -284,6 +298,33 @@ struct luks_stack {
   }
 };
 // The same file stacks with file I/O on the poll backend's workers.
+// Three raw files voted on (2 of 3); every write reaches all three.
+struct quorum_stack {
+  static constexpr bool stores_data = true;
+  static constexpr bool sparse = false;     // quorum has no block status: all data, allocated
+  static constexpr bool redundant = true;   // one failing child is outvoted, not an error
+  static void build(stack& s) {
+    std::vector<std::pair<std::string, node*>> kids;
+    for (int i = 0; i < 3; ++i) {
+      std::string p = temp_image(image_size);
+      s.extra_paths.push_back(p);
+      kids.emplace_back("children." + std::to_string(i), s.open("file", {{"filename", p}}));
+    }
+    EXPECT_NE(s.open_with("quorum", {{"vote-threshold", 2}}, kids), nullptr) << s.open_error;
+  }
+};
+// blklogwrites over a file, logging to another file.
+struct blklogwrites_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    s.path = temp_image(image_size);
+    std::string log = temp_image(0);
+    s.extra_paths.push_back(log);
+    node* f = s.open("file", {{"filename", s.path}});
+    node* l = s.open("file", {{"filename", log}});
+    EXPECT_NE(s.open_with("blklogwrites", {}, {{"file", f}, {"log", l}}), nullptr) << s.open_error;
+  }
+};
 template <class Base>
 struct on_poll : Base {
   static constexpr bool poll = true;
@@ -375,6 +416,13 @@ constexpr bool owns_every_byte() {
     return true;
 }
 // A stack run without the contract checker (see stack::stack).
+template <class T>
+constexpr bool redundant() {
+  if constexpr (requires { T::redundant; })
+    return T::redundant;
+  else
+    return false;
+}
 template <class Base>
 struct unchecked : Base {
   static constexpr bool no_contract = true;

@@ -99,7 +99,7 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
   // control+introspect, object-del, the qom-* commands 7.2 has, events, block commands, graph dump, set-iothread, job-* and query-jobs,
   // the two internal snapshot commands, the export commands but block-export-add and nbd-server-start
   // (10.2 added allow-inactive, handshake-max-seconds and the keep-alive tunables)
-  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1 + 7 + 2 + 5 + 5 + 6 + 7 + 3, compared);  // + qom-list/-get/-set/-list-types/-list-properties
+  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1 + 7 + 2 + 5 + 5 + 6 + 7 + 3 + 1, compared);  // + x-blockdev-change  // + qom-list/-get/-set/-list-types/-list-properties
   // + query-chardev, query-chardev-backends, ringbuf-write/-read, chardev-remove, chardev-send-break
   // + the six block-dirty-bitmap-* commands and x-debug-block-dirty-bitmap-sha256
   // + blockdev-snapshot, blockdev-snapshot-sync, change-backing-file
