@@ -203,6 +203,7 @@ struct reopen_args {
   bool read_only = false;
   bool direct = false;
   bool no_flush = false;
+  std::shared_ptr<const object_refs> objects = nullptr;  // the objects the options may name; null in tests
   node* find_child(const std::string& role) const {
     for (auto& [r, n] : children)
       if (r == role) return n;
@@ -292,6 +293,9 @@ struct driver_entry {
   // The image names its backing file itself (qcow2): an explicit backing that differs, or null
   // while the image names one, makes the node's filename a json: description.
   bool backing_from_image = false;
+  // A filter in QEMU's sense (is_filter: throttle, copy-on-read): queries show its file child's
+  // image as its backing-image, as QEMU follows bdrv_filter_or_cow_bs.
+  bool is_filter = false;
   // The driver's branch of BlockdevOptions: its QAPI type, and a function that defines the type
   // (and the types only it uses) in the schema the monitor validates blockdev-add with. Drivers
   // that share a type (file and host_device) name it; the first one registered defines it.

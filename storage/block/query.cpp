@@ -73,8 +73,12 @@ boost::json::object image_info(const graph& g, const node& n, bool flat) {
   }
   if (f.has_snapshots && !f.snapshots.empty()) img["snapshots"] = f.snapshots;
   if (!f.format_specific.is_null()) img["format-specific"] = f.format_specific;
-  if (!flat)
-    if (const node* b = child_of(n, "backing")) img["backing-image"] = image_info(g, *b, flat);
+  if (!flat) {
+    const node* b = child_of(n, "backing");
+    if (!b)
+      if (const driver_entry* e = find_driver(n.settings().driver); e && e->is_filter) b = primary_child(n);
+    if (b) img["backing-image"] = image_info(g, *b, flat);
+  }
   return img;
 }
 

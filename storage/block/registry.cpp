@@ -9,6 +9,7 @@ namespace blockd::block {
 void register_null_drivers();
 void register_file_drivers();
 void register_raw_driver();
+void register_throttle_driver();
 }  // namespace blockd::block
 namespace blockd::qcow2 {
 void register_qcow2_driver();
@@ -31,6 +32,7 @@ void register_builtin_drivers() {
     register_null_drivers();
     register_raw_driver();
     qcow2::register_qcow2_driver();
+    register_throttle_driver();
   });
 }
 

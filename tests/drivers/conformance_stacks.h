@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "config/objects/throttle_group.h"
 #include "storage/block/contract.h"
 #include "storage/block/driver.h"
 #include "storage/block/local_loop.h"
@@ -67,6 +68,12 @@ struct stack {
   bool direct = false;  // cache.direct=on for the nodes opened from now on
   std::string skip;     // why this stack cannot be built on this host
   std::vector<std::unique_ptr<node>> nodes;
+  // The objects opens may name: a throttle group "tg0" without limits (throttle stacks).
+  std::shared_ptr<object_refs> objects = [] {
+    auto o = std::make_shared<object_refs>();
+    o->by_id["tg0"].throttle = std::make_shared<qom::throttle_state>();
+    return o;
+  }();
   node* top() { return nodes.back().get(); }
 
   node* open(const std::string& driver, boost::json::object opts, node* child = nullptr) {
@@ -74,6 +81,7 @@ struct stack {
     EXPECT_NE(e, nullptr) << driver;
     open_args a{opts, {}, loop.env()};
     a.direct = direct;
+    a.objects = objects;
     if (child) a.set_child("file", child);
     auto drv = e->open(a);
     EXPECT_TRUE(drv.has_value()) << (drv ? "" : drv.error().desc);
@@ -192,6 +200,22 @@ struct qcow2_stack {
     }
     node* f = s.open("file", {{"filename", s.path}});
     s.open("qcow2", {}, f);
+  }
+};
+// A throttle node whose group has no limit (every request passes the scheduler and goes at once),
+// over a file and over qcow2.
+struct throttle_over_file_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    s.path = temp_image(image_size);
+    node* f = s.open("file", {{"filename", s.path}});
+    s.open("throttle", {{"throttle-group", "tg0"}}, f);
+  }
+};
+struct throttle_over_qcow2_stack : qcow2_stack {
+  static void build(stack& s) {
+    qcow2_stack::build(s);
+    if (s.skip.empty()) s.open("throttle", {{"throttle-group", "tg0"}}, s.top());
   }
 };
 // The same file stacks with file I/O on the poll backend's workers.
