@@ -72,6 +72,22 @@ class throttle_driver final : public filter_driver, public qom::throttle_member 
     ++core_->gen;
   }
 
+  // Quiescing: what waits goes now and new requests pass unthrottled until resume (QEMU's
+  // io_limits_disabled), so a drain never waits for the limits.
+  void drain_begin() override {
+    ++limits_off_;
+    for (bool w : {false, true})
+      while (!queue_[w].empty()) {
+        io_request* r = queue_[w].front();
+        queue_[w].pop_front();
+        state_->on_wake(this, w, true, uint64_t(r->length), mono_ns());
+        pass_down(*r, 0);
+      }
+  }
+  void drain_end() override {
+    if (limits_off_) --limits_off_;
+  }
+
   void submit(io_request& r) override {
     bool w;
     switch (r.op) {
@@ -81,7 +97,7 @@ class throttle_driver final : public filter_driver, public qom::throttle_member 
       case io_op::discard: w = true; break;  // QEMU throttles zeroes and discards as writes
       default: return pass_down(r, 0);       // flush, block status: not throttled
     }
-    if (state_->intercept(this, w, uint64_t(r.length), mono_ns())) return pass_down(r, 0);
+    if (limits_off_ || state_->intercept(this, w, uint64_t(r.length), mono_ns())) return pass_down(r, 0);
     queue_[w].push_back(&r);
   }
 
@@ -169,6 +185,7 @@ class throttle_driver final : public filter_driver, public qom::throttle_member 
   std::string group_;
   std::shared_ptr<member_core> core_;
   std::deque<io_request*> queue_[2];  // waiting requests, FIFO per direction (read, write)
+  int limits_off_ = 0;                // quiesced: requests pass without waiting
 };
 
 // Runs on whatever loop the closure or timer was posted to: drop a superseded wake-up, follow a

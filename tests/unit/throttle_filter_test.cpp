@@ -92,7 +92,7 @@ TEST(ThrottleFilter, MissingGroupHasQsdText) {
   EXPECT_EQ(d.error().desc, "Throttle group 'tg9' does not exist");
 }
 
-TEST(ThrottleFilter, QueuedRequestsFinishAtTheRateAndQuiesceWaitsForThem) {
+TEST(ThrottleFilter, BucketThenQueueAndQuiesceReleasesWaitingRequests) {
   local_loop loop(io::reactor::create(64, nullptr));
   auto st = std::make_shared<qom::throttle_state>();
   st->set_config(iops(1000));  // a bucket of 100 at once, then one per millisecond
@@ -114,7 +114,7 @@ TEST(ThrottleFilter, QueuedRequestsFinishAtTheRateAndQuiesceWaitsForThem) {
   while (!drained) loop.turn();
   auto took = node::now_ns() - start;
   EXPECT_EQ(c.done, 150);
-  EXPECT_GE(took, 45'000'000);  // 49 more at 1 ms each
+  EXPECT_LT(took, 40'000'000);  // the drain let the 49 waiting go at once (QEMU disables limits while draining)
   EXPECT_LT(took, 500'000'000);
   t.top()->resume();
 }
