@@ -119,7 +119,7 @@ def test_differential(blockd, tmp):
 class Exported:
     """blockd exporting throttle nodes over null-co nodes through NBD (one export per node), with a monitor."""
 
-    def __init__(self, binary, tmp, nodes=1, iothreads=False, throttle=True, backing="null-co"):
+    def __init__(self, binary, tmp, nodes=1, iothreads=False, throttle=True, backing="null-co", extra=()):
         self.tmp = tmp
         margs, mpath = monitor_args(tmp)
         sock = os.path.join(tmp, "nbd.sock")
@@ -143,7 +143,7 @@ class Exported:
             if iothreads:
                 exp += f",iothread=io{i}"
             argv += ["--export", exp]
-        self.d = Daemon(binary, argv, tmp)
+        self.d = Daemon(binary, argv + list(extra), tmp)
         self.c = Client.unix(mpath)
         self.c.negotiate()
 
@@ -232,6 +232,55 @@ def measure_cases(blockd, tmp, scale=1.0, report=print):
     return rows
 
 
+def node_ops(c, name):
+    r = c.cmd("query-blockstats", {"query-nodes": True})
+    for s in r["return"]:
+        if s.get("node-name") == name:
+            return s["stats"]["rd_operations"]
+    raise AssertionError(r)
+
+
+def test_runtime_changes(blockd, tmp):
+    """While fio runs against a throttle node held at 100 IOPS: the node moves to another iothread (the drain
+    lets its waiting requests go, the group stays consistent), the limits rise to 2000 IOPS and take effect at
+    once, and object-del of the group is refused with QSD's text."""
+    if not shutil.which("fio"):
+        print("SKIP runtime changes: fio not installed")
+        return False
+    import time
+    e = Exported(blockd, tmp, extra=["--object", "iothread,id=io1"])
+    try:
+        e.limits(iops_total=100)
+        res = {}
+        th = threading.Thread(target=lambda: res.update(fio(e.uri(0), "randread", "4k", 16, 3)))
+        th.start()
+        deadline = time.monotonic() + 10
+        while node_ops(e.c, "t0") < 20:  # fio is running and being throttled
+            assert time.monotonic() < deadline, "fio did not start"
+        t = time.monotonic()
+        r = e.c.cmd("x-blockdev-set-iothread", {"node-name": "t0", "iothread": "io1", "force": True})
+        assert r == {"return": {}}, r
+        assert time.monotonic() - t < 1.0, "the move waited for the throttled requests"
+        r = e.c.cmd("object-del", {"id": "tg0"})
+        assert r["error"]["desc"].startswith("object 'tg0' is in use, can not be deleted"), r
+        before, t0 = node_ops(e.c, "t0"), time.monotonic()
+        e.limits(iops_total=2000)
+        while time.monotonic() - t0 < 0.5 and th.is_alive():
+            pass
+        rate = (node_ops(e.c, "t0") - before) / (time.monotonic() - t0)
+        th.join()
+        assert res and res["ios"] > 0, res
+        assert rate > 1000, f"new limits not in effect: {rate:.0f} IOPS"
+        r = e.c.cmd("x-blockdev-set-iothread", {"node-name": "t0", "iothread": None, "force": True})
+        assert r == {"return": {}}, r
+        m = fio(e.uri(0), "randread", "4k", 16, 1, ramp=0.5)
+        assert abs(m["iops"] - 2000) < 100, m
+    finally:
+        e.stop()
+    print("ok runtime changes: move across iothreads, new limits at once, object-del refused")
+    return True
+
+
 def test_accuracy(blockd, tmp):
     if not shutil.which("fio"):
         print("SKIP accuracy: fio not installed")
@@ -249,7 +298,7 @@ def main():
     ap.add_argument("--blockd", required=True)
     args = ap.parse_args()
     ran = 0
-    for t in (test_differential, test_accuracy):
+    for t in (test_differential, test_runtime_changes, test_accuracy):
         tmp = tempfile.mkdtemp(prefix="blockd-throttle-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         try:
             ran += bool(t(args.blockd, tmp))
