@@ -159,7 +159,9 @@ TEST(ThrottleSched, RoundRobinIsFairBetweenMembers) {
   sim.run_until(sec + 6 * sec);
   uint64_t total = a.started[0] + b.started[0] + c.started[0];
   EXPECT_NEAR(double(total), 6000 + 100, 5);
-  for (auto* m : {&a, &b, &c}) EXPECT_NEAR(double(m->started[0]), total / 3.0, 40) << total;
+  // a filled first and took the bucket QEMU lets through at once (101); after that, equal turns.
+  EXPECT_NEAR(double(a.started[0]) - 101, double(b.started[0]), 3);
+  EXPECT_NEAR(double(b.started[0]), double(c.started[0]), 3);
   s.detach(&a);
   s.detach(&b);
   s.detach(&c);
