@@ -153,6 +153,20 @@ void supervisor_actor::object_del(const std::string& id, reply_fn reply) {
   // QSD's checks first (existence, users, the type's own refusal, e.g. main-loop).
   auto o = qom_->prepare_delete(id);
   if (!o) return reply(command_outcome::failure(o.error()));
+  // A throttle group stays while a throttle node is in it (QSD's text; blockd adds who and the way out).
+  if (dynamic_cast<qom::throttle_group_object*>(*o)) {
+    std::string who;
+    size_t users = 0;
+    for (block::node* n : graph_->nodes_newest_first()) {
+      const auto& st = n->settings();
+      auto* g = st.options.if_contains("throttle-group");
+      if (st.driver != "throttle" || !g || !g->is_string() || g->as_string() != id) continue;
+      who += (users++ ? ", node '" : "node '") + st.name + "'";
+    }
+    if (users)
+      return reply(command_outcome::failure(error("object '" + id + "' is in use, can not be deleted (used by " + who +
+                                                  "; delete " + (users == 1 ? "that" : "those") + " first)")));
+  }
   auto* io = dynamic_cast<iothread_object*>(*o);
   // TLS credentials stay alive in an NBD server that uses them (a shared reference, as QEMU
   // holds one), so deleting them succeeds as in QSD; authz is looked up again per client.

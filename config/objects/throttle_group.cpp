@@ -102,56 +102,6 @@ boost::json::object throttle_limits_json(const throttle_config& c) {
   return o;
 }
 
-// ---- throttle_state ------------------------------------------------------------------------------
-
-throttle_config throttle_state::config() const {
-  std::lock_guard g(mu_);
-  return cfg_;
-}
-
-void throttle_state::set_config(const throttle_config& c) {
-  std::lock_guard g(mu_);
-  cfg_ = c;
-  level_.fill(0);  // QEMU also restarts its buckets on a new configuration
-}
-
-void throttle_state::leak(uint64_t now_ns) {
-  if (!started_) {
-    started_ = true;
-    last_ns_ = now_ns;
-    return;
-  }
-  if (now_ns <= last_ns_) return;
-  double secs = static_cast<double>(now_ns - last_ns_) / 1e9;
-  last_ns_ = now_ns;
-  for (size_t i = 0; i < throttle_buckets; ++i)
-    level_[i] = std::max(0.0, level_[i] - static_cast<double>(cfg_.b[i].avg) * secs);
-}
-
-uint64_t throttle_state::reserve(bool is_write, uint64_t bytes, uint64_t now_ns) {
-  std::lock_guard g(mu_);
-  leak(now_ns);
-  double ops = cfg_.op_size > 0 ? std::max(1.0, std::ceil(static_cast<double>(bytes) / cfg_.op_size)) : 1.0;
-  using k = throttle_bucket;
-  k touched[] = {k::bps_total, is_write ? k::bps_write : k::bps_read, k::iops_total,
-                 is_write ? k::iops_write : k::iops_read};
-  double wait_s = 0;
-  for (k t : touched) {
-    auto& l = cfg_[t];
-    if (!l.avg) continue;
-    double units = t <= k::bps_write ? static_cast<double>(bytes) : ops;
-    double size = l.max ? static_cast<double>(l.max) * static_cast<double>(l.burst_length) : l.avg / 10.0;
-    double& level = level_[static_cast<size_t>(t)];
-    // A request may start while the bucket is not yet full; it may overfill it (as in QEMU), and
-    // then the next waits until the bucket has leaked below its size again.
-    if (level > 0 && level + units > size) wait_s = std::max(wait_s, (level + units - size) / l.avg);
-  }
-  if (wait_s > 0) return std::max<uint64_t>(1, static_cast<uint64_t>(wait_s * 1e9));
-  for (k t : touched)
-    if (cfg_[t].avg) level_[static_cast<size_t>(t)] += t <= k::bps_write ? static_cast<double>(bytes) : ops;
-  return 0;
-}
-
 // ---- the object -------------------------------------------------------------------------------------
 
 result<std::unique_ptr<object>> throttle_group_object::make(const std::string&, const boost::json::object& props) {

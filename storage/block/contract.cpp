@@ -206,6 +206,14 @@ class checked_driver final : public block_driver, private io_waiter {
     drained("close");
     inner_->close();
   }
+  void drain_begin() override {
+    check_home("drain_begin");
+    inner_->drain_begin();
+  }
+  void drain_end() override {
+    check_home("drain_end");
+    inner_->drain_end();
+  }
   void rehome(const driver_env& env) override {
     drained("rehome");
     env_ = env;

@@ -223,6 +223,12 @@ class block_driver {
   // The node moves to another iothread (x-blockdev-set-iothread, an export's iothread): from now on
   // use `env`. Called with nothing in flight; a driver keeping loop-bound state rebinds it here.
   virtual void rehome(const driver_env& env) { (void)env; }
+
+  // The node starts quiescing (its users wait until nothing is in flight): a driver that holds
+  // requests back on purpose (throttle) lets them go now, as QEMU's bdrv_drain_begin makes it;
+  // drain_end when the node resumes. Home thread.
+  virtual void drain_begin() {}
+  virtual void drain_end() {}
 };
 
 // What a reopen asks of a driver: its own new options (children resolved away), the children it
@@ -236,6 +242,7 @@ struct reopen_args {
   bool read_only = false;
   bool direct = false;
   bool no_flush = false;
+  std::shared_ptr<const object_refs> objects = nullptr;  // the objects the options may name; null in tests
   node* find_child(const std::string& role) const {
     for (auto& [r, n] : children)
       if (r == role) return n;

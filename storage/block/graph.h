@@ -90,6 +90,7 @@ class graph {
       std::vector<std::pair<std::string, node*>> roles;  // every role with its node after the reopen
       std::vector<std::string> consumed;                 // options the driver applies
       std::unique_ptr<block_driver::reopen_state> state;
+      std::shared_ptr<const object_refs> objects;  // what the options may name (taken on the graph's thread)
     };
     std::vector<entry> entries;
     std::vector<node*> nodes() const {

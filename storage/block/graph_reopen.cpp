@@ -49,6 +49,9 @@ result<graph::reopen_plan> graph::reopen_prepare(const boost::json::array& list)
   reopen_plan plan;
   for (auto& [n, o] : queue)
     if (auto r = reopen_queue(plan, *n, o); !r) return std::unexpected(r.error());
+  // The objects the new options may name (a throttle node's group), seen here on the graph's thread.
+  auto objects = objects_source_ ? objects_source_() : std::make_shared<const object_refs>();
+  for (auto& e : plan.entries) e.objects = objects;
   return plan;
 }
 
@@ -180,7 +183,7 @@ result<void> graph::reopen_queue(reopen_plan& plan, node& n, boost::json::object
 }
 
 result<void> graph::prepare_driver(reopen_plan::entry& e) {
-  reopen_args a{e.own, e.roles, e.next.read_only, e.next.direct, e.next.no_flush};
+  reopen_args a{e.own, e.roles, e.next.read_only, e.next.direct, e.next.no_flush, e.objects};
   e.consumed.clear();
   auto st = e.n->driver().reopen_prepare(a, e.consumed);
   if (!st) return std::unexpected(st.error());

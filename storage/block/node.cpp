@@ -227,13 +227,14 @@ void node::check_drained() {
 }
 
 void node::quiesce(std::function<void()> drained) {
-  ++quiesce_depth_;
+  if (quiesce_depth_++ == 0) drv_->drain_begin();
   drained_.push_back(std::move(drained));
   check_drained();
 }
 
 void node::resume() {
   if (quiesce_depth_ == 0 || --quiesce_depth_ > 0) return;
+  drv_->drain_end();
   auto held = std::move(held_);
   held_.clear();
   for (auto* r : held) start(*r);

@@ -14,6 +14,7 @@ void register_cor_driver();
 void register_preallocate_driver();
 void register_quorum_driver();
 void register_blklogwrites_driver();
+void register_throttle_driver();
 }  // namespace blockd::block
 namespace blockd::qcow2 {
 void register_qcow2_driver();
@@ -45,6 +46,7 @@ void register_builtin_drivers() {
     luks::register_luks_driver();
     register_quorum_driver();
     register_blklogwrites_driver();
+    register_throttle_driver();
   });
 }
 

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "config/objects/throttle_group.h"
 #include "storage/block/contract.h"
 #include "storage/block/driver.h"
 #include "storage/block/local_loop.h"
@@ -66,7 +67,13 @@ struct stack {
   int loop_dev = -1;  // an attached loop device (host_device stacks)
   bool direct = false;  // cache.direct=on for the nodes opened from now on
   std::string skip;     // why this stack cannot be built on this host
-  std::shared_ptr<const object_refs> objects;  // secrets the opens may name (luks); null: none
+  // The objects opens may name: a throttle group "tg0" without limits (throttle stacks); the luks
+  // stack puts its secret in a set of its own.
+  std::shared_ptr<const object_refs> objects = [] {
+    auto o = std::make_shared<object_refs>();
+    o->by_id["tg0"].throttle = std::make_shared<qom::throttle_state>();
+    return std::shared_ptr<const object_refs>(o);
+  }();
   std::vector<std::unique_ptr<node>> nodes;
   node* top() { return nodes.back().get(); }
 
@@ -215,6 +222,22 @@ struct qcow2_stack {
     }
     node* f = s.open("file", {{"filename", s.path}});
     s.open("qcow2", {}, f);
+  }
+};
+// A throttle node whose group has no limit (every request passes the scheduler and goes at once),
+// over a file and over qcow2.
+struct throttle_over_file_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    s.path = temp_image(image_size);
+    node* f = s.open("file", {{"filename", s.path}});
+    s.open("throttle", {{"throttle-group", "tg0"}}, f);
+  }
+};
+struct throttle_over_qcow2_stack : qcow2_stack {
+  static void build(stack& s) {
+    qcow2_stack::build(s);
+    if (s.skip.empty()) s.open("throttle", {{"throttle-group", "tg0"}}, s.top());
   }
 };
 // copy-on-read over a qcow2 overlay whose backing file holds (zero) data everywhere: every first

@@ -170,7 +170,7 @@ TEST(ObjectThrottleGroup, LeakyBucketSharedAcrossThreads) {
   uint64_t t = 1'000'000'000;
   int started = 0;
   while (s.reserve(false, 4096, t) == 0) ++started;
-  EXPECT_EQ(started, 10);
+  EXPECT_EQ(started, 11);  // QEMU starts a request while the bucket is not over its size (10)
   uint64_t wait = s.reserve(false, 4096, t);
   EXPECT_GT(wait, 0u);
   EXPECT_LE(wait, 10'000'000u);  // one operation leaks in 10 ms
