@@ -26,6 +26,7 @@ class filter_driver : public block_driver, protected io_waiter {
     return {.virtual_size = length(), .actual_size = f->actual_size, .has_dirty_flag = f->has_dirty_flag};
   }
   void submit(io_request& r) override { pass_down(r, 0); }
+  void debug_event(blkdebug_event e) override { child_->driver().debug_event(e); }
   result<void> truncate(int64_t size) override { return child_->driver().truncate(size); }
   void child_perm(const std::string&, bool, uint32_t node_perm, uint32_t node_shared, uint32_t& perm,
                   uint32_t& shared) const override {

@@ -9,6 +9,8 @@ namespace blockd::block {
 void register_null_drivers();
 void register_file_drivers();
 void register_raw_driver();
+void register_blkdebug_driver();
+void register_blkverify_driver();
 }  // namespace blockd::block
 namespace blockd::qcow2 {
 void register_qcow2_driver();
@@ -30,6 +32,8 @@ void register_builtin_drivers() {
     register_file_drivers();
     register_null_drivers();
     register_raw_driver();
+    register_blkdebug_driver();
+    register_blkverify_driver();
     qcow2::register_qcow2_driver();
   });
 }

@@ -66,15 +66,22 @@ struct stack {
   int loop_dev = -1;  // an attached loop device (host_device stacks)
   bool direct = false;  // cache.direct=on for the nodes opened from now on
   std::string skip;     // why this stack cannot be built on this host
+  std::vector<std::string> extra_paths;  // more temporary images, removed with the stack
   std::vector<std::unique_ptr<node>> nodes;
   node* top() { return nodes.back().get(); }
 
   node* open(const std::string& driver, boost::json::object opts, node* child = nullptr) {
+    std::vector<std::pair<std::string, node*>> children;
+    if (child) children.emplace_back("file", child);
+    return open(driver, std::move(opts), children);
+  }
+  // A node whose children have other roles than "file" (blkdebug's image, blkverify's test and raw).
+  node* open(const std::string& driver, boost::json::object opts, const std::vector<std::pair<std::string, node*>>& children) {
     auto* e = find_driver(driver);
     EXPECT_NE(e, nullptr) << driver;
     open_args a{opts, {}, loop.env()};
     a.direct = direct;
-    if (child) a.set_child("file", child);
+    for (auto& [role, n] : children) a.set_child(role, n);
     auto drv = e->open(a);
     EXPECT_TRUE(drv.has_value()) << (drv ? "" : drv.error().desc);
     node_settings s;
@@ -95,6 +102,7 @@ struct stack {
       close(loop_dev);
     }
     if (!path.empty()) unlink(path.c_str());
+    for (auto& p : extra_paths) unlink(p.c_str());
   }
 };
 
@@ -192,6 +200,41 @@ struct qcow2_stack {
     }
     node* f = s.open("file", {{"filename", s.path}});
     s.open("qcow2", {}, f);
+  }
+};
+// blkdebug without rules over a file, and over qcow2 (where qcow2's events reach it and change nothing).
+struct blkdebug_file_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    s.path = temp_image(image_size);
+    node* f = s.open("file", {{"filename", s.path}});
+    s.open("blkdebug", {}, {{"image", f}});
+  }
+};
+struct blkdebug_qcow2_stack {
+  static constexpr bool stores_data = true;
+  static constexpr bool owns_every_byte = false;
+  static void build(stack& s) {
+    s.path = temp_image(0);
+    std::string cmd = "qemu-img create -q -f qcow2 " + s.path + " " + std::to_string(image_size) + " >/dev/null 2>&1";
+    if (std::system(cmd.c_str()) != 0) {
+      s.skip = "qemu-img is not installed";
+      return;
+    }
+    node* f = s.open("file", {{"filename", s.path}});
+    node* d = s.open("blkdebug", {}, {{"image", f}});
+    s.open("qcow2", {}, d);
+  }
+};
+// blkverify over two files (both removed with the stack).
+struct blkverify_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    s.path = temp_image(image_size);
+    s.extra_paths.push_back(temp_image(image_size));
+    node* t = s.open("file", {{"filename", s.path}});
+    node* r = s.open("file", {{"filename", s.extra_paths.back()}});
+    s.open("blkverify", {}, {{"test", t}, {"raw", r}});
   }
 };
 // The same file stacks with file I/O on the poll backend's workers.

@@ -48,7 +48,8 @@ using stacks = ::testing::Types<null_stack, null_aio_latency_stack, file_stack, 
                                 deep_raw_stack, unchecked<deep_raw_stack>, unchecked<raw_window_stack>,
                                 on_poll<file_stack>, on_poll<raw_window_stack>, file_direct_stack,
                                 on_poll<file_direct_stack>, raw_window_direct_stack, host_device_stack,
-                                on_poll<host_device_stack>, qcow2_stack, on_poll<qcow2_stack>>;
+                                on_poll<host_device_stack>, qcow2_stack, on_poll<qcow2_stack>,
+                                blkdebug_file_stack, blkdebug_qcow2_stack, blkverify_stack>;
 TYPED_TEST_SUITE(conformance, stacks);
 
 TYPED_TEST(conformance, length_is_reported) { EXPECT_EQ(this->s.top()->length(), image_size); }
