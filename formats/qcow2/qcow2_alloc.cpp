@@ -41,6 +41,7 @@ task<int> qcow2_driver::ensure_refblock(uint64_t rbi) {
   }
   if (reftable_[rbi] & offset_mask) co_return 0;
   if (corrupt_) co_return -EIO;
+  file_->driver().debug_event(blkdebug_event::refblock_alloc);
   uint64_t cl = rbi * rb_entries_;
   uint64_t off = cl * cs_;
   // A range without a block is free by the format's rules; if metadata sits there the refcount
@@ -74,6 +75,7 @@ task<int> qcow2_driver::ensure_refblock(uint64_t rbi) {
 // A bigger refcount table goes, with the refcount blocks describing its own clusters, into the
 // first range past the current table's reach (free by definition): the blocks first, then the table.
 task<int> qcow2_driver::grow_reftable(uint64_t rbi) {
+  file_->driver().debug_event(blkdebug_event::reftable_grow);
   uint64_t old_n = reftable_.size();
   uint64_t per_cluster = cs_ / 8;
   uint64_t q = old_n;  // first range with no entry in the current table
@@ -196,6 +198,7 @@ task<int> qcow2_driver::alloc_area(uint64_t n, uint64_t& off) {
 }
 
 task<int> qcow2_driver::alloc_clusters(uint64_t n, uint64_t& off, bool& fresh) {
+  file_->driver().debug_event(blkdebug_event::cluster_alloc);
   if (n > 1) {
     fresh = true;
     co_return co_await alloc_area(n, off);

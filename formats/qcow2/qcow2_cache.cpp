@@ -80,6 +80,7 @@ task<int> qcow2_driver::load(meta_cache& c, uint64_t off, meta_block*& out, bool
     std::memset(b->data.get(), 0, c.block_bytes());
   } else {
     b->loading = true;
+    file_->driver().debug_event(&c == rc_cache_.get() ? blkdebug_event::refblock_load : blkdebug_event::l2_load);
     int r = co_await io(*file_, io_op::read, int64_t(off), int64_t(c.block_bytes())).buffer(b->data.get());
     b->loading = false;
     b->ready.wake_all();
@@ -99,6 +100,7 @@ task<int> qcow2_driver::load(meta_cache& c, uint64_t off, meta_block*& out, bool
 task<int> qcow2_driver::write_blocks(meta_cache& c) {
   auto dirty = c.dirty_blocks();
   if (dirty.empty()) co_return 0;
+  file_->driver().debug_event(&c == rc_cache_.get() ? blkdebug_event::refblock_update : blkdebug_event::l2_update);
   join_state j;
   for (auto* b : dirty) {
     ++b->pins;

@@ -27,6 +27,7 @@ task<int> qcow2_driver::read_extent(io_request& r, int64_t pos, uint64_t goff, c
       uint64_t flen = uint64_t(std::max<int64_t>(data_->length(), 0));
       uint64_t in_file = e.host < flen ? std::min(e.len, flen - e.host) : 0;
       if (in_file) {
+        file_->driver().debug_event(blkdebug_event::read_aio);
         iov_part p(r, pos, int64_t(in_file));
         int rc = co_await io(*data_, io_op::read, int64_t(e.host), int64_t(in_file)).vector(p.v, p.n);
         if (rc < 0) co_return rc;
@@ -42,6 +43,7 @@ task<int> qcow2_driver::read_extent(io_request& r, int64_t pos, uint64_t goff, c
       uint64_t blen = backing_ ? uint64_t(std::max<int64_t>(backing_->length(), 0)) : 0;
       uint64_t in_backing = goff < blen ? std::min(e.len, blen - goff) : 0;
       if (in_backing) {
+        file_->driver().debug_event(blkdebug_event::read_backing_aio);
         iov_part p(r, pos, int64_t(in_backing));
         int rc = co_await io(*backing_, io_op::read, int64_t(goff), int64_t(in_backing)).vector(p.v, p.n);
         if (rc < 0) co_return rc;
@@ -51,6 +53,7 @@ task<int> qcow2_driver::read_extent(io_request& r, int64_t pos, uint64_t goff, c
     }
     case run_kind::compressed: {
       if (last_compressed_ != e.host) {
+        file_->driver().debug_event(blkdebug_event::read_compressed);
         int rc = co_await decompress(e.host, e.csize, compressed_cache_.get());
         if (rc < 0) co_return rc;
         last_compressed_ = e.host;
@@ -221,6 +224,7 @@ task<int> qcow2_driver::write_cluster(io_request& r, int64_t pos, uint64_t cl, u
       co_return -EIO;
     }
     iov_part p(r, pos, int64_t(n));
+    file_->driver().debug_event(blkdebug_event::write_aio);
     rc = co_await io(*data_, io_op::write, int64_t(host), int64_t(n), r.flags & io_fua).vector(p.v, p.n);
     unlock_cluster(cl, false);
     co_return rc;
@@ -244,6 +248,7 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
   if (!ext() && reuse && !(w.entry & entry_zero) && !zero) {
     // Became in-place while we waited for the exclusive lock: plain write.
     iov_part p(r, pos, int64_t(n));
+    file_->driver().debug_event(blkdebug_event::write_aio);
     co_return co_await io(*data_, io_op::write, int64_t(old_host + in), int64_t(n), r.flags & io_fua).vector(p.v, p.n);
   }
   uint64_t host = old_host;
@@ -296,6 +301,7 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
   }
   if (fresh && head_tail_zero && !zero) {
     iov_part p(r, pos, int64_t(n));
+    file_->driver().debug_event(blkdebug_event::write_aio);
     rc = co_await io(*data_, io_op::write, int64_t(host + in), int64_t(n), r.flags & io_fua).vector(p.v, p.n);
   } else if (fresh && head_tail_zero && zero) {
     // A never-written cluster already reads as zeroes (the file was grown over it above).
@@ -472,6 +478,7 @@ task<int> qcow2_driver::zero_cluster_units(uint64_t cl, uint64_t in, uint64_t n,
 
 task<int> qcow2_driver::do_flush() {
   int r = 0;
+  file_->driver().debug_event(blkdebug_event::flush_to_os);
   {
     co_await meta_lock_.lock();
     co::guard g{meta_lock_};
@@ -482,6 +489,7 @@ task<int> qcow2_driver::do_flush() {
     r = co_await io(*data_, io_op::flush, 0, 0);
     if (r < 0) co_return r;
   }
+  file_->driver().debug_event(blkdebug_event::flush_to_disk);
   co_return co_await io(*file_, io_op::flush, 0, 0);
 }
 

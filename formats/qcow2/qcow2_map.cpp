@@ -154,6 +154,7 @@ task<int> qcow2_driver::write_table_entry(const std::vector<uint64_t>& table, ui
 }
 
 task<int> qcow2_driver::write_l1_entry(uint64_t index) {
+  file_->driver().debug_event(blkdebug_event::l1_update);
   co_return co_await write_table_entry(l1_, h_.l1_table_offset, index);
 }
 
@@ -186,6 +187,7 @@ task<int> qcow2_driver::ensure_l2(uint64_t cluster) {
   // Its refcount is durable before anything can point at it; then the table, then the L1 entry.
   r = co_await write_blocks(*rc_cache_);
   if (r >= 0) r = co_await io(*file_, io_op::flush, 0, 0);
+  file_->driver().debug_event(blkdebug_event::l2_alloc_write);
   if (r >= 0) r = co_await io(*file_, io_op::write, int64_t(off), int64_t(cs_)).buffer(buf.get());
   if (r >= 0) r = co_await io(*file_, io_op::flush, 0, 0);
   if (r < 0) co_return r;

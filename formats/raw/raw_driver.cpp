@@ -18,7 +18,12 @@ class raw_driver final : public filter_driver {
     int64_t n = child_->length() - offset_;
     return n < 0 ? 0 : n;
   }
-  void submit(io_request& r) override { pass_down(r, offset_); }
+  void submit(io_request& r) override {
+    // QEMU's raw format announces its reads and writes to the node below (blkdebug acts on them).
+    if (r.op == io_op::read) child_->driver().debug_event(blkdebug_event::read_aio);
+    if (r.op == io_op::write) child_->driver().debug_event(blkdebug_event::write_aio);
+    pass_down(r, offset_);
+  }
 
   // offset and size may change, and the child may be replaced (the slot then holds the new one);
   // the window is checked against the child the node will have, as at open.

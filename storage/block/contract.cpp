@@ -90,6 +90,11 @@ class checked_driver final : public block_driver, private io_waiter {
     check_home("preallocate");
     return inner_->preallocate(offset, len);
   }
+  void debug_event(blkdebug_event e) override {
+    check_home("debug_event");
+    inner_->debug_event(e);
+  }
+
   result<void> truncate(int64_t size) override {
     // Growing is allowed under I/O (a format appends clusters past the end of its file while other
     // requests run below the old end); anything else needs the node drained.

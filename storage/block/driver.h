@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "protocol/error.h"
+#include "storage/block/debug_event.h"
 #include "storage/block/dirty_bitmap.h"
 #include "storage/block/edge.h"
 #include "storage/block/io_request.h"
@@ -54,6 +55,10 @@ enum driver_cap : uint32_t {
 struct driver_limits {
   uint32_t request_alignment = 1;  // offsets and lengths of read/write must be multiples of this
   int64_t max_transfer = 0;        // 0 = unlimited
+  // Preferred granularity and largest single request for write_zeroes and discard (0 = none);
+  // blkdebug's opt-/max-write-zero and opt-/max-discard set them, nothing enforces them yet.
+  int64_t opt_write_zeroes = 0, max_write_zeroes = 0;
+  int64_t opt_discard = 0, max_discard = 0;
 };
 
 // Image information for query-named-block-nodes ("image" member) and the node's filename.
@@ -84,6 +89,9 @@ class block_driver {
 
   // Starts `r`; completes it later through r.complete(). Never blocks, never completes inside submit.
   virtual void submit(io_request& r) = 0;
+  // A format announces a point of its work on this child (QEMU's BLKDBG_EVENT), just before the
+  // request it names; filters pass it down, blkdebug acts on it, everything else ignores it.
+  virtual void debug_event(blkdebug_event e) { (void)e; }
 
   // Control path: called on the home iothread only (the supervisor sends a node task there; the
   // contract checker verifies it), with the node drained. A driver's own I/O then waits through
@@ -353,6 +361,11 @@ struct driver_entry {
   // Option members holding a list of BlockdevRef (quorum's "children"): element N opens as role
   // "<member>.N" (QEMU's names), after the fixed roles; x-blockdev-change may add or drop such slots.
   std::vector<std::string> child_list_roles = {};
+  // A filename made from the children's (blkdebug:CONFIG:IMAGE, blkverify:TEST:RAW): given the own
+  // options and each child role's filename; empty = the usual rules (json: or the file's name).
+  std::function<std::string(const boost::json::object& options,
+                            const std::function<std::string(const std::string& role)>& child_filename)>
+      composite_filename = nullptr;
 };
 
 // The list member a role belongs to ("children" for "children.2"), or empty for a fixed role.

@@ -28,6 +28,7 @@ class filter_driver : public block_driver, protected io_waiter {
             .cluster_size = f->cluster_size};
   }
   void submit(io_request& r) override { pass_down(r, 0); }
+  void debug_event(blkdebug_event e) override { child_->driver().debug_event(e); }
   result<void> truncate(int64_t size) override { return child_->driver().truncate(size); }
   void child_perm(const std::string&, bool, uint32_t node_perm, uint32_t node_shared, uint32_t& perm,
                   uint32_t& shared) const override {

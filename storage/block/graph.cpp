@@ -748,6 +748,14 @@ std::string graph::filename(const node& n) const {
     std::string plain = e->plain_filename(own);
     if (!plain.empty()) return plain;
   }
+  if (e && e->composite_filename) {
+    std::string c = e->composite_filename(own, [&](const std::string& role) {
+      for (child_edge* edge : n.children())
+        if (edge->role == role) return filename(*edge->child);
+      return std::string();
+    });
+    if (!c.empty()) return c;
+  }
   // A format node whose own options only tune it (no window, no other backing than its image
   // names) over a protocol node is named after that node's file; a format over another format is
   // not (its image could not be probed from the plain name).

@@ -15,6 +15,8 @@ void register_preallocate_driver();
 void register_quorum_driver();
 void register_blklogwrites_driver();
 void register_throttle_driver();
+void register_blkdebug_driver();
+void register_blkverify_driver();
 }  // namespace blockd::block
 namespace blockd::qcow2 {
 void register_qcow2_driver();
@@ -39,6 +41,8 @@ void register_builtin_drivers() {
     register_file_drivers();
     register_null_drivers();
     register_raw_driver();
+    register_blkdebug_driver();
+    register_blkverify_driver();
     qcow2::register_qcow2_driver();
     register_compress_driver();
     register_cor_driver();

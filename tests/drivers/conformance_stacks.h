@@ -224,6 +224,41 @@ struct qcow2_stack {
     s.open("qcow2", {}, f);
   }
 };
+// blkdebug without rules over a file, and over qcow2 (where qcow2's events reach it and change nothing).
+struct blkdebug_file_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    s.path = temp_image(image_size);
+    node* f = s.open("file", {{"filename", s.path}});
+    s.open_with("blkdebug", {}, {{"image", f}});
+  }
+};
+struct blkdebug_qcow2_stack {
+  static constexpr bool stores_data = true;
+  static constexpr bool owns_every_byte = false;
+  static void build(stack& s) {
+    s.path = temp_image(0);
+    std::string cmd = "qemu-img create -q -f qcow2 " + s.path + " " + std::to_string(image_size) + " >/dev/null 2>&1";
+    if (std::system(cmd.c_str()) != 0) {
+      s.skip = "qemu-img is not installed";
+      return;
+    }
+    node* f = s.open("file", {{"filename", s.path}});
+    node* d = s.open_with("blkdebug", {}, {{"image", f}});
+    s.open("qcow2", {}, d);
+  }
+};
+// blkverify over two files (both removed with the stack).
+struct blkverify_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    s.path = temp_image(image_size);
+    s.extra_paths.push_back(temp_image(image_size));
+    node* t = s.open("file", {{"filename", s.path}});
+    node* r = s.open("file", {{"filename", s.extra_paths.back()}});
+    s.open_with("blkverify", {}, {{"test", t}, {"raw", r}});
+  }
+};
 // A throttle node whose group has no limit (every request passes the scheduler and goes at once),
 // over a file and over qcow2.
 struct throttle_over_file_stack {
