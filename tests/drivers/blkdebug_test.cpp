@@ -24,7 +24,7 @@ struct debug_fixture : ::testing::Test {
     file = s->open("file", {{"filename", s->path}});
     return true;
   }
-  node* blkdebug(boost::json::object o) { return s->open("blkdebug", std::move(o), {{"image", file}}); }
+  node* blkdebug(boost::json::object o) { return s->open_with("blkdebug", std::move(o), {{"image", file}}); }
   // raw over blkdebug: raw announces read_aio / write_aio on its child, as in QEMU.
   node* raw_over(boost::json::object o) {
     node* d = blkdebug(std::move(o));
@@ -229,7 +229,7 @@ struct verify_fixture : debug_fixture {
     raw_path = temp_image(image_size);
     s->extra_paths.push_back(raw_path);
     node* raw = s->open("file", {{"filename", raw_path}});
-    v = s->open("blkverify", {}, {{"test", file}, {"raw", raw}});
+    v = s->open_with("blkverify", {}, {{"test", file}, {"raw", raw}});
   }
 };
 
