@@ -137,6 +137,15 @@ std::string temp_image(int64_t size, const std::string& dir = "/dev/shm") {
   return tmpl;
 }
 
+// A fresh qcow2 image made by qemu-img at s.path; false (and the stack skipped) without qemu-img.
+bool make_qcow2(stack& s) {
+  s.path = temp_image(0);
+  std::string cmd = "qemu-img create -q -f qcow2 " + s.path + " " + std::to_string(image_size) + " >/dev/null 2>&1";
+  if (std::system(cmd.c_str()) == 0) return true;
+  s.skip = "qemu-img is not installed";
+  return false;
+}
+
 // A directory whose file system takes O_DIRECT opens ($TMPDIR, /var/tmp, /tmp; tmpfs only since
 // Linux 6.6), or "" with `why` saying what was tried.
 std::string direct_io_dir(std::string* why) {
@@ -214,12 +223,7 @@ struct qcow2_stack {
   static constexpr bool stores_data = true;
   static constexpr bool owns_every_byte = false;
   static void build(stack& s) {
-    s.path = temp_image(0);
-    std::string cmd = "qemu-img create -q -f qcow2 " + s.path + " " + std::to_string(image_size) + " >/dev/null 2>&1";
-    if (std::system(cmd.c_str()) != 0) {
-      s.skip = "qemu-img is not installed";
-      return;
-    }
+    if (!make_qcow2(s)) return;
     node* f = s.open("file", {{"filename", s.path}});
     s.open("qcow2", {}, f);
   }
@@ -237,12 +241,7 @@ struct blkdebug_qcow2_stack {
   static constexpr bool stores_data = true;
   static constexpr bool owns_every_byte = false;
   static void build(stack& s) {
-    s.path = temp_image(0);
-    std::string cmd = "qemu-img create -q -f qcow2 " + s.path + " " + std::to_string(image_size) + " >/dev/null 2>&1";
-    if (std::system(cmd.c_str()) != 0) {
-      s.skip = "qemu-img is not installed";
-      return;
-    }
+    if (!make_qcow2(s)) return;
     node* f = s.open("file", {{"filename", s.path}});
     node* d = s.open_with("blkdebug", {}, {{"image", f}});
     s.open("qcow2", {}, d);
@@ -306,12 +305,7 @@ struct qcow2_over_preallocate_stack {
   static constexpr bool stores_data = true;
   static constexpr bool owns_every_byte = false;
   static void build(stack& s) {
-    s.path = temp_image(0);
-    std::string cmd = "qemu-img create -q -f qcow2 " + s.path + " " + std::to_string(image_size) + " >/dev/null 2>&1";
-    if (std::system(cmd.c_str()) != 0) {
-      s.skip = "qemu-img is not installed";
-      return;
-    }
+    if (!make_qcow2(s)) return;
     node* f = s.open("file", {{"filename", s.path}});
     node* p = s.open("preallocate", {{"prealloc-size", 1 << 20}, {"prealloc-align", 65536}}, f);
     s.open("qcow2", {}, p);

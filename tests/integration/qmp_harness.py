@@ -148,6 +148,16 @@ def import_libnbd():
     return None
 
 
+def graph_shape(r):
+    """x-debug-query-block-graph by structure: node ids are each daemon's own, so edges are named by their
+    nodes (automatic names by their type) and compared as sorted lists, permissions included."""
+    g = r["return"]
+    names = {n["id"]: n["name"] if not n["name"].startswith("#") else "#" + n["type"] for n in g["nodes"]}
+    return {"nodes": sorted([names[n["id"]], n["type"]] for n in g["nodes"]),
+            "edges": sorted([names[e["parent"]], names[e["child"]], e["name"], sorted(e["perm"]),
+                             sorted(e["shared-perm"])] for e in g["edges"])}
+
+
 def run_each(tests, blockd, prefix):
     """Runs each test function as test(blockd, tmp) in a fresh temporary directory of its own."""
     import shutil

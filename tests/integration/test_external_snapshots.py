@@ -13,7 +13,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_harness import Client, Daemon, import_libnbd, monitor_args  # noqa: E402
+from qmp_harness import Client, Daemon, graph_shape, import_libnbd, monitor_args  # noqa: E402
 
 QSD = shutil.which("qemu-storage-daemon")
 # blockd follows QSD 10.2, whose node listing has members 7.2 lacks; sizes on disk differ by nature.
@@ -43,16 +43,6 @@ def norm(v, tmp):
         # Automatic node names are counters that differ between the two daemons.
         return re.sub(r"#block\d+", "#block", v.replace(tmp, "$D"))
     return v
-
-
-def graph_shape(r):
-    """x-debug-query-block-graph by structure: node ids are each daemon's own, so edges are named by their
-    nodes (automatic names by their type) and compared as sorted lists, permissions included."""
-    g = r["return"]
-    names = {n["id"]: n["name"] if not n["name"].startswith("#") else "#" + n["type"] for n in g["nodes"]}
-    return {"nodes": sorted([names[n["id"]], n["type"]] for n in g["nodes"]),
-            "edges": sorted([names[e["parent"]], names[e["child"]], e["name"], sorted(e["perm"]),
-                             sorted(e["shared-perm"])] for e in g["edges"])}
 
 
 def sh(tmp, cmd):

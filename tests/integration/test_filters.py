@@ -14,7 +14,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_harness import Client, Daemon, monitor_args  # noqa: E402
+from qmp_harness import Client, Daemon, graph_shape, monitor_args  # noqa: E402
 
 QSD = shutil.which("qemu-storage-daemon")
 EXTRA = ("active", "children", "actual-size")
@@ -37,14 +37,6 @@ def norm(v, tmp):
     if isinstance(v, str):
         return re.sub(r"#block\d+", "#block", v.replace(tmp, "$D"))
     return v
-
-
-def graph_shape(r):
-    g = r["return"]
-    names = {n["id"]: n["name"] if not n["name"].startswith("#") else "#" + n["type"] for n in g["nodes"]}
-    return {"nodes": sorted([names[n["id"]], n["type"]] for n in g["nodes"]),
-            "edges": sorted([names[e["parent"]], names[e["child"]], e["name"], sorted(e["perm"]),
-                             sorted(e["shared-perm"])] for e in g["edges"])}
 
 
 def sh(tmp, cmd, check=True):
