@@ -301,7 +301,8 @@ class qcow2_driver final : public block_driver {
   uint64_t free_hint_ = 0;
   uint64_t fresh_end_ = 0;  // clusters at or past this offset were never written: they read as zeroes
   uint64_t last_compressed_ = ~0ull;
-  uint64_t compress_cursor_ = 0;  // where the next compressed cluster may go (0: a new host cluster)
+  uint64_t compress_cursor_ = 0;
+  bool inactive_ = false;  // blockdev-set-active off (or opened inactive): reads must not write  // where the next compressed cluster may go (0: a new host cluster)
   uint64_t snapshot_table_bytes_ = 0;  // the snapshot table's extent in the file (overlap checks)
   uint64_t lookups_ = 0;
   int64_t last_clean_ns_ = 0;

@@ -41,6 +41,7 @@ void qcow2_driver::close() {
 }
 
 void qcow2_driver::inactivate() {
+  inactive_ = true;  // another process may own the image now: no copy-on-read writes
   if (writable() && !corrupt_ && l2_cache_) {
     // The image holds the bitmaps from now on; activation loads them again.
     std::string err;
@@ -51,6 +52,7 @@ void qcow2_driver::inactivate() {
 }
 
 result<void> qcow2_driver::activate() {
+  inactive_ = false;
   // Another process may have changed the image while we were inactive: read the tables again.
   std::string err;
   l2_cache_->clear_clean();

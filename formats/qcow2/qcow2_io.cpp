@@ -39,7 +39,7 @@ task<int> qcow2_driver::read_extent(io_request& r, int64_t pos, uint64_t goff, c
       iov_fill(r, pos, int64_t(e.len), nullptr);
       co_return 0;
     case run_kind::backing: {
-      if ((r.flags & io_copy_up) && backing_ && writable()) co_return co_await copy_up(r, pos, goff, e.len);
+      if ((r.flags & io_copy_up) && backing_ && writable() && !inactive_) co_return co_await copy_up(r, pos, goff, e.len);
       uint64_t blen = backing_ ? uint64_t(std::max<int64_t>(backing_->length(), 0)) : 0;
       uint64_t in_backing = goff < blen ? std::min(e.len, blen - goff) : 0;
       if (in_backing) {
