@@ -201,8 +201,9 @@ TEST(ThrottleFilter, GroupSharedAcrossThreadsIsFairAndHoldsTheRate) {
   double total = done[0] + done[1];
   // 2000/s plus the first bucket (200) and the requests in flight at the end (32).
   EXPECT_LE(total, 2000 * secs + 200 + 32 + 20);
-  // At least most of it (the two spinning threads share the machine with whatever else runs).
-  EXPECT_GE(total, 2000 * secs * 0.8);
+  // No lower bound here: how much of the rate two threads reach depends on what else the machine
+  // runs (a unit test must not time the machine); bench/throttle-accuracy measures the rate.
+  EXPECT_GT(total, 0);
   // Round robin: each member gets about half.
   EXPECT_NEAR(done[0], total / 2, total * 0.15) << done[0] << " / " << done[1];
 }
