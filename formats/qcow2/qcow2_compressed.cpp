@@ -57,14 +57,16 @@ task<int> qcow2_driver::write_compressed_cluster(io_request& r, int64_t pos, uin
   // two compressed clusters ever share a unit of a direct write.
   uint64_t a = std::max<uint64_t>(align_, 1);
   uint64_t wlen = (size + a - 1) / a * a;
-  packed->resize(wlen, 0);
+  // An aligned buffer (O_DIRECT takes no other), zero-padded to the write's length.
+  auto out = make_buf(wlen);
+  std::memcpy(out.get(), packed->data(), size);
   std::string what;
   if (overlaps_metadata(host, wlen, what)) {
     signal_corruption("Preventing invalid write on metadata (overlaps with " + what + ")", int64_t(host), int64_t(wlen));
     co_return -EIO;
   }
   // The data before the mapping: until the L2 entry names it, the space is merely referenced.
-  rc = co_await io(*file_, io_op::write, int64_t(host), int64_t(wlen), r.flags & io_fua).buffer(packed->data());
+  rc = co_await io(*file_, io_op::write, int64_t(host), int64_t(wlen), r.flags & io_fua).buffer(out.get());
   co_await meta_lock_.lock();
   co::guard g{meta_lock_};
   if (rc < 0) {
