@@ -13,36 +13,10 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_harness import Client, Daemon, graph_shape, import_libnbd, monitor_args  # noqa: E402
+from qmp_harness import Client, Daemon, graph_shape, norm_nodes, import_libnbd, monitor_args  # noqa: E402
 
 QSD = shutil.which("qemu-storage-daemon")
-# blockd follows QSD 10.2, whose node listing has members 7.2 lacks; sizes on disk differ by nature.
-EXTRA = ("active", "children", "actual-size")
-
-
-def norm(v, tmp):
-    if isinstance(v, dict):
-        out = {}
-        for k, x in v.items():
-            if k in EXTRA:
-                continue
-            if k in ("date-sec", "date-nsec", "vm-clock-sec", "vm-clock-nsec"):
-                out[k] = "T"
-                continue
-            # 10.2 shows an empty format-specific for protocol nodes.
-            if k == "format-specific" and isinstance(x, dict) and x.get("type") in ("file", "host_device"):
-                continue
-            out[k] = norm(x, tmp)
-        # Where qcow2 puts a cluster (and so a file's length) is each implementation's own choice.
-        if v.get("format") == "file" and "virtual-size" in out:
-            out["virtual-size"] = "N"
-        return out
-    if isinstance(v, list):
-        return [norm(x, tmp) for x in v]
-    if isinstance(v, str):
-        # Automatic node names are counters that differ between the two daemons.
-        return re.sub(r"#block\d+", "#block", v.replace(tmp, "$D"))
-    return v
+norm = norm_nodes
 
 
 def sh(tmp, cmd):

@@ -7,36 +7,16 @@ back at exit. The inputs QSD hangs on get clear errors."""
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_harness import Client, Daemon, graph_shape, monitor_args  # noqa: E402
+from qmp_harness import Client, Daemon, graph_shape, norm_nodes, monitor_args  # noqa: E402
 
 QSD = shutil.which("qemu-storage-daemon")
-EXTRA = ("active", "children", "actual-size")
-
-
-def norm(v, tmp):
-    if isinstance(v, dict):
-        out = {}
-        for k, x in v.items():
-            if k in EXTRA:
-                continue
-            if k == "format-specific" and isinstance(x, dict) and x.get("type") in ("file", "host_device"):
-                continue
-            out[k] = norm(x, tmp)
-        if v.get("format") == "file" and "virtual-size" in out:
-            out["virtual-size"] = "N"
-        return out
-    if isinstance(v, list):
-        return [norm(x, tmp) for x in v]
-    if isinstance(v, str):
-        return re.sub(r"#block\d+", "#block", v.replace(tmp, "$D"))
-    return v
+norm = norm_nodes
 
 
 def sh(tmp, cmd, check=True):
