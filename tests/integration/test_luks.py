@@ -50,8 +50,11 @@ class Mon:
     def wait_job(self, job, status="concluded"):
         end = time.monotonic() + 60
         while True:
-            for e in self.events:
+            for i, e in enumerate(self.events):
                 if e["event"] == "JOB_STATUS_CHANGE" and e["data"] == {"id": job, "status": status}:
+                    # Consume it and what came before: jobs reuse ids, and an old job's event must not
+                    # stand for the next one's.
+                    del self.events[:i + 1]
                     return
             if time.monotonic() > end:
                 raise AssertionError(f"job {job} never reached {status}: {self.events}")
