@@ -1,6 +1,8 @@
 // Job actor behaviour: verbs, queries and body reports applied to the job's core, JOB_STATUS_CHANGE to the bus; main iothread only (the worker helper's thread excepted, as marked).
 #include "actors/job/job_actor.h"
 
+#include "actors/job/block_job.h"
+
 #include <caf/all.hpp>
 
 #include <cerrno>
@@ -107,17 +109,29 @@ caf::behavior job_actor::make_behavior() {
   return {
       [this](job_start_atom) -> command_outcome {
         core_.create();
+        if (auto r = runner_->created(core_); !r) {
+          core_.early_fail();
+          settle();
+          return command_outcome::failure(r.error());
+        }
         core_.start();
         settle();
         return command_outcome::success();
       },
-      [this](job_verb_atom, const std::string& name, bool force) -> command_outcome {
-        auto out = verb(name, force);
-        settle();
-        return out;
+      [this](job_verb_atom, const std::string& name, bool force) -> caf::result<command_outcome> {
+        return run_or_hold([this, name, force] { return verb(name, force); });
+      },
+      [this](block_verb_atom, const std::string& name, const json_args& args) -> caf::result<command_outcome> {
+        boost::json::object a = args.v;
+        return run_or_hold([this, name, a] { return block_verb(name, a); });
       },
       [this](job_info_atom) -> json_args { return json_args{info()}; },
+      [this](block_info_atom) -> json_args {
+        if (auto* b = runner_->as_block_job()) return json_args{b->info(core_)};
+        return json_args{};  // not a block job: nothing to list
+      },
       [this](job_post_atom, job_step& step) {
+        if (!step.fn) release_held();  // also the retry tick of held verbs
         if (step.fn && core_.state() != job::status::null) step.fn(core_);
         settle();
       },
@@ -147,6 +161,70 @@ command_outcome job_actor::verb(const std::string& name, bool force) {
   return command_outcome::success();
 }
 
+command_outcome job_actor::block_verb(const std::string& name, const boost::json::object& args) {
+  auto* b = runner_->as_block_job();
+  if (!b) return command_outcome::failure(error(error_class::device_not_active, "Block job '" + core_.id() + "' not found"));
+  result<void> r;
+  if (name == "set-speed") {
+    r = b->set_speed(core_, args.at("speed").to_number<int64_t>());
+  } else if (name == "change") {
+    r = b->change(core_, args);
+  } else if (name == "cancel") {
+    bool force = args.contains("force") && args.at("force").as_bool();
+    // QEMU's block-job-cancel: a user-paused job is only cancelled by force.
+    if (core_.user_paused() && !force)
+      r = fail("The block job for device '" + core_.id() + "' is currently paused");
+    else
+      r = core_.user_cancel(force);
+  } else {
+    return verb(name, false);
+  }
+  if (!r) return command_outcome::failure(r.error());
+  return command_outcome::success();
+}
+
+bool job_actor::holding() const {
+  return core_.state() != job::status::null && const_cast<job::core&>(core_).transaction().finalizing();
+}
+
+caf::result<command_outcome> job_actor::run_or_hold(std::function<command_outcome()> fn) {
+  if (!holding()) {
+    auto out = fn();
+    if (!holding()) {
+      settle();
+      return out;
+    }
+    // The verb started a finalize that waits for other threads (job-finalize, or a cancel that
+    // finishes a transaction): the reply follows its events, as QEMU's synchronous finalize does.
+    auto rp = make_response_promise<command_outcome>();
+    held_.push_back(held_verb{[out] { return out; }, rp, true});
+    delayed_send(this, std::chrono::milliseconds(1), job_post_atom::value, job_step{});
+    return rp;
+  }
+  auto rp = make_response_promise<command_outcome>();
+  held_.push_back(held_verb{std::move(fn), rp});
+  // The finalize that holds them ends in another member's handler (or a reply to this one); a
+  // short tick re-checks, since nothing tells this actor when a peer's prepare is over.
+  delayed_send(this, std::chrono::milliseconds(1), job_post_atom::value, job_step{});
+  return rp;
+}
+
+void job_actor::release_held() {
+  if (holding()) {
+    if (!held_.empty()) delayed_send(this, std::chrono::milliseconds(1), job_post_atom::value, job_step{});
+    return;
+  }
+  while (!held_.empty()) {
+    auto h = std::move(held_.front());
+    held_.pop_front();
+    if (core_.state() == job::status::null && !h.answered) {
+      h.rp.deliver(command_outcome::failure(error("Job not found")));
+      continue;
+    }
+    h.rp.deliver(h.run());
+  }
+}
+
 boost::json::object job_actor::info() const {
   boost::json::object o{{"id", core_.id()},
                         {"type", job::name(core_.kind())},
@@ -158,6 +236,8 @@ boost::json::object job_actor::info() const {
 }
 
 void job_actor::settle() {
+  if (holding()) return;  // a finalize in progress: nothing may cut in (held verbs wait too)
+  release_held();
   if (stopping_ && !*gone_) {
     // QEMU's job_cancel_sync_all: force-cancel a job still working, dismiss a concluded one; a job
     // between the two (its body still winding down, or a transaction settling) is waited for.

@@ -3,6 +3,7 @@
 #include <caf/event_based_actor.hpp>
 
 #include <atomic>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
@@ -25,6 +26,10 @@ using job_info_atom = caf::atom_constant<caf::atom("jobinfo")>;    // -> json_ar
 using job_post_atom = caf::atom_constant<caf::atom("jobpost")>;    // job_step from the body, any thread
 using job_stop_atom = caf::atom_constant<caf::atom("jobstop")>;    // shutdown: cancel, dismiss; -> bool at null
 using job_gone_atom = caf::atom_constant<caf::atom("jobgone")>;    // job -> supervisor: (id) reached null
+// Block jobs only: (verb name, arguments) -> command_outcome for the block-job-* commands that need
+// more than job-*'s (set-speed, change, cancel's paused check, resume's io-status reset).
+using block_verb_atom = caf::atom_constant<caf::atom("blkverb")>;
+using block_info_atom = caf::atom_constant<caf::atom("blkinfo")>;  // -> json_args (BlockJobInfo, null if none)
 
 // How a body reaches its job from any thread (a worker thread, a copy loop on a node's iothread):
 // each call is a message to the job actor, handled in order on its thread.
@@ -44,8 +49,15 @@ class job_port {
 // A kind of job as the job actor runs it: the core's driver hooks plus how the body reports. Block
 // jobs (mirror, backup, stream, commit) derive from this too: their run() starts a copy loop actor on
 // the node's iothread, their enter/pause/cancel hooks message it, and the loop reports through port().
+class block_job_runner;
+
 class job_runner : public job::driver, public std::enable_shared_from_this<job_runner> {
  public:
+  // Block jobs (commit, stream, mirror, backup) answer the block-job-* verbs and query-block-jobs.
+  virtual block_job_runner* as_block_job() { return nullptr; }
+  // Right after the job was created, before it starts: a failure ends it at once (created -> null),
+  // as a block job whose initial speed is refused does in QEMU.
+  virtual result<void> created(job::core& j) { (void)j; return {}; }
   // Called once, before run(): the job's own actor and the supervisor (graph work, events).
   void attach(job_port port, caf::actor supervisor) {
     port_ = std::move(port);
@@ -98,6 +110,18 @@ class job_actor : public caf::event_based_actor {
 
  private:
   command_outcome verb(const std::string& name, bool force);
+  command_outcome block_verb(const std::string& name, const boost::json::object& args);
+  // Verbs that arrive while the job's transaction waits for an asynchronous prepare wait here and
+  // run once it is over (QEMU's finalize is one step no command can come between).
+  struct held_verb {
+    std::function<command_outcome()> run;
+    caf::response_promise rp;
+    bool answered = false;  // the verb ran already; only its reply waited
+  };
+  std::deque<held_verb> held_;
+  bool holding() const;
+  caf::result<command_outcome> run_or_hold(std::function<command_outcome()> fn);
+  void release_held();
   boost::json::object info() const;
   // After every message: drive a requested stop, and leave once the job reached null.
   void settle();

@@ -173,27 +173,22 @@ void core::completed_txn_success() {
   if (!manual) do_finalize();
 }
 
-result<void> core::prepare() {
-  if (ret_ == 0) {
-    if (auto r = d_.prepare(*this); !r) {
+void core::prepare(std::function<void(bool ok)> done) {
+  if (ret_ != 0) return done(false);
+  d_.prepare_async(*this, [this, done = std::move(done)](result<void> r) {
+    if (!r) {
       ret_ = -EIO;
       err_ = r.error().desc;
     }
     update_rc();
-  }
-  if (ret_) return fail(err_);
-  return {};
+    done(ret_ == 0);
+  });
 }
 
 void core::do_finalize() {
   auto t = txn_;  // finalizing takes jobs out of the transaction
-  if (!t->apply([](core& j) { return j.prepare(); }))
-    t->abort(*this);
-  else
-    (void)t->apply([](core& j) -> result<void> {
-      j.finalize_single();
-      return {};
-    });
+  t->finalizing_ = true;
+  t->prepare_from(*this, t->jobs_, 0);
 }
 
 void core::finalize_single() {
@@ -291,6 +286,27 @@ result<void> txn::apply(const std::function<result<void>(core&)>& fn) {
     if (auto r = fn(*j); !r) return r;
   }
   return {};
+}
+
+void txn::prepare_from(core& cause, std::vector<core*> jobs, size_t i) {
+  auto self = shared_from_this();
+  // Members finalized meanwhile are skipped, as job_txn_apply's snapshot walk does.
+  while (i < jobs.size() && std::find(jobs_.begin(), jobs_.end(), jobs[i]) == jobs_.end()) ++i;
+  if (i == jobs.size()) {
+    finalizing_ = false;
+    (void)apply([](core& j) -> result<void> {
+      j.finalize_single();
+      return {};
+    });
+    return;
+  }
+  core* j = jobs[i];
+  j->prepare([self, &cause, jobs = std::move(jobs), i](bool ok) mutable {
+    if (ok) return self->prepare_from(cause, std::move(jobs), i + 1);
+    // The first failure stops the walk and aborts everyone (QEMU's job_do_finalize).
+    self->finalizing_ = false;
+    self->abort(cause);
+  });
 }
 
 void txn::abort(core& cause) {

@@ -41,6 +41,10 @@ class driver {
   // The finalize phase, run for every job of a transaction together: prepare all (a failure aborts
   // the whole transaction), then commit or abort each, then clean each.
   virtual result<void> prepare(core& j) { (void)j; return {}; }
+  // The same for a prepare that must wait for other threads (a graph edit by the supervisor, a
+  // header write on a node's home): `done` runs once, on the owner's thread, now or later. While a
+  // transaction prepares, its jobs take no verbs (txn::finalizing; the owner holds them back).
+  virtual void prepare_async(core& j, std::function<void(result<void>)> done) { done(prepare(j)); }
   virtual void commit(core& j) { (void)j; }
   virtual void abort(core& j) { (void)j; }
   virtual void clean(core& j) { (void)j; }
@@ -142,7 +146,7 @@ class core {
   void completed();
   void completed_txn_success();
   void do_finalize();
-  result<void> prepare();
+  void prepare(std::function<void(bool ok)> done);
   void finalize_single();
   void conclude();
   void do_dismiss();
@@ -175,6 +179,8 @@ class txn : public std::enable_shared_from_this<txn> {
   static std::shared_ptr<txn> make() { return std::shared_ptr<txn>(new txn()); }
   const std::vector<core*>& jobs() const { return jobs_; }
   bool aborting() const { return aborting_; }
+  // A finalize is waiting for a member's asynchronous prepare: verbs to any member wait too.
+  bool finalizing() const { return finalizing_; }
 
  private:
   friend class core;
@@ -185,8 +191,11 @@ class txn : public std::enable_shared_from_this<txn> {
   result<void> apply(const std::function<result<void>(core&)>& fn);
   void abort(core& cause);
   void continue_abort();
+  // do_finalize's walk: prepares jobs[i..] one after the other, then finalizes or aborts all.
+  void prepare_from(core& cause, std::vector<core*> jobs, size_t i);
 
   std::vector<core*> jobs_;
+  bool finalizing_ = false;
   bool aborting_ = false;
   bool in_abort_loop_ = false;
   bool abort_again_ = false;

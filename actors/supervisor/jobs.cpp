@@ -288,6 +288,7 @@ result<void> supervisor_actor::check_del_held(const std::string& node) const {
   // QEMU looks the node up and checks that the monitor owns it first; those errors stay graph's.
   block::node* n = graph_ ? graph_->find(node) : nullptr;
   if (!n || !n->monitor_owned) return {};
+  if (auto r = check_job_blockers(*n); !r) return r;
   for (auto& j : jobs_)
     if (std::find(j.held.begin(), j.held.end(), node) != j.held.end())
       return fail("Block device " + node + " is in use by job '" + j.id +

@@ -10,6 +10,7 @@
 #include <unordered_set>
 
 #include "actors/export/nbd_connection.h"
+#include "actors/job/block_job.h"
 #include "actors/job/create_job.h"
 #include "actors/monitor/monitor.h"
 #include "actors/node/node_actor.h"
@@ -63,6 +64,15 @@ caf::behavior supervisor_actor::make_behavior() {
         queue_.push_back({name, std::move(args.v), rp});
         pump();
         return rp;
+      },
+      [this](job_edit_atom, job_edit& e) {
+        auto then = std::move(e.then);
+        queue_job_edit([work = std::move(e.work), then](reply_fn reply) {
+          work([reply, then](command_outcome o) {
+            if (then) then(o);
+            reply(std::move(o));
+          });
+        });
       },
       [this](repoint_atom, const std::string& export_id, const std::string& node) -> caf::result<command_outcome> {
         if (shutting_down_) return command_outcome::failure(error("blockd is shutting down"));
@@ -172,10 +182,26 @@ void supervisor_actor::pump() {
       work();
       continue;
     }
-    if (busy_ || closing_ > 0 || queue_.empty()) break;
+    // A finishing job's graph work: it may go while the running command only waits for a job
+    // (job-finalize waits for the very finalize that asked for this edit).
+    if (!editing_ && closing_ == 0 && !job_edits_.empty() && (!busy_ || yields_to_jobs_)) {
+      auto work = std::move(job_edits_.front());
+      job_edits_.pop_front();
+      editing_ = true;
+      auto done = std::make_shared<bool>(false);
+      work([this, done](command_outcome) {
+        if (*done) return;
+        *done = true;
+        editing_ = false;
+        pump();
+      });
+      continue;
+    }
+    if (busy_ || editing_ || closing_ > 0 || queue_.empty()) break;
     auto p = std::move(queue_.front());
     queue_.pop_front();
     busy_ = true;
+    yields_to_jobs_ = p.name.starts_with("job-") || p.name.starts_with("block-job-");
     auto rp = p.rp;
     auto done = std::make_shared<bool>(false);
     reply_fn reply = [this, rp, done](command_outcome o) mutable {
@@ -183,6 +209,7 @@ void supervisor_actor::pump() {
       *done = true;
       rp.deliver(std::move(o));
       busy_ = false;
+      yields_to_jobs_ = false;
       pump();
     };
     // No handler may take the daemon down: a failure thrown inside a command ends as its error
@@ -209,6 +236,7 @@ void supervisor_actor::run_command(const std::string& name, boost::json::object&
 void supervisor_actor::register_commands() {
   register_block_commands();   // block_commands.cpp
   register_job_commands();     // jobs.cpp
+  register_block_job_commands();  // block_jobs.cpp
   register_export_commands();  // exports.cpp
   register_object_commands();  // objects.cpp
   register_chardev_commands(); // chardevs.cpp

@@ -5,6 +5,7 @@
 #include <functional>
 #include <deque>
 #include <map>
+#include <optional>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -61,6 +62,11 @@ class supervisor_actor : public caf::event_based_actor {
   // one; `jobs_hold_queue_` is false only while quit waits for jobs, which changes no graph.
   std::deque<std::function<void()>> job_graph_work_;
   bool jobs_hold_queue_ = true;
+  // Graph work of finishing block jobs (block_jobs.cpp): one at a time, between commands, or
+  // while the running command only waits for a job (yields_to_jobs_: job-*, block-job-*).
+  std::deque<std::function<void(reply_fn)>> job_edits_;
+  bool editing_ = false;
+  bool yields_to_jobs_ = false;
   void pump();
   void run_command(const std::string& name, boost::json::object& args, reply_fn reply);
   // The command table, filled once by each responsibility's register_* (one file each).
@@ -191,6 +197,10 @@ class supervisor_actor : public caf::event_based_actor {
     caf::actor actor;
     std::vector<std::string> held;    // nodes the job holds as user "job:<id>"
     std::vector<std::string> opened;  // nodes opened for it from inline options, closed when released
+    // Block jobs: the kind (query-block-jobs, op blocker texts) and the nodes other jobs and
+    // blockdev-del must leave alone while it runs (QEMU's op blockers).
+    std::optional<job::type> block_kind;
+    std::vector<std::string> blocked;
   };
   std::deque<job_entry> jobs_;  // newest first, as query-jobs lists them
   unsigned job_node_counter_ = 0;
@@ -203,6 +213,16 @@ class supervisor_actor : public caf::event_based_actor {
   void blockdev_amend(const boost::json::object& args, reply_fn reply);
   void query_jobs(reply_fn reply);
   void job_graph(job_graph_request r);
+  // ---- block jobs (block_jobs.cpp) ----------------------------------------------------------
+  void register_block_job_commands();
+  // QEMU's op blocker of a block job on `n`: "Node 'x' is busy: block device is in use by block job: stream".
+  result<void> check_job_blockers(const block::node& n) const;
+  void queue_job_edit(std::function<void(reply_fn)> work);
+  void block_stream(const boost::json::object& args, reply_fn reply);
+  void stream_finish(const std::string& top, const std::string& base, std::optional<std::string> backing_file,
+                     reply_fn reply);
+  void drop_job_filter(const std::string& filter, const std::string& id, std::vector<std::string> released,
+                       reply_fn reply);
   result<block::node*> job_hold(job_entry& j, const boost::json::value& ref);
   void job_release(const std::string& id);
   void job_gone(const std::string& id);

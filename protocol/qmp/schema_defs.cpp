@@ -161,6 +161,29 @@ void define_jobs(schema& s) {
   s.command("query-jobs", "", "[JobInfo]");
 }
 
+// block-core.json's block jobs: the block-job-* verbs, query-block-jobs and the job starters.
+void define_block_jobs(schema& s) {
+  s.enumeration("BlockdevOnError", "report ignore enospc stop auto");
+  s.object("BlockJobInfoMirror", "actively-synced:bool");
+  s.flat_union("BlockJobInfo",
+               "type:JobType device:str len:int offset:int busy:bool paused:bool speed:int "
+               "io-status:BlockDeviceIoStatus ready:bool status:JobStatus auto-finalize:bool auto-dismiss:bool *error:str",
+               "type", {{"mirror", "BlockJobInfoMirror"}});
+  s.command("query-block-jobs", "", "[BlockJobInfo]");
+  s.command("block-job-set-speed", "device:str speed:int");
+  s.command("block-job-cancel", "device:str *force:bool");
+  s.command("block-job-pause", "device:str");
+  s.command("block-job-resume", "device:str");
+  s.command("block-job-complete", "device:str");
+  s.command("block-job-dismiss", "id:str");
+  s.command("block-job-finalize", "id:str");
+  for (const char* c : {"block-job-pause", "block-job-resume", "block-job-complete", "block-job-dismiss", "block-job-finalize"})
+    s.command_features(c, {"deprecated"});
+  s.command("block-stream",
+            "*job-id:str device:str *base:str *base-node:str *backing-file:str *backing-mask-protocol:bool *bottom:str "
+            "*speed:int *on-error:BlockdevOnError *filter-node-name:str *auto-finalize:bool *auto-dismiss:bool");
+}
+
 // The block graph (block-core.json): node options for every QSD 10.2 driver name; the drivers blockd
 // builds have their exact option structs, the others an open branch (blockdev-add then refuses them).
 // Return types of the block queries (QSD 10.2 layout; introspection masks the names).
@@ -564,6 +587,7 @@ schema build() {
   define_objects(s);
   define_jobs(s);
   define_block(s);
+  define_block_jobs(s);
   define_exports(s);
   define_char(s);
   define_transaction(s);

@@ -1,0 +1,280 @@
+// Supervisor: the block-job commands (block-job-*, query-block-jobs, block-stream), their op blockers and the graph work of their finalization; main iothread only.
+#include <caf/all.hpp>
+
+#include <algorithm>
+#include <memory>
+
+#include "actors/job/stream_job.h"
+#include "actors/supervisor/supervisor.h"
+
+namespace blockd {
+namespace {
+
+std::string user_key(const std::string& job_id) { return "job:" + job_id; }
+
+std::optional<std::string> str_arg(const boost::json::object& a, const char* k) {
+  auto* v = a.if_contains(k);
+  if (!v || !v->is_string()) return std::nullopt;
+  return std::string(v->as_string());
+}
+
+bool is_filter_node(const block::node& n) {
+  auto* e = block::find_driver(n.settings().driver);
+  return e && e->is_filter;
+}
+
+// The next node down the chain: a filter's child, an image's backing file (QEMU's
+// bdrv_filter_or_cow_bs).
+block::node* below(const block::node& n) {
+  if (is_filter_node(n)) {
+    auto kids = n.children();
+    return kids.empty() ? nullptr : kids.front()->child;
+  }
+  auto* b = n.slot("backing");
+  return b ? b->child : nullptr;
+}
+
+}  // namespace
+
+result<void> supervisor_actor::check_job_blockers(const block::node& n) const {
+  for (auto& j : jobs_)
+    if (j.block_kind && std::find(j.blocked.begin(), j.blocked.end(), n.name()) != j.blocked.end())
+      return fail("Node '" + n.name() + "' is busy: block device is in use by block job: " + job::name(*j.block_kind));
+  return {};
+}
+
+void supervisor_actor::register_block_job_commands() {
+  // The block-job-* verbs: the job is looked up among block jobs (DeviceNotActive otherwise).
+  struct verb_cmd {
+    const char* cmd;
+    const char* verb;
+    const char* key;
+  };
+  static const verb_cmd verbs[] = {{"block-job-set-speed", "set-speed", "device"}, {"block-job-cancel", "cancel", "device"},
+                                   {"block-job-pause", "pause", "device"},         {"block-job-resume", "resume", "device"},
+                                   {"block-job-complete", "complete", "device"},   {"block-job-dismiss", "dismiss", "id"},
+                                   {"block-job-finalize", "finalize", "id"}};
+  for (auto& v : verbs)
+    commands_.add(v.cmd, [this, verb = std::string(v.verb), key = std::string(v.key)](boost::json::object& args,
+                                                                                     reply_fn reply) {
+      std::string id(args.at(key).as_string());
+      auto not_found = [id] {
+        return command_outcome::failure(error(error_class::device_not_active, "Block job '" + id + "' not found"));
+      };
+      auto* j = find_job(id);
+      if (!j || !j->block_kind) return reply(not_found());
+      request(j->actor, caf::infinite, block_verb_atom::value, verb, json_args{args})
+          .then([reply](const command_outcome& out) { reply(out); },
+                [reply, not_found](const caf::error&) { reply(not_found()); });
+    });
+  commands_.add("query-block-jobs", [this](boost::json::object&, reply_fn reply) {
+    std::vector<caf::actor> actors;
+    for (auto& j : jobs_)
+      if (j.block_kind) actors.push_back(j.actor);
+    if (actors.empty()) return reply(command_outcome::success(boost::json::array()));
+    auto infos = std::make_shared<std::vector<boost::json::value>>(actors.size(), nullptr);
+    auto left = std::make_shared<size_t>(actors.size());
+    auto finish = [infos, reply] {
+      boost::json::array out;
+      for (auto& v : *infos)
+        if (!v.is_null()) out.push_back(std::move(v));
+      reply(command_outcome::success(std::move(out)));
+    };
+    for (size_t i = 0; i < actors.size(); ++i)
+      request(actors[i], caf::infinite, block_info_atom::value)
+          .then([infos, left, finish, i](const json_args& a) {
+                  if (!a.v.empty()) (*infos)[i] = a.v;
+                  if (--*left == 0) finish();
+                },
+                [left, finish](const caf::error&) {
+                  if (--*left == 0) finish();
+                });
+  });
+  commands_.add("block-stream", [this](boost::json::object& a, reply_fn r) { block_stream(a, std::move(r)); });
+}
+
+void supervisor_actor::queue_job_edit(std::function<void(reply_fn)> work) {
+  // A finishing job's graph work queues like a command: no command sees it half done.
+  job_edits_.push_back(std::move(work));
+  pump();
+}
+
+void supervisor_actor::block_stream(const boost::json::object& args, reply_fn reply) {
+  auto failed = [&reply](std::string text) { reply(command_outcome::failure(error(std::move(text)))); };
+  std::string device(args.at("device").as_string());
+  std::string id = str_arg(args, "job-id").value_or("");
+  auto base = str_arg(args, "base"), base_node = str_arg(args, "base-node"), bottom = str_arg(args, "bottom");
+  auto backing_file = str_arg(args, "backing-file"), filter_name = str_arg(args, "filter-node-name");
+  block::node* top = graph_->find(device);
+  if (!top) return failed("Cannot find device='" + device + "' nor node-name='" + device + "'");
+  if (base && base_node) return failed("'base' and 'base-node' cannot be specified at the same time");
+  if (base && bottom) return failed("'base' and 'bottom' cannot be specified at the same time");
+  if (bottom && base_node) return failed("'bottom' and 'base-node' cannot be specified at the same time");
+  auto in_chain = [top](const block::node* x) {
+    for (block::node* n = below(*top); n; n = below(*n))
+      if (n == x) return true;
+    return false;
+  };
+  block::node* base_bs = nullptr;
+  if (base) {
+    for (block::node* n = below(*top); n && !base_bs; n = below(*n))
+      if (!is_filter_node(*n) && graph_->filename(*n) == *base) base_bs = n;
+    if (!base_bs) return failed("Can't find '" + *base + "' in the backing chain");
+  }
+  if (base_node) {
+    base_bs = graph_->find(*base_node);
+    if (!base_bs) return failed("Cannot find device='' nor node-name='" + *base_node + "'");
+    if (base_bs == top || !in_chain(base_bs))
+      return failed("Node '" + *base_node + "' is not a backing image of '" + device + "'");
+  }
+  block::node* bottom_bs = nullptr;
+  if (bottom) {
+    bottom_bs = graph_->find(*bottom);
+    if (!bottom_bs) return failed("Cannot find device='' nor node-name='" + *bottom + "'");
+    if (is_filter_node(*bottom_bs)) return failed("Node '" + *bottom + "' is a filter, use a non-filter node as 'bottom'");
+    if (bottom_bs != top && !in_chain(bottom_bs))
+      return failed("Node '" + *bottom + "' is not in a chain starting from '" + device + "'");
+    base_bs = below(*bottom_bs);
+  }
+  // Every node from the top down to the base is checked for another job's blocker.
+  for (block::node* n = top; n && n != base_bs; n = below(*n))
+    if (auto r = check_job_blockers(*n); !r) return reply(command_outcome::failure(r.error()));
+  if (!base_bs && backing_file) return failed("backing file specified, but streaming the entire chain");
+  if (filter_name && !block::node_name_valid(*filter_name))
+    return failed("Could not create node: Invalid node-name: '" + *filter_name + "'");
+  if (filter_name && graph_->find(*filter_name))
+    return failed("Could not create node: Duplicate nodes with node-name='" + *filter_name + "'");
+  if (!id_wellformed(id)) return failed("Invalid job ID '" + id + "'");
+  if (find_job(id)) return failed("Job ID '" + id + "' already in use");
+
+  // The images between the top and the base: their data is copied, and they are blocked meanwhile.
+  std::vector<block::node*> between;
+  int images = 0;
+  for (block::node* n = below(*top); n && n != base_bs; n = below(*n)) {
+    between.push_back(n);
+    if (!is_filter_node(*n)) ++images;
+  }
+  auto speed = args.contains("speed") ? args.at("speed").to_number<int64_t>() : 0;
+  auto on_error = parse_on_error(str_arg(args, "on-error").value_or("report")).value_or(on_error_policy::report);
+  bool auto_finalize = !args.contains("auto-finalize") || args.at("auto-finalize").as_bool();
+  bool auto_dismiss = !args.contains("auto-dismiss") || args.at("auto-dismiss").as_bool();
+
+  // The copy-on-read filter the job reads through goes above the top (QEMU names it when the user
+  // does not); with a base it copies only what lies above it.
+  std::string fname = filter_name.value_or("");
+  if (fname.empty()) {
+    do fname = "blockd-stream-filter" + std::to_string(++job_node_counter_);
+    while (graph_->find(fname));
+  }
+  boost::json::object fopts{{"driver", "copy-on-read"}, {"node-name", fname}, {"file", device}};
+  if (base_bs && !between.empty()) {
+    block::node* lowest = nullptr;
+    for (auto* n : between)
+      if (!is_filter_node(*n)) lowest = n;
+    if (lowest) fopts["bottom"] = lowest->name();
+  }
+  std::string top_name = device;
+  std::string base_name = base_bs ? base_bs->name() : "";
+  std::vector<std::string> between_names;
+  for (auto* n : between) between_names.push_back(n->name());
+
+  with_quiesced_steps({top}, [this, fopts, fname, top_name](reply_fn done) {
+    auto out = blockdev_add(fopts);
+    if (!out.ok) return done(out);
+    block::node* f = graph_->find(fname);
+    block::node* t = graph_->find(top_name);
+    if (!f || !t) return done(command_outcome::failure(error("internal error: the stream filter is gone")));
+    f->monitor_owned = false;  // the job's own node: it goes with the job
+    if (auto r = graph_->insert_filter(*f, *t); !r) {
+      graph_->del(fname);
+      sync_node_actors();
+      return done(command_outcome::failure(r.error()));
+    }
+    sync_node_actors();
+    done(command_outcome::success());
+  }, [=, this](command_outcome added) mutable {
+    if (!added.ok) return reply(added);
+    block::node* f = graph_->find(fname);
+    block::node* t = graph_->find(top_name);
+    if (!f || !t) return reply(command_outcome::failure(error("internal error: the stream filter is gone")));
+    stream_plan plan;
+    plan.top = t;
+    plan.filter = f;
+    plan.home = home_of(t);
+    plan.last_depth = base_name.empty() ? 0 : images + 1;
+    plan.on_error = on_error;
+    if (images == 0) plan.last_depth = -1;  // nothing above the base: the job ends at once
+    auto bf = backing_file;
+    // With nothing above the base the chain stays as it is, and the job ends within the command.
+    if (images > 0) plan.finish = [this, top_name, base_name, bf](std::function<void(result<void>)> done) {
+      // Through a message: the job's thread is this one, but the supervisor's state is its own.
+      caf::anon_send(caf::actor_cast<caf::actor>(this), job_edit_atom::value,
+                     job_edit{[this, top_name, base_name, bf](reply_fn r) { stream_finish(top_name, base_name, bf, std::move(r)); },
+                              [done](command_outcome o) { done(o.as_result()); }});
+    };
+    plan.clean = [this, fname, id, between_names] {
+      caf::anon_send(caf::actor_cast<caf::actor>(this), job_edit_atom::value,
+                     job_edit{[this, fname, id, between_names](reply_fn r) { drop_job_filter(fname, id, between_names, std::move(r)); },
+                              [](command_outcome) {}});
+    };
+    auto runner = std::make_shared<stream_runner>(std::move(plan));
+    runner->initial_speed(speed);
+    auto hold = [this, f, t, between, id](job_entry& j) {
+      j.block_kind = job::type::stream;
+      j.blocked.push_back(f->name());
+      j.blocked.push_back(t->name());
+      for (auto* n : between) j.blocked.push_back(n->name());
+      // The job reads through the filter and lets everyone else write (QEMU's stream takes
+      // consistent-read and write-unchanged, sharing all).
+      block::perm_user u{"block job '" + id + "'", block::perm_consistent_read | block::perm_write_unchanged,
+                         block::perm_all};
+      (void)graph_->attach_user(*f, user_key(id) + "/stream", u);
+    };
+    start_job(job::options{id, job::type::stream, auto_finalize, auto_dismiss}, runner, hold, std::move(reply));
+  });
+}
+
+void supervisor_actor::stream_finish(const std::string& top_name, const std::string& base_name,
+                                     std::optional<std::string> backing_file, reply_fn reply) {
+  block::node* t = graph_->find(top_name);
+  block::node* b = base_name.empty() ? nullptr : graph_->find(base_name);
+  if (!t || (!base_name.empty() && !b)) return reply(command_outcome::failure(error("Could not change backing file: the chain changed")));
+  std::string file = b ? backing_file.value_or(graph_->filename(*b)) : "";
+  std::string fmt = b ? b->settings().driver : "";
+  with_quiesced_steps({t}, [this, t, b, file, fmt](reply_fn done) {
+    if (auto* slot = t->slot("backing")) {
+      if (auto r = graph_->set_child(*slot, b); !r) return done(command_outcome::failure(r.error()));
+    }
+    sync_node_actors();
+    run_on_node(t, [file, fmt](block::node& x) {
+      auto r = x.driver().change_backing_file(file, fmt);
+      if (!r) return command_outcome::failure(error("Could not change backing file: " + r.error().desc));
+      return command_outcome::success();
+    }, std::move(done));
+  }, std::move(reply));
+}
+
+void supervisor_actor::drop_job_filter(const std::string& filter, const std::string& id,
+                                       std::vector<std::string> released, reply_fn reply) {
+  block::node* f = graph_->find(filter);
+  if (!f) return reply(command_outcome::success());
+  graph_->detach_user(*f, user_key(id) + "/stream");
+  std::vector<block::node*> q{f};
+  auto kids = f->children();
+  if (!kids.empty() && kids.front()->child) q.push_back(kids.front()->child);
+  with_quiesced_steps(q, [this, filter, released](reply_fn done) {
+    block::node* f = graph_->find(filter);
+    if (f) {
+      if (auto r = graph_->remove_filter(*f); !r) return done(command_outcome::failure(r.error()));
+    }
+    // Images the stream took out of the chain go unless someone else holds them.
+    std::vector<block::node*> gone;
+    for (auto& n : released)
+      if (block::node* x = graph_->find(n)) gone.push_back(x);
+    graph_->release_unused(gone);
+    sync_node_actors();
+    done(command_outcome::success());
+  }, std::move(reply));
+}
+
+}  // namespace blockd

@@ -1,0 +1,294 @@
+# block-stream and the block-job verbs against qemu-storage-daemon and QEMU's tools; ctest runs it in one process.
+"""Cases:
+- the argument errors of block-stream, the block-job-* lookups and query-block-jobs equal QSD's, reply for reply;
+- a stream with a base (and one of the whole chain) leaves an image that qemu-img check passes, whose backing file
+  is the base (none), and whose guest view equals the chain's before the job (qemu-img compare); the job's events
+  (auto-finalize off: PENDING, job-finalize, COMPLETED) come in QSD's order;
+- a speed-limited stream pauses (paused event, paused/io-status in query-block-jobs as QSD), refuses a soft cancel
+  while paused, and a force cancel ends it with BLOCK_JOB_CANCELLED, leaving the chain as it was;
+- blockdev-del of an image the job copies from is refused with QSD's op-blocker text;
+- a read error under on-error=stop pauses the job with BLOCK_JOB_ERROR and io-status failed, job-resume retries and
+  the job completes; on-error=report ends it with the error.
+Exit 77 when qemu-img/qemu-io/qemu-storage-daemon are missing."""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qmp_harness import Client, Daemon, monitor_args, DEADLINE  # noqa: E402
+
+QSD = "qemu-storage-daemon"
+
+
+class Mon:
+    """QMP with an event log, so a job's steps are awaited by their events."""
+
+    def __init__(self, path):
+        self.c = Client.unix(path)
+        self.c.negotiate()
+        self.events = []
+
+    def cmd(self, name, args=None):
+        req = {"execute": name}
+        if args is not None:
+            req["arguments"] = args
+        self.c.send(json.dumps(req) + "\n")
+        while True:
+            msg = self.c.line()
+            if "event" in msg:
+                self.events.append(msg)
+                continue
+            return msg
+
+    def wait(self, name, pred=lambda d: True):
+        """Waits for the event, consuming it and everything before it."""
+        end = time.monotonic() + DEADLINE
+        while True:
+            for i, e in enumerate(self.events):
+                if e["event"] == name and pred(e.get("data", {})):
+                    del self.events[:i + 1]
+                    return e.get("data", {})
+            if time.monotonic() > end:
+                raise AssertionError(f"no {name}: {self.events}")
+            self.events.append(self.c.line())
+
+    def names(self):
+        """The events so far, without timestamps, consumed."""
+        out = [(e["event"], e.get("data")) for e in self.events]
+        self.events = []
+        return out
+
+
+def sh(*cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise AssertionError(f"{cmd} failed: {r.stdout}{r.stderr}")
+    return r.stdout
+
+
+def make_chain(tmp):
+    """base (1 MiB of 0x11 at 0) <- mid (0x33 at 2M, and over base at 512K) <- top (0x22 at 4M)."""
+    b, m, t = (os.path.join(tmp, n + ".qcow2") for n in ("base", "mid", "top"))
+    sh("qemu-img", "create", "-q", "-f", "qcow2", b, "16M")
+    sh("qemu-io", "-c", "write -P 0x11 0 1M", b)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", m)
+    sh("qemu-io", "-c", "write -P 0x33 2M 1M", "-c", "write -P 0x44 512k 64k", m)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", m, "-F", "qcow2", t)
+    sh("qemu-io", "-c", "write -P 0x22 4M 1M", t)
+    flat = os.path.join(tmp, "flat.raw")
+    sh("qemu-img", "convert", "-O", "raw", t, flat)
+    return b, m, t, flat
+
+
+def start(binary, tmp):
+    args, path = monitor_args(tmp)
+    d = Daemon(binary, args, tmp)
+    return d, Mon(path)
+
+
+def add_chain(m, b, mid, t, blkdebug_mid=None):
+    assert m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "base",
+                                  "file": {"driver": "file", "filename": b}}) == {"return": {}}
+    mfile = {"driver": "file", "filename": mid}
+    if blkdebug_mid:
+        mfile = {"driver": "blkdebug", "image": mfile, **blkdebug_mid}
+    assert m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "mid", "file": mfile, "backing": "base"}) == {"return": {}}
+    assert m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                  "file": {"driver": "file", "filename": t}, "backing": "mid"}) == {"return": {}}
+
+
+def backing_of(path):
+    info = json.loads(sh("qemu-img", "info", "--output=json", path))
+    return info.get("backing-filename")
+
+
+def run_errors(binary, tmp):
+    os.makedirs(tmp, exist_ok=True)
+    b, mid, t, _ = make_chain(tmp)
+    lone = os.path.join(tmp, "lone.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", lone, "1M")
+    d, m = start(binary, tmp)
+    out = []
+    try:
+        add_chain(m, b, mid, t)
+        assert m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "lone",
+                                      "file": {"driver": "file", "filename": lone}}) == {"return": {}}
+        for args in ({"device": "nope"}, {"device": "top"},
+                     {"job-id": "s", "device": "top", "base": "x", "base-node": "y"},
+                     {"job-id": "s", "device": "top", "bottom": "x", "base-node": "y"},
+                     {"job-id": "s", "device": "top", "base-node": "nope"},
+                     {"job-id": "s", "device": "top", "base-node": "lone"},
+                     {"job-id": "s", "device": "top", "base-node": "top"},
+                     {"job-id": "s", "device": "top", "base": "/nonexist"},
+                     {"job-id": "s", "device": "top", "bottom": "nope"},
+                     {"job-id": "s", "device": "top", "backing-file": "foo"},
+                     {"job-id": "s", "device": "top", "filter-node-name": "1bad"},
+                     {"job-id": "1bad", "device": "top"},
+                     {"job-id": "s", "device": "top", "speed": -5}):
+            out.append(m.cmd("block-stream", args))
+            out.append(m.names())
+        for cmd, args in (("block-job-set-speed", {"device": "nope", "speed": 1}),
+                          ("block-job-cancel", {"device": "nope"}), ("block-job-pause", {"device": "nope"}),
+                          ("block-job-resume", {"device": "nope"}), ("block-job-complete", {"device": "nope"}),
+                          ("block-job-dismiss", {"id": "nope"}), ("block-job-finalize", {"id": "nope"}),
+                          ("query-block-jobs", None)):
+            out.append(m.cmd(cmd, args))
+        # A job with nothing to copy ends before the command returns.
+        out.append(m.cmd("block-stream", {"job-id": "s", "device": "lone"}))
+        out.append(m.names())
+    finally:
+        d.stop()
+    return out
+
+
+def case_errors_equal_qsd(binary, tmp):
+    want = run_errors(QSD, os.path.join(tmp, "qsd"))
+    got = run_errors(binary, os.path.join(tmp, "blockd"))
+    bad = [(i, w, g) for i, (w, g) in enumerate(zip(want, got)) if w != g]
+    assert not bad, "differences (index, QSD, blockd):\n" + "\n".join(json.dumps(x) for x in bad)
+
+
+def stream_events(binary, tmp, base_node):
+    os.makedirs(tmp, exist_ok=True)
+    b, mid, t, flat = make_chain(tmp)
+    d, m = start(binary, tmp)
+    try:
+        add_chain(m, b, mid, t)
+        args = {"job-id": "s1", "device": "top", "auto-finalize": False}
+        if base_node:
+            args["base-node"] = base_node
+        assert m.cmd("block-stream", args) == {"return": {}}
+        m.wait("BLOCK_JOB_PENDING")
+        info = m.cmd("query-block-jobs")["return"]
+        assert m.cmd("job-finalize", {"id": "s1"}) == {"return": {}}
+        m.wait("JOB_STATUS_CHANGE", lambda x: x == {"id": "s1", "status": "null"})
+        assert m.cmd("query-block-jobs") == {"return": []}
+    finally:
+        d.stop()
+    return info, t, flat, b
+
+
+def case_stream_data_and_events(binary, tmp):
+    for base_node in ("base", None):
+        sub = os.path.join(tmp, "with-base" if base_node else "whole")
+        want, _, _, _ = stream_events(QSD, os.path.join(sub, "qsd"), base_node)
+        got, t, flat, b = stream_events(binary, os.path.join(sub, "blockd"), base_node)
+        assert want == got, (want, got)
+        sh("qemu-img", "check", t)
+        assert backing_of(t) == (b if base_node else None), backing_of(t)
+        sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw", t, flat)
+        if base_node:
+            # Only what lay above the base was copied: the base's cluster at 0 still comes from it.
+            m = json.loads(sh("qemu-img", "map", "--output=json", t))
+            at0 = [e for e in m if e["start"] == 0][0]
+            assert at0["depth"] == 1, m
+
+
+def case_pause_cancel(binary, tmp):
+    outs = []
+    for name, bin_ in (("qsd", QSD), ("blockd", binary)):
+        sub = os.path.join(tmp, name)
+        os.makedirs(sub)
+        b, mid, t, _ = make_chain(sub)
+        d, m = start(bin_, sub)
+        out = []
+        try:
+            add_chain(m, b, mid, t)
+            assert m.cmd("block-stream", {"job-id": "s1", "device": "top", "base-node": "base",
+                                          "speed": 1024}) == {"return": {}}
+            out.append(m.cmd("blockdev-del", {"node-name": "mid"}))
+            out.append(m.cmd("block-stream", {"job-id": "s2", "device": "mid"}))
+            assert m.cmd("block-job-pause", {"device": "s1"}) == {"return": {}}
+            m.wait("JOB_STATUS_CHANGE", lambda x: x == {"id": "s1", "status": "paused"})
+            j = m.cmd("query-block-jobs")["return"][0]
+            out.append({k: j[k] for k in ("status", "paused", "speed", "io-status", "ready", "type", "len")})
+            out.append(m.cmd("block-job-pause", {"device": "s1"}))
+            out.append(m.cmd("block-job-cancel", {"device": "s1"}))
+            out.append(m.cmd("block-job-set-speed", {"device": "s1", "speed": -1}))
+            out.append(m.cmd("block-job-cancel", {"device": "s1", "force": True}))
+            m.wait("BLOCK_JOB_CANCELLED")
+            m.wait("JOB_STATUS_CHANGE", lambda x: x == {"id": "s1", "status": "null"})
+            out.append(m.cmd("query-block-jobs"))
+        finally:
+            d.stop()
+        sh("qemu-img", "check", t)
+        assert backing_of(t) == mid, backing_of(t)
+        outs.append(out)
+    assert outs[0] == outs[1], outs
+
+
+def case_error_policies(binary, tmp):
+    b, mid, t, flat = make_chain(tmp)
+    # Reads of mid's data cluster fail once (blkdebug's read_aio event, one shot).
+    rule = {"inject-error": [{"event": "read_aio", "errno": 5, "once": True}]}
+    d, m = start(binary, tmp)
+    try:
+        add_chain(m, b, mid, t, blkdebug_mid=rule)
+        assert m.cmd("block-stream", {"job-id": "s1", "device": "top", "on-error": "stop"}) == {"return": {}}
+        e = m.wait("BLOCK_JOB_ERROR")
+        assert e == {"device": "s1", "operation": "read", "action": "stop"}, e
+        m.wait("JOB_STATUS_CHANGE", lambda x: x == {"id": "s1", "status": "paused"})
+        j = m.cmd("query-block-jobs")["return"][0]
+        assert j["io-status"] == "failed" and j["paused"], j
+        assert m.cmd("job-resume", {"id": "s1"}) == {"return": {}}
+        m.wait("BLOCK_JOB_COMPLETED")
+        assert m.cmd("blockdev-del", {"node-name": "top"}) == {"return": {}}
+        assert m.cmd("blockdev-del", {"node-name": "mid"}) == {"return": {}}
+        # on-error=report: the job ends with the error.
+        assert m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "mid2", "file": {
+            "driver": "blkdebug", "image": {"driver": "file", "filename": mid}, **rule}, "backing": "base"}) == {"return": {}}
+        t2 = os.path.join(tmp, "top2.qcow2")
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", t2)
+        assert m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "top2", "file": {
+            "driver": "file", "filename": t2}, "backing": "mid2"}) == {"return": {}}
+        assert m.cmd("block-stream", {"job-id": "s2", "device": "top2"}) == {"return": {}}
+        e = m.wait("BLOCK_JOB_ERROR")
+        assert e["action"] == "report", e
+        c = m.wait("BLOCK_JOB_COMPLETED")
+        assert c.get("error") == "Input/output error", c
+    finally:
+        d.stop()
+    sh("qemu-img", "check", t)
+    sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw", t, flat)
+    assert backing_of(t) is None
+
+
+CASES = [case_errors_equal_qsd, case_stream_data_and_events, case_pause_cancel, case_error_policies]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blockd", required=True)
+    ap.add_argument("-k", default="")
+    a = ap.parse_args()
+    if not all(shutil.which(t) for t in ("qemu-img", "qemu-io", QSD)):
+        print("SKIP: qemu-img, qemu-io or qemu-storage-daemon missing")
+        return 77
+    failed = ran = 0
+    for case in CASES:
+        if a.k and a.k not in case.__name__:
+            continue
+        ran += 1
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        tmp = tempfile.mkdtemp(prefix="blockd-stream-", dir=base)
+        try:
+            case(a.blockd, tmp)
+            print("PASS", case.__name__, flush=True)
+        except Exception:
+            failed += 1
+            print("FAIL", case.__name__, flush=True)
+            traceback.print_exc()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{ran - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
