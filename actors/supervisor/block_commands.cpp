@@ -231,6 +231,12 @@ void supervisor_actor::set_iothread(const boost::json::object& args, reply_fn re
     return reply(command_outcome::failure(error("Node " + name +
                                                 " is associated with a BlockBackend and could be in use (use "
                                                 "force=true to override this check)")));
+  // A block job's loop runs on the home of its nodes; QEMU moves the job along, blockd refuses
+  // until the job is over (the loop would have to be stopped and restarted on the new home).
+  for (block::node* m : components({n}))
+    if (auto r = check_job_blockers(*m); !r)
+      return reply(command_outcome::failure(
+          error(r.error().desc + "; blockd moves no node of a running block job: wait for the job to end")));
   iothread* to = home_;
   const auto& which = args.at("iothread");
   if (which.is_string()) {

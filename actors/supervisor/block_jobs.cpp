@@ -179,7 +179,8 @@ void supervisor_actor::block_stream(const boost::json::object& args, reply_fn re
   for (auto* n : between) between_names.push_back(n->name());
 
   with_quiesced_steps({top}, [this, fopts, fname, top_name](reply_fn done) {
-    auto out = blockdev_add(fopts);
+    // The filter opens where the top lives (blockdev_add_async sends the open home).
+    blockdev_add_async(fopts, [this, fname, top_name, done](command_outcome out) {
     if (!out.ok) return done(out);
     block::node* f = graph_->find(fname);
     block::node* t = graph_->find(top_name);
@@ -192,6 +193,7 @@ void supervisor_actor::block_stream(const boost::json::object& args, reply_fn re
     }
     sync_node_actors();
     done(command_outcome::success());
+    });
   }, [=, this](command_outcome added) mutable {
     if (!added.ok) return reply(added);
     block::node* f = graph_->find(fname);

@@ -259,7 +259,38 @@ def case_error_policies(binary, tmp):
     assert backing_of(t) is None
 
 
-CASES = [case_errors_equal_qsd, case_stream_data_and_events, case_pause_cancel, case_error_policies]
+def case_iothread_and_quit(binary, tmp):
+    """A stream on an iothread's node copies like one on the main loop; quit mid-job cancels it cleanly."""
+    b, mid, t, flat = make_chain(tmp)
+    args, path = monitor_args(tmp)
+    d = Daemon(binary, args + ["--object", "iothread,id=io1"], tmp)
+    m = Mon(path)
+    try:
+        add_chain(m, b, mid, t)
+        for n in ("base", "mid", "top"):
+            assert m.cmd("x-blockdev-set-iothread", {"node-name": n, "iothread": "io1"}) == {"return": {}}
+        assert m.cmd("block-stream", {"job-id": "s1", "device": "top", "base-node": "base"}) == {"return": {}}
+        m.wait("BLOCK_JOB_COMPLETED")
+        m.wait("JOB_STATUS_CHANGE", lambda x: x == {"id": "s1", "status": "null"})
+        # The filter is gone with the job: the top can go, and mid with it.
+        assert m.cmd("blockdev-del", {"node-name": "top"}) == {"return": {}}
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", t)
+        assert m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                      "file": {"driver": "file", "filename": t}, "backing": "mid"}) == {"return": {}}
+        assert m.cmd("block-stream", {"job-id": "s2", "device": "top", "speed": 1}) == {"return": {}}
+        r = m.cmd("x-blockdev-set-iothread", {"node-name": "top", "iothread": None})
+        assert "is busy: block device is in use by block job: stream" in r["error"]["desc"], r
+        assert m.cmd("quit") == {"return": {}}
+        names = [e for e, _ in m.names()]
+        assert "BLOCK_JOB_CANCELLED" in names, names
+        assert d.proc.wait(DEADLINE) == 0
+    finally:
+        d.stop()
+    sh("qemu-img", "check", t)
+    assert backing_of(t) == mid
+
+
+CASES = [case_errors_equal_qsd, case_iothread_and_quit, case_stream_data_and_events, case_pause_cancel, case_error_policies]
 
 
 def main():
