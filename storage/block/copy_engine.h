@@ -111,6 +111,22 @@ struct copy_callbacks {
 // the old data and clear the bit). A chunk's bit clears when its copy starts, so a write during
 // the copy dirties it again and it is copied again after the running copy finished: two copies of
 // one chunk never overlap, so an older write never lands after a newer one.
+//
+// How each job uses it (QEMU's behaviour):
+// - backup: granularity = max(64 KiB, target cluster size); work map all (sync=full/top) or the
+//   user bitmap merged in (incremental/bitmap); policy full or top; compress -> copy_mode::compress;
+//   zeroes_charged = true; progress total = remaining() at start, lowered by `skipped`. Its
+//   copy-before-write filter calls copy_now(range) from a gating write hook's before_write and
+//   releases the guest write in done (done(-errno): on-cbw-error decides).
+// - mirror: granularity option (default: target cluster size clamped to 4K..64K); work map from
+//   scan() with the sync policy (or all); a write hook on the source calls mark_dirty() in
+//   after_write; READY when on_idle fires; zeroes_charged = false; may_unmap from `unmap`;
+//   target_zeroed when the target is known to read zeroes.
+// - stream: source = the top, copy_mode::copy_up, policy copy_policy_above(n, true) with n = the
+//   depth of the base's child (the last layer streamed), work map all.
+// - commit: source = the top, target = the base, policy copy_policy_above(n) with n = layers above
+//   the base, work map all.
+// The caller keeps both nodes open, and their home loop turning, until the engine is idle.
 class copy_engine {
  public:
   copy_engine(copy_settings s, copy_callbacks cb);

@@ -107,6 +107,16 @@ struct copy_fixture : ::testing::Test {
   }
   node* file(const std::string& p) { return s->open("file", {{"filename", p}}); }
   static bool sh(const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()) == 0; }
+  // A command's standard output (stderr dropped); "" when it failed.
+  static std::string sh_out(const std::string& cmd) {
+    FILE* p = popen((cmd + " 2>/dev/null").c_str(), "r");
+    if (!p) return "";
+    std::string text;
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
+    return pclose(p) == 0 ? text : "";
+  }
   // A qcow2 image made by qemu-img (empty: "" when qemu-img is missing), then commands on it.
   std::string qcow2_image(int64_t size, const std::string& backing = "") {
     std::string p = image(0);
