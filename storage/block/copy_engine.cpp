@@ -49,6 +49,8 @@ struct copy_engine::op final : io_waiter {
   char* buf = nullptr;
   phase ph = phase::status;
   bool priority = false;
+  bool urgent = false;  // a copy_now waits for it
+  bool in_use = false;
   now_waiter* owner = nullptr;
   void io_done(io_request&) override { e->op_io_done(*this); }
 };
@@ -179,6 +181,8 @@ void copy_engine::copy_now(int64_t offset, int64_t length, std::function<void(in
   w->off = std::clamp<int64_t>(offset, 0, size);
   w->end = std::clamp<int64_t>(offset + std::max<int64_t>(length, 0), w->off, size);
   w->done = std::move(done);
+  for (auto& o : ops_)
+    if (o->in_use && o->off < w->end && w->off < o->off + o->len) o->urgent = true;
   waiters_.push_back(std::move(w));
   pump();
   after_change();  // a range with nothing to copy is answered on a later turn
@@ -294,6 +298,8 @@ bool copy_engine::start_one(int64_t from, int64_t limit, bool priority, now_wait
   o->slot_count = got;
   o->buf = arena_.get() + first * slot_;
   o->priority = priority;
+  o->urgent = false;
+  o->in_use = true;
   o->owner = w;
   if (w) ++w->own_ops;
   ++ops_busy_;
@@ -432,8 +438,14 @@ void copy_engine::check_waiters() {
 void copy_engine::op_step(op& o) {
   const int64_t end = o.off + o.len;
   if (o.pos >= end) return op_done(o);
+  if (!o.priority && state_ != state::running) {
+    // Pausing or stopping: what this operation has not reached yet waits, dirty, so the drain is quick.
+    map_.set(o.pos, end - o.pos);
+    return op_done(o);
+  }
   o.req.reset();
   o.req.waiter = &o;
+  o.req.flags = ctl(o);
   if (s_.block_status) {
     o.ph = op::phase::status;
     o.req.op = io_op::block_status;
@@ -446,6 +458,12 @@ void copy_engine::op_step(op& o) {
   run_action(o, copy_action::copy);
 }
 
+// copy_now's requests bypass a quiesce of either node (io_control): copy-before-write holds a
+// guest write, which a drain waits for, until they are done, so holding them would deadlock.
+// A background operation a copy_now waits for is urgent from then on, for the same reason.
+// Other requests wait out a quiesce (a job pauses the engine while its nodes are drained).
+uint32_t copy_engine::ctl(const op& o) { return o.priority || o.urgent ? uint32_t(io_control) : 0u; }
+
 // Status known for [o.pos, o.pos + o.sub): copy, zero or skip it.
 void copy_engine::run_action(op& o, copy_action act) {
   if (act == copy_action::zero && s_.mode == copy_mode::copy_up) act = copy_action::copy;  // the top must hold the zeroes
@@ -457,6 +475,7 @@ void copy_engine::run_action(op& o, copy_action act) {
   }
   o.req.reset();
   o.req.waiter = &o;
+  o.req.flags = ctl(o);
   o.req.offset = o.pos;
   switch (act) {
     case copy_action::skip:
@@ -508,6 +527,7 @@ void copy_engine::op_io_done(op& o) {
       o.ph = op::phase::write;
       o.req.reset();
       o.req.waiter = &o;
+      o.req.flags = ctl(o);
       o.req.op = io_op::write;
       o.req.offset = o.pos;
       o.req.set_buffer(o.buf + (o.pos - o.off), o.sub);
@@ -560,6 +580,7 @@ void copy_engine::op_done(op& o) {
   bytes_in_flight_ -= o.len;
   if (o.owner) --o.owner->own_ops;
   o.owner = nullptr;
+  o.in_use = false;
   put_op(&o);
   check_waiters();
   pump();

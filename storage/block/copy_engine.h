@@ -90,8 +90,9 @@ struct copy_settings {
 };
 
 // Callbacks, all called on the home thread and never from inside an engine call. They may call
-// back into the engine (set_speed, pause, cancel, mark_dirty); none may destroy it except
-// on_finished / on_cancelled (the engine is idle then).
+// back into the engine (set_speed, pause, cancel, mark_dirty, copy_now). on_idle, on_paused,
+// on_finished and on_cancelled may destroy it (nothing is in flight then, and the engine touches
+// nothing after them); on_progress, on_error and copy_now's done must not.
 struct copy_callbacks {
   // Bytes done (copied or zeroed) and bytes skipped by the policy since the last call. A job adds
   // `done` to its current progress; backup sync=top lowers its total by `skipped` (QEMU does).
@@ -130,7 +131,7 @@ struct copy_callbacks {
 class copy_engine {
  public:
   copy_engine(copy_settings s, copy_callbacks cb);
-  ~copy_engine();  // only while nothing is in flight (after on_idle with no new dirt, on_paused, on_finished, on_cancelled)
+  ~copy_engine();  // only with nothing in flight and no scan() running (from or after on_idle, on_paused, on_finished, on_cancelled)
   copy_engine(const copy_engine&) = delete;
   copy_engine& operator=(const copy_engine&) = delete;
 
@@ -150,6 +151,9 @@ class copy_engine {
   // done(-errno) if a copy of it failed (the range stays dirty; the error callback is not asked).
   // Chunks already in flight are waited for, not copied twice. Copy-before-write holds a guest
   // write on this. After cancel() or a report: done(-ECANCELED) for what still needs copying.
+  // Its requests, and those of the copies it waits for, carry io_control: they pass a quiesce of
+  // either node, since a drain waits for the guest write that waits for them. Background copies
+  // wait out a quiesce like any request; a job pauses the engine while its nodes are drained.
   void copy_now(int64_t offset, int64_t length, std::function<void(int)> done);
 
   void set_speed(uint64_t bytes_per_sec);
@@ -205,6 +209,7 @@ class copy_engine {
   // Operations.
   op* get_op();
   void put_op(op* o);
+  static uint32_t ctl(const op& o);
   void op_step(op& o);  // next extent of an operation: its block status, or the end
   void run_action(op& o, copy_action act);
   void op_io_done(op& o);

@@ -51,6 +51,12 @@ struct recorder final : write_hook {
       zero_bytes += r.length;
     }
   }
+  // Lets the writes held so far go on, holding the ones that come next.
+  void release_held() {
+    auto h = std::move(held);
+    held.clear();
+    for (auto* r : h) n->release_write(*r);
+  }
   void release_all() {
     hold = false;
     auto h = std::move(held);

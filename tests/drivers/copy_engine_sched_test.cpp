@@ -42,6 +42,7 @@ struct sched_fixture : copy_fixture {
 TEST_F(sched_fixture, writes_during_the_copy_are_copied_again) {
   make_files();
   recorder rec(dst);  // checks that no two copies of one range reach the target at once
+  rec.hold = true;    // target writes are slow: guest writes land while copies are in flight
   redirty hook(src);
   seen sn;
   copy_engine e({.source = src, .target = dst, .granularity = 64 * K, .max_chunk = 256 * K, .max_workers = 8},
@@ -65,7 +66,9 @@ TEST_F(sched_fixture, writes_during_the_copy_are_copied_again) {
     r.waiter = &w;
     src->submit(r);
     s->loop.turn();
+    if (i % 3 == 2) rec.release_held();
   }
+  rec.release_all();
   run_until([&] { return w.calls == writes; });
   run_until([&] { return e.idle() && sn.idle > 0; });
   spin();  // a late idle notification must not come with work left
@@ -176,6 +179,68 @@ TEST_F(sched_fixture, copy_now_failure_goes_to_its_caller) {
   EXPECT_EQ(r, -ENOSPC);
   EXPECT_TRUE(sn.errors.empty()) << "the job's error policy is not asked for copy_now";
   EXPECT_TRUE(e.work_map().get(1 * M)) << "the range stays to copy";
+}
+
+// Copy-before-write as backup builds it: a gating hook on the source holds each guest write until
+// copy_now() has put the old data on the target.
+struct cbw_hook final : write_hook {
+  node* n;
+  copy_engine* e = nullptr;
+  explicit cbw_hook(node* node_) : n(node_) {
+    gates = true;
+    n->add_write_hook(this);
+  }
+  ~cbw_hook() { n->remove_write_hook(this); }
+  bool before_write(io_request& r) override {
+    e->copy_now(r.offset, r.length, [this, &r](int rc) {
+      EXPECT_EQ(rc, 0);
+      n->release_write(r);
+    });
+    return false;
+  }
+};
+
+TEST_F(sched_fixture, copy_before_write_keeps_the_old_data_even_while_the_source_drains) {
+  make_files();
+  auto old_data = read_all(src);
+  seen sn;
+  fake_clock fc;  // never fired: the background copy barely moves
+  copy_engine e({.source = src, .target = dst, .granularity = 64 * K, .speed = 1, .clock = fc.clock()}, sn.cbs());
+  cbw_hook cbw(src);
+  cbw.e = &e;
+  e.work_map().set(0, image_size);
+  e.start();
+  std::vector<char> data(4096, 'W');
+  io_request w;
+  w.op = io_op::write;
+  w.offset = 1 * M + 8192;
+  w.set_buffer(data.data(), 4096);
+  waiter ww;
+  w.waiter = &ww;
+  src->submit(w);
+  // A drain now waits for the guest write, which waits for its copy: the copy's requests must
+  // pass the quiesce or neither ever finishes.
+  bool drained = false;
+  src->quiesce([&] { drained = true; });
+  run_until([&] { return drained && ww.calls == 1; });
+  EXPECT_EQ(w.result, 0);
+  src->resume();
+  std::vector<char> b(64 * K);
+  ASSERT_EQ(io(dst, io_op::read, 1 * M, 64 * K, b.data()), 0);
+  EXPECT_TRUE(std::equal(b.begin(), b.end(), old_data.begin() + 1 * M)) << "the target holds the data before the write";
+  EXPECT_FALSE(e.work_map().get(1 * M));
+  // A second write to the same chunk needs no copy.
+  uint64_t reads = src->stats().rd.operations.get();
+  w.reset();
+  w.op = io_op::write;
+  w.offset = 1 * M;
+  w.set_buffer(data.data(), 4096);
+  w.waiter = &ww;
+  src->submit(w);
+  run_until([&] { return ww.calls == 2; });
+  EXPECT_EQ(src->stats().rd.operations.get(), reads);
+  e.cancel();
+  run_until([&] { return sn.cancelled == 1; });
 }
 
 // ---- memory bound -------------------------------------------------------------------------------
