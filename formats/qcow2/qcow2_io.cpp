@@ -77,7 +77,9 @@ task<int> qcow2_driver::decompress(uint64_t host, uint64_t csize, uint8_t* out) 
                       int64_t(host), int64_t(csize));
     co_return -EIO;
   }
-  if (end > flen) end = (flen + a - 1) / a * a;
+  // The last compressed cluster may end the file at any byte: a file without an alignment is read
+  // up to its end exactly (the node refuses a read past it).
+  if (end > flen) end = file_->driver().limits().request_alignment > 1 ? (flen + a - 1) / a * a : flen;
   auto buf = make_buf(end - start);
   int r = co_await io(*file_, io_op::read, int64_t(start), int64_t(end - start)).buffer(buf.get());
   if (r < 0) co_return r;
