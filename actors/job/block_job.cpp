@@ -109,15 +109,18 @@ void block_job_runner::on_completed(job::core& j) {
 
 void block_job_runner::on_cancelled(job::core& j) { emit("BLOCK_JOB_CANCELLED", event_data(j)); }
 
-job_error_action block_job_runner::error_action(job::core& j, on_error_policy p, bool is_read, int err) {
-  job_error_action a = job_error_action::report;
+job_error_action block_job_runner::decide(on_error_policy p, int err) {
   switch (p) {
     case on_error_policy::enospc:
-    case on_error_policy::auto_: a = err == -ENOSPC ? job_error_action::stop : job_error_action::report; break;
-    case on_error_policy::stop: a = job_error_action::stop; break;
-    case on_error_policy::ignore: a = job_error_action::ignore; break;
-    case on_error_policy::report: a = job_error_action::report; break;
+    case on_error_policy::auto_: return err == -ENOSPC ? job_error_action::stop : job_error_action::report;
+    case on_error_policy::stop: return job_error_action::stop;
+    case on_error_policy::ignore: return job_error_action::ignore;
+    case on_error_policy::report: return job_error_action::report;
   }
+  return job_error_action::report;
+}
+
+void block_job_runner::error_effects(job::core& j, job_error_action a, bool is_read, int err) {
   emit("BLOCK_JOB_ERROR", boost::json::object{{"device", j.id()},
                                               {"operation", is_read ? "read" : "write"},
                                               {"action", action_name(a)}});
@@ -126,7 +129,6 @@ job_error_action block_job_runner::error_action(job::core& j, on_error_policy p,
     if (!j.user_paused()) (void)j.user_pause();
     io_status_ = err == -ENOSPC ? job_io_status::nospace : job_io_status::failed;
   }
-  return a;
 }
 
 void block_job_runner::run(job::core& j) {

@@ -48,6 +48,12 @@ class block_job_runner : public job_runner {
   // block-job-resume and job-resume clear the io-status (QEMU's block_job_user_resume).
   void user_resume(job::core& j) override;
 
+  // QEMU's block_job_error_action in two halves: the policy's answer (any thread, so a body
+  // decides at once), and its effects (the event; for stop, io-status and a user pause) here.
+  static job_error_action decide(on_error_policy p, int err);
+  // A body's failed request, decided on its own thread (decide): the effects happen here.
+  void report_error(job::core& j, job_error_action a, bool is_read, int err) { error_effects(j, a, is_read, err); }
+
   // BlockJobInfo for query-block-jobs.
   boost::json::object info(const job::core& j) const;
 
@@ -73,10 +79,9 @@ class block_job_runner : public job_runner {
   // Kind-specific members of BlockJobInfo (mirror: actively-synced).
   virtual void info_extra(boost::json::object& o) const { (void)o; }
 
-  // QEMU's block_job_error_action: the policy's answer for one failed request, with its side
-  // effects: BLOCK_JOB_ERROR (always), and for stop the io-status and a user pause (the job parks
-  // once the body drained; job-resume retries the request).
-  job_error_action error_action(job::core& j, on_error_policy p, bool is_read, int err);
+  // BLOCK_JOB_ERROR (always), and for stop the io-status and a user pause (the job parks once
+  // the body drained; job-resume retries the request).
+  void error_effects(job::core& j, job_error_action a, bool is_read, int err);
 
   // Events go to the bus through the supervisor, stamped there.
   void emit(std::string name, boost::json::object data) const;

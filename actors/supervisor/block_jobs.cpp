@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <memory>
 
-#include "actors/job/stream_job.h"
+#include "actors/job/engine_job.h"
 #include "actors/supervisor/supervisor.h"
 
 namespace blockd {
@@ -199,13 +199,24 @@ void supervisor_actor::block_stream(const boost::json::object& args, reply_fn re
     block::node* f = graph_->find(fname);
     block::node* t = graph_->find(top_name);
     if (!f || !t) return reply(command_outcome::failure(error("internal error: the stream filter is gone")));
-    stream_plan plan;
-    plan.top = t;
-    plan.filter = f;
+    engine_job_plan plan;
     plan.home = home_of(t);
-    plan.last_depth = base_name.empty() ? 0 : images + 1;
-    plan.on_error = on_error;
-    if (images == 0) plan.last_depth = -1;  // nothing above the base: the job ends at once
+    // The engine reads the top with copy-up (the filter serves the guest's reads); what lies in
+    // the top already, or in the base and below, is skipped.
+    int last = base_name.empty() ? 1 << 30 : images + 1;
+    plan.settings = [t, last] {
+      block::copy_settings s;
+      s.source = t;
+      s.mode = block::copy_mode::copy_up;
+      s.granularity = 512 * 1024;  // QEMU streams in 512 KiB steps
+      s.max_chunk = 512 * 1024;
+      s.max_workers = 8;           // QEMU streams one step at a time; blockd keeps several in flight
+      s.policy = block::copy_policy_above(last, true);
+      return s;
+    };
+    plan.on_source_error = plan.on_target_error = on_error;
+    plan.ignore_skips = true;
+    plan.nothing_to_do = images == 0;
     auto bf = backing_file;
     // With nothing above the base the chain stays as it is, and the job ends within the command.
     if (images > 0) plan.finish = [this, top_name, base_name, bf](std::function<void(result<void>)> done) {
@@ -219,7 +230,7 @@ void supervisor_actor::block_stream(const boost::json::object& args, reply_fn re
                      job_edit{[this, fname, id, between_names](reply_fn r) { drop_job_filter(fname, id, between_names, std::move(r)); },
                               [](command_outcome) {}});
     };
-    auto runner = std::make_shared<stream_runner>(std::move(plan));
+    auto runner = std::make_shared<engine_job_runner>(job::type::stream, std::move(plan));
     runner->initial_speed(speed);
     auto hold = [this, f, t, between, id](job_entry& j) {
       j.block_kind = job::type::stream;

@@ -1,0 +1,164 @@
+// The copy engine's host on the home iothread (its callbacks become job reports through the port) and the engine job runner on the job actor's thread.
+#include "actors/job/engine_job.h"
+
+#include <cerrno>
+
+namespace blockd {
+
+// Home iothread only, except where marked. Owned by the runner and by closures posted home.
+class engine_host final : public std::enable_shared_from_this<engine_host> {
+ public:
+  engine_host(engine_job_plan plan, job_port port, std::weak_ptr<block_job_runner> runner)
+      : plan_(std::move(plan)), port_(std::move(port)), runner_(std::move(runner)) {}
+
+  void start(int64_t speed) {
+    if (done_) return;
+    block::copy_settings s = plan_.settings();
+    s.speed = uint64_t(speed);
+    block::copy_callbacks cb;
+    cb.on_progress = [this](int64_t done, int64_t skipped) {
+      port_.progress(done + (plan_.skipped_is_progress ? skipped : 0));
+    };
+    cb.on_idle = [this] { finish(first_err_); };
+    cb.on_error = [this](const block::copy_error& e) { return error(e); };
+    cb.on_paused = [this] {
+      engine_paused_ = true;
+      if (parked_) std::exchange(parked_, nullptr)();
+    };
+    cb.on_finished = [this](int err) { finish(err); };
+    cb.on_cancelled = [this] { finish(0); };
+    engine_ = std::make_unique<block::copy_engine>(std::move(s), std::move(cb));
+    auto self = shared_from_this();
+    auto go = [self](int rc) {
+      if (rc < 0) return self->finish(rc);
+      if (self->done_) return;
+      self->port_.post([rem = self->engine_->remaining()](job::core& j) { j.progress_set_remaining(rem); });
+      self->started_ = true;
+      if (self->cancel_) return self->cancel();
+      if (self->held_) return;  // paused before it started: resume() starts it
+      self->engine_->start();
+    };
+    if (plan_.fill) return plan_.fill(*engine_, go);
+    engine_->work_map().set(0, engine_->work_map().size());
+    go(0);
+  }
+
+  void pause(std::function<void()> parked) {
+    if (done_ || !started_ || engine_paused_) {
+      held_ = !started_;
+      return parked();
+    }
+    parked_ = std::move(parked);
+    engine_->pause();
+  }
+
+  void resume() {
+    if (done_) return;
+    if (!started_ || (held_ && !engine_paused_)) {
+      bool was_held = held_;
+      held_ = false;
+      if (started_ && was_held) engine_->start();
+      return;
+    }
+    engine_paused_ = false;
+    engine_->resume();
+  }
+
+  void cancel() {
+    cancel_ = true;
+    if (done_) return;
+    if (!engine_ || !started_) return finish(0);
+    engine_->cancel();
+  }
+
+  void set_speed(int64_t s) {
+    if (engine_) engine_->set_speed(uint64_t(s));
+  }
+
+ private:
+  block::copy_error_action error(const block::copy_error& e) {
+    auto policy = e.is_read ? plan_.on_source_error : plan_.on_target_error;
+    int err = -e.err;
+    auto a = block_job_runner::decide(policy, err);
+    auto weak = runner_;
+    bool is_read = e.is_read;
+    // The event, io-status and the user pause of a stop belong to the job's thread.
+    port_.post([weak, a, is_read, err](job::core& j) {
+      if (auto r = weak.lock()) r->report_error(j, a, is_read, err);
+    });
+    switch (a) {
+      case job_error_action::report: return block::copy_error_action::report;
+      case job_error_action::stop: return block::copy_error_action::stop;
+      case job_error_action::ignore:
+        if (!plan_.ignore_skips) return block::copy_error_action::retry;
+        if (!first_err_) first_err_ = err;
+        return block::copy_error_action::skip;
+    }
+    return block::copy_error_action::report;
+  }
+
+  void finish(int rc) {
+    if (done_) return;
+    done_ = true;
+    port_.done(rc, {});
+    // The engine may be destroyed from its own final callbacks; it is idle now.
+    engine_.reset();
+  }
+
+  engine_job_plan plan_;
+  job_port port_;
+  std::weak_ptr<block_job_runner> runner_;
+  std::unique_ptr<block::copy_engine> engine_;
+  std::function<void()> parked_;
+  int first_err_ = 0;
+  bool started_ = false, held_ = false, engine_paused_ = false, cancel_ = false, done_ = false;
+};
+
+// ---- engine_job_runner: the job actor's thread ---------------------------------------------
+
+engine_job_runner::~engine_job_runner() = default;
+
+void engine_job_runner::to_host(std::function<void(engine_host&)> fn) {
+  if (!host_ || !plan_.home) return;
+  plan_.home->post([h = host_, fn = std::move(fn)] { fn(*h); });
+}
+
+void engine_job_runner::body_start(job::core& j) {
+  if (plan_.nothing_to_do) return j.work_done(0);
+  auto self = std::static_pointer_cast<block_job_runner>(shared_from_this());
+  host_ = std::make_shared<engine_host>(plan_, port(), self);
+  to_host([s = speed()](engine_host& h) { h.start(s); });
+}
+
+void engine_job_runner::body_pause(std::function<void()> parked) {
+  to_host([parked = std::move(parked)](engine_host& h) { h.pause(parked); });
+}
+
+void engine_job_runner::body_resume() {
+  to_host([](engine_host& h) { h.resume(); });
+}
+
+void engine_job_runner::body_cancel() {
+  to_host([](engine_host& h) { h.cancel(); });
+}
+
+void engine_job_runner::speed_changed(int64_t speed) {
+  to_host([speed](engine_host& h) { h.set_speed(speed); });
+}
+
+void engine_job_runner::prepare_async(job::core& j, std::function<void(result<void>)> done) {
+  (void)j;
+  if (!plan_.finish) return done({});
+  plan_.finish(std::move(done));
+}
+
+void engine_job_runner::clean(job::core& j) {
+  (void)j;
+  if (cleaned_) return;
+  cleaned_ = true;
+  if (plan_.clean) plan_.clean();
+}
+
+void engine_job_runner::abandon() { body_cancel(); }
+
+}  // namespace blockd

@@ -1,0 +1,62 @@
+// A block job whose work is one run of the copy engine (stream, commit; mirror and backup build on it): the runner on the job actor's thread, the engine's host on the nodes' home iothread.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include "actors/job/block_job.h"
+#include "storage/block/copy_engine.h"
+
+namespace blockd {
+
+class engine_host;
+
+struct engine_job_plan {
+  iothread* home = nullptr;  // where the engine's nodes live (and the engine runs)
+  // On the home: the engine's settings (the nodes are read there). Speed comes from the job.
+  std::function<block::copy_settings()> settings;
+  // On the home, before the engine starts: fills the work map and calls ready(0 or -errno).
+  // Empty: every chunk is to be copied.
+  std::function<void(block::copy_engine& e, std::function<void(int)> ready)> fill;
+  on_error_policy on_source_error = on_error_policy::report;
+  on_error_policy on_target_error = on_error_policy::report;
+  // What "ignore" means: stream goes on past the range and ends with the first error; mirror and
+  // backup copy the range again later.
+  bool ignore_skips = false;
+  // Ranges the policy skipped count as progress (stream, commit: the whole length is the total).
+  bool skipped_is_progress = true;
+  // Nothing to copy (a stream whose top sits right on the base): the job ends within its start,
+  // as QEMU's does when its body returns without yielding.
+  bool nothing_to_do = false;
+  // The job's prepare and clean (graph work through the supervisor); empty = nothing to do.
+  std::function<void(std::function<void(result<void>)> done)> finish;
+  std::function<void()> clean;
+};
+
+class engine_job_runner : public block_job_runner {
+ public:
+  engine_job_runner(job::type kind, engine_job_plan p) : block_job_runner(kind), plan_(std::move(p)) {}
+  ~engine_job_runner() override;
+
+  void prepare_async(job::core& j, std::function<void(result<void>)> done) override;
+  void clean(job::core& j) override;
+  void abandon() override;
+
+ protected:
+  void body_start(job::core& j) override;
+  void body_pause(std::function<void()> parked) override;
+  void body_resume() override;
+  void body_cancel() override;
+  void speed_changed(int64_t speed) override;
+
+  // Runs `fn` on the home with the host (dropped when the host is gone).
+  void to_host(std::function<void(engine_host&)> fn);
+  const engine_job_plan& plan() const { return plan_; }
+
+ private:
+  engine_job_plan plan_;
+  std::shared_ptr<engine_host> host_;
+  bool cleaned_ = false;
+};
+
+}  // namespace blockd
