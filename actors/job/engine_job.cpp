@@ -149,7 +149,10 @@ void engine_job_runner::speed_changed(int64_t speed) {
 void engine_job_runner::prepare_async(job::core& j, std::function<void(result<void>)> done) {
   (void)j;
   if (!plan_.finish) return done({});
-  plan_.finish(std::move(done));
+  // The supervisor answers on its own turn; the outcome comes back here through the port.
+  plan_.finish([port = port(), done = std::move(done)](result<void> r) {
+    port.post([done, r](job::core&) { done(r); });
+  });
 }
 
 void engine_job_runner::clean(job::core& j) {

@@ -219,17 +219,11 @@ void supervisor_actor::block_stream(const boost::json::object& args, reply_fn re
     plan.nothing_to_do = images == 0;
     auto bf = backing_file;
     // With nothing above the base the chain stays as it is, and the job ends within the command.
-    if (images > 0) plan.finish = [this, top_name, base_name, bf](std::function<void(result<void>)> done) {
-      // Through a message: the job's thread is this one, but the supervisor's state is its own.
-      caf::anon_send(caf::actor_cast<caf::actor>(this), job_edit_atom::value,
-                     job_edit{[this, top_name, base_name, bf](reply_fn r) { stream_finish(top_name, base_name, bf, std::move(r)); },
-                              [done](command_outcome o) { done(o.as_result()); }});
-    };
-    plan.clean = [this, fname, id, between_names] {
-      caf::anon_send(caf::actor_cast<caf::actor>(this), job_edit_atom::value,
-                     job_edit{[this, fname, id, between_names](reply_fn r) { drop_job_filter(fname, id, between_names, std::move(r)); },
-                              [](command_outcome) {}});
-    };
+    if (images > 0)
+      plan.finish = edit_step([this, top_name, base_name, bf](reply_fn r) { rebase(top_name, base_name, bf, std::move(r)); });
+    plan.clean = [edit = edit_step([this, fname, id, between_names](reply_fn r) {
+                    drop_job_filter(fname, id, between_names, std::move(r));
+                  })] { edit([](result<void>) {}); };
     auto runner = std::make_shared<engine_job_runner>(job::type::stream, std::move(plan));
     runner->initial_speed(speed);
     auto hold = [this, f, t, between, id](job_entry& j) {
@@ -247,7 +241,15 @@ void supervisor_actor::block_stream(const boost::json::object& args, reply_fn re
   });
 }
 
-void supervisor_actor::stream_finish(const std::string& top_name, const std::string& base_name,
+std::function<void(std::function<void(result<void>)>)> supervisor_actor::edit_step(std::function<void(reply_fn)> work) {
+  // Called by a job (its own actor): the work reaches this actor as a message and runs here.
+  return [self = caf::actor_cast<caf::actor>(this), work = std::move(work)](std::function<void(result<void>)> done) {
+    caf::anon_send(self, job_edit_atom::value,
+                   job_edit{work, [done = std::move(done)](command_outcome o) { done(o.as_result()); }});
+  };
+}
+
+void supervisor_actor::rebase(const std::string& top_name, const std::string& base_name,
                                      std::optional<std::string> backing_file, reply_fn reply) {
   block::node* t = graph_->find(top_name);
   block::node* b = base_name.empty() ? nullptr : graph_->find(base_name);

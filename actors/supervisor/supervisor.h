@@ -219,8 +219,11 @@ class supervisor_actor : public caf::event_based_actor {
   result<void> check_job_blockers(const block::node& n) const;
   void queue_job_edit(std::function<void(reply_fn)> work);
   void block_stream(const boost::json::object& args, reply_fn reply);
-  void stream_finish(const std::string& top, const std::string& base, std::optional<std::string> backing_file,
-                     reply_fn reply);
+  // A job's graph step: `work` runs here as a job edit when the job calls the returned function.
+  std::function<void(std::function<void(result<void>)>)> edit_step(std::function<void(reply_fn)> work);
+  // `top`'s backing becomes `base` (none if empty), and its image header says so.
+  void rebase(const std::string& top, const std::string& base, std::optional<std::string> backing_file,
+              reply_fn reply);
   void drop_job_filter(const std::string& filter, const std::string& id, std::vector<std::string> released,
                        reply_fn reply);
   result<block::node*> job_hold(job_entry& j, const boost::json::value& ref);
