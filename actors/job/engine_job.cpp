@@ -3,6 +3,9 @@
 
 #include <cerrno>
 
+#include "storage/block/node.h"
+#include "storage/block/write_hook.h"
+
 namespace blockd {
 
 // Home iothread only, except where marked. Owned by the runner and by closures posted home.
@@ -19,15 +22,24 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     cb.on_progress = [this](int64_t done, int64_t skipped) {
       port_.progress(done + (plan_.skipped_is_progress ? skipped : 0));
     };
-    cb.on_idle = [this] { finish(first_err_); };
+    cb.on_idle = [this] { idle(); };
     cb.on_error = [this](const block::copy_error& e) { return error(e); };
     cb.on_paused = [this] {
       engine_paused_ = true;
       if (parked_) std::exchange(parked_, nullptr)();
     };
     cb.on_finished = [this](int err) { finish(err); };
-    cb.on_cancelled = [this] { finish(0); };
+    cb.on_cancelled = [this] {
+      if (released_) return engine_.reset();
+      finish(0);
+    };
+    source_ = s.source;
     engine_ = std::make_unique<block::copy_engine>(std::move(s), std::move(cb));
+    if (plan_.ready_when_idle) {
+      hook_.host = this;
+      source_->add_write_hook(&hook_);
+      hooked_ = true;
+    }
     auto self = shared_from_this();
     auto go = [self](int rc) {
       if (rc < 0) return self->finish(rc);
@@ -75,6 +87,25 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     if (engine_) engine_->set_speed(uint64_t(s));
   }
 
+  // job-complete: the work ends once converged (the engine keeps following writes until clean).
+  void complete() {
+    completing_ = true;
+    if (engine_ && engine_->idle() && !engine_->paused()) finish(0);
+  }
+
+  // On the home, writers stopped: what they dirtied last goes to the target now.
+  void final_sync(std::function<void(int)> done) {
+    if (!engine_) return done(-ECANCELED);
+    engine_->copy_now(0, source_->length(), std::move(done));
+  }
+
+  // The job is over (clean): nothing watches the source's writes any more.
+  void release() {
+    unhook();
+    released_ = true;
+    if (engine_) engine_->cancel();  // on_cancelled drops it once nothing is in flight
+  }
+
  private:
   block::copy_error_action error(const block::copy_error& e) {
     auto policy = e.is_read ? plan_.on_source_error : plan_.on_target_error;
@@ -97,11 +128,45 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     return block::copy_error_action::report;
   }
 
+  struct dirty_hook final : block::write_hook {
+    engine_host* host = nullptr;
+    void after_write(const block::io_request& r) override {
+      if (r.result < 0 || !host->engine_) return;
+      host->engine_->mark_dirty(r.offset, r.length);
+      // The total grows with what the guest writes meanwhile: one report per round of copying.
+      if (!host->growth_posted_) {
+        host->growth_posted_ = true;
+        host->port_.post([rem = host->engine_->remaining()](job::core& j) { j.progress_set_remaining(rem); });
+      }
+    }
+  };
+
+  void idle() {
+    if (!plan_.ready_when_idle) return finish(first_err_);
+    // Converged: the total is what was copied.
+    growth_posted_ = false;
+    port_.post([](job::core& j) { j.progress_set_remaining(0); });
+    if (completing_) return finish(0);
+    if (ready_sent_) return;
+    ready_sent_ = true;
+    port_.post([](job::core& j) {
+      if (j.state() == job::status::running) j.transition_to_ready();
+    });
+  }
+
+  void unhook() {
+    if (hooked_ && source_) source_->remove_write_hook(&hook_);
+    hooked_ = false;
+  }
+
   void finish(int rc) {
     if (done_) return;
     done_ = true;
     port_.done(rc, {});
-    // The engine may be destroyed from its own final callbacks; it is idle now.
+    // A converged mirror keeps its engine (and hook) for the pivot's last sync; others are idle
+    // now, and the engine may be destroyed from its own final callbacks.
+    if (plan_.ready_when_idle && rc == 0 && !cancel_) return;
+    unhook();
     engine_.reset();
   }
 
@@ -110,7 +175,10 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
   std::weak_ptr<block_job_runner> runner_;
   std::unique_ptr<block::copy_engine> engine_;
   std::function<void()> parked_;
+  block::node* source_ = nullptr;
+  dirty_hook hook_;
   int first_err_ = 0;
+  bool hooked_ = false, growth_posted_ = false, ready_sent_ = false, completing_ = false, released_ = false;
   bool started_ = false, held_ = false, engine_paused_ = false, cancel_ = false, done_ = false;
 };
 
@@ -146,11 +214,27 @@ void engine_job_runner::speed_changed(int64_t speed) {
   to_host([speed](engine_host& h) { h.set_speed(speed); });
 }
 
-void engine_job_runner::prepare_async(job::core& j, std::function<void(result<void>)> done) {
+result<void> engine_job_runner::complete(job::core& j) {
   (void)j;
-  if (!plan_.finish) return done({});
+  to_host([](engine_host& h) { h.complete(); });
+  return {};
+}
+
+bool engine_job_runner::cancel(job::core& j, bool force) {
+  if (!plan_.ready_when_idle) return true;
+  return force || !(j.state() == job::status::ready || j.state() == job::status::standby);
+}
+
+void engine_job_runner::prepare_async(job::core& j, std::function<void(result<void>)> done) {
+  // A soft cancel of a READY job ends it as completed, without its graph change.
+  if (!plan_.finish || j.cancel_requested()) return done({});
   // The supervisor answers on its own turn; the outcome comes back here through the port.
-  plan_.finish([port = port(), done = std::move(done)](result<void> r) {
+  std::weak_ptr<engine_host> host = host_;
+  auto sync = [host](std::function<void(int)> d) {
+    if (auto h = host.lock()) return h->final_sync(std::move(d));
+    d(-ECANCELED);
+  };
+  plan_.finish(sync, [port = port(), done = std::move(done)](result<void> r) {
     port.post([done, r](job::core&) { done(r); });
   });
 }
@@ -159,6 +243,7 @@ void engine_job_runner::clean(job::core& j) {
   (void)j;
   if (cleaned_) return;
   cleaned_ = true;
+  to_host([](engine_host& h) { h.release(); });
   if (plan_.clean) plan_.clean();
 }
 

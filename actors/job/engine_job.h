@@ -25,11 +25,19 @@ struct engine_job_plan {
   bool ignore_skips = false;
   // Ranges the policy skipped count as progress (stream, commit: the whole length is the total).
   bool skipped_is_progress = true;
+  // Mirror and active commit: READY once converged; guest writes to the source are copied again
+  // (a write hook) until the job is cleaned up; job-complete ends the work once converged, and the
+  // prepare's pivot first stops the writers and runs `sync` (see finish).
+  bool ready_when_idle = false;
   // Nothing to copy (a stream whose top sits right on the base): the job ends within its start,
   // as QEMU's does when its body returns without yielding.
   bool nothing_to_do = false;
   // The job's prepare and clean (graph work through the supervisor); empty = nothing to do.
-  std::function<void(std::function<void(result<void>)> done)> finish;
+  // `sync`, for jobs with ready_when_idle, is called on the home thread once the writers are
+  // stopped: it copies what they dirtied last and calls back with 0 or -errno, so the pivot that
+  // follows loses no write.
+  using home_sync = std::function<void(std::function<void(int)> done)>;
+  std::function<void(home_sync sync, std::function<void(result<void>)> done)> finish;
   std::function<void()> clean;
 };
 
@@ -41,6 +49,10 @@ class engine_job_runner : public block_job_runner {
   void prepare_async(job::core& j, std::function<void(result<void>)> done) override;
   void clean(job::core& j) override;
   void abandon() override;
+  bool can_complete() const override { return plan_.ready_when_idle; }
+  result<void> complete(job::core& j) override;
+  // A READY mirror's soft cancel completes the job without a pivot (QEMU's mirror_cancel).
+  bool cancel(job::core& j, bool force) override;
 
  protected:
   void body_start(job::core& j) override;

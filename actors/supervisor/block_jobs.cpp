@@ -2,6 +2,7 @@
 #include <caf/all.hpp>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 
 #include "actors/job/engine_job.h"
@@ -9,6 +10,13 @@
 
 namespace blockd {
 namespace {
+
+// A prepare step of a job that does not follow writes (stream, intermediate commit).
+auto without_sync(std::function<void(std::function<void(result<void>)>)> step) {
+  return [step = std::move(step)](engine_job_plan::home_sync, std::function<void(result<void>)> done) {
+    step(std::move(done));
+  };
+}
 
 std::string user_key(const std::string& job_id) { return "job:" + job_id; }
 
@@ -91,6 +99,7 @@ void supervisor_actor::register_block_job_commands() {
                 });
   });
   commands_.add("block-stream", [this](boost::json::object& a, reply_fn r) { block_stream(a, std::move(r)); });
+  commands_.add("block-commit", [this](boost::json::object& a, reply_fn r) { block_commit(a, std::move(r)); });
 }
 
 void supervisor_actor::queue_job_edit(std::function<void(reply_fn)> work) {
@@ -220,7 +229,8 @@ void supervisor_actor::block_stream(const boost::json::object& args, reply_fn re
     auto bf = backing_file;
     // With nothing above the base the chain stays as it is, and the job ends within the command.
     if (images > 0)
-      plan.finish = edit_step([this, top_name, base_name, bf](reply_fn r) { rebase(top_name, base_name, bf, std::move(r)); });
+      plan.finish = without_sync(
+          edit_step([this, top_name, base_name, bf](reply_fn r) { rebase(top_name, base_name, bf, std::move(r)); }));
     plan.clean = [edit = edit_step([this, fname, id, between_names](reply_fn r) {
                     drop_job_filter(fname, id, between_names, std::move(r));
                   })] { edit([](result<void>) {}); };
@@ -238,6 +248,210 @@ void supervisor_actor::block_stream(const boost::json::object& args, reply_fn re
       (void)graph_->attach_user(*f, user_key(id) + "/stream", u);
     };
     start_job(job::options{id, job::type::stream, auto_finalize, auto_dismiss}, runner, hold, std::move(reply));
+  });
+}
+
+void supervisor_actor::block_commit(const boost::json::object& args, reply_fn reply) {
+  auto failed = [&reply](std::string text) { reply(command_outcome::failure(error(std::move(text)))); };
+  std::string device(args.at("device").as_string());
+  std::string id = str_arg(args, "job-id").value_or("");
+  auto top = str_arg(args, "top"), top_node = str_arg(args, "top-node");
+  auto base = str_arg(args, "base"), base_node = str_arg(args, "base-node");
+  auto backing_file = str_arg(args, "backing-file");
+  // QEMU's order: the device (looked up first, DeviceNotFound), its blocker, top, base, then the chain.
+  block::node* bs = graph_->find(device);
+  if (!bs)
+    return reply(command_outcome::failure(error(error_class::device_not_found, "Device '" + device + "' not found")));
+  if (auto r = check_job_blockers(*bs); !r) return reply(command_outcome::failure(r.error()));
+  auto chain_has = [](block::node* from, const block::node* x) {
+    for (block::node* n = from; n; n = below(*n))
+      if (n == x) return true;
+    return false;
+  };
+  auto find_file = [this](block::node* from, const std::string& f) -> block::node* {
+    for (block::node* n = below(*from); n; n = below(*n))
+      if (!is_filter_node(*n) && graph_->filename(*n) == f) return n;
+    return nullptr;
+  };
+  block::node* top_bs = bs;
+  if (top_node && top) return failed("'top-node' and 'top' are mutually exclusive");
+  if (top_node) {
+    top_bs = graph_->find(*top_node);
+    if (!top_bs) return failed("Cannot find device='' nor node-name='" + *top_node + "'");
+    if (!chain_has(bs, top_bs)) return failed("'" + *top_node + "' is not in this backing file chain");
+  } else if (top && !top->empty()) {
+    top_bs = find_file(bs, *top);
+    if (!top_bs) return failed("Top image file " + *top + " not found");
+  }
+  block::node* base_bs = nullptr;
+  if (base_node && base) return failed("'base-node' and 'base' are mutually exclusive");
+  if (base_node) {
+    base_bs = graph_->find(*base_node);
+    if (!base_bs) return failed("Cannot find device='' nor node-name='" + *base_node + "'");
+    if (!chain_has(top_bs, base_bs)) return failed("'" + *base_node + "' is not in this backing file chain");
+  } else if (base && !base->empty()) {
+    base_bs = find_file(top_bs, *base);
+    if (!base_bs) return failed("Can't find '" + *base + "' in the backing chain");
+  } else {
+    base_bs = top_bs;  // the bottom of the chain
+    while (block::node* n = below(*base_bs)) base_bs = n;
+  }
+  if (top_bs == base_bs) return failed("cannot commit an image into itself");
+  for (block::node* n = top_bs; n && n != base_bs; n = below(*n))
+    if (auto r = check_job_blockers(*n); !r) return reply(command_outcome::failure(r.error()));
+  if (auto r = check_job_blockers(*base_bs); !r) return reply(command_outcome::failure(r.error()));
+  bool active = top_bs == bs;
+  if (active && backing_file) return failed("'backing-file' specified, but 'top' is the active layer");
+  // The image whose backing file the commit changes (QEMU's overlay of top).
+  block::node* overlay = nullptr;
+  if (!active)
+    for (block::node* n = bs; n && !overlay; n = below(*n))
+      if (below(*n) == top_bs) overlay = n;
+  if (!active && overlay)
+    if (auto r = check_job_blockers(*overlay); !r) return reply(command_outcome::failure(r.error()));
+  if (auto fn = str_arg(args, "filter-node-name"); fn && !block::node_name_valid(*fn))
+    return failed("Could not create node: Invalid node-name: '" + *fn + "'");
+  if (!id_wellformed(id)) return failed("Invalid job ID '" + id + "'");
+  if (find_job(id)) return failed("Job ID '" + id + "' already in use");
+  if (base_bs->length() < top_bs->length())
+    return failed("Base image '" + base_bs->name() + "' is smaller than the image committed into it; grow it first "
+                  "(block_resize) and commit again");
+  if (base_bs->settings().read_only)
+    return failed("Base image '" + base_bs->name() + "' is read-only; reopen it read-write (blockdev-reopen) to commit into it");
+
+  std::vector<block::node*> between;  // top .. above base: dropped from the chain afterwards
+  int images = 0;
+  for (block::node* n = top_bs; n && n != base_bs; n = below(*n)) {
+    between.push_back(n);
+    if (!is_filter_node(*n)) ++images;
+  }
+  auto speed = args.contains("speed") ? args.at("speed").to_number<int64_t>() : 0;
+  auto on_error = parse_on_error(str_arg(args, "on-error").value_or("report")).value_or(on_error_policy::report);
+  bool auto_finalize = !args.contains("auto-finalize") || args.at("auto-finalize").as_bool();
+  bool auto_dismiss = !args.contains("auto-dismiss") || args.at("auto-dismiss").as_bool();
+  if (active) return commit_active(id, bs, base_bs, speed, on_error, auto_finalize, auto_dismiss, std::move(reply));
+
+  engine_job_plan plan;
+  plan.home = home_of(top_bs);
+  plan.settings = [top_bs, base_bs, images] {
+    block::copy_settings s;
+    s.source = top_bs;
+    s.target = base_bs;
+    s.granularity = 512 * 1024;  // QEMU's commit steps
+    s.max_chunk = 512 * 1024;
+    s.max_workers = 8;
+    s.policy = block::copy_policy_above(images);
+    return s;
+  };
+  plan.on_source_error = plan.on_target_error = on_error;
+  plan.ignore_skips = true;
+  std::string ov = overlay ? overlay->name() : "", bname = base_bs->name();
+  std::vector<std::string> dropped;
+  for (auto* n : between) dropped.push_back(n->name());
+  plan.finish =
+      without_sync(edit_step([this, ov, bname, backing_file](reply_fn r) { rebase(ov, bname, backing_file, std::move(r)); }));
+  plan.clean = [edit = edit_step([this, dropped](reply_fn r) {
+                  std::vector<block::node*> gone;
+                  for (auto& n : dropped)
+                    if (block::node* x = graph_->find(n)) gone.push_back(x);
+                  graph_->release_unused(gone);
+                  sync_node_actors();
+                  r(command_outcome::success());
+                })] { edit([](result<void>) {}); };
+  auto runner = std::make_shared<engine_job_runner>(job::type::commit, std::move(plan));
+  runner->initial_speed(speed);
+  auto hold = [this, between, base_bs, overlay, id](job_entry& j) {
+    j.block_kind = job::type::commit;
+    for (auto* n : between) j.blocked.push_back(n->name());
+    j.blocked.push_back(base_bs->name());
+    if (overlay) j.blocked.push_back(overlay->name());
+    // The job writes into the base what reads of the layers above already show (QEMU's commit
+    // takes write there and lets the guest go on).
+    block::perm_user u{"block job '" + id + "'", block::perm_write | block::perm_consistent_read, block::perm_all};
+    if (graph_->attach_user(*base_bs, user_key(id), u)) j.held.push_back(base_bs->name());
+  };
+  start_job(job::options{id, job::type::commit, auto_finalize, auto_dismiss}, runner, hold, std::move(reply));
+}
+
+void supervisor_actor::commit_active(const std::string& id, block::node* top, block::node* base, int64_t speed,
+                                     on_error_policy on_error, bool auto_finalize, bool auto_dismiss, reply_fn reply) {
+  int images = 0;
+  std::vector<block::node*> between;
+  for (block::node* n = top; n && n != base; n = below(*n)) {
+    between.push_back(n);
+    if (!is_filter_node(*n)) ++images;
+  }
+  engine_job_plan plan;
+  plan.home = home_of(top);
+  plan.ready_when_idle = true;
+  plan.skipped_is_progress = false;  // READY's len is what had to be copied, as QEMU's
+  plan.settings = [top, base, images] {
+    block::copy_settings s;
+    s.source = top;
+    s.target = base;
+    s.granularity = 65536;
+    s.policy = block::copy_policy_above(images);
+    s.zeroes_charged = false;
+    return s;
+  };
+  // The work map starts with what lies above the base (QEMU's mirror scans the allocation first).
+  plan.fill = [](block::copy_engine& e, std::function<void(int)> ready) { e.scan(std::move(ready)); };
+  plan.on_source_error = plan.on_target_error = on_error;
+  std::string tname = top->name(), bname = base->name();
+  plan.finish = [this, tname, bname](engine_job_plan::home_sync sync, std::function<void(result<void>)> done) {
+    edit_step([this, tname, bname, sync](reply_fn r) { pivot(tname, bname, sync, std::move(r)); })(std::move(done));
+  };
+  auto runner = std::make_shared<engine_job_runner>(job::type::commit, std::move(plan));
+  runner->initial_speed(speed);
+  auto hold = [this, between, base, id](job_entry& j) {
+    j.block_kind = job::type::commit;
+    for (auto* n : between) j.blocked.push_back(n->name());
+    j.blocked.push_back(base->name());
+    block::perm_user u{"block job '" + id + "'", block::perm_write | block::perm_consistent_read, block::perm_all};
+    if (graph_->attach_user(*base, user_key(id), u)) j.held.push_back(base->name());
+  };
+  start_job(job::options{id, job::type::commit, auto_finalize, auto_dismiss}, runner, hold, std::move(reply));
+}
+
+void supervisor_actor::pivot(const std::string& from_name, const std::string& to_name, engine_job_plan::home_sync sync,
+                             reply_fn reply) {
+  block::node* from = graph_->find(from_name);
+  block::node* to = graph_->find(to_name);
+  if (!from || !to) return reply(command_outcome::failure(error("Node '" + from_name + "' went away before the pivot")));
+  // Writers stop (their requests complete), the engine copies what they dirtied last, then every
+  // user of `from` moves to `to` with both drained, and the writers go on there.
+  park_clients({from}, [this, from_name, to_name, sync, reply]() mutable {
+    block::node* f = graph_->find(from_name);
+    if (!f) {
+      unpark_clients();
+      return reply(command_outcome::failure(error("Node '" + from_name + "' went away before the pivot")));
+    }
+    run_on_node(f, [sync](block::node& x) {
+      int rc = x.env().block_on([&](std::function<void(int)> d) { sync(std::move(d)); });
+      if (rc < 0) return command_outcome::failure(error(std::string("The last copy before the pivot failed: ") + std::strerror(-rc)));
+      return command_outcome::success();
+    }, [this, from_name, to_name, reply](command_outcome synced) mutable {
+      if (!synced.ok) {
+        unpark_clients();
+        return reply(synced);
+      }
+      block::node* f = graph_->find(from_name);
+      block::node* t = graph_->find(to_name);
+      if (!f || !t) {
+        unpark_clients();
+        return reply(command_outcome::failure(error("Node '" + from_name + "' went away before the pivot")));
+      }
+      with_quiesced({f, t}, [this, from_name, to_name] {
+        block::node* f = graph_->find(from_name);
+        block::node* t = graph_->find(to_name);
+        if (!f || !t) return command_outcome::failure(error("Node '" + from_name + "' went away before the pivot"));
+        if (auto r = graph_->replace_node(*f, *t); !r) return command_outcome::failure(r.error());
+        return command_outcome::success();
+      }, [this, reply](command_outcome o) mutable {
+        unpark_clients();
+        reply(std::move(o));
+      });
+    });
   });
 }
 

@@ -13,6 +13,8 @@
 
 #include "actors/export/nbd_connection.h"
 #include "actors/export/nbd_server.h"
+#include "actors/job/block_job.h"
+#include "actors/job/engine_job.h"
 #include "actors/job/job_core.h"
 #include "actors/messages.h"
 #include "actors/chardev/chardev.h"
@@ -219,6 +221,12 @@ class supervisor_actor : public caf::event_based_actor {
   result<void> check_job_blockers(const block::node& n) const;
   void queue_job_edit(std::function<void(reply_fn)> work);
   void block_stream(const boost::json::object& args, reply_fn reply);
+  void block_commit(const boost::json::object& args, reply_fn reply);
+  void commit_active(const std::string& id, block::node* top, block::node* base, int64_t speed, on_error_policy on_error,
+                     bool auto_finalize, bool auto_dismiss, reply_fn reply);
+  // A mirror's or active commit's pivot: writers of `from` stop, `sync` copies their last writes
+  // on the home, then every user of `from` moves to `to`.
+  void pivot(const std::string& from, const std::string& to, engine_job_plan::home_sync sync, reply_fn reply);
   // A job's graph step: `work` runs here as a job edit when the job calls the returned function.
   std::function<void(std::function<void(result<void>)>)> edit_step(std::function<void(reply_fn)> work);
   // `top`'s backing becomes `base` (none if empty), and its image header says so.

@@ -179,6 +179,10 @@ void define_block_jobs(schema& s) {
   s.command("block-job-finalize", "id:str");
   for (const char* c : {"block-job-pause", "block-job-resume", "block-job-complete", "block-job-dismiss", "block-job-finalize"})
     s.command_features(c, {"deprecated"});
+  s.command("block-commit",
+            "*job-id:str device:str *base-node:str *base:str@deprecated *top-node:str *top:str@deprecated "
+            "*backing-file:str *backing-mask-protocol:bool *speed:int *on-error:BlockdevOnError "
+            "*filter-node-name:str *auto-finalize:bool *auto-dismiss:bool");
   s.command("block-stream",
             "*job-id:str device:str *base:str *base-node:str *backing-file:str *backing-mask-protocol:bool *bottom:str "
             "*speed:int *on-error:BlockdevOnError *filter-node-name:str *auto-finalize:bool *auto-dismiss:bool");
