@@ -1,0 +1,201 @@
+# block-commit (intermediate and active) against qemu-storage-daemon and QEMU's tools; ctest runs it in one process.
+"""Cases:
+- the argument errors of block-commit equal QSD's, reply for reply (chain checks, mutual exclusions, blockers);
+- an intermediate commit (top-node=mid) leaves base holding mid's data, top rebased onto base (its header names the
+  base, or the given backing-file), the guest view unchanged (qemu-img compare), images clean (qemu-img check);
+- an active commit goes READY with QSD's events and len; writes through an NBD export of the top while READY reach
+  the base; job-complete pivots the export to the base (query-block-exports), the data read over NBD after the pivot
+  equals what was written, and the base alone equals the chain's view;
+- a soft block-job-cancel of a READY active commit completes it (BLOCK_JOB_COMPLETED) without a pivot; a force
+  cancel ends it with BLOCK_JOB_CANCELLED.
+Exit 77 when qemu-img/qemu-io/qemu-storage-daemon are missing."""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qmp_harness import Daemon, monitor_args  # noqa: E402
+from test_block_stream import Mon, sh, make_chain, add_chain, backing_of, QSD  # noqa: E402
+
+
+def start(binary, tmp):
+    args, path = monitor_args(tmp)
+    return Daemon(binary, args, tmp), Mon(path)
+
+
+def run_errors(binary, tmp):
+    os.makedirs(tmp, exist_ok=True)
+    b, mid, t, _ = make_chain(tmp)
+    lone = os.path.join(tmp, "lone.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", lone, "1M")
+    d, m = start(binary, tmp)
+    out = []
+    try:
+        add_chain(m, b, mid, t)
+        assert m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "lone",
+                                      "file": {"driver": "file", "filename": lone}}) == {"return": {}}
+        for args in ({"device": "nope"}, {"device": "top"},
+                     {"job-id": "c", "device": "top", "base": "x", "base-node": "y"},
+                     {"job-id": "c", "device": "top", "top": "x", "top-node": "y"},
+                     {"job-id": "c", "device": "top", "top-node": "nope"},
+                     {"job-id": "c", "device": "top", "base-node": "nope"},
+                     {"job-id": "c", "device": "top", "top-node": "lone"},
+                     {"job-id": "c", "device": "top", "base-node": "lone"},
+                     {"job-id": "c", "device": "top", "top-node": "base"},
+                     {"job-id": "c", "device": "top", "top-node": "mid", "base-node": "mid"},
+                     {"job-id": "c", "device": "top", "top-node": "base", "base-node": "mid"},
+                     {"job-id": "c", "device": "top", "top": "/nonexist"},
+                     {"job-id": "c", "device": "top", "base": "/nonexist"},
+                     {"job-id": "c", "device": "lone"},
+                     {"job-id": "c", "device": "top", "backing-file": "x"},
+                     {"job-id": "1bad", "device": "top"},
+                     {"job-id": "c", "device": "top", "speed": -1}):
+            out.append(m.cmd("block-commit", args))
+            out.append(m.names())
+    finally:
+        d.stop()
+    return out
+
+
+def case_errors_equal_qsd(binary, tmp):
+    want = run_errors(QSD, os.path.join(tmp, "qsd"))
+    got = run_errors(binary, os.path.join(tmp, "blockd"))
+    bad = [(i, w, g) for i, (w, g) in enumerate(zip(want, got)) if w != g]
+    assert not bad, "differences (index, QSD, blockd):\n" + "\n".join(json.dumps(x) for x in bad)
+
+
+def intermediate(binary, tmp, backing_file):
+    os.makedirs(tmp)
+    b, mid, t, flat = make_chain(tmp)
+    d, m = start(binary, tmp)
+    try:
+        add_chain(m, b, mid, t)
+        args = {"job-id": "c", "device": "top", "top-node": "mid"}
+        if backing_file:
+            args["backing-file"] = backing_file
+        assert m.cmd("block-commit", args) == {"return": {}}
+        m.wait("JOB_STATUS_CHANGE", lambda x: x == {"id": "c", "status": "null"})
+        events = [e for e, _ in m.names()]
+        nodes = {n["node-name"]: n["image"].get("backing-filename") for n in m.cmd("query-named-block-nodes")["return"]
+                 if not n["node-name"].startswith("#")}
+    finally:
+        d.stop()
+    return events, nodes, b, t, flat
+
+
+def case_intermediate(binary, tmp):
+    for bf in (None, "renamed.qcow2"):
+        sub = os.path.join(tmp, bf or "plain")
+        want = intermediate(QSD, os.path.join(sub, "qsd"), bf)
+        got = intermediate(binary, os.path.join(sub, "blockd"), bf)
+        assert want[0] == got[0], (want[0], got[0])
+        wn = {k: v.replace(os.path.join(sub, "qsd"), "T") if v else v for k, v in want[1].items()}
+        gn = {k: v.replace(os.path.join(sub, "blockd"), "T") if v else v for k, v in got[1].items()}
+        assert wn == gn, (wn, gn)
+        _, _, b, t, flat = got
+        sh("qemu-img", "check", b)
+        if not bf:
+            sh("qemu-img", "check", t)
+            assert backing_of(t) == b
+            sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw", t, flat)
+        else:
+            assert backing_of(t) == bf
+        # The base holds mid's data now (0x33 at 2M; base's own 0x11 at 0 outside mid's 0x44).
+        sh("qemu-io", "-f", "qcow2", "-c", "read -P 0x33 2M 1M", "-c", "read -P 0x44 512k 64k", b)
+
+
+def active(binary, tmp, finish):
+    os.makedirs(tmp)
+    b, mid, t, flat = make_chain(tmp)
+    d, m = start(binary, tmp)
+    sock = os.path.join(tmp, "nbd.sock")
+    url = f"nbd+unix:///top?socket={sock}"
+    try:
+        add_chain(m, b, mid, t)
+        assert m.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
+        assert m.cmd("block-export-add", {"type": "nbd", "id": "top", "node-name": "top", "writable": True}) == {"return": {}}
+        assert m.cmd("block-commit", {"job-id": "a", "device": "top", "base-node": "base"}) == {"return": {}}
+        ready = m.wait("BLOCK_JOB_READY")
+        sh("qemu-io", "-f", "raw", "-c", "write -P 0x77 8M 128k", url)
+        if finish == "complete":
+            assert m.cmd("job-complete", {"id": "a"}) == {"return": {}}
+            end = m.wait("BLOCK_JOB_COMPLETED")
+        elif finish == "soft":
+            assert m.cmd("block-job-cancel", {"device": "a"}) == {"return": {}}
+            end = m.wait("BLOCK_JOB_COMPLETED")
+        else:
+            assert m.cmd("block-job-cancel", {"device": "a", "force": True}) == {"return": {}}
+            end = m.wait("BLOCK_JOB_CANCELLED")
+        m.wait("JOB_STATUS_CHANGE", lambda x: x == {"id": "a", "status": "null"})
+        exports = m.cmd("query-block-exports")["return"]
+        sh("qemu-io", "-f", "raw", "-c", "read -P 0x77 8M 128k", "-c", "read -P 0x22 4M 1M", "-c", "read -P 0x33 2M 1M", url)
+    finally:
+        d.stop()
+    return ready, end, [e["node-name"] for e in exports], b, t, flat
+
+
+def case_active(binary, tmp):
+    for finish in ("complete", "soft", "force"):
+        want = active(QSD, os.path.join(tmp, finish, "qsd"), finish)
+        got = active(binary, os.path.join(tmp, finish, "blockd"), finish)
+        assert want[0] == got[0], (finish, want[0], got[0])
+        assert want[2] == got[2], (finish, want[2], got[2])
+        if finish == "complete":
+            assert want[1] == got[1], (finish, want[1], got[1])
+        else:
+            # Whether the write made while READY was copied before the cancel is a race in both.
+            w, g = dict(want[1]), dict(got[1])
+            assert g["len"] == g["offset"] and g["len"] in (w["len"], w["len"] + (128 << 10)), (finish, w, g)
+            w.pop("len"), w.pop("offset"), g.pop("len"), g.pop("offset")
+            assert w == g, (finish, w, g)
+        _, _, _, b, t, flat = got
+        sh("qemu-img", "check", b)
+        sh("qemu-img", "check", t)
+        if finish == "complete":
+            # The base alone is the disk now: the chain's old view plus the write made while READY.
+            out = os.path.join(tmp, finish, "want.raw")
+            shutil.copy(flat, out)
+            with open(out, "r+b") as f:
+                f.seek(8 << 20)
+                f.write(b"\x77" * (128 << 10))
+            sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw", b, out)
+
+
+CASES = [case_errors_equal_qsd, case_intermediate, case_active]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blockd", required=True)
+    ap.add_argument("-k", default="")
+    a = ap.parse_args()
+    if not all(shutil.which(t) for t in ("qemu-img", "qemu-io", QSD)):
+        print("SKIP: qemu-img, qemu-io or qemu-storage-daemon missing")
+        return 77
+    failed = ran = 0
+    for case in CASES:
+        if a.k and a.k not in case.__name__:
+            continue
+        ran += 1
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        tmp = tempfile.mkdtemp(prefix="blockd-commit-", dir=base)
+        try:
+            case(a.blockd, tmp)
+            print("PASS", case.__name__, flush=True)
+        except Exception:
+            failed += 1
+            print("FAIL", case.__name__, flush=True)
+            traceback.print_exc()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{ran - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
