@@ -42,7 +42,10 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     }
     auto self = shared_from_this();
     auto go = [self](int rc) {
-      if (rc < 0) return self->finish(rc);
+      if (rc < 0) {
+        self->fail_text_ = self->plan_.failure_text;
+        return self->finish(rc);
+      }
       if (self->done_) return;
       self->port_.post([rem = self->engine_->remaining()](job::core& j) { j.progress_set_remaining(rem); });
       self->started_ = true;
@@ -162,7 +165,7 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
   void finish(int rc) {
     if (done_) return;
     done_ = true;
-    port_.done(rc, {});
+    port_.done(rc, rc < 0 ? fail_text_ : std::string());
     // A converged mirror keeps its engine (and hook) for the pivot's last sync; others are idle
     // now, and the engine may be destroyed from its own final callbacks.
     if (plan_.ready_when_idle && rc == 0 && !cancel_) return;
@@ -178,6 +181,7 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
   block::node* source_ = nullptr;
   dirty_hook hook_;
   int first_err_ = 0;
+  std::string fail_text_;
   bool hooked_ = false, growth_posted_ = false, ready_sent_ = false, completing_ = false, released_ = false;
   bool started_ = false, held_ = false, engine_paused_ = false, cancel_ = false, done_ = false;
 };

@@ -32,6 +32,8 @@ struct engine_job_plan {
   // Nothing to copy (a stream whose top sits right on the base): the job ends within its start,
   // as QEMU's does when its body returns without yielding.
   bool nothing_to_do = false;
+  // The job's error text when `fill` fails (QEMU's message for a check its body makes first).
+  std::string failure_text;
   // The job's prepare and clean (graph work through the supervisor); empty = nothing to do.
   // `sync`, for jobs with ready_when_idle, is called on the home thread once the writers are
   // stopped: it copies what they dirtied last and calls back with 0 or -errno, so the pivot that

@@ -290,6 +290,8 @@ result<void> supervisor_actor::check_del_held(const std::string& node) const {
   if (!n || !n->monitor_owned) return {};
   if (auto r = check_job_blockers(*n); !r) return r;
   for (auto& j : jobs_)
+    if (j.target_of_job == node) return fail("Node " + node + " is in use");
+  for (auto& j : jobs_)
     if (std::find(j.held.begin(), j.held.end(), node) != j.held.end())
       return fail("Block device " + node + " is in use by job '" + j.id +
                   "'; wait for the job to conclude and dismiss it (job-dismiss), or cancel it (job-cancel)");

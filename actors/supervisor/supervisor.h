@@ -203,6 +203,7 @@ class supervisor_actor : public caf::event_based_actor {
     // blockdev-del must leave alone while it runs (QEMU's op blockers).
     std::optional<job::type> block_kind;
     std::vector<std::string> blocked;
+    std::string target_of_job;  // a mirror's target: blockdev-del says "Node X is in use"
   };
   std::deque<job_entry> jobs_;  // newest first, as query-jobs lists them
   unsigned job_node_counter_ = 0;
@@ -222,6 +223,7 @@ class supervisor_actor : public caf::event_based_actor {
   void queue_job_edit(std::function<void(reply_fn)> work);
   void block_stream(const boost::json::object& args, reply_fn reply);
   void block_commit(const boost::json::object& args, reply_fn reply);
+  void blockdev_mirror(const boost::json::object& args, reply_fn reply);
   void commit_active(const std::string& id, block::node* top, block::node* base, int64_t speed, on_error_policy on_error,
                      bool auto_finalize, bool auto_dismiss, reply_fn reply);
   // A mirror's or active commit's pivot: writers of `from` stop, `sync` copies their last writes

@@ -183,6 +183,12 @@ void define_block_jobs(schema& s) {
             "*job-id:str device:str *base-node:str *base:str@deprecated *top-node:str *top:str@deprecated "
             "*backing-file:str *backing-mask-protocol:bool *speed:int *on-error:BlockdevOnError "
             "*filter-node-name:str *auto-finalize:bool *auto-dismiss:bool");
+  s.enumeration("MirrorSyncMode", "top full none incremental bitmap");
+  s.enumeration("MirrorCopyMode", "background write-blocking");
+  s.command("blockdev-mirror",
+            "*job-id:str device:str target:str *replaces:str sync:MirrorSyncMode *speed:int *granularity:uint32 "
+            "*buf-size:int *on-source-error:BlockdevOnError *on-target-error:BlockdevOnError *filter-node-name:str "
+            "*copy-mode:MirrorCopyMode *auto-finalize:bool *auto-dismiss:bool *target-is-zero:bool");
   s.command("block-stream",
             "*job-id:str device:str *base:str *base-node:str *backing-file:str *backing-mask-protocol:bool *bottom:str "
             "*speed:int *on-error:BlockdevOnError *filter-node-name:str *auto-finalize:bool *auto-dismiss:bool");
