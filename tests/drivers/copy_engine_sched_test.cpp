@@ -266,6 +266,26 @@ TEST_F(sched_fixture, buffers_never_exceed_buf_size) {
   EXPECT_EQ(read_all(dst), read_all(src));
 }
 
+TEST_F(sched_fixture, small_granularity_shares_page_sized_buffers) {
+  make_files();
+  recorder rec(dst, false);
+  seen sn;
+  // mirror granularity=512: buffers stay page aligned, so one 4 KiB slot holds eight chunks.
+  copy_engine e({.source = src, .target = dst, .granularity = 512, .buf_size = 8 * K}, sn.cbs());
+  for (int i = 0; i < 64; ++i) e.work_map().set(int64_t(i) * 37 * K + 512 * (i % 5), 512 * (1 + i % 3));
+  e.work_map().set(2 * M, 100 * K);
+  int64_t want = e.work_map().dirty_bytes();
+  e.start();
+  run_until([&] { return sn.idle > 0; });
+  EXPECT_EQ(sn.done, want);
+  EXPECT_EQ(rec.write_bytes, want);
+  EXPECT_LE(e.buffer_bytes_peak(), 8 * K);
+  EXPECT_LE(e.largest_request(), 8 * K) << "no request larger than buf_size";
+  auto a = read_all(src), b = read_all(dst);
+  EXPECT_TRUE(std::equal(a.begin() + 2 * M, a.begin() + 2 * M + 100 * K, b.begin() + 2 * M));
+  EXPECT_TRUE(std::equal(a.begin() + 37 * K + 512, a.begin() + 37 * K + 1536, b.begin() + 37 * K + 512));
+}
+
 TEST_F(sched_fixture, max_workers_bounds_operations) {
   make_files();
   seen sn;
