@@ -175,6 +175,30 @@ def collect(binary, tmp):
                 c.cmd("block-export-add", {"type": "nbd", "id": f"l{i}", "node-name": f"ltop{i}"})
                 out.append((f"libnbd {n} reads", libnbd_reads(sock, f"ltop{i}", offs)))
                 c.cmd("block-export-del", {"id": f"l{i}", "mode": "hard"})
+        # 4. write_zeroes and discard in pieces: blkdebug's opt/max limits make the block layer cut them
+        # (head to the first boundary, bulk pieces of at most the max, the tail); blkdebug refuses zero pieces
+        # below its zero alignment, which are then written as data. A rule with a sector fails only the piece
+        # covering it: sector 2 is in the head [1000, 4096), 8 and 40 in bulk pieces, 137 in the tail.
+        zlim = {"opt-write-zero": 4096, "max-write-zero": 16384}
+        for i, (iotype, sector) in enumerate([("write-zeroes", 2), ("write-zeroes", 8), ("write", 2),
+                                              ("write", 40), ("write", 137)]):
+            n = f"zero pieces {iotype} sector {sector}"
+            rules = [{"event": "pwritev_zero", "iotype": iotype, "sector": sector}]
+            add_top(c, f"ztop{i}", img, dict(zlim, **{"inject-error": rules}), out, n)
+            c.cmd("block-export-add", {"type": "nbd", "id": f"z{i}", "node-name": f"ztop{i}", "writable": True})
+            out.append((f"nbd {n}", qemu_io(tmp, sock, f"ztop{i}", "write -z 1000 70000")))
+            c.cmd("block-export-del", {"id": f"z{i}", "mode": "hard"})
+        # Discard pieces below blkdebug's request alignment (align 512) are dropped: the bytes around an
+        # unaligned discard keep their data, the aligned middle reads as zeroes.
+        dbg = {"driver": "blkdebug", "discard": "unmap", "align": 512, "opt-discard": 4096, "max-discard": 16384,
+               "image": {"driver": "file", "discard": "unmap", "filename": img}}
+        out.append(("discard pieces add", c.cmd("blockdev-add", {"driver": "raw", "node-name": "dtop",
+                                                                 "discard": "unmap", "file": dbg})))
+        c.cmd("block-export-add", {"type": "nbd", "id": "d0", "node-name": "dtop", "writable": True})
+        out.append(("nbd discard pieces", qemu_io(tmp, sock, "dtop", "write -P 0x66 0 128k", "discard 1000 70000",
+                                                  "read -P 0x66 512 512", "read -P 0 1024 69632",
+                                                  "read -P 0x66 70656 512")))
+        c.cmd("block-export-del", {"id": "d0", "mode": "hard"})
         # A config file's rule through the export.
         r = c.cmd("blockdev-add", {"driver": "raw", "node-name": "topc",
                                    "file": {"driver": "blkdebug", "config": os.path.join(tmp, "sector.cfg"),
