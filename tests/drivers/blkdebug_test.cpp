@@ -24,6 +24,13 @@ struct debug_fixture : ::testing::Test {
     file = s->open("file", {{"filename", s->path}});
     return true;
   }
+  // The same with qemu-img options (small clusters make refcount blocks fill up quickly).
+  bool make_qcow2_with(const std::string& opts, const std::string& size) {
+    s = std::make_unique<stack>(false, 256, true);
+    s->path = temp_image(0);
+    return std::system(("qemu-img create -q -f qcow2 -o " + opts + " " + s->path + " " + size + " >/dev/null 2>&1").c_str()) == 0 &&
+           (file = s->open("file", {{"filename", s->path}})) != nullptr;
+  }
   node* blkdebug(boost::json::object o) { return s->open_with("blkdebug", std::move(o), {{"image", file}}); }
   // raw over blkdebug: raw announces read_aio / write_aio on its child, as in QEMU.
   node* raw_over(boost::json::object o) {
@@ -241,6 +248,27 @@ TEST_F(debug_fixture, qcow2_cluster_free_on_discard) {
   (void)run(q, io_op::discard, 0, 65536);
   (void)run(q, io_op::flush, 0, 0);  // the frees happen by the next metadata writeback at the latest
   EXPECT_EQ(run(q, io_op::read, 65536, 4096), -ENOSPC) << "the freeing activated the rule";
+}
+
+// Refcount block allocation and refcount table growth, step by step (QEMU's alloc_refcount_block and
+// qcow2_refcount_area): with 512-byte clusters a refcount block covers 128 KiB of the file and the first
+// table 64 blocks, so writing 12 MiB needs new blocks and, past 8 MiB, a bigger table. The rule fails
+// the request right after the event once; every write before it, which allocates no such thing, passes.
+TEST_F(debug_fixture, qcow2_refcount_allocation_events) {
+  if (!make_qcow2_with("cluster_size=512", "16M")) GTEST_SKIP() << "qemu-img is not installed";
+  for (const char* ev : {"refblock_alloc", "refblock_alloc_write", "refblock_alloc_hookup", "reftable_grow",
+                         "refblock_alloc_write_blocks", "refblock_alloc_write_table", "refblock_alloc_switch_table"}) {
+    ASSERT_TRUE(make_qcow2_with("cluster_size=512", "16M"));
+    node* d = blkdebug(rule({{"event", ev}, {"once", true}, {"errno", ENOSPC}}));
+    node* q = s->open("qcow2", {}, d);
+    int failed_at = -1, res = 0;
+    for (int i = 0; i < 192 && failed_at < 0; ++i) {
+      res = run(q, io_op::write, int64_t(i) * 65536, 65536);
+      if (res) failed_at = i;
+    }
+    EXPECT_EQ(res, -ENOSPC) << ev;
+    EXPECT_GT(failed_at, 0) << ev << ": the first write allocates no refcount block";
+  }
 }
 
 TEST_F(debug_fixture, align_is_enforced) {
