@@ -58,17 +58,16 @@ class blkdebug_driver final : public filter_driver {
   void debug_event(blkdebug_event e) override { engine_.event(e); }
 
   void submit(io_request& r) override {
+    // QEMU's block layer announces every write and zero write a blkdebug node gets on the node
+    // itself (pwritev / pwritev_zero before the driver sees it, pwritev_done once it returned,
+    // failed or not); its rules may act on them like on any other event.
+    bool w = r.op == io_op::write || r.op == io_op::write_zeroes;
+    if (w) engine_.event(r.op == io_op::write ? blkdebug_event::pwritev : blkdebug_event::pwritev_zero);
+    if (refused(r)) return fail_later(r, -ENOTSUP, true);
     auto v = engine_.check(r.op, r.offset, r.length);
-    if (v.error) {
-      // Never inside submit: an immediate failure comes on the next loop turn, any other one turn
-      // later (QEMU fails it after rescheduling the request once).
-      int err = v.error;
-      if (v.immediately)
-        env_.defer([&r, err] { r.complete(err); });
-      else
-        env_.defer([this, &r, err] { env_.defer([&r, err] { r.complete(err); }); });
-      return;
-    }
+    // Never inside submit: an immediate failure comes on the next loop turn, any other one turn
+    // later (QEMU fails it after rescheduling the request once).
+    if (v.error) return fail_later(r, v.error, v.immediately);
     bool payload = r.op == io_op::read || r.op == io_op::write;
     if (payload && lim_.max_transfer && r.length > lim_.max_transfer) return split(r);
     pass_down(r, 0);
@@ -85,6 +84,31 @@ class blkdebug_driver final : public filter_driver {
   const blkdebug_engine& engine() const { return engine_; }
 
  private:
+  void completed(io_request& r) override { done(r, r.result); }
+  // Every request ends here: a write's pwritev_done, then the layer above hears of it.
+  void done(io_request& r, int res) {
+    if (r.op == io_op::write || r.op == io_op::write_zeroes) engine_.event(blkdebug_event::pwritev_done);
+    r.complete(res);
+  }
+  void fail_later(io_request& r, int err, bool immediately) {
+    if (immediately)
+      env_.defer([this, &r, err] { done(r, err); });
+    else
+      env_.defer([this, &r, err] { env_.defer([this, &r, err] { done(r, err); }); });
+  }
+  // QEMU's blkdebug passes on only write_zeroes of at least its zero alignment and discards of at
+  // least its request alignment; smaller pieces (a split request's head or tail) get -ENOTSUP, which
+  // the node above turns into a zero-buffer write or a skipped discard. The rules never see them.
+  bool refused(const io_request& r) const {
+    if (r.op != io_op::write_zeroes && r.op != io_op::discard) return false;
+    if (!lim_.opt_write_zero && !lim_.max_write_zero && !lim_.opt_discard && !lim_.max_discard && !lim_.align)
+      return false;  // nothing set: no limits() call down the chain on this path
+    driver_limits l = limits();
+    int64_t ra = std::max<int64_t>(1, l.request_alignment);
+    if (r.op == io_op::write_zeroes) return r.length < std::max<int64_t>(ra, l.opt_write_zeroes);
+    return r.length < ra;
+  }
+
   // A payload request longer than max-transfer (a caller that ignored the limit): its pieces go to
   // the child one after another, each at most max-transfer long.
   struct split_state {
@@ -129,7 +153,7 @@ class blkdebug_driver final : public filter_driver {
     io_request* orig = st->orig;
     pieces_.put(st->piece);
     delete st;
-    orig->complete(res);
+    done(*orig, res);
   }
 
   blkdebug_engine engine_;

@@ -52,8 +52,10 @@ class blklogwrites_driver final : public filter_driver {
   blklogwrites_driver(child_ref file, child_ref log, log_state st)
       : filter_driver(file), log_(log), st_(st), file_waiter_(this, part::file), log_waiter_(this, part::log), rmw_waiter_(this, part::rmw) {}
 
-  // No native FUA, as in QEMU: the node follows a FUA write with a flush, which is logged as one.
-  uint32_t caps() const override { return cap_write_zeroes | cap_discard; }
+  // FUA is taken here only to follow a FUA write with a flush the way QEMU's block layer does for
+  // blklogwrites (which has no native FUA): the write is logged plain, then flushed as a flush request
+  // would be, and only then counts as written (finish_part).
+  uint32_t caps() const override { return cap_write_zeroes | cap_discard | cap_fua; }
   driver_limits limits() const override {
     // Unaligned writes are padded here (submit), so the file's own limits apply.
     return child_->driver().limits();
@@ -92,6 +94,8 @@ class blklogwrites_driver final : public filter_driver {
     int64_t rmw_off = 0;
     uint64_t gen = 0;     // the write generation a flush covers
     bool flush = false;
+    bool data = false;    // a write, zero write or discard: counts as written when it ends
+    bool fua = false;     // a FUA write or zero write: flushed before it ends
   };
   enum class part : uint8_t { file, log, rmw };
   struct waiter final : io_waiter {
@@ -107,10 +111,14 @@ class blklogwrites_driver final : public filter_driver {
   io_request* sub(op& o, io_op kind, bool file);
   int grow_log(int64_t end);
   void finish_part(op& o);
+  void fua_flush(op& o);
 
   child_ref log_;
   log_state st_;
-  uint64_t write_gen_ = 0, flushed_gen_ = 0;  // writes started, and the newest one a flush made durable
+  // Writes ended, and the newest count a flush made durable: QEMU's write_gen / flushed_gen, which
+  // its block layer bumps as a write ends, after the flush that emulates its FUA; so that flush covers
+  // the writes before it but not its own, and the next flush logs an entry for it.
+  uint64_t write_gen_ = 0, flushed_gen_ = 0;
   driver_env env_;
   waiter file_waiter_, log_waiter_, rmw_waiter_;
   request_pool pool_;
@@ -138,11 +146,14 @@ void blklogwrites_driver::submit(io_request& r) {
   if (r.op == io_op::flush && write_gen_ == flushed_gen_) return pass_down(r, 0);
   auto* o = new op;
   o->parent = &r;
+  uint32_t flags = r.flags;
   if (r.op == io_op::flush) {
     o->flush = true;
     o->gen = write_gen_;
   } else {
-    ++write_gen_;
+    o->data = true;
+    o->fua = flags & io_fua;
+    flags &= ~uint32_t(io_fua);
   }
   int64_t ss = st_.sector_size;
   int64_t end = r.offset + r.length;
@@ -151,10 +162,11 @@ void blklogwrites_driver::submit(io_request& r) {
     int64_t a = (r.offset + ss - 1) / ss * ss, b = end / ss * ss;
     if (b <= a) {
       delete o;
+      ++write_gen_;
       env_.defer([&r] { r.complete(0); });
       return;
     }
-    return start_logged(*o, r.op, r.flags, a, b - a, nullptr, 0);
+    return start_logged(*o, r.op, flags, a, b - a, nullptr, 0);
   }
   bool payload = r.op == io_op::write || r.op == io_op::write_zeroes;
   if (payload && (r.offset % ss || r.length % ss)) {
@@ -173,7 +185,7 @@ void blklogwrites_driver::submit(io_request& r) {
     child_->submit(*c);
     return;
   }
-  start_logged(*o, r.op, r.flags, r.offset, r.length, r.iov, r.iovcnt);
+  start_logged(*o, r.op, flags, r.offset, r.length, r.iov, r.iovcnt);
 }
 
 void blklogwrites_driver::start_logged(op& o, io_op kind, uint32_t flags, int64_t off, int64_t len,
@@ -265,7 +277,7 @@ void blklogwrites_driver::sub_done(io_request& s, part p) {
     copy_from_iov(r.iov, r.iovcnt, 0, o.rmw->p + at, r.length);
   else
     std::memset(o.rmw->p + at, 0, size_t(r.length));
-  start_logged(o, io_op::write, r.flags & io_fua, o.rmw_off, int64_t(o.rmw_iov.iov_len), &o.rmw_iov, 1);
+  start_logged(o, io_op::write, 0, o.rmw_off, int64_t(o.rmw_iov.iov_len), &o.rmw_iov, 1);
 }
 
 void blklogwrites_driver::log_step(op& o, int ret) {
@@ -315,8 +327,26 @@ void blklogwrites_driver::finish_part(op& o) {
   io_request* r = o.parent;
   int res = o.file_ret < 0 ? o.file_ret : o.log_ret;
   if (o.flush && res == 0) flushed_gen_ = std::max(flushed_gen_, o.gen);
+  if (o.fua && res == 0) return fua_flush(o);
+  if (o.data) ++write_gen_;
   delete &o;
   r->complete(res);
+}
+
+void blklogwrites_driver::fua_flush(op& o) {
+  // The same op goes on as a flush of the node: an entry only if a write ended since the last
+  // flush (this one has not yet), the file flushed either way.
+  o.fua = false;
+  o.flush = true;
+  o.gen = write_gen_;
+  o.file_ret = o.log_ret = 0;
+  o.entry_flags = 0;
+  o.zero_offset = o.zero_len = 0;
+  o.st = stage::entry;
+  o.iov.clear();
+  if (write_gen_ != flushed_gen_) return start_logged(o, io_op::flush, 0, 0, 0, nullptr, 0);
+  ++o.pending;
+  child_->submit(*sub(o, io_op::flush, true));
 }
 
 result<std::unique_ptr<block_driver>> open_blklogwrites(open_args& a) {

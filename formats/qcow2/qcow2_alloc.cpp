@@ -57,6 +57,7 @@ task<int> qcow2_driver::ensure_refblock(uint64_t rbi) {
   int r = co_await load(*rc_cache_, off, b, /*fresh=*/true);
   if (r < 0) co_return r;
   refcount_set(h_, b->data.get(), 0, 1);
+  file_->driver().debug_event(blkdebug_event::refblock_alloc_write);
   r = co_await io(*file_, io_op::write, int64_t(off), int64_t(cs_)).buffer(b->data.get());
   if (r >= 0) r = co_await io(*file_, io_op::flush, 0, 0);
   if (r < 0) {
@@ -69,6 +70,7 @@ task<int> qcow2_driver::ensure_refblock(uint64_t rbi) {
   fresh_end_ = std::max(fresh_end_, off + cs_);
   reftable_[rbi] = off;
   // The reftable entry last: until it is written the new block is merely unreferenced space.
+  file_->driver().debug_event(blkdebug_event::refblock_alloc_hookup);
   co_return co_await write_table_entry(reftable_, h_.refcount_table_offset, rbi);
 }
 
@@ -96,6 +98,7 @@ task<int> qcow2_driver::grow_reftable(uint64_t rbi) {
   std::vector<aligned_buf> blocks;
   for (uint64_t i = 0; i < k; ++i) blocks.push_back(make_buf(cs_));
   for (uint64_t c = area_cl; c < area_cl + k + t; ++c) refcount_set(h_, blocks[(c / rb_entries_) - q].get(), c % rb_entries_, 1);
+  file_->driver().debug_event(blkdebug_event::refblock_alloc_write_blocks);
   for (uint64_t i = 0; i < k; ++i) {
     int r = co_await io(*file_, io_op::write, int64_t((area_cl + i) * cs_), int64_t(cs_)).buffer(blocks[i].get());
     if (r < 0) co_return r;
@@ -106,12 +109,14 @@ task<int> qcow2_driver::grow_reftable(uint64_t rbi) {
   for (uint64_t i = 0; i < k; ++i) next[q + i] = (area_cl + i) * cs_;
   for (uint64_t i = 0; i < new_n; ++i) put_be64(table.get() + i * 8, next[i]);
   uint64_t table_off = (area_cl + k) * cs_;
+  file_->driver().debug_event(blkdebug_event::refblock_alloc_write_table);
   int r = co_await io(*file_, io_op::write, int64_t(table_off), int64_t(t * cs_)).buffer(table.get());
   if (r >= 0) r = co_await io(*file_, io_op::flush, 0, 0);
   if (r < 0) co_return r;
   uint64_t old_off = h_.refcount_table_offset, old_clusters = h_.refcount_table_clusters;
   h_.refcount_table_offset = table_off;
   h_.refcount_table_clusters = uint32_t(t);
+  file_->driver().debug_event(blkdebug_event::refblock_alloc_switch_table);
   r = co_await write_header();
   if (r >= 0) r = co_await io(*file_, io_op::flush, 0, 0);
   if (r < 0) {

@@ -150,6 +150,8 @@ task<int> qcow2_driver::writeback() {
     auto frees = std::move(pending_frees_);
     pending_frees_.clear();
     for (auto& f : frees) {
+      // QEMU's qcow2_free_clusters announces each range it frees before the refcounts drop.
+      file_->driver().debug_event(blkdebug_event::cluster_free);
       uint64_t first = f.host / cs_, last = (f.host + f.len - 1) / cs_;
       for (uint64_t c = first; c <= last; ++c) {
         uint64_t rc = 0;

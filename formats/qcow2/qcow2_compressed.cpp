@@ -66,6 +66,7 @@ task<int> qcow2_driver::write_compressed_cluster(io_request& r, int64_t pos, uin
     co_return -EIO;
   }
   // The data before the mapping: until the L2 entry names it, the space is merely referenced.
+  file_->driver().debug_event(blkdebug_event::write_compressed);
   rc = co_await io(*file_, io_op::write, int64_t(host), int64_t(wlen), r.flags & io_fua).buffer(out.get());
   co_await meta_lock_.lock();
   co::guard g{meta_lock_};
@@ -85,6 +86,7 @@ task<int> qcow2_driver::write_compressed_cluster(io_request& r, int64_t pos, uin
   l2_words nw;
   nw.entry = entry_compressed | host | (extra_sectors << (62 - (cbits_ - 8)));
   nw.bitmap = 0;
+  file_->driver().debug_event(blkdebug_event::l2_update_compressed);
   put_words(p.b, idx, ext(), nw);
   l2_cache_->set_dirty(p.b, true);
   // The read cache is keyed by host offset, and this one may be the offset of a freed cluster's data.
@@ -97,6 +99,7 @@ task<int> qcow2_driver::write_compressed_cluster(io_request& r, int64_t pos, uin
 // The cursor is forgotten when its cluster is freed (writeback), so freed space is never reused
 // from here while something else may own it. meta_lock_ held.
 task<int> qcow2_driver::alloc_compressed_bytes(uint64_t size, uint64_t& host) {
+  file_->driver().debug_event(blkdebug_event::cluster_alloc_bytes);
   uint64_t a = std::max<uint64_t>(align_, 1);
   uint64_t need = (size + a - 1) / a * a;
   if (compress_cursor_) {

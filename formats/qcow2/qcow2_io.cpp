@@ -310,6 +310,9 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
     rc = int64_t(host + cs_) > data_->length() ? -ENOSPC : 0;
   } else {
     auto buf = make_buf(wend - wstart, false);
+    // QEMU's copy-on-write: the old data around the written bytes is read first (cow_read), then
+    // written together with the new data in one request (its merged case, announced as write_aio).
+    if (wstart < in || in + n < wend || full_copy) file_->driver().debug_event(blkdebug_event::cow_read);
     if (wstart < in) rc = co_await read_old(cl, w, wstart, in - wstart, buf.get());
     if (rc >= 0 && in + n < wend) rc = co_await read_old(cl, w, in + n, wend - in - n, buf.get() + (in + n - wstart));
     if (rc >= 0 && full_copy) {
@@ -319,6 +322,7 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
     if (rc >= 0) {
       if (zero) std::memset(buf.get() + (in - wstart), 0, n);
       else iov_copy_out(r, pos, int64_t(n), buf.get() + (in - wstart));
+      file_->driver().debug_event(blkdebug_event::write_aio);
       rc = co_await io(*data_, io_op::write, int64_t(host + wstart), int64_t(wend - wstart), r.flags & io_fua)
                .buffer(buf.get());
     }

@@ -83,6 +83,7 @@ task<int> qcow2_driver::load_metadata(std::string& err) {
     if (h_.refcount_table_offset + n * 8 > flen + cs_)
       co_return err = "Reference count table lies beyond the end of the image file", -EINVAL;
     aligned_buf b;
+    file_->driver().debug_event(blkdebug_event::reftable_load);
     r = co_await read_range(h_.refcount_table_offset, n * 8, b);
     if (r < 0) co_return err = "Could not read refcount table: " + std::string(std::strerror(-r)), r;
     reftable_.assign(n, 0);

@@ -258,6 +258,13 @@ class checked_driver final : public block_driver, private io_waiter {
         return fail(op + " of " + std::to_string(r.length) + " bytes over the driver's max transfer " +
                     std::to_string(lim.max_transfer));
     }
+    if (r.op == io_op::write_zeroes || r.op == io_op::discard) {
+      // The node cuts these to the driver's limits (node_split.cpp).
+      auto lim = inner_->limits();
+      int64_t max = r.op == io_op::discard ? lim.max_discard : lim.max_write_zeroes;
+      if (max > 0 && r.length > max)
+        return fail(op + " of " + std::to_string(r.length) + " bytes over the driver's limit " + std::to_string(max));
+    }
     uint32_t allowed = 0;
     if (r.op == io_op::read && (inner_->caps() & cap_copy_on_read)) allowed = io_copy_up;
     if (r.op == io_op::write) allowed = io_fua | ((inner_->caps() & cap_compress) ? uint32_t(io_compress) : 0u);

@@ -56,7 +56,8 @@ struct driver_limits {
   uint32_t request_alignment = 1;  // offsets and lengths of read/write must be multiples of this
   int64_t max_transfer = 0;        // 0 = unlimited
   // Preferred granularity and largest single request for write_zeroes and discard (0 = none);
-  // blkdebug's opt-/max-write-zero and opt-/max-discard set them, nothing enforces them yet.
+  // blkdebug's opt-/max-write-zero and opt-/max-discard set them. A node whose driver has any of
+  // them cuts those requests into pieces as QEMU's block layer does (node_split.cpp).
   int64_t opt_write_zeroes = 0, max_write_zeroes = 0;
   int64_t opt_discard = 0, max_discard = 0;
 };

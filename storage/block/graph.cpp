@@ -706,6 +706,23 @@ std::vector<std::unique_ptr<node>> graph::detach_all() {
   return out;
 }
 
+namespace {
+// QEMU keeps a node's options as a flat dictionary ("inject-error.0.event"), so a json: filename shows
+// a structured option (a list of rules, a server address) in dotted keys; only children nest.
+void flatten_option(boost::json::object& o, const std::string& key, const boost::json::value& v) {
+  if (v.is_object()) {
+    for (auto& kv : v.as_object()) flatten_option(o, key + "." + std::string(kv.key()), kv.value());
+    return;
+  }
+  if (v.is_array()) {
+    size_t i = 0;
+    for (auto& e : v.as_array()) flatten_option(o, key + "." + std::to_string(i++), e);
+    return;
+  }
+  o[key] = v;
+}
+}  // namespace
+
 boost::json::object graph::full_options(const node& n) const {
   boost::json::object o;
   o["driver"] = n.settings().driver;
@@ -728,7 +745,7 @@ boost::json::object graph::full_options(const node& n) const {
         o[kv.key()] = full_options(*edge->child);
         child = true;
       }
-    if (!child) o[kv.key()] = kv.value();
+    if (!child) flatten_option(o, std::string(kv.key()), kv.value());
   }
   // A child the options do not name: a backing file an external snapshot attached to an image
   // that names none (one opened from the image's own name is not an override, as in QEMU).
@@ -763,7 +780,8 @@ std::string graph::filename(const node& n) const {
   for (child_edge* edge : n.children())
     if (e && !e->child_roles.empty() && edge->role == e->child_roles.front()) file = edge->child;
   const driver_entry* fe = file ? find_driver(file->settings().driver) : nullptr;
-  bool plain = e && fe && fe->protocol && !e->is_filter;
+  // blkdebug and blkverify count as protocol nodes here (QEMU opens them as files: bdrv_file_open).
+  bool plain = e && fe && (fe->protocol || fe->composite_filename) && !e->is_filter;
   for (auto& kv : own) {
     if (!plain) break;
     std::string_view k = kv.key();

@@ -154,6 +154,13 @@ void node::to_driver(io_request& r) {
     r.flags &= ~uint32_t(io_fua);
     r.top_layer().fua_emulated = true;
   }
+  if ((r.op == io_op::write_zeroes || r.op == io_op::discard) && r.length > 0) {
+    // Only these two ask for the limits (a virtual call down the filter chain): reads and writes,
+    // and drivers without opt/max limits for them (all but blkdebug with them set), go straight on.
+    driver_limits l = drv_->limits();
+    bool z = r.op == io_op::write_zeroes;
+    if (z ? (l.opt_write_zeroes | l.max_write_zeroes) : (l.opt_discard | l.max_discard)) return split_to_driver(r, l);
+  }
   drv_->submit(r);
 }
 

@@ -138,6 +138,11 @@ class node final : private io_waiter {
   void check_drained();
   void run_hooks(io_request& r, size_t from);
   void to_driver(io_request& r);  // FUA emulation, then the driver
+  // A write_zeroes or discard the driver takes in pieces (its opt/max limits, QEMU's
+  // bdrv_co_do_pwrite_zeroes and bdrv_co_pdiscard): node_split.cpp. The pieces go out one after
+  // another; the request finishes through io_done once all did, or the first one failed.
+  struct split_job;
+  void split_to_driver(io_request& r, const driver_limits& l);
 
   node_settings s_;
   std::unique_ptr<block_driver> drv_;

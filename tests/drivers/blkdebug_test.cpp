@@ -24,6 +24,13 @@ struct debug_fixture : ::testing::Test {
     file = s->open("file", {{"filename", s->path}});
     return true;
   }
+  // The same with qemu-img options (small clusters make refcount blocks fill up quickly).
+  bool make_qcow2_with(const std::string& opts, const std::string& size) {
+    s = std::make_unique<stack>(false, 256, true);
+    s->path = temp_image(0);
+    return std::system(("qemu-img create -q -f qcow2 -o " + opts + " " + s->path + " " + size + " >/dev/null 2>&1").c_str()) == 0 &&
+           (file = s->open("file", {{"filename", s->path}})) != nullptr;
+  }
   node* blkdebug(boost::json::object o) { return s->open_with("blkdebug", std::move(o), {{"image", file}}); }
   // raw over blkdebug: raw announces read_aio / write_aio on its child, as in QEMU.
   node* raw_over(boost::json::object o) {
@@ -144,6 +151,124 @@ TEST_F(debug_fixture, qcow2_flush_to_disk) {
   EXPECT_EQ(run(q, io_op::read, 0, 4096), 0);
   EXPECT_EQ(run(q, io_op::flush, 0, 0), -EIO);
   EXPECT_EQ(run(q, io_op::flush, 0, 0), 0);
+}
+
+// The block layer's events on the blkdebug node itself: pwritev before a write, pwritev_zero before a
+// zero write, pwritev_done after either (QEMU's bdrv_aligned_pwritev); reads and flushes raise none.
+TEST_F(debug_fixture, pwritev_events_on_the_node_itself) {
+  make();
+  node* d = blkdebug(rule({{"event", "pwritev"}, {"iotype", "write"}, {"errno", ENOSPC}}));
+  EXPECT_EQ(run(d, io_op::read, 0, 4096), 0);
+  EXPECT_EQ(run(d, io_op::write_zeroes, 0, 4096), 0);
+  EXPECT_EQ(run(d, io_op::write, 0, 4096), -ENOSPC);
+  make();
+  d = blkdebug(rule({{"event", "pwritev_zero"}, {"iotype", "write-zeroes"}, {"once", true}}));
+  EXPECT_EQ(run(d, io_op::write, 0, 4096), 0);
+  EXPECT_EQ(run(d, io_op::write_zeroes, 0, 4096), -EIO);
+  EXPECT_EQ(run(d, io_op::write_zeroes, 0, 4096), 0);
+  make();
+  d = blkdebug(rule({{"event", "pwritev_done"}, {"iotype", "read"}}));
+  EXPECT_EQ(run(d, io_op::read, 0, 4096), 0);
+  EXPECT_EQ(run(d, io_op::flush, 0, 0), 0);
+  EXPECT_EQ(run(d, io_op::read, 0, 4096), 0);
+  EXPECT_EQ(run(d, io_op::write, 0, 4096), 0) << "the rule comes into force after the write";
+  EXPECT_EQ(run(d, io_op::read, 0, 4096), -EIO);
+}
+
+// blkdebug's zero and discard limits reach the node, which sends the pieces: a rule with a sector
+// fails only the piece covering it, and a piece below the alignment is written as data instead.
+TEST_F(debug_fixture, zero_write_pieces_meet_rules) {
+  make();
+  auto zrule = [](const char* iotype, int64_t sector) {
+    return boost::json::object{{"opt-write-zero", 4096}, {"max-write-zero", 16384},
+                               {"inject-error", boost::json::array{boost::json::object{
+                                                    {"event", "pwritev_zero"}, {"iotype", iotype}, {"sector", sector}}}}};
+  };
+  EXPECT_EQ(run(blkdebug(zrule("write-zeroes", 2)), io_op::write_zeroes, 1000, 70000), 0) << "the head piece is data";
+  EXPECT_EQ(run(blkdebug(zrule("write-zeroes", 8)), io_op::write_zeroes, 1000, 70000), -EIO);
+  EXPECT_EQ(run(blkdebug(zrule("write", 2)), io_op::write_zeroes, 1000, 70000), -EIO);
+  EXPECT_EQ(run(blkdebug(zrule("write", 40)), io_op::write_zeroes, 1000, 70000), 0) << "bulk pieces are zero writes";
+  EXPECT_EQ(run(blkdebug(zrule("write", 137)), io_op::write_zeroes, 1000, 70000), -EIO) << "the tail is data";
+}
+
+TEST_F(debug_fixture, qcow2_cow_read) {
+  if (!make_qcow2()) GTEST_SKIP() << "qemu-img is not installed";
+  node* d = blkdebug(rule({{"event", "cow_read"}, {"iotype", "read"}, {"once", true}, {"errno", ENOSPC}}));
+  node* q = s->open("qcow2", {}, d);
+  EXPECT_EQ(run(q, io_op::write, 0, 65536), 0) << "a whole new cluster: nothing to copy";
+  EXPECT_EQ(run(q, io_op::write, 65536, 4096), 0) << "a new cluster over nothing: nothing to copy";
+  ASSERT_TRUE(q->driver().snapshot_create("s1", 0, 0));
+  EXPECT_EQ(run(q, io_op::write, 0, 4096), -ENOSPC) << "a shared cluster: the rest is copied first";
+  EXPECT_EQ(run(q, io_op::write, 0, 4096), 0);
+}
+
+TEST_F(debug_fixture, qcow2_compressed_write_events) {
+  if (!make_qcow2()) GTEST_SKIP() << "qemu-img is not installed";
+  for (const char* ev : {"write_compressed", "cluster_alloc_bytes", "l2_update_compressed"}) {
+    make_qcow2();
+    node* d = blkdebug(rule({{"event", ev}, {"once", true}, {"errno", ENOSPC}}));
+    node* q = s->open("qcow2", {}, d);
+    EXPECT_EQ(run(q, io_op::write, 0, 65536), 0) << ev << ": a plain write raises none";
+    std::vector<char> buf(65536, 'c');
+    io_request r;
+    r.op = io_op::write;
+    r.flags = io_compress;
+    r.offset = 65536;
+    r.set_buffer(buf.data(), 65536);
+    waiter w;
+    r.waiter = &w;
+    q->submit(r);
+    s->loop.until([&] { return w.calls > 0; });
+    if (std::string(ev) == "l2_update_compressed") {
+      // Raised after the data went out, before the L2 entry changes in the cache: the rule fails the
+      // next request that reaches the image.
+      EXPECT_EQ(r.result, 0) << ev;
+      EXPECT_EQ(run(q, io_op::flush, 0, 0), -ENOSPC) << ev;
+    } else {
+      EXPECT_EQ(r.result, -ENOSPC) << ev;  // the compressed data write fails
+    }
+  }
+}
+
+TEST_F(debug_fixture, qcow2_reftable_load_at_open) {
+  if (!make_qcow2()) GTEST_SKIP() << "qemu-img is not installed";
+  node* d = blkdebug(rule({{"event", "reftable_load"}, {"iotype", "read"}, {"errno", ENOSPC}}));
+  EXPECT_EQ(s->open_with("qcow2", {}, {{"file", d}}), nullptr);
+  EXPECT_NE(s->open_error.find("refcount table"), std::string::npos) << s->open_error;
+}
+
+TEST_F(debug_fixture, qcow2_cluster_free_on_discard) {
+  if (!make_qcow2()) GTEST_SKIP() << "qemu-img is not installed";
+  node* d = blkdebug(rule({{"event", "cluster_free"}, {"errno", ENOSPC}}));
+  node* q = s->open("qcow2", {{"discard", "unmap"}}, d);
+  EXPECT_EQ(run(q, io_op::write, 0, 65536), 0);
+  EXPECT_EQ(run(q, io_op::write, 65536, 65536), 0);
+  EXPECT_EQ(run(q, io_op::flush, 0, 0), 0) << "nothing freed yet";
+  EXPECT_EQ(run(q, io_op::read, 65536, 4096), 0);
+  (void)run(q, io_op::discard, 0, 65536);
+  (void)run(q, io_op::flush, 0, 0);  // the frees happen by the next metadata writeback at the latest
+  EXPECT_EQ(run(q, io_op::read, 65536, 4096), -ENOSPC) << "the freeing activated the rule";
+}
+
+// Refcount block allocation and refcount table growth, step by step (QEMU's alloc_refcount_block and
+// qcow2_refcount_area): with 512-byte clusters a refcount block covers 128 KiB of the file and the first
+// table 64 blocks, so writing 12 MiB needs new blocks and, past 8 MiB, a bigger table. The rule fails
+// the request right after the event once; every write before it, which allocates no such thing, passes.
+TEST_F(debug_fixture, qcow2_refcount_allocation_events) {
+  if (!make_qcow2_with("cluster_size=512", "16M")) GTEST_SKIP() << "qemu-img is not installed";
+  for (const char* ev : {"refblock_alloc", "refblock_alloc_write", "refblock_alloc_hookup", "reftable_grow",
+                         "refblock_alloc_write_blocks", "refblock_alloc_write_table", "refblock_alloc_switch_table"}) {
+    ASSERT_TRUE(make_qcow2_with("cluster_size=512", "16M"));
+    node* d = blkdebug(rule({{"event", ev}, {"once", true}, {"errno", ENOSPC}}));
+    node* q = s->open("qcow2", {}, d);
+    int failed_at = -1, res = 0;
+    for (int i = 0; i < 192 && failed_at < 0; ++i) {
+      res = run(q, io_op::write, int64_t(i) * 65536, 65536);
+      if (res) failed_at = i;
+    }
+    EXPECT_EQ(res, -ENOSPC) << ev;
+    EXPECT_GT(failed_at, 0) << ev << ": the first write allocates no refcount block";
+  }
 }
 
 TEST_F(debug_fixture, align_is_enforced) {

@@ -134,15 +134,25 @@ def collect(binary, tmp):
         named = [("plain", {"image": "f0"}),
                  ("config", {"image": {"driver": "file", "filename": img, "read-only": True},
                              "config": os.path.join(tmp, "ok.cfg")}),
-                 ("align", {"image": {"driver": "file", "filename": img, "read-only": True}, "align": 4096})]
+                 ("align", {"image": {"driver": "file", "filename": img, "read-only": True}, "align": 4096}),
+                 # Structured options show flattened in a json: filename ("inject-error.0.event"), as QEMU
+                 # keeps a node's options; a plain blkdebug over raw over a file takes the raw node's name.
+                 ("inject", {"image": {"driver": "file", "filename": img, "read-only": True},
+                             "inject-error": [{"event": "read_aio", "sector": 8}],
+                             "set-state": [{"event": "write_aio", "state": 1, "new_state": 2}]}),
+                 ("overraw", {"image": {"driver": "raw", "file": {"driver": "file", "filename": img, "read-only": True},
+                                        "read-only": True}})]
         for n, opts in named:
             args = {"driver": "blkdebug", "node-name": "fn_" + n, "read-only": True}
             args.update(opts)
             out.append((f"add {n}", norm(c.cmd("blockdev-add", args), tmp)))
         out.append(("add blkverify", c.cmd("blockdev-add", {"driver": "blkverify", "node-name": "fn_verify",
                                                             "read-only": True, "test": "f0", "raw": "f1"})))
+        # A format over blkdebug is named after it, as over a protocol node (QEMU opens blkdebug as a file).
+        out.append(("add raw over blkdebug", c.cmd("blockdev-add", {"driver": "raw", "node-name": "fn_rawdbg",
+                                                                    "read-only": True, "file": "fn_plain"})))
         nodes = {n["node-name"]: n["file"] for n in c.cmd("query-named-block-nodes")["return"]}
-        for n in ["fn_plain", "fn_config", "fn_verify"]:
+        for n in ["fn_plain", "fn_config", "fn_verify", "fn_align", "fn_inject", "fn_overraw", "fn_rawdbg"]:
             out.append((f"filename {n}", norm(nodes.get(n), tmp)))
         # 3. injected errors through an NBD export: raw over blkdebug announces read_aio / write_aio.
         cases = [
@@ -175,6 +185,34 @@ def collect(binary, tmp):
                 c.cmd("block-export-add", {"type": "nbd", "id": f"l{i}", "node-name": f"ltop{i}"})
                 out.append((f"libnbd {n} reads", libnbd_reads(sock, f"ltop{i}", offs)))
                 c.cmd("block-export-del", {"id": f"l{i}", "mode": "hard"})
+        # 4. write_zeroes and discard in pieces: blkdebug's opt/max limits make the block layer cut them
+        # (head to the first boundary, bulk pieces of at most the max, the tail); blkdebug refuses zero pieces
+        # below its zero alignment, which are then written as data. A rule with a sector fails only the piece
+        # covering it: sector 2 is in the head [1000, 4096), 8 and 40 in bulk pieces, 137 in the tail.
+        # They use an image of their own: QEMU's NBD server answers reads of holes (which the discards
+        # punch) without reading, so the later cases' rules would not see those reads.
+        pimg = os.path.join(tmp, "pieces.raw")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", pimg, str(MiB)], check=True)
+        zlim = {"opt-write-zero": 4096, "max-write-zero": 16384}
+        for i, (iotype, sector) in enumerate([("write-zeroes", 2), ("write-zeroes", 8), ("write", 2),
+                                              ("write", 40), ("write", 137)]):
+            n = f"zero pieces {iotype} sector {sector}"
+            rules = [{"event": "pwritev_zero", "iotype": iotype, "sector": sector}]
+            add_top(c, f"ztop{i}", pimg, dict(zlim, **{"inject-error": rules}), out, n)
+            c.cmd("block-export-add", {"type": "nbd", "id": f"z{i}", "node-name": f"ztop{i}", "writable": True})
+            out.append((f"nbd {n}", qemu_io(tmp, sock, f"ztop{i}", "write -z 1000 70000")))
+            c.cmd("block-export-del", {"id": f"z{i}", "mode": "hard"})
+        # Discard pieces below blkdebug's request alignment (align 512) are dropped: the bytes around an
+        # unaligned discard keep their data, the aligned middle reads as zeroes.
+        dbg = {"driver": "blkdebug", "discard": "unmap", "align": 512, "opt-discard": 4096, "max-discard": 16384,
+               "image": {"driver": "file", "discard": "unmap", "filename": pimg}}
+        out.append(("discard pieces add", c.cmd("blockdev-add", {"driver": "raw", "node-name": "dtop",
+                                                                 "discard": "unmap", "file": dbg})))
+        c.cmd("block-export-add", {"type": "nbd", "id": "d0", "node-name": "dtop", "writable": True})
+        out.append(("nbd discard pieces", qemu_io(tmp, sock, "dtop", "write -P 0x66 0 128k", "discard 1000 70000",
+                                                  "read -P 0x66 512 512", "read -P 0 1024 69632",
+                                                  "read -P 0x66 70656 512")))
+        c.cmd("block-export-del", {"id": "d0", "mode": "hard"})
         # A config file's rule through the export.
         r = c.cmd("blockdev-add", {"driver": "raw", "node-name": "topc",
                                    "file": {"driver": "blkdebug", "config": os.path.join(tmp, "sector.cfg"),
