@@ -100,6 +100,11 @@ job_actor::job_actor(caf::actor_config& cfg, iothread* home, caf::actor supervis
 
 job_actor::~job_actor() { --live_job_actors; }
 
+void job_actor::on_exit() {
+  // (A no-op when the supervisor is the one that went down: its monitors went with it.)
+  demonitor(supervisor_);
+}
+
 caf::behavior job_actor::make_behavior() {
   // If the supervisor goes down hard, the job goes with it (the graph it works on is gone). A
   // monitor, not a link: a job that fails must not take the supervisor along.
