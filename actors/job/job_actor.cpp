@@ -8,12 +8,22 @@
 #include <cerrno>
 
 namespace blockd {
+namespace {
+std::atomic<long> live_job_actors{0};
+std::atomic<long> live_job_runners{0};
+}  // namespace
+
+long job_actor::live_actors() { return live_job_actors.load(); }
+long job_actor::live_runners() { return live_job_runners.load(); }
+
+job_runner::job_runner() { ++live_job_runners; }
+job_runner::~job_runner() { --live_job_runners; }
 
 // ---- job_port: any thread ------------------------------------------------------------------
 
 void job_port::post(std::function<void(job::core&)> fn) const {
   // A message to a job that is already gone is dropped: the job no longer cares.
-  if (job_) caf::anon_send(job_, job_post_atom::value, job_step{std::move(fn)});
+  if (auto job = caf::actor_cast<caf::actor>(job_)) caf::anon_send(job, job_post_atom::value, job_step{std::move(fn)});
 }
 
 void job_port::done(int rc, std::string text) const {
@@ -87,9 +97,15 @@ job_actor::job_actor(caf::actor_config& cfg, iothread* home, caf::actor supervis
         if (s == job::status::null) send(caf::actor_cast<caf::actor>(this), job_post_atom::value, job_step{});
       }) {
   runner_->attach(job_port(caf::actor_cast<caf::actor>(this)), supervisor_);
+  ++live_job_actors;
 }
 
-job_actor::~job_actor() = default;
+job_actor::~job_actor() { --live_job_actors; }
+
+void job_actor::on_exit() {
+  // (A no-op when the supervisor is the one that went down: its monitors went with it.)
+  demonitor(supervisor_);
+}
 
 caf::behavior job_actor::make_behavior() {
   // If the supervisor goes down hard, the job goes with it (the graph it works on is gone). A

@@ -33,17 +33,21 @@ using block_info_atom = caf::atom_constant<caf::atom("blkinfo")>;  // -> json_ar
 
 // How a body reaches its job from any thread (a worker thread, a copy loop on a node's iothread):
 // each call is a message to the job actor, handled in order on its thread.
+// The port holds the job weakly: it lives in the job's runner, which the job actor owns, and a strong
+// handle would close a cycle (actor -> runner -> port -> actor) that kept every job actor, its core and
+// its runner alive forever after the job left (about 2 KiB per job). A post to a job that is gone is
+// dropped.
 class job_port {
  public:
   job_port() = default;
-  explicit job_port(caf::actor job) : job_(std::move(job)) {}
+  explicit job_port(const caf::actor& job) : job_(caf::actor_cast<caf::actor_addr>(job)) {}
   void post(std::function<void(job::core&)> fn) const;
   // The work ended: rc 0, or a negative errno with QEMU's message for the failure.
   void done(int rc, std::string text) const;
   void progress(int64_t done) const;
 
  private:
-  caf::actor job_;
+  caf::actor_addr job_;
 };
 
 // A kind of job as the job actor runs it: the core's driver hooks plus how the body reports. Block
@@ -58,6 +62,10 @@ class job_runner : public job::driver, public std::enable_shared_from_this<job_r
   // Right after the job was created, before it starts: a failure ends it at once (created -> null),
   // as a block job whose initial speed is refused does in QEMU.
   virtual result<void> created(job::core& j) { (void)j; return {}; }
+  job_runner();  // counted (job_actor::live_runners)
+  job_runner(const job_runner&) = delete;
+  job_runner& operator=(const job_runner&) = delete;
+  ~job_runner() override;
   // Called once, before run(): the job's own actor and the supervisor (graph work, events).
   void attach(job_port port, caf::actor supervisor) {
     port_ = std::move(port);
@@ -107,6 +115,14 @@ class job_actor : public caf::event_based_actor {
             std::shared_ptr<job_runner> runner);
   ~job_actor() override;
   caf::behavior make_behavior() override;
+  // Takes the job's monitor off the supervisor. CAF keeps a monitor (with a weak handle to this
+  // actor, which holds the actor's whole allocation) on the observed actor until it is removed or the
+  // observed actor exits: without this, every job ever run stayed in the supervisor (~1.4 KiB each).
+  void on_exit() override;
+  // Job actors and runners in existence (constructed, not yet destroyed), any thread: a job that
+  // left must not stay behind (tests check both return to their count before the job).
+  static long live_actors();
+  static long live_runners();
 
  private:
   command_outcome verb(const std::string& name, bool force);
