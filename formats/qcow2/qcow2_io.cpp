@@ -26,6 +26,18 @@ task<int> qcow2_driver::read_extent(io_request& r, int64_t pos, uint64_t goff, c
       // A cluster past the end of the file reads as zeroes there (the file is sparse, as QEMU sees it).
       uint64_t flen = uint64_t(std::max<int64_t>(data_->length(), 0));
       uint64_t in_file = e.host < flen ? std::min(e.len, flen - e.host) : 0;
+      if (in_file && crypt_) {
+        // Decrypted in a bounce buffer: the caller's pieces need not hold whole sectors. Bytes past
+        // the end of the file decrypt from zeroes, as QEMU reads them.
+        file_->driver().debug_event(blkdebug_event::read_aio);
+        uint64_t whole = (e.len + crypt_sector - 1) / crypt_sector * crypt_sector;
+        auto b = make_buf(whole);
+        int rc = co_await io(*data_, io_op::read, int64_t(e.host), int64_t(in_file)).buffer(b.get());
+        if (rc < 0) co_return rc;
+        crypt_->decrypt(e.host, goff, b.get(), whole);
+        iov_fill(r, pos, int64_t(e.len), b.get());
+        co_return 0;
+      }
       if (in_file) {
         file_->driver().debug_event(blkdebug_event::read_aio);
         iov_part p(r, pos, int64_t(in_file));
@@ -98,6 +110,7 @@ task<int> qcow2_driver::read_old(uint64_t cluster, const l2_words& w, uint64_t i
       case run_kind::data: {
         int r = co_await io(*data_, io_op::read, int64_t(e.host), int64_t(e.len)).buffer(out + done);
         if (r < 0) co_return r;
+        if (crypt_) crypt_->decrypt(e.host, goff, out + done, e.len);
         break;
       }
       case run_kind::zero: std::memset(out + done, 0, e.len); break;
@@ -125,6 +138,18 @@ task<int> qcow2_driver::read_old(uint64_t cluster, const l2_words& w, uint64_t i
 }
 
 // ---- writes -------------------------------------------------------------------------------------
+
+// `len` bytes of the request's payload at `pos` to host offset `host` of the data file: straight
+// from the caller's buffers, or (encrypted image) from an encrypted copy, never encrypting in place.
+task<int> qcow2_driver::write_data(io_request& r, int64_t pos, uint64_t len, uint64_t host, uint64_t guest,
+                                   uint32_t flags) {
+  if (crypt_) {
+    auto b = encrypted_copy(r, pos, len, host, guest);
+    co_return co_await io(*data_, io_op::write, int64_t(host), int64_t(len), flags).buffer(b.get());
+  }
+  iov_part p(r, pos, int64_t(len));
+  co_return co_await io(*data_, io_op::write, int64_t(host), int64_t(len), flags).vector(p.v, p.n);
+}
 
 // write_in_place_run: the request cannot go out as one write; it is split per cluster instead.
 constexpr int split_per_cluster = 1;
@@ -183,7 +208,7 @@ task<int> qcow2_driver::write_in_place_run(io_request& r) {
         (o_.overlap && !h_.has_data_file() && overlaps_metadata(start, len, what)))
       rc = split_per_cluster;  // the per-cluster path reports exactly which cluster is broken
     else
-      rc = co_await io(*data_, io_op::write, int64_t(start), int64_t(len), r.flags & io_fua).vector(r.iov, r.iovcnt);
+      rc = co_await write_data(r, 0, len, start, uint64_t(r.offset), r.flags & io_fua);
   }
   for (uint64_t i = 0; i < locked; ++i) unlock_cluster(first + i, false);
   co_return rc;
@@ -223,9 +248,8 @@ task<int> qcow2_driver::write_cluster(io_request& r, int64_t pos, uint64_t cl, u
       signal_corruption("Preventing invalid write on metadata (overlaps with " + what + ")", int64_t(host), int64_t(n));
       co_return -EIO;
     }
-    iov_part p(r, pos, int64_t(n));
     file_->driver().debug_event(blkdebug_event::write_aio);
-    rc = co_await io(*data_, io_op::write, int64_t(host), int64_t(n), r.flags & io_fua).vector(p.v, p.n);
+    rc = co_await write_data(r, pos, n, host, cl * cs_ + in, r.flags & io_fua);
     unlock_cluster(cl, false);
     co_return rc;
   }
@@ -247,9 +271,8 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
   bool reuse = has_host(w) && (w.entry & entry_copied);
   if (!ext() && reuse && !(w.entry & entry_zero) && !zero) {
     // Became in-place while we waited for the exclusive lock: plain write.
-    iov_part p(r, pos, int64_t(n));
     file_->driver().debug_event(blkdebug_event::write_aio);
-    co_return co_await io(*data_, io_op::write, int64_t(old_host + in), int64_t(n), r.flags & io_fua).vector(p.v, p.n);
+    co_return co_await write_data(r, pos, n, old_host + in, cl * cs_ + in, r.flags & io_fua);
   }
   uint64_t host = old_host;
   bool fresh = false;
@@ -299,10 +322,12 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
       head_tail_zero = false;
     }
   }
+  // Encrypted: zeroes on disk are not zeroes once decrypted, so the whole written range (head and
+  // tail units included) goes out encrypted from the buffer below.
+  if (crypt_ && (zero || wstart < in || in + n < wend)) head_tail_zero = false;
   if (fresh && head_tail_zero && !zero) {
-    iov_part p(r, pos, int64_t(n));
     file_->driver().debug_event(blkdebug_event::write_aio);
-    rc = co_await io(*data_, io_op::write, int64_t(host + in), int64_t(n), r.flags & io_fua).vector(p.v, p.n);
+    rc = co_await write_data(r, pos, n, host + in, cl * cs_ + in, r.flags & io_fua);
   } else if (fresh && head_tail_zero && zero) {
     // A never-written cluster already reads as zeroes (the file was grown over it above).
     rc = int64_t(host + cs_) > data_->length() ? -ENOSPC : 0;
@@ -317,6 +342,7 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
     if (rc >= 0) {
       if (zero) std::memset(buf.get() + (in - wstart), 0, n);
       else iov_copy_out(r, pos, int64_t(n), buf.get() + (in - wstart));
+      if (crypt_) crypt_->encrypt(host + wstart, cl * cs_ + wstart, buf.get(), wend - wstart);
       rc = co_await io(*data_, io_op::write, int64_t(host + wstart), int64_t(wend - wstart), r.flags & io_fua)
                .buffer(buf.get());
     }
@@ -410,7 +436,7 @@ task<int> qcow2_driver::raw_data_zero(io_request& r, bool discard) {
     l2_words w;
     int rc = co_await lookup(cl, w);
     bool mapped = rc >= 0 && has_host(w) && !(w.entry & entry_zero) && (!ext() || uint32_t(w.bitmap) == ~0u);
-    if (rc >= 0 && mapped)
+    if (rc >= 0 && mapped && !crypt_)  // (encrypted zeroes are written as data below)
       rc = co_await io(*data_, io_op::write_zeroes, int64_t((w.entry & offset_mask) + in), int64_t(n),
                        r.flags & io_may_unmap);
     else if (rc >= 0)
