@@ -91,6 +91,7 @@ class qcow2_driver final : public block_driver {
  public:
   qcow2_driver(open_args& a) : env_(a.env), node_name_(a.node_name), bitmaps_(a.bitmaps) {
     meta_lock_.bind(&env_.defer);
+    rmw_lock_.bind(&env_.defer);
     cluster_wait_.bind(&env_.defer);
   }
 
@@ -214,6 +215,7 @@ class qcow2_driver final : public block_driver {
 
   // ---- guest requests ----------------------------------------------------------------------------
   task<int> do_read(io_request& r);
+  task<int> do_padded(io_request& r);  // encrypted images: reads/writes off 512-byte sectors
   task<int> read_extent(io_request& r, int64_t pos, uint64_t goff, const extent& e);
   task<int> read_plain(io_request& r, int64_t pos, uint64_t goff, uint64_t len);
   task<int> copy_up(io_request& r, int64_t pos, uint64_t goff, uint64_t len);
@@ -303,6 +305,7 @@ class qcow2_driver final : public block_driver {
   std::unique_ptr<meta_cache> l2_cache_;
   std::unique_ptr<meta_cache> rc_cache_;
   co::mutex meta_lock_;
+  co::mutex rmw_lock_;  // encrypted images: one sector read-modify-write at a time
   std::unordered_map<uint64_t, cluster_lock> cluster_locks_;
   co::wait_list cluster_wait_;
   struct pending_free {

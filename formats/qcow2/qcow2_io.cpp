@@ -556,8 +556,41 @@ task<int> qcow2_driver::do_block_status(io_request& r) {
   co_return 0;
 }
 
+// An encrypted image's request off 512-byte sectors: the covering sectors are read (decrypted);
+// a write lays its bytes over them and writes them back whole. Cycles run one at a time, so two
+// writes into one sector never lose each other's bytes (as the luks driver does).
+task<int> qcow2_driver::do_padded(io_request& r) {
+  int64_t a0 = r.offset / int64_t(crypt_sector) * int64_t(crypt_sector);
+  int64_t a1 = (r.offset + r.length + int64_t(crypt_sector) - 1) / int64_t(crypt_sector) * int64_t(crypt_sector);
+  auto buf = make_buf(uint64_t(a1 - a0));
+  io_request rr;
+  rr.op = io_op::read;
+  rr.flags = r.flags & io_copy_up;
+  rr.offset = a0;
+  rr.set_buffer(buf.get(), a1 - a0);
+  if (r.op == io_op::read) {
+    int rc = co_await do_read(rr);
+    if (rc >= 0) block::copy_to_iov(r.iov, r.iovcnt, 0, buf.get() + (r.offset - a0), r.length);
+    co_return rc;
+  }
+  co_await rmw_lock_.lock();
+  co::guard g{rmw_lock_};
+  int rc = co_await do_read(rr);
+  if (rc < 0) co_return rc;
+  block::copy_from_iov(r.iov, r.iovcnt, 0, buf.get() + (r.offset - a0), r.length);
+  io_request w;
+  w.op = io_op::write;
+  w.flags = r.flags & io_fua;
+  w.offset = a0;
+  w.set_buffer(buf.get(), a1 - a0);
+  co_return co_await do_write(w);
+}
+
 void qcow2_driver::submit(io_request& r) {
+  bool off_sector = crypt_ && (r.op == io_op::read || (r.op == io_op::write && !(r.flags & io_compress))) &&
+                    (r.offset % int64_t(crypt_sector) || r.length % int64_t(crypt_sector));
   task<int> t = [&]() -> task<int> {
+    if (off_sector) return do_padded(r);
     switch (r.op) {
       case io_op::read: return do_read(r);
       case io_op::write: return (r.flags & io_compress) ? do_write_compressed(r) : do_write(r);

@@ -298,8 +298,8 @@ result<void> qcow2_driver::open(open_args& a) {
     auto c = open_crypto(h_, a.options, a.objects ? *a.objects : no_objects, read_at, flen, writable());
     if (!c) return std::unexpected(c.error());
     crypt_ = std::move(*c);
-    // The cipher works on whole 512-byte sectors (QEMU's request_alignment for encrypted images).
-    align_ = std::max<uint32_t>(align_, crypt_sector);
+    // The cipher works on whole 512-byte sectors (QEMU's request_alignment 512); requests off them
+    // are padded by do_padded, as callers may send any byte range.
   }
   l2_cache_ = std::make_unique<meta_cache>(o_.l2_slice_bytes, o_.l2_cache_bytes / o_.l2_slice_bytes);
   rc_cache_ = std::make_unique<meta_cache>(cs_, o_.refcount_cache_bytes / cs_);

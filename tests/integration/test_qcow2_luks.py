@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -295,7 +296,37 @@ def case_aes_refused_for_writing(binary, tmp):
         d.stop()
 
 
-CASES = [case_qemu_image_reads_bit_exactly, case_blockd_images_open_in_qemu, case_cow_onto_backing,
+def case_lazy_refcount_rebuild_keeps_header(binary, tmp):
+    """A crash with lazy refcounts: the refcount rebuild at the next open must count the LUKS header area
+    (else its clusters would be handed out to data and the key slots overwritten)."""
+    img = os.path.join(tmp, "lazy.qcow2")
+    open(img, "w").close()
+    d, m = start(binary, tmp)
+    try:
+        assert m.cmd("blockdev-add", {"driver": "file", "filename": img, "node-name": "fq0"}) == {"return": {}}
+        assert m.run_job("blockdev-create", {"job-id": "c", "options": {
+            "driver": "qcow2", "file": "fq0", "size": 8 << 20, "lazy-refcounts": True,
+            "encrypt": {"format": "luks", "key-secret": "s0", "iter-time": 10}}}) is None
+        assert m.cmd("blockdev-del", {"node-name": "fq0"}) == {"return": {}}
+        assert add_qcow2(m, img) == {"return": {}}
+        sock = export(m, tmp, "q0")
+        nbd_io(sock, "write -P 0x61 0 4M")
+    finally:
+        d.stop(signal.SIGKILL)  # the dirty bit stays set: refcounts on disk are stale
+    with open(img, "rb") as f:
+        assert int.from_bytes(f.read(80)[72:80], "big") & 1, "no dirty bit: the rebuild would not run"
+    d, m = start(binary, tmp)
+    try:
+        assert add_qcow2(m, img) == {"return": {}}
+        sock = export(m, tmp, "q0")
+        nbd_io(sock, "write -P 0x62 4M 4M", "read -P 0x61 0 4M")
+    finally:
+        d.stop()
+    qemu_io(img, "read -P 0x61 0 4M", "read -P 0x62 4M 4M")
+    check_clean(img)
+
+
+CASES = [case_lazy_refcount_rebuild_keeps_header, case_qemu_image_reads_bit_exactly, case_blockd_images_open_in_qemu, case_cow_onto_backing,
          case_errors_and_query_equal_qsd, case_aes_refused_for_writing]
 
 
