@@ -96,13 +96,14 @@ def case_qemu_image_reads_bit_exactly(binary, tmp):
         sh("nbdcopy", f"nbd+unix:///e0?socket={sock}", got)
         with open(want, "rb") as a, open(got, "rb") as b:
             assert a.read() == b.read(), "blockd's plaintext differs from qemu-img convert's"
-        # Partial clusters: into an allocated one (in place), a fresh one (COW of zeroes), a zero cluster.
+        # Partial clusters (and a write off 512-byte sectors, padded by read-modify-write): into an allocated one (in place), a fresh one (COW of zeroes), a zero cluster.
         nbd_io(sock, "write -P 0x77 70144 8192", "write -P 0x78 1536k 4608", "write -P 0x79 2052k 512",
+               "write -P 0x7a 100001 3333", "read -P 0x7a 100001 3333", "read -P 0x5a 103334 1000",
                "read -P 0x77 70144 8192", "read -P 0x5a 4608 65536", "read -P 0x78 1536k 4608")
     finally:
         d.stop()
     qemu_io(img, "read -P 0x5a 0 4096", "read -P 0xc3 4096 512", "read -P 0x5a 4608 65536",
-            "read -P 0x77 70144 8192", "read -P 0x5a 78336 970240", "read -P 0x78 1536k 4608",
+            "read -P 0x77 70144 8192", "read -P 0x5a 78336 21665", "read -P 0x7a 100001 3333", "read -P 0x5a 103334 945242", "read -P 0x78 1536k 4608",
             "read -P 0 1577472 60928", "read -P 0 2M 4096", "read -P 0x79 2052k 512", "read -P 0 2101760 7680",
             "read -P 0x11 3M 64k")
     check_clean(img)
