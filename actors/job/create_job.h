@@ -58,9 +58,9 @@ class create_runner final : public worker_runner {
   std::string job_id_;
 };
 
-// x-blockdev-amend, qcow2 only: QEMU's qcow2 amend changes nothing but encryption, and an image
-// blockd opens is never encrypted, so the job succeeds without options and refuses "encrypt" with
-// QEMU's text. It runs inside start() on the job's thread, so (as in QSD) all its events come
+// x-blockdev-amend: QEMU's qcow2 amend changes nothing but encryption, so a qcow2 amend without
+// "encrypt" succeeds here; keyslot changes (luks, qcow2 with "encrypt") run in the driver first and
+// the job reports their outcome. It runs inside start() on the job's thread, so (as in QSD) all its events come
 // before the command's return.
 class amend_runner final : public job_runner {
  public:

@@ -136,7 +136,7 @@ void supervisor_actor::blockdev_amend(const boost::json::object& args, reply_fn 
     return reply(command_outcome::failure(error("Block driver '" + drv + "' not found or not supported")));
   if (n->settings().driver != drv)
     return reply(command_outcome::failure(error("x-blockdev-amend doesn't support changing the block driver")));
-  // QEMU amends luks and qcow2 (whose images blockd opens are never encrypted: see amend_runner).
+  // QEMU amends luks and qcow2 (only its encryption).
   if (drv != "qcow2" && drv != "luks")
     return reply(command_outcome::failure(error("Driver does not support x-blockdev-amend")));
   if (auto r = check_new_job_id(id, find_job(id) != nullptr); !r) return reply(command_outcome::failure(r.error()));
@@ -146,7 +146,8 @@ void supervisor_actor::blockdev_amend(const boost::json::object& args, reply_fn 
     block::perm_user u{"an unnamed block device (uses node '" + node + "' as 'root' child)", 0, block::perm_all};
     if (graph_->attach_user(*n, user_key(id), u)) j.held.push_back(node);  // taking nothing cannot conflict
   };
-  if (drv == "luks") {
+  // An encrypted qcow2's keyslots change in its driver, as luks's do.
+  if (drv == "luks" || (drv == "qcow2" && options.contains("encrypt"))) {
     // The keyslot change runs on the node's home with the node quiesced; the job then reports its
     // outcome (QSD's amend job concludes with the driver's error text, the command itself succeeds).
     bool force = args.contains("force") && args.at("force").is_bool() && args.at("force").as_bool();

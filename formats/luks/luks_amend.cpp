@@ -16,25 +16,27 @@ std::optional<std::string> opt_str(const boost::json::object& o, const char* k) 
   return std::string(v->get_string());
 }
 
-result<void> write_all(block::sync_io& io, const header& h, size_t slot, const std::vector<uint8_t>* material) {
+result<void> write_all(block::sync_io& io, const header& h, size_t slot, const std::vector<uint8_t>* material,
+                       uint64_t base) {
   if (material) {
-    if (int rc = io.write(material->data(), int64_t(material->size()), int64_t(h.slots[slot].key_offset) * int64_t(sector));
+    if (int rc = io.write(material->data(), int64_t(material->size()),
+                          int64_t(base) + int64_t(h.slots[slot].key_offset) * int64_t(sector));
         rc < 0)
       return fail(std::string("Cannot write key slot ") + std::to_string(slot) + ": " + std::strerror(-rc));
   }
-  if (auto r = write_header(io, h); !r) return r;
+  if (auto r = write_header(io, h, base); !r) return r;
   if (int rc = io.flush(); rc < 0) return fail(std::string("Cannot flush LUKS header: ") + std::strerror(-rc));
   return {};
 }
 
 // Overwrites a slot's key material with random bytes, then marks the slot inactive in the header.
-result<void> erase_slot(block::sync_io& io, header& h, size_t i) {
+result<void> erase_slot(block::sync_io& io, header& h, size_t i, uint64_t base) {
   std::vector<uint8_t> junk(h.slot_material_bytes());
   random_bytes(junk.data(), junk.size());
   h.slots[i].active = slot_inactive;
   h.slots[i].iterations = 0;
   h.slots[i].salt.fill(0);
-  return write_all(io, h, i, &junk);
+  return write_all(io, h, i, &junk, base);
 }
 
 size_t active_count(const header& h) {
@@ -46,7 +48,7 @@ size_t active_count(const header& h) {
 }  // namespace
 
 result<void> amend_luks(header& h, block::sync_io& io, const boost::json::object& o, bool force,
-                        const block::object_refs& objects, const std::string& open_secret) {
+                        const block::object_refs& objects, const std::string& open_secret, uint64_t base) {
   std::string state = opt_str(o, "state").value_or("active");
   auto new_secret = opt_str(o, "new-secret");
   auto old_secret = opt_str(o, "old-secret");
@@ -55,7 +57,7 @@ result<void> amend_luks(header& h, block::sync_io& io, const boost::json::object
   if (auto* v = o.if_contains("keyslot"); v && v->is_int64()) keyslot = v->get_int64();
   int64_t iter_time = 2000;
   if (auto* v = o.if_contains("iter-time"); v && v->is_int64()) iter_time = v->get_int64();
-  auto read_at = [&](uint64_t off, size_t len, uint8_t* buf) { return io.read(buf, int64_t(len), int64_t(off)); };
+  auto read_at = [&](uint64_t off, size_t len, uint8_t* buf) { return io.read(buf, int64_t(len), int64_t(base + off)); };
   auto bad_slot = [](int64_t k) {
     return fail("Invalid keyslot " + std::to_string(k) + " specified, must be between 0 and " +
                 std::to_string(num_slots - 1));
@@ -89,7 +91,7 @@ result<void> amend_luks(header& h, block::sync_io& io, const boost::json::object
     uint64_t iters = pbkdf2_iters_for(h.hash, h.key_bytes, uint64_t(iter_time));
     header next = h;
     auto material = make_slot(next, slot, *master, *ns, iters);
-    if (auto r = write_all(io, next, slot, &material); !r) return r;
+    if (auto r = write_all(io, next, slot, &material, base); !r) return r;
     h = next;
     return {};
   }
@@ -118,7 +120,7 @@ result<void> amend_luks(header& h, block::sync_io& io, const boost::json::object
     if (active_count(h) == 1 && !force)
       return fail("Attempt to erase the only active keyslot " + std::to_string(slot) +
                   " which will erase all the data in the image irreversibly - refusing operation");
-    return erase_slot(io, h, slot);
+    return erase_slot(io, h, slot, base);
   }
   std::vector<size_t> match;
   for (size_t i = 0; i < num_slots; ++i) {
@@ -131,7 +133,7 @@ result<void> amend_luks(header& h, block::sync_io& io, const boost::json::object
     return fail("All the active keyslots match the (old) password that was given and erasing them will erase all "
                 "the data in the image irreversibly - refusing operation");
   for (size_t i : match)
-    if (auto r = erase_slot(io, h, i); !r) return r;
+    if (auto r = erase_slot(io, h, i, base); !r) return r;
   return {};
 }
 

@@ -103,11 +103,11 @@ uint64_t header_area_bytes(const header& h) {
   return key_slot_offset + num_slots * stride * sector;
 }
 
-result<void> write_header(block::sync_io& io, const header& h) {
+result<void> write_header(block::sync_io& io, const header& h, uint64_t base) {
   std::vector<uint8_t> buf(key_slot_offset, 0);
   auto hb = h.serialize();
   std::memcpy(buf.data(), hb.data(), hb.size());
-  if (int rc = io.write(buf.data(), int64_t(buf.size()), 0); rc < 0)
+  if (int rc = io.write(buf.data(), int64_t(buf.size()), int64_t(base)); rc < 0)
     return fail(std::string("Could not write LUKS header: ") + std::strerror(-rc));
   return {};
 }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "formats/qcow2/layout.h"
+#include "formats/qcow2/qcow2_crypto.h"
 #include "storage/block/node.h"
 #include "storage/block/sync_io.h"
 
@@ -39,7 +40,7 @@ struct options {
   std::optional<std::string> backing_file;
   std::optional<std::string> backing_fmt;
   compression compression_type = compression::zlib;
-  bool encrypt = false;
+  const boost::json::object* encrypt = nullptr;  // QCryptoBlockCreateOptions
 };
 
 // The schema hands over sizes as int64 when they fit and as uint64 above; QAPI wraps negative
@@ -87,7 +88,7 @@ options parse(const boost::json::object& o) {
   if (auto* v = o.if_contains("backing-fmt"); v && v->is_string()) p.backing_fmt = std::string(v->get_string());
   if (auto* v = o.if_contains("compression-type"); v && v->is_string() && v->get_string() == "zstd")
     p.compression_type = compression::zstd;
-  if (auto* v = o.if_contains("encrypt"); v && !v->is_null()) p.encrypt = true;
+  if (auto* v = o.if_contains("encrypt"); v && v->is_object()) p.encrypt = &v->as_object();
   return p;
 }
 
@@ -342,7 +343,22 @@ result<void> create_qcow2(const block::create_args& a) {
   if (p.compression_type != compression::zlib && p.version < 3)
     return fail("Non-zlib compression type is only supported with compatibility level 1.1 and above (use "
                 "version=v3 or greater)");
-  if (p.encrypt) return fail("Creating encrypted qcow2 images is not supported by blockd yet");
+  // Encryption: the LUKS header area (with slot 0 for the secret) is built now, so a bad secret or
+  // algorithm fails before anything is written; it goes into whole clusters after the L1 table.
+  std::vector<uint8_t> crypto_area;
+  if (p.encrypt) {
+    auto* f = p.encrypt->if_contains("format");
+    std::string fmt = f && f->is_string() ? std::string(f->get_string()) : "";
+    if (fmt == "qcow")
+      return fail("Creating AES-CBC encrypted qcow2 images is not supported: use encrypt.format=luks instead");
+    if (fmt != "luks") return fail("Crypto format not supported in qcow2");
+    if (p.prealloc != prealloc_mode::off)
+      return fail("Preallocation of encrypted qcow2 images is not supported by blockd: use preallocation=off");
+    if (data) return fail("An external data file cannot be used with encrypted qcow2 images in blockd");
+    auto area = new_luks_area(*p.encrypt, *a.objects);
+    if (!area) return std::unexpected(area.error());
+    crypto_area = std::move(*area);
+  }
 
   // The header.
   header h;
@@ -352,6 +368,10 @@ result<void> create_qcow2(const block::create_args& a) {
   h.refcount_order = log2_of(uint64_t(p.refcount_bits));
   h.header_length = p.version == 3 ? 112 : v2_header_length;  // v3: with the compression type byte, padded
   h.compression_type = p.compression_type;
+  if (!crypto_area.empty()) {
+    h.crypt_method = crypt_luks;
+    h.extensions.push_back({ext_crypto_header, encode_crypto_ext({0, crypto_area.size()})});  // offset set below
+  }
   if (p.extended_l2) h.incompatible_features |= incompat_extended_l2;
   if (p.compression_type != compression::zlib) h.incompatible_features |= incompat_compression;
   if (p.lazy_refcounts) h.compatible_features |= compat_lazy_refcounts;
@@ -392,7 +412,12 @@ result<void> create_qcow2(const block::create_args& a) {
   bool prealloc = p.prealloc != prealloc_mode::off;
   uint64_t l2_tables = prealloc ? l1_entries : 0;
   uint64_t data_clusters = prealloc && !data ? guest_clusters : 0;
+  // The crypto header area takes the place of the (then absent) preallocated data clusters.
+  uint64_t crypto_clusters = div_up(crypto_area.size(), cs);
+  if (crypto_clusters) data_clusters = crypto_clusters;
   create_layout l = plan_layout(h.cluster_bits, h.refcount_order, l1_entries, l2_tables, data_clusters);
+  for (auto& e : h.extensions)
+    if (e.type == ext_crypto_header) e.data = encode_crypto_ext({l.data_offset, crypto_area.size()});
   if (l.reftable_clusters * cs > max_refcount_table_bytes)
     return fail("Could not resize image: Failed to resize refcount structures: File too large");
   h.l1_table_offset = l.l1_offset;
@@ -408,6 +433,7 @@ result<void> create_qcow2(const block::create_args& a) {
   uint64_t meta_end = l.refblock_offset + l.refblocks * cs;
   if (l1_entries) meta_end = l.l1_offset + l1_entries * 8;
   if (prealloc) meta_end = l.data_offset;
+  if (crypto_clusters) meta_end = l.data_offset + crypto_clusters * cs;
   uint64_t data_end = l.data_clusters ? l.data_offset + l.data_clusters * cs : 0;
   uint64_t file_len = align_up(std::max(meta_end, data_end), std::max<uint64_t>(align, 512));
 
@@ -453,8 +479,12 @@ result<void> create_qcow2(const block::create_args& a) {
       put_be64(e, prealloc ? (l.l2_offset + i * cs) | entry_copied : 0);
       if (auto r = w.put(e, 8); !r) return r;
     }
-    if (prealloc)
+    if (prealloc || crypto_clusters)
       if (auto r = w.pad_to(cs); !r) return r;
+  }
+  if (crypto_clusters) {
+    if (auto r = w.put(crypto_area.data(), crypto_area.size()); !r) return r;
+    if (auto r = w.pad_to(cs); !r) return r;
   }
 
   // L2 tables. A data cluster in the image file sits at data_offset plus its guest offset; in an

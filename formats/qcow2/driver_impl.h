@@ -27,6 +27,7 @@
 #include "formats/qcow2/compress.h"
 #include "formats/qcow2/create.h"
 #include "formats/qcow2/qcow2.h"
+#include "formats/qcow2/qcow2_crypto.h"
 #include "storage/block/iov.h"
 #include "storage/block/node.h"
 #include "storage/block/sync_io.h"
@@ -90,6 +91,7 @@ class qcow2_driver final : public block_driver {
  public:
   qcow2_driver(open_args& a) : env_(a.env), node_name_(a.node_name), bitmaps_(a.bitmaps) {
     meta_lock_.bind(&env_.defer);
+    rmw_lock_.bind(&env_.defer);
     cluster_wait_.bind(&env_.defer);
   }
 
@@ -98,7 +100,9 @@ class qcow2_driver final : public block_driver {
 
   // ---- block_driver --------------------------------------------------------------------------------
   uint32_t caps() const override {
-    return cap_write_zeroes | cap_discard | cap_block_status | cap_resize | cap_compress | cap_copy_on_read;
+    // Compressed clusters are never encrypted (QEMU stores them in the clear): an encrypted image takes none.
+    return cap_write_zeroes | cap_discard | cap_block_status | cap_resize | (crypt_ ? 0u : uint32_t(cap_compress)) |
+           cap_copy_on_read;
   }
   driver_limits limits() const override { return {align_, 0}; }
   int64_t length() const override { return int64_t(h_.size); }
@@ -113,6 +117,7 @@ class qcow2_driver final : public block_driver {
   result<void> activate() override;
   void rehome(const driver_env& env) override { env_ = env; }
   bool supports_snapshots() const override { return true; }
+  result<void> amend(const boost::json::object& options, bool force, const object_refs& objects) override;
   result<std::unique_ptr<reopen_state>> reopen_prepare(const reopen_args& a, std::vector<std::string>& consumed) override;
   result<void> snapshot_create(const std::string& name, int64_t date_sec, int64_t date_nsec) override;
   result<void> change_backing_file(const std::string& file, const std::string& format) override;
@@ -127,6 +132,15 @@ class qcow2_driver final : public block_driver {
   bool ext() const { return h_.extended_l2(); }
   uint64_t unit() const { return ext() ? cs_ / 32 : cs_; }
   bool writable() const { return !read_only_; }
+  // Encrypted images: a copy of `len` bytes of the request's payload at `pos`, encrypted for host
+  // offset `host` (guest offset `guest`), in a buffer the caller writes out.
+  aligned_buf encrypted_copy(const io_request& r, int64_t pos, uint64_t len, uint64_t host, uint64_t guest) const {
+    auto b = make_buf(len, false);
+    block::copy_from_iov(r.iov, r.iovcnt, pos, b.get(), int64_t(len));
+    crypt_->encrypt(host, guest, b.get(), len);
+    return b;
+  }
+  task<int> write_data(io_request& r, int64_t pos, uint64_t len, uint64_t host, uint64_t guest, uint32_t flags);
   co::child_io io(node& n, io_op op, int64_t off, int64_t len, uint32_t flags = 0) {
     if ((op == io_op::write || op == io_op::write_zeroes) && off + len > n.length() && &n != backing_) grow(n, off + len);
     return co::child_io(n, op, off, len, flags | ctl_flags_);
@@ -201,6 +215,7 @@ class qcow2_driver final : public block_driver {
 
   // ---- guest requests ----------------------------------------------------------------------------
   task<int> do_read(io_request& r);
+  task<int> do_padded(io_request& r);  // encrypted images: reads/writes off 512-byte sectors
   task<int> read_extent(io_request& r, int64_t pos, uint64_t goff, const extent& e);
   task<int> read_plain(io_request& r, int64_t pos, uint64_t goff, uint64_t len);
   task<int> copy_up(io_request& r, int64_t pos, uint64_t goff, uint64_t len);
@@ -273,6 +288,7 @@ class qcow2_driver final : public block_driver {
   child_ref backing_;  // an empty slot: no backing file
   header h_;
   open_options o_;
+  std::unique_ptr<crypto_ctx> crypt_;  // encrypted images only
   bool read_only_ = false;
   bool corrupt_ = false;
   bool dirty_flag_set_ = false;  // the header's dirty bit is on disk
@@ -289,6 +305,7 @@ class qcow2_driver final : public block_driver {
   std::unique_ptr<meta_cache> l2_cache_;
   std::unique_ptr<meta_cache> rc_cache_;
   co::mutex meta_lock_;
+  co::mutex rmw_lock_;  // encrypted images: one sector read-modify-write at a time
   std::unordered_map<uint64_t, cluster_lock> cluster_locks_;
   co::wait_list cluster_wait_;
   struct pending_free {

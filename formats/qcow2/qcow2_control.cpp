@@ -2,6 +2,7 @@
 #include <cstdio>
 
 #include "formats/qcow2/driver_impl.h"
+#include "formats/luks/luks_driver.h"
 
 namespace blockd::qcow2 {
 namespace impl {
@@ -184,6 +185,19 @@ void qcow2_driver::child_perm(const std::string& role, bool read_only, uint32_t 
 // Home thread only, like every other call (the contract checker verifies it): the node publishes
 // the result for queries on other threads (node::publish_facts), so the header, the snapshot table
 // and the feature bits are read here between two steps of the data path, never during one.
+// x-blockdev-amend: QEMU's qcow2 amend changes only the encryption, here LUKS key slots, whose
+// material lives in the image's header area (luks_amend with every offset from the area's start).
+// The node is quiesced; the header area is no cached metadata, so the writes go straight to the file.
+result<void> qcow2_driver::amend(const boost::json::object& options, bool force, const object_refs& objects) {
+  auto* enc = options.if_contains("encrypt");
+  if (!enc || !enc->is_object()) return {};
+  if (!crypt_) return fail("image is not encrypted, can't amend");
+  if (crypt_->method != crypt_luks) return fail("Crypto format not supported");
+  if (read_only_) return fail("Cannot amend the encryption of a read-only qcow2 node");
+  sync_io sio(*file_);
+  return luks::amend_luks(crypt_->luks, sio, enc->as_object(), force, objects, crypt_->secret, crypt_->hdr_offset);
+}
+
 image_facts qcow2_driver::facts() const {
   image_facts f;
   f.virtual_size = int64_t(h_.size);
@@ -210,6 +224,10 @@ image_facts qcow2_driver::facts() const {
     d["corrupt"] = bool(incompat & incompat_corrupt);
   }
   d["refcount-bits"] = h_.refcount_bits();
+  if (crypt_) {
+    d["encrypt"] = crypt_->info();
+    f.encrypted = true;
+  }
   f.format_specific = boost::json::object{{"type", "qcow2"}, {"data", std::move(d)}};
   f.has_snapshots = true;
   for (auto& s : snapshots_) f.snapshots.push_back(snapshot_info(s));
@@ -223,6 +241,9 @@ result<std::unique_ptr<block_driver::reopen_state>> qcow2_driver::reopen_prepare
   (void)consumed;
   if (!a.read_only && read_only_ && (h_.incompatible_features & incompat_corrupt))
     return fail("qcow2: Image is corrupt; cannot be opened read/write");
+  if (!a.read_only && read_only_ && crypt_ && crypt_->method == crypt_aes)
+    return fail("Use of AES-CBC encrypted qcow2 images is no longer supported in system emulators: convert it with "
+                "qemu-img to an unencrypted qcow2 or a LUKS encrypted image");
   struct state final : reopen_state {
     qcow2_driver* d;
     bool to_read_only;

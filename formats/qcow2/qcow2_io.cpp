@@ -26,6 +26,18 @@ task<int> qcow2_driver::read_extent(io_request& r, int64_t pos, uint64_t goff, c
       // A cluster past the end of the file reads as zeroes there (the file is sparse, as QEMU sees it).
       uint64_t flen = uint64_t(std::max<int64_t>(data_->length(), 0));
       uint64_t in_file = e.host < flen ? std::min(e.len, flen - e.host) : 0;
+      if (in_file && crypt_) {
+        // Decrypted in a bounce buffer: the caller's pieces need not hold whole sectors. Bytes past
+        // the end of the file decrypt from zeroes, as QEMU reads them.
+        file_->driver().debug_event(blkdebug_event::read_aio);
+        uint64_t whole = (e.len + crypt_sector - 1) / crypt_sector * crypt_sector;
+        auto b = make_buf(whole);
+        int rc = co_await io(*data_, io_op::read, int64_t(e.host), int64_t(in_file)).buffer(b.get());
+        if (rc < 0) co_return rc;
+        crypt_->decrypt(e.host, goff, b.get(), whole);
+        iov_fill(r, pos, int64_t(e.len), b.get());
+        co_return 0;
+      }
       if (in_file) {
         file_->driver().debug_event(blkdebug_event::read_aio);
         iov_part p(r, pos, int64_t(in_file));
@@ -100,6 +112,7 @@ task<int> qcow2_driver::read_old(uint64_t cluster, const l2_words& w, uint64_t i
       case run_kind::data: {
         int r = co_await io(*data_, io_op::read, int64_t(e.host), int64_t(e.len)).buffer(out + done);
         if (r < 0) co_return r;
+        if (crypt_) crypt_->decrypt(e.host, goff, out + done, e.len);
         break;
       }
       case run_kind::zero: std::memset(out + done, 0, e.len); break;
@@ -127,6 +140,18 @@ task<int> qcow2_driver::read_old(uint64_t cluster, const l2_words& w, uint64_t i
 }
 
 // ---- writes -------------------------------------------------------------------------------------
+
+// `len` bytes of the request's payload at `pos` to host offset `host` of the data file: straight
+// from the caller's buffers, or (encrypted image) from an encrypted copy, never encrypting in place.
+task<int> qcow2_driver::write_data(io_request& r, int64_t pos, uint64_t len, uint64_t host, uint64_t guest,
+                                   uint32_t flags) {
+  if (crypt_) {
+    auto b = encrypted_copy(r, pos, len, host, guest);
+    co_return co_await io(*data_, io_op::write, int64_t(host), int64_t(len), flags).buffer(b.get());
+  }
+  iov_part p(r, pos, int64_t(len));
+  co_return co_await io(*data_, io_op::write, int64_t(host), int64_t(len), flags).vector(p.v, p.n);
+}
 
 // write_in_place_run: the request cannot go out as one write; it is split per cluster instead.
 constexpr int split_per_cluster = 1;
@@ -185,7 +210,7 @@ task<int> qcow2_driver::write_in_place_run(io_request& r) {
         (o_.overlap && !h_.has_data_file() && overlaps_metadata(start, len, what)))
       rc = split_per_cluster;  // the per-cluster path reports exactly which cluster is broken
     else
-      rc = co_await io(*data_, io_op::write, int64_t(start), int64_t(len), r.flags & io_fua).vector(r.iov, r.iovcnt);
+      rc = co_await write_data(r, 0, len, start, uint64_t(r.offset), r.flags & io_fua);
   }
   for (uint64_t i = 0; i < locked; ++i) unlock_cluster(first + i, false);
   co_return rc;
@@ -225,9 +250,8 @@ task<int> qcow2_driver::write_cluster(io_request& r, int64_t pos, uint64_t cl, u
       signal_corruption("Preventing invalid write on metadata (overlaps with " + what + ")", int64_t(host), int64_t(n));
       co_return -EIO;
     }
-    iov_part p(r, pos, int64_t(n));
     file_->driver().debug_event(blkdebug_event::write_aio);
-    rc = co_await io(*data_, io_op::write, int64_t(host), int64_t(n), r.flags & io_fua).vector(p.v, p.n);
+    rc = co_await write_data(r, pos, n, host, cl * cs_ + in, r.flags & io_fua);
     unlock_cluster(cl, false);
     co_return rc;
   }
@@ -249,9 +273,8 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
   bool reuse = has_host(w) && (w.entry & entry_copied);
   if (!ext() && reuse && !(w.entry & entry_zero) && !zero) {
     // Became in-place while we waited for the exclusive lock: plain write.
-    iov_part p(r, pos, int64_t(n));
     file_->driver().debug_event(blkdebug_event::write_aio);
-    co_return co_await io(*data_, io_op::write, int64_t(old_host + in), int64_t(n), r.flags & io_fua).vector(p.v, p.n);
+    co_return co_await write_data(r, pos, n, old_host + in, cl * cs_ + in, r.flags & io_fua);
   }
   uint64_t host = old_host;
   bool fresh = false;
@@ -301,10 +324,12 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
       head_tail_zero = false;
     }
   }
+  // Encrypted: zeroes on disk are not zeroes once decrypted, so the whole written range (head and
+  // tail units included) goes out encrypted from the buffer below.
+  if (crypt_ && (zero || wstart < in || in + n < wend)) head_tail_zero = false;
   if (fresh && head_tail_zero && !zero) {
-    iov_part p(r, pos, int64_t(n));
     file_->driver().debug_event(blkdebug_event::write_aio);
-    rc = co_await io(*data_, io_op::write, int64_t(host + in), int64_t(n), r.flags & io_fua).vector(p.v, p.n);
+    rc = co_await write_data(r, pos, n, host + in, cl * cs_ + in, r.flags & io_fua);
   } else if (fresh && head_tail_zero && zero) {
     // A never-written cluster already reads as zeroes (the file was grown over it above).
     rc = int64_t(host + cs_) > data_->length() ? -ENOSPC : 0;
@@ -322,6 +347,7 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
     if (rc >= 0) {
       if (zero) std::memset(buf.get() + (in - wstart), 0, n);
       else iov_copy_out(r, pos, int64_t(n), buf.get() + (in - wstart));
+      if (crypt_) crypt_->encrypt(host + wstart, cl * cs_ + wstart, buf.get(), wend - wstart);
       file_->driver().debug_event(blkdebug_event::write_aio);
       rc = co_await io(*data_, io_op::write, int64_t(host + wstart), int64_t(wend - wstart), r.flags & io_fua)
                .buffer(buf.get());
@@ -416,7 +442,7 @@ task<int> qcow2_driver::raw_data_zero(io_request& r, bool discard) {
     l2_words w;
     int rc = co_await lookup(cl, w);
     bool mapped = rc >= 0 && has_host(w) && !(w.entry & entry_zero) && (!ext() || uint32_t(w.bitmap) == ~0u);
-    if (rc >= 0 && mapped)
+    if (rc >= 0 && mapped && !crypt_)  // (encrypted zeroes are written as data below)
       rc = co_await io(*data_, io_op::write_zeroes, int64_t((w.entry & offset_mask) + in), int64_t(n),
                        r.flags & io_may_unmap);
     else if (rc >= 0)
@@ -536,8 +562,41 @@ task<int> qcow2_driver::do_block_status(io_request& r) {
   co_return 0;
 }
 
+// An encrypted image's request off 512-byte sectors: the covering sectors are read (decrypted);
+// a write lays its bytes over them and writes them back whole. Cycles run one at a time, so two
+// writes into one sector never lose each other's bytes (as the luks driver does).
+task<int> qcow2_driver::do_padded(io_request& r) {
+  int64_t a0 = r.offset / int64_t(crypt_sector) * int64_t(crypt_sector);
+  int64_t a1 = (r.offset + r.length + int64_t(crypt_sector) - 1) / int64_t(crypt_sector) * int64_t(crypt_sector);
+  auto buf = make_buf(uint64_t(a1 - a0));
+  io_request rr;
+  rr.op = io_op::read;
+  rr.flags = r.flags & io_copy_up;
+  rr.offset = a0;
+  rr.set_buffer(buf.get(), a1 - a0);
+  if (r.op == io_op::read) {
+    int rc = co_await do_read(rr);
+    if (rc >= 0) block::copy_to_iov(r.iov, r.iovcnt, 0, buf.get() + (r.offset - a0), r.length);
+    co_return rc;
+  }
+  co_await rmw_lock_.lock();
+  co::guard g{rmw_lock_};
+  int rc = co_await do_read(rr);
+  if (rc < 0) co_return rc;
+  block::copy_from_iov(r.iov, r.iovcnt, 0, buf.get() + (r.offset - a0), r.length);
+  io_request w;
+  w.op = io_op::write;
+  w.flags = r.flags & io_fua;
+  w.offset = a0;
+  w.set_buffer(buf.get(), a1 - a0);
+  co_return co_await do_write(w);
+}
+
 void qcow2_driver::submit(io_request& r) {
+  bool off_sector = crypt_ && (r.op == io_op::read || (r.op == io_op::write && !(r.flags & io_compress))) &&
+                    (r.offset % int64_t(crypt_sector) || r.length % int64_t(crypt_sector));
   task<int> t = [&]() -> task<int> {
+    if (off_sector) return do_padded(r);
     switch (r.op) {
       case io_op::read: return do_read(r);
       case io_op::write: return (r.flags & io_compress) ? do_write_compressed(r) : do_write(r);

@@ -45,10 +45,6 @@ task<int> qcow2_driver::load_metadata(std::string& err) {
   cbits_ = h_.cluster_bits;
   l2_bits_ = cbits_ - (ext() ? 4 : 3);
   rb_entries_ = cs_ * 8 / h_.refcount_bits();
-  if (h_.crypt_method)
-    co_return err = "The qcow2 image is encrypted (" + std::string(h_.crypt_method == 1 ? "aes" : "luks") +
-                    "); blockd does not support encrypted images yet: convert it with qemu-img to an unencrypted one",
-                    -ENOTSUP;
   if ((h_.incompatible_features & incompat_corrupt) && writable())
     co_return err = "qcow2: Image is corrupt; cannot be opened read/write", -EACCES;
   if (h_.l1_size > max_l1_bytes / 8) co_return err = "Active L1 table too large", -EFBIG;
@@ -150,6 +146,8 @@ task<int> qcow2_driver::rebuild_refcounts(std::string& err) {
     return true;
   };
   add(0, cs_);
+  if (h_.crypt_method == crypt_luks)
+    if (auto c = find_crypto_ext(h_, flen)) add(c->offset, c->length);  // the LUKS header area
   count_bitmap_clusters([&](uint64_t off, uint64_t len) { add(off, len); });
   if (h_.nb_snapshots) {
     auto bytes = serialize_snapshots(snapshots_);
@@ -277,6 +275,32 @@ result<void> qcow2_driver::open(open_args& a) {
                           ? std::string(enc->as_object().at("format").as_string())
                           : "aes";
     return fail("No encryption in image header, but options specified format '" + fmt + "'");
+  }
+  if (h_.crypt_method) {
+    // The LUKS header area is read whole (bounded by find_crypto_ext), then unlocked from memory.
+    std::vector<uint8_t> area;
+    uint64_t area_off = 0;
+    uint64_t flen = uint64_t(std::max<int64_t>(file_->length(), 0));
+    if (h_.crypt_method == crypt_luks) {
+      if (auto c = find_crypto_ext(h_, flen)) {
+        aligned_buf b;
+        r = run_sync(read_range(c->offset, c->length, b));
+        if (r < 0) return fail("Could not read encryption header: " + std::string(std::strerror(-r)));
+        area.assign(b.get(), b.get() + c->length);
+        area_off = c->offset;
+      }
+    }
+    auto read_at = [&](uint64_t off, size_t len, uint8_t* out) -> int {
+      if (off < area_off || off - area_off > area.size() || len > area.size() - (off - area_off)) return -EINVAL;
+      std::memcpy(out, area.data() + (off - area_off), len);
+      return 0;
+    };
+    static const object_refs no_objects;
+    auto c = open_crypto(h_, a.options, a.objects ? *a.objects : no_objects, read_at, flen, writable());
+    if (!c) return std::unexpected(c.error());
+    crypt_ = std::move(*c);
+    // The cipher works on whole 512-byte sectors (QEMU's request_alignment 512); requests off them
+    // are padded by do_padded, as callers may send any byte range.
   }
   l2_cache_ = std::make_unique<meta_cache>(o_.l2_slice_bytes, o_.l2_cache_bytes / o_.l2_slice_bytes);
   rc_cache_ = std::make_unique<meta_cache>(cs_, o_.refcount_cache_bytes / cs_);

@@ -49,7 +49,7 @@ using stacks = ::testing::Types<null_stack, null_aio_latency_stack, file_stack, 
                                 on_poll<file_stack>, on_poll<raw_window_stack>, file_direct_stack,
                                 on_poll<file_direct_stack>, raw_window_direct_stack, host_device_stack,
                                 on_poll<host_device_stack>, qcow2_stack, on_poll<qcow2_stack>, cor_over_qcow2_stack,
-                                qcow2_over_preallocate_stack, preallocate_stack, luks_stack, quorum_stack,
+                                qcow2_over_preallocate_stack, preallocate_stack, luks_stack, qcow2_luks_stack, quorum_stack,
                                 blklogwrites_stack,
                                 throttle_over_file_stack, throttle_over_qcow2_stack,
                                 blkdebug_file_stack, blkdebug_qcow2_stack, blkverify_stack>;

@@ -474,8 +474,8 @@ TEST(Qcow2Create, OptionErrorsAreQemus) {
        "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or "
        "greater)"},
       {R"({"size":1048576,"data-file":"nope"})", "Cannot find device='' nor node-name='\"nope\"'"},
-      {R"({"size":1048576,"encrypt":{"format":"luks","key-secret":"s0"}})",
-       "Creating encrypted qcow2 images is not supported by blockd yet"},
+      {R"({"size":1048576,"encrypt":{"format":"luks","key-secret":"s0"}})", "No secret with id 's0'"},
+      {R"({"size":1048576,"encrypt":{"format":"luks"}})", "Parameter 'encrypt.key-secret' is required for cipher"},
       {R"({"size":9223372036854776320})", "Could not resize image: Image size cannot be negative"},
       {R"({"size":9223372036854775296})",
        "Could not resize image: offset(9223372036854775296) exceeds maximum(9223372035781033984)"},
