@@ -85,7 +85,11 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
                                    "x-blockdev-amend", "nbd-server-start",     "block-export-add",
                                    "qom-list-get",  // new in 10.1
                                    "chardev-add",   "chardev-change",  // ChardevBackend: see Chardev102
-                                   "transaction"};  // blockd has a subset of the action kinds: see below
+                                   "transaction",  // blockd has a subset of the action kinds: see below
+                                   // block jobs: 8.x/10.x members and deprecations, see BlockJobCommandsFollow102
+                                   "block-commit", "block-stream", "blockdev-mirror", "query-block-jobs",
+                                   "block-job-pause", "block-job-resume", "block-job-complete", "block-job-dismiss",
+                                   "block-job-finalize"};
   int compared = 0;
   for (auto& [name, e] : ours) {
     auto meta = e.at("meta-type").as_string();
@@ -99,10 +103,52 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
   // control+introspect, object-del, the qom-* commands 7.2 has, events, block commands, graph dump, set-iothread, job-* and query-jobs,
   // the two internal snapshot commands, the export commands but block-export-add and nbd-server-start
   // (10.2 added allow-inactive, handshake-max-seconds and the keep-alive tunables)
-  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1 + 7 + 2 + 5 + 5 + 6 + 7 + 3 + 1, compared);  // + x-blockdev-change  // + qom-list/-get/-set/-list-types/-list-properties
+  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1 + 7 + 2 + 5 + 5 + 6 + 7 + 3 + 1 + 2, compared);  // + block-job-set-speed/-cancel  // + x-blockdev-change  // + qom-list/-get/-set/-list-types/-list-properties
   // + query-chardev, query-chardev-backends, ringbuf-write/-read, chardev-remove, chardev-send-break
   // + the six block-dirty-bitmap-* commands and x-debug-block-dirty-bitmap-sha256
   // + blockdev-snapshot, blockdev-snapshot-sync, change-backing-file
+}
+
+TEST(Introspection, BlockJobCommandsFollow102) {
+  auto ours = index(introspect(qsd_schema()));
+  auto theirs = qsd72();
+  auto members = [](table& t, const std::string& cmd) {
+    std::set<std::string> out;
+    for (auto& m : t.at(std::string(t.at(cmd).at("arg-type").as_string())).at("members").as_array())
+      out.insert(std::string(m.at("name").as_string()));
+    return out;
+  };
+  // 10.2 = 7.2's members plus backing-mask-protocol (8.0) for commit and stream, target-is-zero (10.1) for mirror.
+  std::map<std::string, std::string> added = {
+      {"block-commit", "backing-mask-protocol"}, {"block-stream", "backing-mask-protocol"}, {"blockdev-mirror", "target-is-zero"}};
+  for (auto& [cmd, extra] : added) {
+    auto want = members(theirs, cmd);
+    want.insert(extra);
+    EXPECT_EQ(want, members(ours, cmd)) << cmd;
+  }
+  // The block-job-* verbs that have job-* twins are deprecated in 10.2; their arguments are 7.2's.
+  for (const char* cmd : {"block-job-pause", "block-job-resume", "block-job-complete", "block-job-dismiss", "block-job-finalize"}) {
+    EXPECT_EQ(members(theirs, cmd), members(ours, cmd)) << cmd;
+    auto f = ours.at(cmd).if_contains("features");
+    ASSERT_TRUE(f) << cmd;
+    EXPECT_EQ("deprecated", f->as_array()[0].as_string()) << cmd;
+  }
+  // BlockJobInfo: a union on the JobType "type" (10.2), with mirror's actively-synced.
+  auto info = ours.at(std::string(ours.at(std::string(ours.at("query-block-jobs").at("ret-type").as_string())).at("element-type").as_string()));
+  EXPECT_EQ("type", info.at("tag").as_string());
+  bool mirror = false;
+  for (auto& v : info.at("variants").as_array()) {
+    auto t = ours.at(std::string(v.at("type").as_string()));
+    auto& m = t.at("members").as_array();
+    if (v.at("case").as_string() == "mirror") {
+      mirror = true;
+      ASSERT_EQ(1u, m.size());
+      EXPECT_EQ("actively-synced", m[0].at("name").as_string());
+    } else {
+      EXPECT_TRUE(m.empty()) << v.at("case").as_string();
+    }
+  }
+  EXPECT_TRUE(mirror);
 }
 
 TEST(Introspection, TransactionKindsAreQsdsOwn) {
