@@ -522,7 +522,7 @@ void supervisor_actor::blockdev_mirror(const boost::json::object& args, reply_fn
     j.block_kind = job::type::mirror;
     j.blocked.push_back(src->name());
     j.target_of_job = tgt->name();
-    block::perm_user u{"block job '" + id + "'", block::perm_write | block::perm_resize, block::perm_all};
+    block::perm_user u{"block job '" + id + "'", block::perm_write, block::perm_all};
     if (graph_->attach_user(*tgt, user_key(id), u)) j.held.push_back(tgt->name());
   };
   start_job(job::options{id, job::type::mirror, auto_finalize, auto_dismiss}, runner, hold, std::move(reply));
