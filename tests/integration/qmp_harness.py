@@ -201,3 +201,38 @@ def run_each(tests, blockd, prefix):
             t(blockd, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_cases(cases, prefix, tools):
+    """A test file's main(): --blockd and -k (a name filter); exit 77 when a tool in `tools` is missing;
+    each case runs as case(blockd, tmp) in a fresh temporary directory, PASS/FAIL printed per case."""
+    import argparse
+    import shutil
+    import tempfile
+    import traceback
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blockd", required=True)
+    ap.add_argument("-k", default="")
+    a = ap.parse_args()
+    missing = [t for t in tools if not shutil.which(t)]
+    if missing:
+        print("SKIP: missing " + ", ".join(missing))
+        return 77
+    failed = ran = 0
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    for case in cases:
+        if a.k and a.k not in case.__name__:
+            continue
+        ran += 1
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=base)
+        try:
+            case(a.blockd, tmp)
+            print("PASS", case.__name__, flush=True)
+        except Exception:
+            failed += 1
+            print("FAIL", case.__name__, flush=True)
+            traceback.print_exc()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{ran - failed} passed, {failed} failed")
+    return 1 if failed else 0

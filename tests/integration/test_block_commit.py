@@ -9,17 +9,13 @@
 - a soft block-job-cancel of a READY active commit completes it (BLOCK_JOB_COMPLETED) without a pivot; a force
   cancel ends it with BLOCK_JOB_CANCELLED.
 Exit 77 when qemu-img/qemu-io/qemu-storage-daemon are missing."""
-import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_harness import Daemon, monitor_args  # noqa: E402
+from qmp_harness import Daemon, monitor_args, run_cases  # noqa: E402
 from test_block_stream import Mon, sh, make_chain, add_chain, backing_of, QSD  # noqa: E402
 
 
@@ -169,33 +165,5 @@ def case_active(binary, tmp):
 CASES = [case_errors_equal_qsd, case_intermediate, case_active]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--blockd", required=True)
-    ap.add_argument("-k", default="")
-    a = ap.parse_args()
-    if not all(shutil.which(t) for t in ("qemu-img", "qemu-io", QSD)):
-        print("SKIP: qemu-img, qemu-io or qemu-storage-daemon missing")
-        return 77
-    failed = ran = 0
-    for case in CASES:
-        if a.k and a.k not in case.__name__:
-            continue
-        ran += 1
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        tmp = tempfile.mkdtemp(prefix="blockd-commit-", dir=base)
-        try:
-            case(a.blockd, tmp)
-            print("PASS", case.__name__, flush=True)
-        except Exception:
-            failed += 1
-            print("FAIL", case.__name__, flush=True)
-            traceback.print_exc()
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{ran - failed} passed, {failed} failed")
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cases(CASES, "blockd-commit-", ("qemu-img", "qemu-io", QSD)))

@@ -8,17 +8,13 @@
 - fio writes to the exported source (randwrite, crc32c verify) while the mirror copies, converges and pivots: the
   verify pass reads every block back from the target.
 Exit 77 when qemu-img/qemu-io/qemu-storage-daemon (or fio with the nbd engine) are missing."""
-import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_harness import Daemon, monitor_args  # noqa: E402
+from qmp_harness import Daemon, monitor_args, run_cases  # noqa: E402
 from test_block_stream import Mon, sh, QSD  # noqa: E402
 
 
@@ -163,33 +159,5 @@ def case_fio_during_mirror(binary, tmp):
 CASES = [case_errors_equal_qsd, case_sync_modes, case_fio_during_mirror]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--blockd", required=True)
-    ap.add_argument("-k", default="")
-    a = ap.parse_args()
-    if not all(shutil.which(x) for x in ("qemu-img", "qemu-io", QSD, "fio")):
-        print("SKIP: qemu-img, qemu-io, qemu-storage-daemon or fio missing")
-        return 77
-    failed = ran = 0
-    for case in CASES:
-        if a.k and a.k not in case.__name__:
-            continue
-        ran += 1
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        tmp = tempfile.mkdtemp(prefix="blockd-mirror-", dir=base)
-        try:
-            case(a.blockd, tmp)
-            print("PASS", case.__name__, flush=True)
-        except Exception:
-            failed += 1
-            print("FAIL", case.__name__, flush=True)
-            traceback.print_exc()
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{ran - failed} passed, {failed} failed")
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cases(CASES, "blockd-mirror-", ("qemu-img", "qemu-io", QSD, "fio")))

@@ -10,18 +10,14 @@
 - a read error under on-error=stop pauses the job with BLOCK_JOB_ERROR and io-status failed, job-resume retries and
   the job completes; on-error=report ends it with the error.
 Exit 77 when qemu-img/qemu-io/qemu-storage-daemon are missing."""
-import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_harness import Client, Daemon, monitor_args, DEADLINE  # noqa: E402
+from qmp_harness import Client, Daemon, monitor_args, run_cases, DEADLINE  # noqa: E402
 
 QSD = "qemu-storage-daemon"
 
@@ -293,33 +289,5 @@ def case_iothread_and_quit(binary, tmp):
 CASES = [case_errors_equal_qsd, case_iothread_and_quit, case_stream_data_and_events, case_pause_cancel, case_error_policies]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--blockd", required=True)
-    ap.add_argument("-k", default="")
-    a = ap.parse_args()
-    if not all(shutil.which(t) for t in ("qemu-img", "qemu-io", QSD)):
-        print("SKIP: qemu-img, qemu-io or qemu-storage-daemon missing")
-        return 77
-    failed = ran = 0
-    for case in CASES:
-        if a.k and a.k not in case.__name__:
-            continue
-        ran += 1
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        tmp = tempfile.mkdtemp(prefix="blockd-stream-", dir=base)
-        try:
-            case(a.blockd, tmp)
-            print("PASS", case.__name__, flush=True)
-        except Exception:
-            failed += 1
-            print("FAIL", case.__name__, flush=True)
-            traceback.print_exc()
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{ran - failed} passed, {failed} failed")
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cases(CASES, "blockd-stream-", ("qemu-img", "qemu-io", QSD)))
