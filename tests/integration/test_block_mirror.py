@@ -141,8 +141,9 @@ def case_fio_during_mirror(binary, tmp):
         assert m.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "top", "writable": True}) == {"return": {}}
         fio = subprocess.Popen(["fio", "--name=w", "--ioengine=nbd", f"--uri=nbd+unix:///top?socket={sock}",
                                 "--rw=randwrite", "--bs=4k", "--size=96M", "--iodepth=16", "--verify=crc32c",
-                                "--do_verify=1", "--verify_fatal=1", "--randrepeat=0", "--output-format=terse"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--do_verify=1", "--verify_fatal=1", "--randrepeat=0", "--output-format=terse",
+                                "--verify_state_save=0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp)
         assert m.cmd("blockdev-mirror", {"job-id": "m", "device": "top", "target": "tgt", "sync": "full"}) == {"return": {}}
         m.wait("BLOCK_JOB_READY")
         assert m.cmd("job-complete", {"id": "m"}) == {"return": {}}
