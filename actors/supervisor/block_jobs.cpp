@@ -1,4 +1,4 @@
-// Supervisor: the block-job commands (block-job-*, query-block-jobs, block-stream), their op blockers and the graph work of their finalization; main iothread only.
+// Supervisor: the block-job commands (block-job-*, query-block-jobs, block-stream, block-commit, blockdev-mirror), their op blockers and the graph work of their finalization (rebase, pivot); main iothread only.
 #include <caf/all.hpp>
 
 #include <algorithm>
