@@ -184,7 +184,7 @@ void supervisor_actor::pump() {
     }
     // A finishing job's graph work: it may go while the running command only waits for a job
     // (job-finalize waits for the very finalize that asked for this edit).
-    if (!editing_ && closing_ == 0 && !job_edits_.empty() && (!busy_ || yields_to_jobs_)) {
+    if (!editing_ && closing_ == 0 && !job_edits_.empty() && (!busy_ || yields_to_jobs_ || !jobs_hold_queue_)) {
       auto work = std::move(job_edits_.front());
       job_edits_.pop_front();
       editing_ = true;
