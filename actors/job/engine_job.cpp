@@ -30,7 +30,7 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     };
     cb.on_finished = [this](int err) { finish(err); };
     cb.on_cancelled = [this] {
-      if (released_) return engine_.reset();
+      if (released_) return drop_engine();
       finish(0);
     };
     source_ = s.source;
@@ -77,6 +77,9 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     }
     engine_paused_ = false;
     engine_->resume();
+    // A resumed engine reports idle again: READY is offered again then, in case the job was paused
+    // when it converged (the job takes it only while running, so a READY job is not told twice).
+    ready_sent_ = false;
   }
 
   void cancel() {
@@ -170,7 +173,14 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     // now, and the engine may be destroyed from its own final callbacks.
     if (plan_.ready_when_idle && rc == 0 && !cancel_) return;
     unhook();
-    engine_.reset();
+    drop_engine();
+  }
+
+  // The engine goes on a later turn: finish may run inside one of its callbacks (a scan's end).
+  void drop_engine() {
+    if (!engine_) return;
+    auto self = shared_from_this();
+    source_->env().defer([self] { self->engine_.reset(); });
   }
 
   engine_job_plan plan_;
