@@ -123,6 +123,7 @@ void supervisor_actor::block_stream(const boost::json::object& args, reply_fn re
   std::string id = str_arg(args, "job-id").value_or("");
   auto base = str_arg(args, "base"), base_node = str_arg(args, "base-node"), bottom = str_arg(args, "bottom");
   auto backing_file = str_arg(args, "backing-file"), filter_name = str_arg(args, "filter-node-name");
+  bool mask = args.contains("backing-mask-protocol") && args.at("backing-mask-protocol").as_bool();
   block::node* top = graph_->find(device);
   if (!top) return failed("Cannot find device='" + device + "' nor node-name='" + device + "'");
   if (base && base_node) return failed("'base' and 'base-node' cannot be specified at the same time");
@@ -239,7 +240,7 @@ void supervisor_actor::block_stream(const boost::json::object& args, reply_fn re
     // With nothing above the base the chain stays as it is, and the job ends within the command.
     if (images > 0)
       plan.finish = without_sync(
-          edit_step([this, top_name, base_name, bf](reply_fn r) { rebase(top_name, base_name, bf, std::move(r)); }));
+          edit_step([this, top_name, base_name, bf, mask](reply_fn r) { rebase(top_name, base_name, bf, mask, std::move(r)); }));
     plan.clean = [edit = edit_step([this, fname, id, between_names](reply_fn r) {
                     drop_job_filter(fname, id, between_names, std::move(r));
                   })] { edit([](result<void>) {}); };
@@ -322,11 +323,32 @@ void supervisor_actor::block_commit(const boost::json::object& args, reply_fn re
     return failed("Could not create node: Invalid node-name: '" + *fn + "'");
   if (!id_wellformed(id)) return failed("Invalid job ID '" + id + "'");
   if (find_job(id)) return failed("Job ID '" + id + "' already in use");
-  if (base_bs->length() < top_bs->length())
-    return failed("Base image '" + base_bs->name() + "' is smaller than the image committed into it; grow it first "
-                  "(block_resize) and commit again");
   if (base_bs->settings().read_only)
     return failed("Base image '" + base_bs->name() + "' is read-only; reopen it read-write (blockdev-reopen) to commit into it");
+  if (base_bs->length() < top_bs->length()) {
+    // QEMU's commit grows a smaller base to the top's length first; here that happens before the
+    // job starts (quiesced, as block_resize), and the command then runs again on the grown chain.
+    std::string bname = base_bs->name();
+    int64_t len = top_bs->length();
+    block::perm_user u{"block job '" + id + "'", block::perm_resize, block::perm_all};
+    if (auto r = graph_->attach_user(*base_bs, "command:commit-grow", u); !r)
+      return reply(command_outcome::failure(r.error()));
+    return with_quiesced_steps({base_bs}, [this, bname, len](reply_fn done) {
+      block::node* b = graph_->find(bname);
+      if (!b) return done(command_outcome::failure(error("Base image '" + bname + "' went away")));
+      run_on_node(b, [len, bname](block::node& x) {
+        auto r = x.driver().truncate(len);
+        if (!r) return command_outcome::failure(error("Could not grow base image '" + bname + "' to the size of the top: " + r.error().desc));
+        return command_outcome::success();
+      }, [this, bname, done](command_outcome o) {
+        if (block::node* b = graph_->find(bname)) graph_->detach_user(*b, "command:commit-grow");
+        done(std::move(o));
+      });
+    }, [this, again = args, reply](command_outcome grown) mutable {
+      if (!grown.ok) return reply(grown);
+      block_commit(again, std::move(reply));
+    });
+  }
 
   std::vector<block::node*> between;  // top .. above base: dropped from the chain afterwards
   int images = 0;
@@ -355,10 +377,13 @@ void supervisor_actor::block_commit(const boost::json::object& args, reply_fn re
   plan.on_source_error = plan.on_target_error = on_error;
   plan.ignore_skips = true;
   std::string ov = overlay ? overlay->name() : "", bname = base_bs->name();
+  bool mask = args.contains("backing-mask-protocol") && args.at("backing-mask-protocol").as_bool();
   std::vector<std::string> dropped;
   for (auto* n : between) dropped.push_back(n->name());
   plan.finish =
-      without_sync(edit_step([this, ov, bname, backing_file](reply_fn r) { rebase(ov, bname, backing_file, std::move(r)); }));
+      without_sync(edit_step([this, ov, bname, backing_file, mask](reply_fn r) {
+        rebase(ov, bname, backing_file, mask, std::move(r));
+      }));
   plan.clean = [edit = edit_step([this, dropped](reply_fn r) {
                   std::vector<block::node*> gone;
                   for (auto& n : dropped)
@@ -579,12 +604,16 @@ std::function<void(std::function<void(result<void>)>)> supervisor_actor::edit_st
 }
 
 void supervisor_actor::rebase(const std::string& top_name, const std::string& base_name,
-                                     std::optional<std::string> backing_file, reply_fn reply) {
+                                     std::optional<std::string> backing_file, bool mask_protocol, reply_fn reply) {
   block::node* t = graph_->find(top_name);
   block::node* b = base_name.empty() ? nullptr : graph_->find(base_name);
   if (!t || (!base_name.empty() && !b)) return reply(command_outcome::failure(error("Could not change backing file: the chain changed")));
   std::string file = b ? backing_file.value_or(graph_->filename(*b)) : "";
   std::string fmt = b ? b->settings().driver : "";
+  // backing-mask-protocol (9.0): a protocol node as the new backing file is recorded as "raw" data,
+  // not by its protocol's name, so tools that do not know that name can still open the chain.
+  if (mask_protocol && b)
+    if (auto* e = block::find_driver(fmt); e && e->protocol) fmt = "raw";
   with_quiesced_steps({t}, [this, t, b, file, fmt](reply_fn done) {
     if (auto* slot = t->slot("backing")) {
       if (auto r = graph_->set_child(*slot, b); !r) return done(command_outcome::failure(r.error()));

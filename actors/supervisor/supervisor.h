@@ -232,7 +232,7 @@ class supervisor_actor : public caf::event_based_actor {
   // A job's graph step: `work` runs here as a job edit when the job calls the returned function.
   std::function<void(std::function<void(result<void>)>)> edit_step(std::function<void(reply_fn)> work);
   // `top`'s backing becomes `base` (none if empty), and its image header says so.
-  void rebase(const std::string& top, const std::string& base, std::optional<std::string> backing_file,
+  void rebase(const std::string& top, const std::string& base, std::optional<std::string> backing_file, bool mask_protocol,
               reply_fn reply);
   void drop_job_filter(const std::string& filter, const std::string& id, std::vector<std::string> released,
                        reply_fn reply);

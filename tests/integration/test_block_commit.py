@@ -6,6 +6,9 @@
 - an active commit goes READY with QSD's events and len; writes through an NBD export of the top while READY reach
   the base; job-complete pivots the export to the base (query-block-exports), the data read over NBD after the pivot
   equals what was written, and the base alone equals the chain's view;
+- a commit into a base smaller than the top grows the base first (intermediate and active), as QSD's does;
+- backing-mask-protocol (9.0): a protocol node as the new backing file is recorded with format "raw" instead of
+  the protocol's name (without it, the protocol's name, as QSD 7.2 writes it);
 - a soft block-job-cancel of a READY active commit completes it (BLOCK_JOB_COMPLETED) without a pivot; a force
   cancel ends it with BLOCK_JOB_CANCELLED.
 Exit 77 when qemu-img/qemu-io/qemu-storage-daemon are missing."""
@@ -162,7 +165,87 @@ def case_active(binary, tmp):
             sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw", b, out)
 
 
-CASES = [case_errors_equal_qsd, case_intermediate, case_active]
+def grow(binary, tmp, mode):
+    """base is 8 MiB, mid and top 16 MiB with data above 8 MiB; the commit must grow base to 16 MiB."""
+    os.makedirs(tmp)
+    b, mid, t = (os.path.join(tmp, n + ".qcow2") for n in ("base", "mid", "top"))
+    sh("qemu-img", "create", "-q", "-f", "qcow2", b, "8M")
+    sh("qemu-io", "-c", "write -P 0x11 0 1M", b)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", mid, "16M")
+    sh("qemu-io", "-c", "write -P 0x33 12M 1M", mid)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", t, "16M")
+    sh("qemu-io", "-c", "write -P 0x22 14M 1M", t)
+    flat = os.path.join(tmp, "flat.raw")
+    sh("qemu-img", "convert", "-O", "raw", t, flat)
+    d, m = start(binary, tmp)
+    try:
+        add_chain(m, b, mid, t)
+        args = {"job-id": "g", "device": "top"}
+        if mode == "intermediate":
+            args["top-node"] = "mid"
+        assert m.cmd("block-commit", args) == {"return": {}}
+        if mode == "active":
+            m.wait("BLOCK_JOB_READY")
+            assert m.cmd("job-complete", {"id": "g"}) == {"return": {}}
+        end = m.wait("BLOCK_JOB_COMPLETED")
+        m.wait("JOB_STATUS_CHANGE", lambda x: x == {"id": "g", "status": "null"})
+        sizes = {n["node-name"]: n["image"]["virtual-size"] for n in m.cmd("query-named-block-nodes")["return"]
+                 if not n["node-name"].startswith("#")}
+    finally:
+        d.stop()
+    sh("qemu-img", "check", b)
+    if mode == "active":
+        sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw", b, flat)
+    else:
+        sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw", t, flat)
+        sh("qemu-io", "-f", "qcow2", "-c", "read -P 0x33 12M 1M", b)
+    return end, sizes
+
+
+def case_commit_grows_smaller_base(binary, tmp):
+    for mode in ("intermediate", "active"):
+        want = grow(QSD, os.path.join(tmp, mode, "qsd"), mode)
+        got = grow(binary, os.path.join(tmp, mode, "blockd"), mode)
+        assert want == got, (mode, want, got)
+        assert got[1]["base"] == 16 << 20, got
+
+
+def mask(binary, tmp, masked):
+    """mid's backing is the protocol node 'bfile' (raw data); committing mid into it rebases top onto bfile."""
+    os.makedirs(tmp)
+    braw, mid, t = os.path.join(tmp, "base.raw"), os.path.join(tmp, "mid.qcow2"), os.path.join(tmp, "top.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "raw", braw, "4M")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", braw, "-F", "raw", mid)
+    sh("qemu-io", "-c", "write -P 0x33 1M 1M", mid)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", t)
+    d, m = start(binary, tmp)
+    try:
+        assert m.cmd("blockdev-add", {"driver": "file", "node-name": "bfile", "filename": braw}) == {"return": {}}
+        assert m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "mid", "backing": "bfile",
+                                      "file": {"driver": "file", "filename": mid}}) == {"return": {}}
+        assert m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "top", "backing": "mid",
+                                      "file": {"driver": "file", "filename": t}}) == {"return": {}}
+        args = {"job-id": "k", "device": "top", "top-node": "mid"}
+        if masked is not None:
+            args["backing-mask-protocol"] = masked
+        assert m.cmd("block-commit", args) == {"return": {}}
+        m.wait("JOB_STATUS_CHANGE", lambda x: x == {"id": "k", "status": "null"})
+    finally:
+        d.stop()
+    info = json.loads(sh("qemu-img", "info", "--output=json", t))
+    sh("qemu-io", "-f", "raw", "-c", "read -P 0x33 1M 1M", braw)
+    return info.get("backing-filename-format")
+
+
+def case_backing_mask_protocol(binary, tmp):
+    want = mask(QSD, os.path.join(tmp, "qsd"), None)
+    assert mask(binary, os.path.join(tmp, "plain"), None) == want == "file", want
+    assert mask(binary, os.path.join(tmp, "masked"), True) == "raw"
+    assert mask(binary, os.path.join(tmp, "unmasked"), False) == "file"
+
+
+CASES = [case_errors_equal_qsd, case_intermediate, case_active, case_commit_grows_smaller_base,
+         case_backing_mask_protocol]
 
 
 if __name__ == "__main__":
