@@ -133,8 +133,11 @@ void supervisor_actor::blockdev_mirror(const boost::json::object& args, reply_fn
   auto tgt_err = parse_on_error(str_arg(args, "on-target-error").value_or("report")).value_or(on_error_policy::report);
   bool auto_finalize = !args.contains("auto-finalize") || args.at("auto-finalize").as_bool();
   bool auto_dismiss = !args.contains("auto-dismiss") || args.at("auto-dismiss").as_bool();
-  bool target_zero = (args.contains("target-is-zero") && args.at("target-is-zero").as_bool()) || extra.target_zeroed;
-  bool unmap = extra.unmap;
+  bool target_zero = (args.contains("target-is-zero") && args.at("target-is-zero").as_bool());
+  // A target that gets its backing file only at the pivot must not deallocate zero ranges now: the
+  // backing file's data would show through them afterwards.
+  bool unmap = extra.unmap && extra.target_backing.empty();
+  bool allocated_only = extra.allocated_only;
   bool size_ok = src->length() == tgt->length();
   if (gran == 0) {
     // QEMU: the target's cluster size, within 4 KiB .. 64 KiB.
@@ -149,7 +152,7 @@ void supervisor_actor::blockdev_mirror(const boost::json::object& args, reply_fn
   plan.nothing_to_do = false;
   plan.mirror = std::make_shared<mirror_state>();
   plan.mirror->write_blocking = write_blocking;
-  plan.settings = [src, tgt, sync, gran, buf_size, target_zero, unmap] {
+  plan.settings = [src, tgt, sync, gran, buf_size, target_zero, unmap, allocated_only] {
     block::copy_settings s;
     s.source = src;
     s.target = tgt;
@@ -157,6 +160,8 @@ void supervisor_actor::blockdev_mirror(const boost::json::object& args, reply_fn
     s.buf_size = std::max<int64_t>(buf_size, gran);
     s.max_chunk = std::min<int64_t>(std::max<int64_t>(gran, 1 << 20), s.buf_size);
     s.policy = sync == "top" ? block::copy_policy_top() : block::copy_policy_full();
+    if (allocated_only)
+      s.policy = [full = s.policy](const block::copy_extent& e) { return e.depth == 0 ? block::copy_action::skip : full(e); };
     s.target_zeroed = target_zero;
     s.zeroes_charged = false;
     s.may_unmap = unmap;  // QEMU's mirror unmaps zero ranges of the target unless unmap=false (drive-mirror)
@@ -214,8 +219,9 @@ void supervisor_actor::drive_mirror(const boost::json::object& args, reply_fn re
   mirror_extra extra;
   extra.drive = true;
   extra.unmap = !args.contains("unmap") || args.at("unmap").as_bool();
-  // A new image without a backing file reads zeroes: sync=full need not write the zeroes.
-  extra.target_zeroed = sync == "full" && !existing;
+  // A new image without a backing file reads zeroes: sync=full copies only what is allocated
+  // somewhere in the source's chain (QEMU's zero_target=false), zeroes that are allocated included.
+  extra.allocated_only = sync == "full" && !existing;
   block::overlay_image img;
   img.filename = file;
   img.format = fmt;
@@ -235,17 +241,26 @@ void supervisor_actor::drive_mirror(const boost::json::object& args, reply_fn re
   boost::json::object margs = args;
   for (const char* k : {"format", "node-name", "mode", "unmap"}) margs.erase(k);
   margs["sync"] = sync;
-  auto open_target = [this, home, file, fmt, node_name, existing, margs, extra, reply](command_outcome created) mutable {
+  std::string early_backing = sync == "top" ? extra.target_backing : "";
+  auto open_target = [this, home, file, fmt, node_name, existing, margs, extra, early_backing,
+                      reply](command_outcome created) mutable {
     if (!created.ok) return reply(created);
     boost::json::object opts{{"driver", fmt}, {"file", boost::json::object{{"driver", "file"}, {"filename", file}}}};
-    if (!existing && fmt == "qcow2") opts["backing"] = nullptr;
+    // QEMU opens the new image without its backing file and links it at the pivot. For sync=top
+    // blockd links the source's backing node from the start: the target's zero writes must then
+    // leave zero clusters (a qcow2 without a backing file skips zeroing what reads zeroes anyway,
+    // and the backing file's data would show through after the pivot). sync=none links the source
+    // itself at the pivot (what shows through there is what the source reads).
+    if (fmt == "qcow2")
+      opts["backing"] = early_backing.empty() ? boost::json::value(nullptr) : boost::json::value(early_backing);
     if (node_name) opts["node-name"] = *node_name;
     auto staged = graph_->begin_add(opts, env_for(home));
+    staged->auto_name = true;
     block::graph* g = graph_.get();
     run_at(home, [g, staged] {
       auto r = g->open_staged(*staged);
       return r ? command_outcome::success() : command_outcome::failure(r.error());
-    }, [this, staged, home, margs, extra, reply](command_outcome o) mutable {
+    }, [this, staged, home, margs, extra, existing, reply](command_outcome o) mutable {
       if (!o.ok) return reply(o);
       for (block::node* x : staged->created) homes_[x] = home;
       auto n = graph_->commit_staged(*staged);
@@ -253,6 +268,22 @@ void supervisor_actor::drive_mirror(const boost::json::object& args, reply_fn re
       adopt_new_nodes(home);
       (*n)->monitor_owned = false;  // the job's node: it stays only if the pivot gives it users
       std::string tname = (*n)->name();
+      if (existing) {
+        // QEMU opens an existing image's backing chain (the file its header names) at the pivot.
+        // blockd links the node of the source's chain that has that file, from the start (as for
+        // sync=top above); a header naming a file outside the source's chain is left unlinked.
+        std::string want = (*n)->facts() ? (*n)->facts()->backing_filename : "";
+        block::child_edge* slot = (*n)->slot("backing");
+        block::node* src = graph_->find(std::string(margs.at("device").as_string()));
+        for (block::node* c = src; c && !want.empty() && slot; c = cow_backing(c))
+          if (graph_->filename(*c) == want) {
+            if (graph_->set_child(*slot, c)) {
+              extra.target_backing = c->name();
+              sync_node_actors();
+            }
+            break;
+          }
+      }
       margs["target"] = tname;
       // A refused start closes the target again (QEMU's bdrv_unref); the image file stays.
       blockdev_mirror(margs, [this, tname, reply](command_outcome out) {

@@ -44,7 +44,7 @@ struct supervisor_hooks {
 // What drive-mirror adds to blockdev-mirror's start (the target node it opened itself).
 struct mirror_extra {
   bool drive = false;
-  bool target_zeroed = false;  // a fresh image of sync=full reads zeroes
+  bool allocated_only = false;  // a fresh image of sync=full: copy what is allocated in the chain (it reads zeroes elsewhere)
   bool unmap = true;
   std::string target_backing;  // set as the target's backing at the pivot (empty: none)
 };

@@ -72,6 +72,7 @@ void mirror_hook::go(active_write& w, bool immediate) {
   // io_control: a drain of the source waits for this guest write, so its target half must pass a
   // quiesce of the target (the pivot and job start quiesce both).
   t.flags = (g.flags & (io_fua | io_may_unmap | io_no_fallback)) | io_control;
+  if (!engine_.settings().may_unmap) t.flags &= ~uint32_t(io_may_unmap);  // as the job's own zero writes
   t.waiter = &w;
   target_.submit(t);
   if (!immediate) source_.release_write(g);
