@@ -5,6 +5,8 @@
   the target node after the pivot (format, backing file) and the new image's header as QSD's, data as the source's;
 - write-blocking: with the READY job paused (no background copy runs), a write that completed to the NBD client is
   already on the target (raw images, read from outside), on QSD and on blockd;
+- write-blocking with a failing target (blkdebug, on-target-error report / ignore): the guest's write succeeds,
+  BLOCK_JOB_ERROR and the job's end as QSD's, and with ignore the range is copied again;
 - write-blocking under a concurrent fio randwrite (crc32c verify): READY, actively-synced, a soft cancel leaves the
   target equal to the source (qemu-img compare); a second run pivots mid-load and fio's verify reads the target;
 - block-job-change: lookups and texts, background -> write-blocking mid-job, actively-synced false until READY and
@@ -191,6 +193,53 @@ def case_active_write_is_on_target_before_it_completes(binary, tmp):
     assert got[0]["actively-synced"] is True, got  # 10.2's member; 7.2 has none
 
 
+def active_target_error(binary, tmp, policy):
+    """sync=none: nothing to copy, so the first target write is the guest's active one, and it fails."""
+    os.makedirs(tmp)
+    src, tgt = os.path.join(tmp, "src.qcow2"), os.path.join(tmp, "tgt.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", src, "16M")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", tgt, "16M")
+    sock = os.path.join(tmp, "nbd.sock")
+    d, m = start(binary, tmp)
+    try:
+        assert m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "src", "file": {"driver": "file", "filename": src}}) == {"return": {}}
+        assert m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "tgt", "file": {
+            "driver": "blkdebug", "inject-error": [{"event": "write_aio", "errno": 5, "once": True}],
+            "image": {"driver": "file", "filename": tgt}}}) == {"return": {}}
+        assert m.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
+        assert m.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "src", "writable": True}) == {"return": {}}
+        assert m.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt", "sync": "none",
+                                         "copy-mode": "write-blocking", "on-target-error": policy}) == {"return": {}}
+        m.wait("BLOCK_JOB_READY")
+        m.names()
+        # The guest's write succeeds (the source has it) whatever the target did.
+        sh("qemu-io", "-f", "raw", "-c", "write -P 0x77 1M 64k", f"nbd+unix:///src?socket={sock}")
+        err = m.wait("BLOCK_JOB_ERROR")
+        if policy == "report":
+            end = m.wait("BLOCK_JOB_COMPLETED")
+            end = {k: v for k, v in end.items() if k not in ("len", "offset")}
+        else:
+            # ignore: the chunk stays dirty and is copied again (the error was once only).
+            j = m.cmd("query-block-jobs")["return"][0]
+            end = j["status"]
+            assert m.cmd("block-job-cancel", {"device": "m"}) == {"return": {}}
+            m.wait("BLOCK_JOB_COMPLETED")
+        m.wait("JOB_STATUS_CHANGE", lambda x: x == {"id": "m", "status": "null"})
+    finally:
+        d.stop()
+    sh("qemu-io", "-c", "read -P 0x77 1M 64k", src)
+    if policy == "ignore":
+        sh("qemu-img", "compare", src, tgt)
+    return err, end
+
+
+def case_active_target_error_as_qsd(binary, tmp):
+    for policy in ("report", "ignore"):
+        want = active_target_error(QSD, os.path.join(tmp, policy, "qsd"), policy)
+        got = active_target_error(binary, os.path.join(tmp, policy, "blockd"), policy)
+        assert want == got, (policy, want, got)
+
+
 def fio_cmd(sock, verify):
     return ["fio", "--name=w", "--ioengine=nbd", f"--uri=nbd+unix:///top?socket={sock}", "--rw=randwrite", "--bs=4k",
             "--size=48M", "--iodepth=16", "--randrepeat=0", "--output-format=terse", "--verify_state_save=0"] + \
@@ -289,7 +338,8 @@ def case_block_job_change(binary, tmp):
 
 
 CASES = [case_drive_mirror_errors_equal_qsd, case_drive_mirror_modes_equal_qsd,
-         case_active_write_is_on_target_before_it_completes, case_active_mirror_under_fio, case_block_job_change]
+         case_active_write_is_on_target_before_it_completes, case_active_target_error_as_qsd,
+         case_active_mirror_under_fio, case_block_job_change]
 
 
 if __name__ == "__main__":
