@@ -3,8 +3,8 @@
 
 #include <cerrno>
 
+#include "storage/block/mirror_hook.h"
 #include "storage/block/node.h"
-#include "storage/block/write_hook.h"
 
 namespace blockd {
 
@@ -34,11 +34,19 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
       finish(0);
     };
     source_ = s.source;
+    block::node* target = s.target;
     engine_ = std::make_unique<block::copy_engine>(std::move(s), std::move(cb));
-    if (plan_.ready_when_idle) {
-      hook_.host = this;
-      source_->add_write_hook(&hook_);
-      hooked_ = true;
+    if (plan_.ready_when_idle && target) {
+      block::mirror_hook::callbacks hc;
+      hc.synced = [this](int64_t n) { add_active_progress(n); };
+      hc.target_failed = [this](int err) { active_write_failed(err); };
+      hc.dirtied = [this] { grown(); };
+      hc.drained = [this] {
+        if (hook_drained_) std::exchange(hook_drained_, nullptr)();
+      };
+      hook_ = std::make_unique<block::mirror_hook>(*source_, *target, *engine_, std::move(hc));
+      if (plan_.mirror && plan_.mirror->write_blocking) hook_->set_write_blocking();
+      source_->add_write_hook(hook_.get());
     }
     auto self = shared_from_this();
     auto go = [self](int rc) {
@@ -93,6 +101,15 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     if (engine_) engine_->set_speed(uint64_t(s));
   }
 
+  // block-job-change copy-mode=write-blocking (the runner set plan_.mirror's mode already).
+  void set_write_blocking() {
+    if (!hook_ || done_) return;
+    hook_->set_write_blocking();
+    // Converged already (READY, nothing dirty): every write from now on goes to both sides. A
+    // background write still in flight dirties its range and the next convergence says so.
+    if (ready_sent_ && engine_ && engine_->idle() && hook_->settled()) plan_.mirror->actively_synced = true;
+  }
+
   // job-complete: the work ends once converged (the engine keeps following writes until clean).
   void complete() {
     completing_ = true;
@@ -134,22 +151,45 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     return block::copy_error_action::report;
   }
 
-  struct dirty_hook final : block::write_hook {
-    engine_host* host = nullptr;
-    void after_write(const block::io_request& r) override {
-      if (r.result < 0 || !host->engine_) return;
-      host->engine_->mark_dirty(r.offset, r.length);
-      // The total grows with what the guest writes meanwhile: one report per round of copying.
-      if (!host->growth_posted_) {
-        host->growth_posted_ = true;
-        host->port_.post([rem = host->engine_->remaining()](job::core& j) { j.progress_set_remaining(rem); });
-      }
-    }
+  // The total grows with what the guest writes meanwhile: one report per round of copying.
+  void grown() {
+    if (growth_posted_ || !engine_) return;
+    growth_posted_ = true;
+    port_.post([rem = engine_->remaining()](job::core& j) { j.progress_set_remaining(rem); });
+  }
+
+  // Active writes count as done work, as QEMU's do (both len and offset grow by them). Many writes
+  // share one message to the job's thread.
+  struct active_bytes {
+    std::atomic<int64_t> bytes{0};
+    std::atomic<bool> posted{false};
   };
+  void add_active_progress(int64_t n) {
+    active_->bytes.fetch_add(n, std::memory_order_relaxed);
+    if (active_->posted.exchange(true)) return;
+    port_.post([a = active_](job::core& j) {
+      a->posted = false;
+      int64_t n = a->bytes.exchange(0);
+      j.progress_increase_remaining(n);
+      j.progress_update(n);
+    });
+  }
+
+  // An active write's target half failed: on-target-error decides, as for the engine's own writes.
+  void active_write_failed(int err) {
+    if (plan_.mirror) plan_.mirror->actively_synced = false;
+    if (!engine_ || done_) return;
+    block::copy_error e;
+    e.is_read = false;
+    e.err = err;
+    engine_->external_error(error(e), err);
+  }
 
   void idle() {
     if (!plan_.ready_when_idle) return finish(first_err_);
-    // Converged: the total is what was copied.
+    // Converged: the total is what was copied. In write-blocking mode the target follows every
+    // write from now on (QEMU sets actively-synced at each convergence in that mode).
+    if (plan_.mirror && hook_ && hook_->write_blocking() && hook_->settled()) plan_.mirror->actively_synced = true;
     growth_posted_ = false;
     port_.post([](job::core& j) { j.progress_set_remaining(0); });
     if (completing_) return finish(0);
@@ -160,9 +200,23 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     });
   }
 
+  // The hook stops at once, but leaves the node (and lets the engine go) only once the guest
+  // writes it holds are done: they use the engine's locks and the target.
   void unhook() {
-    if (hooked_ && source_) source_->remove_write_hook(&hook_);
-    hooked_ = false;
+    if (!hook_ || unhooking_) return;
+    unhooking_ = true;
+    auto self = shared_from_this();
+    hook_drained_ = [self] { self->source_->env().defer([self] { self->hook_gone(); }); };
+    hook_->stop();  // drained at once when nothing is in flight, else when the last write ends
+  }
+
+  void hook_gone() {
+    if (!hook_) return;
+    source_->remove_write_hook(hook_.get());
+    // Freed on a later turn: a node may be walking its hook list right now.
+    std::shared_ptr<block::mirror_hook> old(hook_.release());
+    source_->env().defer([old] {});
+    if (drop_wanted_) drop_engine();
   }
 
   void finish(int rc) {
@@ -179,6 +233,10 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
   // The engine goes on a later turn: finish may run inside one of its callbacks (a scan's end).
   void drop_engine() {
     if (!engine_) return;
+    if (hook_) {
+      drop_wanted_ = true;  // hook_gone() drops it
+      return unhook();
+    }
     auto self = shared_from_this();
     source_->env().defer([self] { self->engine_.reset(); });
   }
@@ -189,10 +247,12 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
   std::unique_ptr<block::copy_engine> engine_;
   std::function<void()> parked_;
   block::node* source_ = nullptr;
-  dirty_hook hook_;
+  std::unique_ptr<block::mirror_hook> hook_;
+  std::function<void()> hook_drained_;
+  std::shared_ptr<active_bytes> active_ = std::make_shared<active_bytes>();
   int first_err_ = 0;
   std::string fail_text_;
-  bool hooked_ = false, growth_posted_ = false, ready_sent_ = false, completing_ = false, released_ = false;
+  bool unhooking_ = false, drop_wanted_ = false, growth_posted_ = false, ready_sent_ = false, completing_ = false, released_ = false;
   bool started_ = false, held_ = false, engine_paused_ = false, cancel_ = false, done_ = false;
 };
 
@@ -262,5 +322,26 @@ void engine_job_runner::clean(job::core& j) {
 }
 
 void engine_job_runner::abandon() { body_cancel(); }
+
+result<void> engine_job_runner::change_kind(job::core& j, const boost::json::object& opts) {
+  if (!plan_.mirror) return block_job_runner::change_kind(j, opts);
+  // QEMU's mirror_change: the same mode is accepted and changes nothing; only background ->
+  // write-blocking is implemented.
+  auto* v = opts.if_contains("copy-mode");
+  std::string mode = v && v->is_string() ? std::string(v->as_string()) : "";
+  bool blocking = plan_.mirror->write_blocking;
+  if (mode == (blocking ? "write-blocking" : "background")) return {};
+  if (mode != "write-blocking") return fail("Change to copy mode '" + mode + "' is not implemented");
+  plan_.mirror->write_blocking = true;
+  to_host([](engine_host& h) { h.set_write_blocking(); });
+  return {};
+}
+
+void engine_job_runner::info_extra(boost::json::object& o) const {
+  if (!plan_.mirror) return;
+  // QEMU's actively_synced is only ever set once the job is READY; a standby job keeps it.
+  bool ready = core() && (core()->state() == job::status::ready || core()->state() == job::status::standby);
+  o["actively-synced"] = ready && plan_.mirror->actively_synced.load();
+}
 
 }  // namespace blockd

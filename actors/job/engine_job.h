@@ -1,5 +1,6 @@
 // A block job whose work is one run of the copy engine (stream, commit; mirror and backup build on it): the runner on the job actor's thread, the engine's host on the nodes' home iothread.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -10,6 +11,13 @@
 namespace blockd {
 
 class engine_host;
+
+// A mirror's copy mode and BlockJobInfoMirror's actively-synced, shared by the runner (job thread:
+// block-job-change, query-block-jobs) and the host (home thread: every write asks the mode).
+struct mirror_state {
+  std::atomic<bool> write_blocking{false};
+  std::atomic<bool> actively_synced{false};  // converged in write-blocking mode, no target error since
+};
 
 struct engine_job_plan {
   iothread* home = nullptr;  // where the engine's nodes live (and the engine runs)
@@ -29,6 +37,8 @@ struct engine_job_plan {
   // (a write hook) until the job is cleaned up; job-complete ends the work once converged, and the
   // prepare's pivot first stops the writers and runs `sync` (see finish).
   bool ready_when_idle = false;
+  // Mirror only: its copy mode (write-blocking: guest writes reach the target before they complete).
+  std::shared_ptr<mirror_state> mirror;
   // Nothing to copy (a stream whose top sits right on the base): the job ends within its start,
   // as QEMU's does when its body returns without yielding.
   bool nothing_to_do = false;
@@ -57,6 +67,10 @@ class engine_job_runner : public block_job_runner {
   bool cancel(job::core& j, bool force) override;
 
  protected:
+  // Mirror: block-job-change's copy-mode, and actively-synced in query-block-jobs.
+  result<void> change_kind(job::core& j, const boost::json::object& opts) override;
+  void info_extra(boost::json::object& o) const override;
+
   void body_start(job::core& j) override;
   void body_pause(std::function<void()> parked) override;
   void body_resume() override;

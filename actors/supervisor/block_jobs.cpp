@@ -1,4 +1,4 @@
-// Supervisor: the block-job commands (block-job-*, query-block-jobs, block-stream, block-commit, blockdev-mirror), their op blockers and the graph work of their finalization (rebase, pivot); main iothread only.
+// Supervisor: the block-job commands (block-job-*, query-block-jobs, block-stream, block-commit), their op blockers and the graph work of their finalization (rebase, pivot); main iothread only.
 #include <caf/all.hpp>
 
 #include <algorithm>
@@ -108,7 +108,7 @@ void supervisor_actor::register_block_job_commands() {
   });
   commands_.add("block-stream", [this](boost::json::object& a, reply_fn r) { block_stream(a, std::move(r)); });
   commands_.add("block-commit", [this](boost::json::object& a, reply_fn r) { block_commit(a, std::move(r)); });
-  commands_.add("blockdev-mirror", [this](boost::json::object& a, reply_fn r) { blockdev_mirror(a, std::move(r)); });
+  register_mirror_commands();
 }
 
 void supervisor_actor::queue_job_edit(std::function<void(reply_fn)> work) {
@@ -447,120 +447,14 @@ void supervisor_actor::commit_active(const std::string& id, block::node* top, bl
   start_job(job::options{id, job::type::commit, auto_finalize, auto_dismiss}, runner, hold, std::move(reply));
 }
 
-void supervisor_actor::blockdev_mirror(const boost::json::object& args, reply_fn reply) {
-  auto failed = [&reply](std::string text) { reply(command_outcome::failure(error(std::move(text)))); };
-  std::string device(args.at("device").as_string()), target(args.at("target").as_string());
-  std::string id = str_arg(args, "job-id").value_or("");
-  std::string sync(args.at("sync").as_string());
-  block::node* src = graph_->find(device);
-  if (!src) return failed("Cannot find device='" + device + "' nor node-name='" + device + "'");
-  block::node* tgt = graph_->find(target);
-  if (!tgt) return failed("Cannot find device='" + target + "' nor node-name='" + target + "'");
-  // QEMU's mirror runs from a root node (it puts its filter above): a node under another one, or
-  // under a running mirror's or active commit's filter, is refused.
-  bool filtered = false;
-  for (auto& j : jobs_)
-    if (j.block_kind && (*j.block_kind == job::type::mirror || *j.block_kind == job::type::commit) &&
-        std::find(j.blocked.begin(), j.blocked.end(), device) != j.blocked.end() && !j.blocked.empty() &&
-        j.blocked.front() == device)
-      filtered = true;
-  if (!src->parents.empty() || filtered) return failed("Need a root block node");
-  if (auto r = check_job_blockers(*src); !r) return reply(command_outcome::failure(r.error()));
-  if (src == tgt) return failed("Can't mirror node into itself");
-  if (auto r = not_backing(*tgt); !r) return reply(command_outcome::failure(r.error()));
-  if (auto r = check_job_blockers(*tgt); !r) return reply(command_outcome::failure(r.error()));
-  if (sync == "incremental" || sync == "bitmap") return failed("Sync mode '" + sync + "' not supported");
-  int64_t gran = 0;
-  if (auto* g = args.if_contains("granularity")) {
-    gran = g->to_number<int64_t>();
-    if (gran < 512 || gran > (64 << 20)) return failed("Parameter 'granularity' expects a value in range [512B, 64MB]");
-    if (gran & (gran - 1)) return failed("Parameter 'granularity' expects a power of 2");
-  }
-  int64_t buf_size = 16 << 20;
-  if (auto* b = args.if_contains("buf-size")) {
-    buf_size = b->to_number<int64_t>();
-    if (buf_size < 0) return failed("Invalid parameter 'buf-size'");
-    if (buf_size == 0) buf_size = 16 << 20;
-  }
-  block::node* replaces = nullptr;
-  if (auto r = str_arg(args, "replaces")) {
-    replaces = graph_->find(*r);
-    if (!replaces) return failed("Failed to find node with node-name='" + *r + "'");
-    if (auto nb = not_backing(*replaces); !nb) return reply(command_outcome::failure(nb.error()));
-  }
-  if (auto cm = str_arg(args, "copy-mode"); cm && *cm == "write-blocking")
-    return failed("copy-mode 'write-blocking' (active mirroring) is not supported by this blockd version; use "
-                  "copy-mode 'background'");
-  if (auto fn = str_arg(args, "filter-node-name"); fn && !block::node_name_valid(*fn))
-    return failed("Could not create node: Invalid node-name: '" + *fn + "'");
-  if (!id_wellformed(id)) return failed("Invalid job ID '" + id + "'");
-  if (find_job(id)) return failed("Job ID '" + id + "' already in use");
-  if (home_of(src) != home_of(tgt))
-    return failed("Node '" + target + "' lives on another iothread than '" + device +
-                  "'; move it there first (x-blockdev-set-iothread)");
-  auto speed = args.contains("speed") ? args.at("speed").to_number<int64_t>() : 0;
-  auto src_err = parse_on_error(str_arg(args, "on-source-error").value_or("report")).value_or(on_error_policy::report);
-  auto tgt_err = parse_on_error(str_arg(args, "on-target-error").value_or("report")).value_or(on_error_policy::report);
-  bool auto_finalize = !args.contains("auto-finalize") || args.at("auto-finalize").as_bool();
-  bool auto_dismiss = !args.contains("auto-dismiss") || args.at("auto-dismiss").as_bool();
-  bool target_zero = args.contains("target-is-zero") && args.at("target-is-zero").as_bool();
-  bool size_ok = src->length() == tgt->length();
-  if (gran == 0) {
-    // QEMU: the target's cluster size, within 4 KiB .. 64 KiB.
-    int64_t c = tgt->facts() ? tgt->facts()->cluster_size : 0;
-    gran = std::clamp<int64_t>(c > 0 ? c : 65536, 4096, 65536);
-  }
-
-  engine_job_plan plan;
-  plan.home = home_of(src);
-  plan.ready_when_idle = true;
-  plan.skipped_is_progress = false;
-  plan.nothing_to_do = false;
-  plan.settings = [src, tgt, sync, gran, buf_size, target_zero] {
-    block::copy_settings s;
-    s.source = src;
-    s.target = tgt;
-    s.granularity = gran;
-    s.buf_size = std::max<int64_t>(buf_size, gran);
-    s.max_chunk = std::min<int64_t>(std::max<int64_t>(gran, 1 << 20), s.buf_size);
-    s.policy = sync == "top" ? block::copy_policy_top() : block::copy_policy_full();
-    s.target_zeroed = target_zero;
-    s.zeroes_charged = false;
-    return s;
-  };
-  // sync=none copies only what the guest writes from now on.
-  plan.fill = [sync, size_ok](block::copy_engine& e, std::function<void(int)> ready) {
-    if (!size_ok) return ready(-EINVAL);
-    if (sync == "none") return ready(0);
-    e.scan(std::move(ready));
-  };
-  plan.failure_text = size_ok ? "" : "Source and target image have different sizes";
-  plan.on_source_error = src_err;
-  plan.on_target_error = tgt_err;
-  std::string from = replaces ? replaces->name() : device;
-  plan.finish = [this, from, target](engine_job_plan::home_sync s, std::function<void(result<void>)> done) {
-    edit_step([this, from, target, s](reply_fn r) { pivot(from, target, s, std::move(r)); })(std::move(done));
-  };
-  auto runner = std::make_shared<engine_job_runner>(job::type::mirror, std::move(plan));
-  runner->initial_speed(speed);
-  auto hold = [this, src, tgt, id](job_entry& j) {
-    j.block_kind = job::type::mirror;
-    j.blocked.push_back(src->name());
-    j.target_of_job = tgt->name();
-    block::perm_user u{"block job '" + id + "'", block::perm_write, block::perm_all};
-    if (graph_->attach_user(*tgt, user_key(id), u)) j.held.push_back(tgt->name());
-  };
-  start_job(job::options{id, job::type::mirror, auto_finalize, auto_dismiss}, runner, hold, std::move(reply));
-}
-
 void supervisor_actor::pivot(const std::string& from_name, const std::string& to_name, engine_job_plan::home_sync sync,
-                             reply_fn reply) {
+                             reply_fn reply, std::string to_backing) {
   block::node* from = graph_->find(from_name);
   block::node* to = graph_->find(to_name);
   if (!from || !to) return reply(command_outcome::failure(error("Node '" + from_name + "' went away before the pivot")));
   // Writers stop (their requests complete), the engine copies what they dirtied last, then every
   // user of `from` moves to `to` with both drained, and the writers go on there.
-  park_clients({from}, [this, from_name, to_name, sync, reply]() mutable {
+  park_clients({from}, [this, from_name, to_name, sync, reply, to_backing]() mutable {
     block::node* f = graph_->find(from_name);
     if (!f) {
       unpark_clients();
@@ -570,7 +464,7 @@ void supervisor_actor::pivot(const std::string& from_name, const std::string& to
       int rc = x.env().block_on([&](std::function<void(int)> d) { sync(std::move(d)); });
       if (rc < 0) return command_outcome::failure(error(std::string("The last copy before the pivot failed: ") + std::strerror(-rc)));
       return command_outcome::success();
-    }, [this, from_name, to_name, reply](command_outcome synced) mutable {
+    }, [this, from_name, to_name, reply, to_backing](command_outcome synced) mutable {
       if (!synced.ok) {
         unpark_clients();
         return reply(synced);
@@ -581,11 +475,22 @@ void supervisor_actor::pivot(const std::string& from_name, const std::string& to
         unpark_clients();
         return reply(command_outcome::failure(error("Node '" + from_name + "' went away before the pivot")));
       }
-      with_quiesced({f, t}, [this, from_name, to_name] {
+      with_quiesced({f, t}, [this, from_name, to_name, to_backing] {
         block::node* f = graph_->find(from_name);
         block::node* t = graph_->find(to_name);
         if (!f || !t) return command_outcome::failure(error("Node '" + from_name + "' went away before the pivot"));
         if (auto r = graph_->replace_node(*f, *t); !r) return command_outcome::failure(r.error());
+        // drive-mirror's new image gets its backing node now (QEMU's MIRROR_SOURCE_BACKING_CHAIN:
+        // the source's backing for sync=top, the source itself for sync=none); after the replace,
+        // so the source's writers have left it.
+        if (!to_backing.empty()) {
+          block::node* b = graph_->find(to_backing);
+          block::child_edge* slot = t->slot("backing");
+          if (b && slot && slot->child != b) {
+            if (auto r = graph_->set_child(*slot, b); !r) return command_outcome::failure(r.error());
+            sync_node_actors();
+          }
+        }
         return command_outcome::success();
       }, [this, reply](command_outcome o) mutable {
         unpark_clients();

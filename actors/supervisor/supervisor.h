@@ -41,6 +41,14 @@ struct supervisor_hooks {
   bool daemonized = false;               // --daemonize: stdio chardevs are refused, as in QSD
 };
 
+// What drive-mirror adds to blockdev-mirror's start (the target node it opened itself).
+struct mirror_extra {
+  bool drive = false;
+  bool allocated_only = false;  // a fresh image of sync=full: copy what is allocated in the chain (it reads zeroes elsewhere)
+  bool unmap = true;
+  std::string target_backing;  // set as the target's backing at the pivot (empty: none)
+};
+
 class supervisor_actor : public caf::event_based_actor {
  public:
   supervisor_actor(caf::actor_config& cfg, iothread* home, supervisor_hooks hooks);
@@ -223,12 +231,19 @@ class supervisor_actor : public caf::event_based_actor {
   void queue_job_edit(std::function<void(reply_fn)> work);
   void block_stream(const boost::json::object& args, reply_fn reply);
   void block_commit(const boost::json::object& args, reply_fn reply);
-  void blockdev_mirror(const boost::json::object& args, reply_fn reply);
+  // ---- mirror (mirror_jobs.cpp) -------------------------------------------------------------
+  void register_mirror_commands();
+  bool mirror_root(const block::node& n) const;  // QEMU's "Need a root block node" check
+  void blockdev_mirror(const boost::json::object& args, reply_fn reply) { blockdev_mirror(args, std::move(reply), mirror_extra{}); }
+  void blockdev_mirror(const boost::json::object& args, reply_fn reply, mirror_extra extra);
+  void drive_mirror(const boost::json::object& args, reply_fn reply);
+  void block_job_change(const boost::json::object& args, reply_fn reply);
   void commit_active(const std::string& id, block::node* top, block::node* base, int64_t speed, on_error_policy on_error,
                      bool auto_finalize, bool auto_dismiss, reply_fn reply);
   // A mirror's or active commit's pivot: writers of `from` stop, `sync` copies their last writes
   // on the home, then every user of `from` moves to `to`.
-  void pivot(const std::string& from, const std::string& to, engine_job_plan::home_sync sync, reply_fn reply);
+  void pivot(const std::string& from, const std::string& to, engine_job_plan::home_sync sync, reply_fn reply,
+             std::string to_backing = {});
   // A job's graph step: `work` runs here as a job edit when the job calls the returned function.
   std::function<void(std::function<void(result<void>)>)> edit_step(std::function<void(reply_fn)> work);
   // `top`'s backing becomes `base` (none if empty), and its image header says so.

@@ -177,6 +177,11 @@ void define_block_jobs(schema& s) {
   s.command("block-job-complete", "device:str");
   s.command("block-job-dismiss", "id:str");
   s.command("block-job-finalize", "id:str");
+  // 8.2+: only mirror has options to change (its copy mode); the other job types' branches are empty.
+  s.enumeration("MirrorCopyMode", "background write-blocking");
+  s.object("BlockJobChangeOptionsMirror", "copy-mode:MirrorCopyMode");
+  s.flat_union("BlockJobChangeOptions", "id:str type:JobType", "type", {{"mirror", "BlockJobChangeOptionsMirror"}});
+  s.command("block-job-change", "BlockJobChangeOptions", "", true);
   for (const char* c : {"block-job-pause", "block-job-resume", "block-job-complete", "block-job-dismiss", "block-job-finalize"})
     s.command_features(c, {"deprecated"});
   s.command("block-commit",
@@ -184,7 +189,12 @@ void define_block_jobs(schema& s) {
             "*backing-file:str *backing-mask-protocol:bool *speed:int *on-error:BlockdevOnError "
             "*filter-node-name:str *auto-finalize:bool *auto-dismiss:bool");
   s.enumeration("MirrorSyncMode", "top full none incremental bitmap");
-  s.enumeration("MirrorCopyMode", "background write-blocking");
+  s.object("DriveMirror",
+           "*job-id:str device:str target:str *format:str *node-name:str *replaces:str sync:MirrorSyncMode "
+           "*mode:NewImageMode *speed:int *granularity:uint32 *buf-size:int *on-source-error:BlockdevOnError "
+           "*on-target-error:BlockdevOnError *unmap:bool *copy-mode:MirrorCopyMode *auto-finalize:bool "
+           "*auto-dismiss:bool");
+  s.command("drive-mirror", "DriveMirror", "", true);
   s.command("blockdev-mirror",
             "*job-id:str device:str target:str *replaces:str sync:MirrorSyncMode *speed:int *granularity:uint32 "
             "*buf-size:int *on-source-error:BlockdevOnError *on-target-error:BlockdevOnError *filter-node-name:str "

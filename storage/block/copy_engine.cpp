@@ -146,6 +146,91 @@ void copy_engine::mark_dirty(int64_t offset, int64_t length) {
   pump();
 }
 
+// ---- locked guest writes (active mirror) ----------------------------------------------------
+
+void copy_engine::chunk_span(int64_t offset, int64_t length, int64_t& lo, int64_t& hi) const {
+  const int64_t g = s_.granularity;
+  int64_t size = s_.source->length();
+  int64_t off = std::clamp<int64_t>(offset, 0, size);
+  int64_t end = std::clamp<int64_t>(offset + std::max<int64_t>(length, 0), off, size);
+  lo = off / g;
+  hi = std::min<int64_t>((end + g - 1) / g, chunks_);
+  if (hi <= lo && lo < chunks_) hi = lo + 1;  // an empty write at offset still orders with its chunk
+}
+
+bool copy_engine::span_free(int64_t lo, int64_t hi) const {
+  return std::none_of(busy_.begin() + lo, busy_.begin() + hi, [](uint8_t b) { return b != 0; });
+}
+
+bool copy_engine::lock_range(int64_t offset, int64_t length, std::function<void()> granted) {
+  int64_t lo, hi;
+  chunk_span(offset, length, lo, hi);
+  // A waiting lock on the same chunks goes first: two guest writes to one chunk reach the target
+  // in the order they got here.
+  bool queued_before = std::any_of(lock_waiters_.begin(), lock_waiters_.end(),
+                                   [&](const lock_waiter& w) { return w.lo < hi && lo < w.hi; });
+  if (!queued_before && span_free(lo, hi)) {
+    std::fill(busy_.begin() + lo, busy_.begin() + hi, uint8_t(2));
+    ++locks_held_;
+    return true;
+  }
+  // The copies it waits for must finish even while the source is drained: the drain waits for this
+  // guest write (as with copy_now).
+  const int64_t g = s_.granularity;
+  for (auto& o : ops_)
+    if (o->in_use && o->off < hi * g && lo * g < o->off + o->len) o->urgent = true;
+  lock_waiters_.push_back(lock_waiter{lo, hi, std::move(granted)});
+  return false;
+}
+
+void copy_engine::grant_locks() {
+  if (lock_waiters_.empty()) return;
+  std::vector<std::function<void()>> go;
+  std::vector<std::pair<int64_t, int64_t>> passed;  // spans of waiters left waiting (later ones queue behind them)
+  for (size_t i = 0; i < lock_waiters_.size();) {
+    lock_waiter& w = lock_waiters_[i];
+    bool behind = std::any_of(passed.begin(), passed.end(), [&](auto& p) { return p.first < w.hi && w.lo < p.second; });
+    if (behind || !span_free(w.lo, w.hi)) {
+      passed.emplace_back(w.lo, w.hi);
+      ++i;
+      continue;
+    }
+    std::fill(busy_.begin() + w.lo, busy_.begin() + w.hi, uint8_t(2));
+    ++locks_held_;
+    go.push_back(std::move(w.granted));
+    lock_waiters_.erase(lock_waiters_.begin() + ptrdiff_t(i));
+  }
+  for (auto& fn : go) fn();
+}
+
+void copy_engine::unlock_range(int64_t offset, int64_t length, bool synced) {
+  const int64_t g = s_.granularity;
+  int64_t lo, hi;
+  chunk_span(offset, length, lo, hi);
+  std::fill(busy_.begin() + lo, busy_.begin() + hi, uint8_t(0));
+  if (locks_held_) --locks_held_;
+  if (synced) {
+    map_.reset(offset, length);  // whole chunks the write covered hold the same bytes on both sides now
+  } else if (hi > lo) {
+    map_.set(lo * g, std::min(hi * g, s_.source->length()) - lo * g);
+    was_idle_ = false;
+  }
+  grant_locks();
+  pump();
+  after_change();
+}
+
+void copy_engine::external_error(copy_error_action a, int err) {
+  if (a == copy_error_action::stop && state_ == state::running) {
+    state_ = state::pausing;
+    after_change();
+  } else if (a == copy_error_action::report && !terminal_or_stopping()) {
+    if (!finish_err_) finish_err_ = -err;
+    state_ = state::stopping;
+    after_change();
+  }
+}
+
 void copy_engine::set_speed(uint64_t bytes_per_sec) {
   s_.speed = bytes_per_sec;
   limit_.set_speed(bytes_per_sec);
@@ -582,6 +667,7 @@ void copy_engine::op_done(op& o) {
   o.owner = nullptr;
   o.in_use = false;
   put_op(&o);
+  grant_locks();  // before pump(): a guest write waiting for these chunks goes ahead of a new copy
   check_waiters();
   pump();
   after_change();

@@ -156,6 +156,22 @@ class copy_engine {
   // wait out a quiesce like any request; a job pauses the engine while its nodes are drained.
   void copy_now(int64_t offset, int64_t length, std::function<void(int)> done);
 
+  // Active mirror (copy-mode write-blocking): a guest write that goes to both sides locks the
+  // chunks it touches against background copies and other locked writes, so no chunk has two
+  // writers to the target at once and an older copy never lands after a newer guest write.
+  // lock_range answers true when it got the lock at once; otherwise false, and granted() is called
+  // once every operation and lock overlapping the range is gone (from inside the completion or
+  // unlock that freed it; waiting locks in arrival order). granted() must not call into the engine.
+  bool lock_range(int64_t offset, int64_t length, std::function<void()> granted);
+  // Ends a lock. synced: the write reached both sides, so the chunks it covered whole need no copy
+  // (their dirty bits clear). Otherwise the chunks it touched are marked to copy again.
+  void unlock_range(int64_t offset, int64_t length, bool synced);
+  size_t locked_ranges() const { return locks_held_; }
+  // A failure outside the engine's own operations (an active mirror's write to the target), with
+  // the action the job decided: stop pauses the engine, report stops it for good with `err`
+  // (positive errno); retry and skip change nothing (the caller marked the range dirty).
+  void external_error(copy_error_action a, int err);
+
   void set_speed(uint64_t bytes_per_sec);
   // Stops starting operations; on_paused once nothing is in flight. copy_now still works.
   void pause();
@@ -198,8 +214,16 @@ class copy_engine {
   void defer(std::function<void()> fn);
   int64_t now() const;
 
-  // Chunk state beside the work map: in flight (one operation at a time per chunk).
+  // Chunk state beside the work map: in flight (one operation at a time per chunk); 1 = a copy
+  // operation, 2 = a locked guest write (lock_range).
   bool busy(int64_t chunk) const { return busy_[size_t(chunk)]; }
+  struct lock_waiter {
+    int64_t lo = 0, hi = 0;  // chunk indexes
+    std::function<void()> granted;
+  };
+  void chunk_span(int64_t offset, int64_t length, int64_t& lo, int64_t& hi) const;
+  bool span_free(int64_t lo, int64_t hi) const;
+  void grant_locks();
   void set_busy(int64_t first, int64_t count, bool v);
 
   // Buffers: one arena of buf_size bytes, carved in slots of `slot_` bytes.
@@ -241,6 +265,8 @@ class copy_engine {
   int64_t bytes_in_flight_ = 0, largest_req_ = 0;
 
   std::vector<std::unique_ptr<now_waiter>> waiters_;
+  std::vector<lock_waiter> lock_waiters_;
+  size_t locks_held_ = 0;
   std::unique_ptr<scanner> scanner_;
   bool notify_pending_ = false;
   bool was_idle_ = false;

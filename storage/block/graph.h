@@ -51,6 +51,7 @@ class graph {
     std::vector<node*> listing;                // their order in the graph's creation list
     std::unordered_map<std::string, node*> names;
     node* top = nullptr;
+    bool auto_name = false;  // the top may go unnamed (drive-mirror's target: "#blockNNN", as QEMU names it)
   };
   std::shared_ptr<staged_add> begin_add(const boost::json::object& options, driver_env env);
   result<void> open_staged(staged_add& s);

@@ -22,7 +22,7 @@ std::shared_ptr<graph::staged_add> graph::begin_add(const boost::json::object& o
 }
 
 result<void> graph::open_staged(staged_add& s) {
-  auto r = open_node(s.options, true, s.created, nullptr, &s);
+  auto r = open_node(s.options, !s.auto_name, s.created, nullptr, &s);
   if (!r) {
     // Newest first: a parent closes while the children it writes back through are still open.
     s.listing.clear();

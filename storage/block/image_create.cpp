@@ -21,20 +21,34 @@ bool qemu_creates(const std::string& f) {
 bool qemu_backs(const std::string& f) { return one_of(f, {"qcow2", "qcow", "qed", "vmdk"}); }
 }  // namespace
 
-result<void> check_overlay_format(const std::string& format) {
+result<void> check_overlay_format(const std::string& format) { return check_image_format(format, true); }
+
+result<void> check_image_format(const std::string& format, bool with_backing) {
   const driver_entry* e = find_driver(format);
   if (!e && !qemu_creates(format)) return fail("Unknown file format '" + format + "'");
   if (!qemu_creates(format)) return fail("Format driver '" + format + "' does not support image creation");
-  if (!qemu_backs(format)) return fail("Backing file not supported for file format '" + format + "'");
+  if (with_backing && !qemu_backs(format)) return fail("Backing file not supported for file format '" + format + "'");
+  if (format == "raw" && e) return {};  // a plain file (create_image)
   if (!e || !e->create)
-    return fail("Format '" + format + "' cannot create overlays in this blockd version (QSD can); use qcow2");
+    return fail("Format '" + format + "' cannot create images in this blockd version (QSD can); use qcow2 or raw");
   return {};
 }
 
 result<void> create_overlay_image(const overlay_image& img, const driver_env& env) {
   if (auto r = check_overlay_format(img.format); !r) return r;
+  return create_image(img, env);
+}
+
+result<void> create_image(const overlay_image& img, const driver_env& env) {
+  if (auto r = check_image_format(img.format, !img.backing_file.empty()); !r) return r;
   const driver_entry* file = find_driver("file");
   if (!file || !file->create) return fail("internal error: the file driver cannot create images");
+  if (img.format == "raw") {
+    // Raw is the file itself: emptied, then sized (it reads zeroes, as QEMU's raw create leaves it).
+    boost::json::object fopts{{"driver", "file"}, {"filename", img.filename}, {"size", img.size}};
+    create_args fa{fopts, [](const boost::json::value&) -> result<node*> { return fail("no references"); }};
+    return file->create(fa);
+  }
   // The file first (an existing one is emptied, as QEMU's create does), then the format on a
   // private node over it: a graph of its own, so nothing else ever sees the half-made image.
   boost::json::object fopts{{"driver", "file"}, {"filename", img.filename}, {"size", 0}};

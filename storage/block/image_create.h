@@ -1,4 +1,4 @@
-// Creating an overlay image file for blockdev-snapshot-sync (QEMU's bdrv_img_create with a backing file); runs on the home thread of the node being snapshotted.
+// Creating an image file for blockdev-snapshot-sync's overlay and drive-mirror's target (QEMU's bdrv_img_create); runs on the home thread of the source node.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -24,5 +24,10 @@ result<void> create_overlay_image(const overlay_image& img, const driver_env& en
 
 // The format checks alone (no I/O), in QEMU's order, so a transaction can refuse early.
 result<void> check_overlay_format(const std::string& format);
+
+// drive-mirror's target: the same image, with or without a backing file (img.backing_file empty),
+// in any format blockd creates (raw: a plain file of the size). Same thread rule as above.
+result<void> create_image(const overlay_image& img, const driver_env& env);
+result<void> check_image_format(const std::string& format, bool with_backing);
 
 }  // namespace blockd::block

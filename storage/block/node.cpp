@@ -196,7 +196,25 @@ void node::finish(io_request& r) {
   if (l.hooked) {
     l.hooked = false;
     for (write_hook* h : hooks_) h->after_write(r);
+    return completion_hooks(r, 0);
   }
+  finish_rest(r);
+}
+
+void node::completion_hooks(io_request& r, size_t from) {
+  // As run_hooks: gating hooks in order, one that holds resumes at the next (release_completion).
+  for (size_t i = from; i < hooks_.size(); ++i) {
+    if (!hooks_[i]->gates) continue;
+    r.top_layer().hook_pos = uint8_t(std::min<size_t>(i, 255));
+    if (hooks_[i]->hold_completion(r)) return;
+  }
+  finish_rest(r);
+}
+
+void node::release_completion(io_request& r) { completion_hooks(r, size_t(r.top_layer().hook_pos) + 1); }
+
+void node::finish_rest(io_request& r) {
+  io_request::layer& l = r.top_layer();
   int64_t end = now_ns();
   if (!l.unaccounted) account(r, l.start_ns, end);
   stats_.last_op_ns.set(end);

@@ -102,6 +102,8 @@ class node final : private io_waiter {
   void remove_write_hook(write_hook* h);
   // A gating hook that held `r` lets it go on (home thread).
   void release_write(io_request& r);
+  // A gating hook that held the completion of `r` (write_hook::hold_completion) lets it go on.
+  void release_completion(io_request& r);
   // The node's dirty bitmaps (home thread; the driver of a format that stores them has the same
   // set, see open_args::bitmaps). sync_bitmap_hook() registers the set as a hook while one records;
   // call it after enabling, disabling, adding or removing a bitmap.
@@ -134,6 +136,8 @@ class node final : private io_waiter {
   void start(io_request& r);
   void finish_later(io_request& r, int res);
   void finish(io_request& r);
+  void completion_hooks(io_request& r, size_t from);
+  void finish_rest(io_request& r);
   void account(const io_request& r, int64_t start_ns, int64_t end_ns);
   void check_drained();
   void run_hooks(io_request& r, size_t from);

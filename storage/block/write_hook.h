@@ -1,4 +1,4 @@
-// Write hooks: observers (and, later, gatekeepers) of every write, write-zeroes and discard a node sends to its driver; home iothread only.
+// Write hooks: observers and gatekeepers of every write, write-zeroes and discard a node sends to its driver; home iothread only.
 #pragma once
 #include "storage/block/io_request.h"
 
@@ -16,6 +16,11 @@ struct write_hook {
   virtual bool before_write(io_request& r) { (void)r; return true; }
   // Once `r` completed, before its submitter hears of it; r.result tells how it went.
   virtual void after_write(const io_request& r) { (void)r; }
+  // After every hook's after_write: a gating hook that must finish something first (active
+  // mirror: the same write to the target) returns true to hold the completion, and later calls
+  // node::release_completion(r) on the home thread; the node then asks the next hook. The held
+  // request still counts as in flight, so a drain of the node waits for it.
+  virtual bool hold_completion(io_request& r) { (void)r; return false; }
   bool gates = false;
 
  protected:

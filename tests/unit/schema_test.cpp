@@ -89,7 +89,8 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
                                    // block jobs: 8.x/10.x members and deprecations, see BlockJobCommandsFollow102
                                    "block-commit", "block-stream", "blockdev-mirror", "query-block-jobs",
                                    "block-job-pause", "block-job-resume", "block-job-complete", "block-job-dismiss",
-                                   "block-job-finalize"};
+                                   "block-job-finalize",
+                                   "block-job-change"};  // new in 8.2: see BlockJobCommandsFollow102
   int compared = 0;
   for (auto& [name, e] : ours) {
     auto meta = e.at("meta-type").as_string();
@@ -103,7 +104,7 @@ TEST(Introspection, SameStructureAsQsdForEveryEntityBlockdHas) {
   // control+introspect, object-del, the qom-* commands 7.2 has, events, block commands, graph dump, set-iothread, job-* and query-jobs,
   // the two internal snapshot commands, the export commands but block-export-add and nbd-server-start
   // (10.2 added allow-inactive, handshake-max-seconds and the keep-alive tunables)
-  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1 + 7 + 2 + 5 + 5 + 6 + 7 + 3 + 1 + 2, compared);  // + block-job-set-speed/-cancel  // + x-blockdev-change  // + qom-list/-get/-set/-list-types/-list-properties
+  EXPECT_EQ(5 + 1 + 12 + 3 + 1 + 1 + 7 + 2 + 5 + 5 + 6 + 7 + 3 + 1 + 2 + 1, compared);  // + drive-mirror  // + block-job-set-speed/-cancel  // + x-blockdev-change  // + qom-list/-get/-set/-list-types/-list-properties
   // + query-chardev, query-chardev-backends, ringbuf-write/-read, chardev-remove, chardev-send-break
   // + the six block-dirty-bitmap-* commands and x-debug-block-dirty-bitmap-sha256
   // + blockdev-snapshot, blockdev-snapshot-sync, change-backing-file
@@ -132,6 +133,27 @@ TEST(Introspection, BlockJobCommandsFollow102) {
     auto f = ours.at(cmd).if_contains("features");
     ASSERT_TRUE(f) << cmd;
     EXPECT_EQ("deprecated", f->as_array()[0].as_string()) << cmd;
+  }
+  // block-job-change (8.2): BlockJobChangeOptions, a union on the JobType "type" whose only non-empty
+  // branch is mirror's copy-mode.
+  {
+    auto args = ours.at(std::string(ours.at("block-job-change").at("arg-type").as_string()));
+    EXPECT_EQ("type", args.at("tag").as_string());
+    std::set<std::string> base;
+    for (auto& m : args.at("members").as_array()) base.insert(std::string(m.at("name").as_string()));
+    EXPECT_EQ((std::set<std::string>{"id", "type"}), base);
+    bool seen = false;
+    for (auto& v : args.at("variants").as_array()) {
+      auto& m = ours.at(std::string(v.at("type").as_string())).at("members").as_array();
+      if (v.at("case").as_string() != "mirror") {
+        EXPECT_TRUE(m.empty()) << v.at("case").as_string();
+        continue;
+      }
+      seen = true;
+      ASSERT_EQ(1u, m.size());
+      EXPECT_EQ("copy-mode", m[0].at("name").as_string());
+    }
+    EXPECT_TRUE(seen);
   }
   // BlockJobInfo: a union on the JobType "type" (10.2), with mirror's actively-synced.
   auto info = ours.at(std::string(ours.at(std::string(ours.at("query-block-jobs").at("ret-type").as_string())).at("element-type").as_string()));
