@@ -26,7 +26,8 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     cb.on_error = [this](const block::copy_error& e) { return error(e); };
     cb.on_paused = [this] {
       engine_paused_ = true;
-      if (parked_) std::exchange(parked_, nullptr)();
+      // A flush of the target in flight is waited for: the job parks with nothing of its own in flight.
+      if (parked_ && flushing_ == 0) std::exchange(parked_, nullptr)();
     };
     cb.on_finished = [this](int err) { finish(err); };
     cb.on_cancelled = [this] {
@@ -35,6 +36,7 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     };
     source_ = s.source;
     block::node* target = s.target;
+    flush_node_ = s.target ? s.target : s.source;  // copy_up (stream) writes into the source itself
     engine_ = std::make_unique<block::copy_engine>(std::move(s), std::move(cb));
     if (plan_.ready_when_idle && target) {
       block::mirror_hook::callbacks hc;
@@ -50,6 +52,7 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     }
     auto self = shared_from_this();
     auto go = [self](int rc) {
+      self->filling_ = false;
       if (rc < 0) {
         self->fail_text_ = self->plan_.failure_text;
         return self->finish(rc);
@@ -61,7 +64,10 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
       if (self->held_) return;  // paused before it started: resume() starts it
       self->engine_->start();
     };
-    if (plan_.fill) return plan_.fill(*engine_, go);
+    if (plan_.fill) {
+      filling_ = true;
+      return plan_.fill(*engine_, go);
+    }
     engine_->work_map().set(0, engine_->work_map().size());
     go(0);
   }
@@ -93,6 +99,9 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
   void cancel() {
     cancel_ = true;
     if (done_) return;
+    // The fill (an allocation scan) has a request out on the source: the engine may not go before it is
+    // back, so its end (go) takes the cancel.
+    if (filling_) return;
     if (!engine_ || !started_) return finish(0);
     engine_->cancel();
   }
@@ -113,13 +122,18 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
   // job-complete: the work ends once converged (the engine keeps following writes until clean).
   void complete() {
     completing_ = true;
-    if (engine_ && engine_->idle() && !engine_->paused()) finish(0);
+    if (engine_ && engine_->idle() && !engine_->paused()) flush_then([this] { finish(0); });
   }
 
   // On the home, writers stopped: what they dirtied last goes to the target now.
   void final_sync(std::function<void(int)> done) {
     if (!engine_) return done(-ECANCELED);
-    engine_->copy_now(0, source_->length(), std::move(done));
+    // What the pivot hands over must be on the target's disk, not in its caches (QEMU's mirror flushes
+    // the target before it completes).
+    engine_->copy_now(0, source_->length(), [this, done = std::move(done)](int rc) {
+      if (rc < 0) return done(rc);
+      flush(done);
+    });
   }
 
   // The job is over (clean): nothing watches the source's writes any more.
@@ -186,18 +200,82 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
   }
 
   void idle() {
-    if (!plan_.ready_when_idle) return finish(first_err_);
+    if (!plan_.ready_when_idle) return flush_then([this] { finish(first_err_); });
     // Converged: the total is what was copied. In write-blocking mode the target follows every
     // write from now on (QEMU sets actively-synced at each convergence in that mode).
     if (plan_.mirror && hook_ && hook_->write_blocking() && hook_->settled()) plan_.mirror->actively_synced = true;
     growth_posted_ = false;
     port_.post([](job::core& j) { j.progress_set_remaining(0); });
-    if (completing_) return finish(0);
+    // Completing (job-complete, or a soft cancel when READY): what was copied is flushed first.
+    if (completing_) return flush_then([this] { finish(0); });
     if (ready_sent_) return;
-    ready_sent_ = true;
-    port_.post([](job::core& j) {
-      if (j.state() == job::status::running) j.transition_to_ready();
+    flush_then([this] {
+      if (ready_sent_ || done_) return;
+      ready_sent_ = true;
+      port_.post([](job::core& j) {
+        if (j.state() == job::status::running) j.transition_to_ready();
+      });
     });
+  }
+
+  // Everything copied is made durable before the job says it is done (stream, commit) or READY (mirror,
+  // active commit): a target whose metadata write fails in its cache would otherwise lose what the job
+  // reported as copied, and the job's prepare (a rebase, a pivot) would then drop the only other copy.
+  // A failed flush is a target error under the job's policy: report ends the job with it, ignore tries
+  // again (stream: ends with it, as its other errors), stop pauses the job (the resumed engine reports
+  // idle again, which flushes again).
+  void flush_then(std::function<void()> ok) {
+    if (done_) return;
+    ++flushing_;
+    flush([this, ok = std::move(ok)](int rc) {
+      --flushing_;
+      if (done_ || finish_waits_) return;
+      if (engine_paused_) {
+        // The job paused meanwhile: it parks now; the resumed engine's idle flushes again.
+        if (parked_ && flushing_ == 0) std::exchange(parked_, nullptr)();
+        return;
+      }
+      if (rc >= 0) return ok();
+      switch (error(block::copy_error{0, 0, false, -rc})) {
+        case block::copy_error_action::report: return finish(rc);
+        case block::copy_error_action::skip:
+          if (!first_err_) first_err_ = rc;
+          return ok();
+        case block::copy_error_action::retry:
+          return source_->env().defer([self = shared_from_this(), ok] { self->flush_then(ok); });
+        case block::copy_error_action::stop: return;  // paused by the error's effects; idle() again on resume
+      }
+    });
+  }
+
+  // One flush of the node the job writes to; the request holds the host while it is in flight.
+  struct flush_waiter final : block::io_waiter {
+    std::shared_ptr<engine_host> host;
+    block::io_request req;
+    std::function<void(int)> done;
+    void io_done(block::io_request& r) override {
+      std::unique_ptr<flush_waiter> self(this);
+      auto d = std::move(done);
+      auto h = std::move(host);  // destroyed first after d ran: it may be the host's last reference
+      d(r.result);
+    }
+  };
+  // The job does not end while one is out (its nodes may close right after): a finish meanwhile waits.
+  void flush(std::function<void(int)> done) {
+    auto* w = new flush_waiter;
+    w->host = shared_from_this();
+    ++flushes_out_;
+    w->done = [this, done = std::move(done)](int rc) {
+      --flushes_out_;
+      done(rc);
+      if (finish_waits_ && flushes_out_ == 0) {
+        finish_waits_ = false;
+        finish(finish_rc_);
+      }
+    };
+    w->req.op = block::io_op::flush;
+    w->req.waiter = w;
+    flush_node_->submit(w->req);
   }
 
   // The hook stops at once, but leaves the node (and lets the engine go) only once the guest
@@ -221,6 +299,12 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
 
   void finish(int rc) {
     if (done_) return;
+    if (flushes_out_ > 0) {
+      // A cancel (or an error) came while a flush is out: the job ends once it is back.
+      if (!finish_waits_) finish_rc_ = rc;
+      finish_waits_ = true;
+      return;
+    }
     done_ = true;
     port_.done(rc, rc < 0 ? fail_text_ : std::string());
     // A converged mirror keeps its engine (and hook) for the pivot's last sync; others are idle
@@ -250,6 +334,12 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
   std::unique_ptr<block::mirror_hook> hook_;
   std::function<void()> hook_drained_;
   std::shared_ptr<active_bytes> active_ = std::make_shared<active_bytes>();
+  block::node* flush_node_ = nullptr;
+  int flushing_ = 0;  // flush_then's flushes in flight
+  int flushes_out_ = 0;       // every flush in flight
+  bool finish_waits_ = false;  // finish came while flushes were out: finish_rc_ once they are back
+  int finish_rc_ = 0;
+  bool filling_ = false;   // plan_.fill runs (its requests are out on the source)
   int first_err_ = 0;
   std::string fail_text_;
   bool unhooking_ = false, drop_wanted_ = false, growth_posted_ = false, ready_sent_ = false, completing_ = false, released_ = false;
@@ -281,6 +371,10 @@ void engine_job_runner::body_resume() {
 }
 
 void engine_job_runner::body_cancel() {
+  // A soft cancel of a READY mirror or active commit completes the job without a pivot, but like a
+  // completion it converges first (QEMU's mirror_run leaves its loop only with nothing dirty), so the
+  // target holds every write acknowledged before the cancel. A force cancel stops at once.
+  if (plan_.ready_when_idle && core() && !core()->is_cancelled()) return to_host([](engine_host& h) { h.complete(); });
   to_host([](engine_host& h) { h.cancel(); });
 }
 
@@ -321,7 +415,9 @@ void engine_job_runner::clean(job::core& j) {
   if (plan_.clean) plan_.clean();
 }
 
-void engine_job_runner::abandon() { body_cancel(); }
+void engine_job_runner::abandon() {
+  to_host([](engine_host& h) { h.cancel(); });
+}
 
 result<void> engine_job_runner::change_kind(job::core& j, const boost::json::object& opts) {
   if (!plan_.mirror) return block_job_runner::change_kind(j, opts);

@@ -375,7 +375,9 @@ void supervisor_actor::block_commit(const boost::json::object& args, reply_fn re
     return s;
   };
   plan.on_source_error = plan.on_target_error = on_error;
-  plan.ignore_skips = true;
+  // QEMU's commit retries a failed step under "ignore" (its loop goes on at the same offset); only stream
+  // skips it and ends with the error.
+  plan.ignore_skips = false;
   std::string ov = overlay ? overlay->name() : "", bname = base_bs->name();
   bool mask = args.contains("backing-mask-protocol") && args.at("backing-mask-protocol").as_bool();
   std::vector<std::string> dropped;

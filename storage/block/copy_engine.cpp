@@ -82,7 +82,13 @@ struct copy_engine::scanner final : io_waiter {
   io_request req;
   int64_t pos = 0;
   std::function<void(int)> done;
-  void io_done(io_request&) override { e->scan_step(*this, false); }
+  bool in_flight = false;
+  void io_done(io_request&) override {
+    in_flight = false;
+    // An engine destroyed with this request out left the scanner to free itself here.
+    if (!e) return delete this;
+    e->scan_step(*this, false);
+  }
 };
 
 copy_engine::copy_engine(copy_settings s, copy_callbacks cb)
@@ -119,7 +125,12 @@ copy_engine::~copy_engine() {
     timer_->e = nullptr;
     s_.source->env().reactor->cancel(timer_);
   }
-  if (scanner_) scanner_->e = nullptr;  // a scan still running would be a caller's bug; do not touch us
+  if (scanner_) {
+    // A scan still running is a caller's bug, but not a crash: its request is out on the source, so the
+    // scanner outlives us and frees itself when that completes.
+    scanner_->e = nullptr;
+    if (scanner_->in_flight) (void)scanner_.release();
+  }
 }
 
 int64_t copy_engine::now() const { return s_.clock.now ? s_.clock.now() : node::now_ns(); }
@@ -701,6 +712,7 @@ void copy_engine::scan_step(scanner& sc, bool first) {
   sc.req.op = io_op::block_status;
   sc.req.offset = sc.pos;
   sc.req.length = size - sc.pos;
+  sc.in_flight = true;
   s_.source->submit(sc.req);
 }
 

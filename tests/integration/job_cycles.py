@@ -135,7 +135,144 @@ def amend_luks_cycle(m, tmp, i):
         "driver": "luks", "state": "inactive", "keyslot": 1}})
 
 
+# ---- block jobs: the images are made once (qemu-img), the nodes added and deleted around every job --------
+
+def _sh(*cmd):
+    import subprocess
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def chain_setup(m, tmp):
+    """base (0x11 over 0..256K) <- mid (0x33 over 256K..768K) <- top (0x22 over 768K..1M)."""
+    b, mid, t = (f"{tmp}/{n}.qcow2" for n in ("base", "mid", "top"))
+    _sh("qemu-img", "create", "-q", "-f", "qcow2", b, str(SIZE))
+    _sh("qemu-io", "-c", "write -P 0x11 0 256k", b)
+    _sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", mid)
+    _sh("qemu-io", "-c", "write -P 0x33 256k 512k", mid)
+    _sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", t)
+    _sh("qemu-io", "-c", "write -P 0x22 768k 256k", t)
+    _sh("qemu-img", "create", "-q", "-f", "qcow2", f"{tmp}/tgt.qcow2", str(SIZE))
+
+
+def _add_chain(m, tmp):
+    # The backing of each node is named, so the header's backing file (which a stream or commit rewrote in
+    # an earlier cycle) does not matter: every cycle runs on the same three-image chain.
+    m.ok("blockdev-add", {"driver": "qcow2", "node-name": "base", "file": {"driver": "file", "filename": f"{tmp}/base.qcow2"}})
+    m.ok("blockdev-add", {"driver": "qcow2", "node-name": "mid", "backing": "base",
+                          "file": {"driver": "file", "filename": f"{tmp}/mid.qcow2"}})
+    m.ok("blockdev-add", {"driver": "qcow2", "node-name": "top", "backing": "mid",
+                          "file": {"driver": "file", "filename": f"{tmp}/top.qcow2"}})
+
+
+def _del(m, *names):
+    for n in names:
+        m.ok("blockdev-del", {"node-name": n})
+
+
+def _wait_event(m, name):
+    end = time.monotonic() + DEADLINE
+    while True:
+        for i, e in enumerate(m.events):
+            if e["event"] == name:
+                del m.events[:i + 1]
+                return e
+        if time.monotonic() > end:
+            raise AssertionError(f"no {name}; events: {m.events[-10:]}")
+        msg = m.c.line()
+        if "event" in msg:
+            m.events.append(msg)
+
+
+def stream_cycle(m, tmp, i):
+    # The stream copies mid's data into the top; the top's header then names the base.
+    _add_chain(m, tmp)
+    m.run_job("block-stream", {"job-id": "j", "device": "top", "base-node": "base", "auto-dismiss": False})
+    _del(m, "top", "mid", "base")
+
+
+def commit_cycle(m, tmp, i):
+    # Intermediate commit: mid's data goes into the base, the top is rebased onto it.
+    _add_chain(m, tmp)
+    m.run_job("block-commit", {"job-id": "j", "device": "top", "top-node": "mid", "base-node": "base",
+                               "auto-dismiss": False})
+    _del(m, "top", "mid", "base")
+
+
+def _ready_job(m, command, args):
+    m.ok(command, dict(args, **{"auto-dismiss": False}))
+    _wait_event(m, "BLOCK_JOB_READY")
+    m.ok("job-complete", {"id": args["job-id"]})
+    m.wait_concluded(args["job-id"])
+    jobs = [j for j in m.cmd("query-jobs")["return"] if j["id"] == args["job-id"]]
+    if not jobs or "error" in jobs[0]:
+        raise AssertionError(f"{command} {args}: {jobs}")
+    m.ok("job-dismiss", {"id": args["job-id"]})
+    m.events.clear()
+
+
+def commit_active_cycle(m, tmp, i):
+    # Active commit of the whole chain into the base: READY, then job-complete pivots the top's users.
+    _add_chain(m, tmp)
+    _ready_job(m, "block-commit", {"job-id": "j", "device": "top", "base-node": "base"})
+    _del(m, "top", "mid", "base")
+
+
+def mirror_cycle(m, tmp, i):
+    # A full mirror of the chain's top into a fresh target, completed (pivot) at READY.
+    _add_chain(m, tmp)
+    m.ok("blockdev-add", {"driver": "qcow2", "node-name": "tgt", "file": {"driver": "file", "filename": f"{tmp}/tgt.qcow2"}})
+    _ready_job(m, "blockdev-mirror", {"job-id": "j", "device": "top", "target": "tgt", "sync": "full"})
+    _del(m, "tgt", "top", "mid", "base")
+
+
+def _end_job(m, job, want_event):
+    """Waits until the job concluded after `want_event` (COMPLETED with an error, or CANCELLED), dismisses it."""
+    e = _wait_event(m, want_event)
+    m.wait_concluded(job)
+    m.ok("job-dismiss", {"id": job})
+    m.events.clear()
+    return e
+
+
+def mirror_cancel_cycle(m, tmp, i):
+    # A slow mirror force-cancelled while it copies: the cancel path's engine, hook and filter go too.
+    _add_chain(m, tmp)
+    m.ok("blockdev-add", {"driver": "qcow2", "node-name": "tgt", "file": {"driver": "file", "filename": f"{tmp}/tgt.qcow2"}})
+    m.ok("blockdev-mirror", {"job-id": "j", "device": "top", "target": "tgt", "sync": "full", "speed": 65536,
+                             "auto-dismiss": False})
+    m.ok("block-job-cancel", {"device": "j", "force": True})
+    _end_job(m, "j", "BLOCK_JOB_CANCELLED")
+    _del(m, "tgt", "top", "mid", "base")
+
+
+def stream_error_cycle(m, tmp, i):
+    # A stream whose read of mid fails (blkdebug, on-error=report): the job ends with the error.
+    m.ok("blockdev-add", {"driver": "qcow2", "node-name": "base", "file": {"driver": "file", "filename": f"{tmp}/base.qcow2"}})
+    m.ok("blockdev-add", {"driver": "qcow2", "node-name": "mid", "backing": "base", "file": {
+        "driver": "blkdebug", "image": {"driver": "file", "filename": f"{tmp}/mid.qcow2"},
+        "inject-error": [{"event": "read_aio", "errno": 5}]}})
+    m.ok("blockdev-add", {"driver": "qcow2", "node-name": "top", "backing": "mid",
+                          "file": {"driver": "file", "filename": f"{tmp}/top.qcow2"}})
+    # A fresh top each time would need qemu-img: this one's own data is all it holds, so the stream reads mid.
+    m.ok("block-stream", {"job-id": "j", "device": "top", "auto-dismiss": False})
+    e = _end_job(m, "j", "BLOCK_JOB_COMPLETED")
+    if "error" not in e["data"]:
+        raise AssertionError(f"the stream did not fail: {e}")
+    _del(m, "top", "mid", "base")
+
+
+def stream_error_setup(m, tmp):
+    # The stream never succeeds here, so the top stays as qemu-img made it (its data only).
+    chain_setup(m, tmp)
+
+
 KINDS = {
+    "mirror-cancel": (chain_setup, mirror_cancel_cycle),
+    "stream-error": (stream_error_setup, stream_error_cycle),
+    "stream": (chain_setup, stream_cycle),
+    "commit": (chain_setup, commit_cycle),
+    "commit-active": (chain_setup, commit_active_cycle),
+    "mirror": (chain_setup, mirror_cycle),
     "file": (file_setup, file_cycle),
     "qcow2": (file_setup, qcow2_cycle),
     "qcow2-inline": (qcow2_inline_setup, qcow2_inline_cycle),
