@@ -30,6 +30,7 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
       if (parked_ && flushing_ == 0) std::exchange(parked_, nullptr)();
     };
     cb.on_finished = [this](int err) { finish(err); };
+    cb.on_sleep = [this](bool s) { sleeping(s); };
     cb.on_cancelled = [this] {
       if (released_) return drop_engine();
       finish(0);
@@ -90,6 +91,7 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
       return;
     }
     engine_paused_ = false;
+    sleeping_ = false;  // the job's pause reset its flag
     engine_->resume();
     // A resumed engine reports idle again: READY is offered again then, in case the job was paused
     // when it converged (the job takes it only while running, so a READY job is not told twice).
@@ -169,6 +171,7 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
   void grown() {
     if (growth_posted_ || !engine_) return;
     growth_posted_ = true;
+    sleeping(false);
     port_.post([rem = engine_->remaining()](job::core& j) { j.progress_set_remaining(rem); });
   }
 
@@ -189,6 +192,13 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     });
   }
 
+  // The job's busy flag follows the engine: one message per change, not per request.
+  void sleeping(bool s) {
+    if (s == sleeping_) return;
+    sleeping_ = s;
+    port_.post([s](job::core& j) { j.set_sleeping(s); });
+  }
+
   // An active write's target half failed: on-target-error decides, as for the engine's own writes.
   void active_write_failed(int err) {
     if (plan_.mirror) plan_.mirror->actively_synced = false;
@@ -206,6 +216,7 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     if (plan_.mirror && hook_ && hook_->write_blocking() && hook_->settled()) plan_.mirror->actively_synced = true;
     growth_posted_ = false;
     port_.post([](job::core& j) { j.progress_set_remaining(0); });
+    sleeping(true);  // converged: the job waits for new writes (busy false, as QEMU's READY mirror)
     // Completing (job-complete, or a soft cancel when READY): what was copied is flushed first.
     if (completing_) return flush_then([this] { finish(0); });
     if (ready_sent_) return;
@@ -341,6 +352,7 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
   int finish_rc_ = 0;
   bool filling_ = false;   // plan_.fill runs (its requests are out on the source)
   int first_err_ = 0;
+  bool sleeping_ = false;  // what the job was last told
   std::string fail_text_;
   bool unhooking_ = false, drop_wanted_ = false, growth_posted_ = false, ready_sent_ = false, completing_ = false, released_ = false;
   bool started_ = false, held_ = false, engine_paused_ = false, cancel_ = false, done_ = false;

@@ -77,6 +77,7 @@ bool core::pause_point(std::function<void()> cont) {
     transition(status_ == status::ready ? status::standby : status::paused);
     paused_ = true;
     busy_ = false;
+    sleeping_ = false;
     parked_ = std::move(cont);
     return true;
   }

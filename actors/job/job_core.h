@@ -87,7 +87,11 @@ class core {
   bool user_paused() const { return user_paused_; }
   bool paused() const { return paused_; }
   int pause_count() const { return pause_count_; }
-  bool busy() const { return busy_; }
+  // QEMU's busy: the body runs, and is not sleeping (a speed limit's wait, a converged mirror's
+  // wait for new writes: job_sleep_ns clears it there).
+  bool busy() const { return busy_ && !sleeping_; }
+  // The body sleeps (true) or works again (false); a pause or resume resets it.
+  void set_sleeping(bool s) { sleeping_ = s && busy_; }
   bool should_pause() const { return pause_count_ > 0; }
   bool cancel_requested() const { return cancelled_; }
   bool is_cancelled() const { return force_cancel_; }
@@ -158,6 +162,7 @@ class core {
   std::shared_ptr<txn> txn_;
   bool started_ = false;
   bool busy_ = false;
+  bool sleeping_ = false;
   bool paused_ = true;   // a created job is paused until it starts (QEMU's job_create)
   int pause_count_ = 0;
   bool user_paused_ = false;

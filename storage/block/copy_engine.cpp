@@ -442,6 +442,7 @@ void copy_engine::pump() {
 void copy_engine::arm_timer(int64_t ns) {
   if (timer_armed_) return;
   timer_armed_ = true;
+  if (cb_.on_sleep) cb_.on_sleep(true);
   if (s_.clock.sleep) {
     std::weak_ptr<bool> alive = alive_;
     s_.clock.sleep(ns, [this, alive] {
@@ -456,6 +457,7 @@ void copy_engine::arm_timer(int64_t ns) {
 
 void copy_engine::timer_fired() {
   timer_armed_ = false;
+  if (cb_.on_sleep) cb_.on_sleep(false);
   pump();
   after_change();
 }

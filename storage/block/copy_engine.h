@@ -104,6 +104,9 @@ struct copy_callbacks {
   std::function<void()> on_paused{};                 // pause() or a stop action drained
   std::function<void(int err)> on_finished{};        // a report action (negative errno) drained
   std::function<void()> on_cancelled{};              // cancel() drained
+  // The speed limit parks the engine (true) until its timer fires (false). Called from inside engine
+  // calls too: it may only record or post the fact (a job's busy flag), never call the engine.
+  std::function<void(bool sleeping)> on_sleep{};
 };
 
 // One copy between two nodes of the same home. Usage: construct, fill work_map() (set all, merge a

@@ -4,6 +4,7 @@
   buf-size, replaces, a mirror of a mirrored node), and a mirror to a target of another size fails as QSD's does;
 - sync full / top / none: READY with QSD's len, job-complete pivots the NBD export to the target, and the target
   equals the source's view (qemu-img compare; sync=top keeps the backing file's data out of the target);
+- a converged (READY) job shows busy=false, ready=true in query-block-jobs, as QSD's;
 - a soft cancel in READY completes without pivot (the export stays on the source);
 - fio writes to the exported source (randwrite, crc32c verify) while the mirror copies, converges and pivots: the
   verify pass reads every block back from the target.
@@ -98,6 +99,9 @@ def mirror(binary, tmp, sync, finish):
         assert m.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "top", "writable": True}) == {"return": {}}
         assert m.cmd("blockdev-mirror", {"job-id": "m", "device": "top", "target": "tgt", "sync": sync}) == {"return": {}}
         ready = m.wait("BLOCK_JOB_READY")
+        # A converged mirror waits for writes: QSD shows it not busy (its coroutine sleeps).
+        keys = ("busy", "ready", "status", "paused", "type", "io-status")
+        ready = (ready, [{k: j[k] for k in keys} for j in m.cmd("query-block-jobs")["return"]])
         sh("qemu-io", "-f", "raw", "-c", "write -P 0x55 8M 64k", f"nbd+unix:///top?socket={sock}")
         if finish == "complete":
             assert m.cmd("job-complete", {"id": "m"}) == {"return": {}}
