@@ -13,7 +13,9 @@
 #include <cerrno>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -135,6 +137,39 @@ std::string temp_image(int64_t size, const std::string& dir = "/dev/shm") {
   EXPECT_EQ(ftruncate(fd, size), 0);
   close(fd);
   return tmpl;
+}
+
+// An image made once per process by `make` (a shell command with the path appended) and copied for
+// every stack after that: QEMU's PBKDF2 benchmark (luks, encrypted qcow2) fails now and then on a loaded
+// machine ("Unable to get accurate CPU usage"), so the fewer runs, the fewer spurious failures, and each
+// run is retried. Empty when it could not be made; the template goes at exit.
+std::string image_template(const std::string& make) {
+  static std::map<std::string, std::string> made;
+  if (auto it = made.find(make); it != made.end()) return it->second;
+  std::string path = temp_image(0);
+  std::string cmd = make + " " + path + " >/dev/null 2>&1";
+  int rc = 1;
+  for (int i = 0; i < 10 && rc != 0; ++i) rc = std::system(cmd.c_str());
+  if (rc != 0) {
+    unlink(path.c_str());
+    path.clear();
+  } else {
+    static std::vector<std::string> to_remove;
+    if (to_remove.empty()) std::atexit([] { for (auto& p : to_remove) unlink(p.c_str()); });
+    to_remove.push_back(path);
+  }
+  return made[make] = path;
+}
+
+// Copies an image_template to a fresh temp file; false when there is no template.
+bool copy_of_template(stack& s, const std::string& make) {
+  std::string tpl = image_template(make);
+  s.path = temp_image(0);
+  if (tpl.empty()) return false;
+  std::error_code ec;
+  std::filesystem::copy_file(tpl, s.path, std::filesystem::copy_options::overwrite_existing, ec);
+  EXPECT_FALSE(ec) << ec.message();
+  return !ec;
 }
 
 // A fresh qcow2 image made by qemu-img at s.path; false (and the stack skipped) without qemu-img.
@@ -326,16 +361,13 @@ struct luks_stack {
   static constexpr bool stores_data = true;
   static constexpr bool sparse = false;  // everything reads as data, as QEMU's luks reports it
   static void build(stack& s) {
-    s.path = temp_image(0);
+    // The image is made, then zeroed through luks (its payload reads zeroes); $0 is the path.
     std::string sec = "--object secret,id=s0,data=pw ";
-    std::string cmd = "qemu-img create -q -f luks " + sec + "-o key-secret=s0,iter-time=10 " + s.path + " " +
-                      std::to_string(image_size) + " >/dev/null 2>&1 && qemu-io " + sec +
-                      "--image-opts driver=luks,key-secret=s0,file.filename=" + s.path + " -c 'write -z 0 " +
-                      std::to_string(image_size) + "' >/dev/null 2>&1";
-    // QEMU's PBKDF2 benchmark sometimes fails on a loaded machine ("Unable to get accurate CPU usage"): retry.
-    int rc = 1;
-    for (int i = 0; i < 5 && rc != 0; ++i) rc = std::system(cmd.c_str());
-    if (rc != 0) {
+    std::string make = "sh -c 'qemu-img create -q -f luks " + sec + "-o key-secret=s0,iter-time=10 \"$0\" " +
+                       std::to_string(image_size) + " && qemu-io " + sec +
+                       "--image-opts driver=luks,key-secret=s0,file.filename=\"$0\" -c \"write -z 0 " +
+                       std::to_string(image_size) + "\"'";
+    if (!copy_of_template(s, make)) {
       s.skip = std::system("command -v qemu-img >/dev/null && command -v qemu-io >/dev/null") == 0
                    ? "qemu-img could not make a luks image (see its PBKDF2 benchmark)"
                    : "qemu-img/qemu-io are not installed";
@@ -356,14 +388,10 @@ struct qcow2_luks_stack {
   static constexpr bool stores_data = true;
   static constexpr bool owns_every_byte = false;
   static void build(stack& s) {
-    s.path = temp_image(0);
-    std::string cmd = "qemu-img create -q -f qcow2 --object secret,id=s0,data=pw -o "
-                      "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 " +
-                      s.path + " " + std::to_string(image_size) + " >/dev/null 2>&1";
-    // QEMU's PBKDF2 benchmark sometimes fails on a loaded machine ("Unable to get accurate CPU usage"): retry.
-    int rc = 1;
-    for (int i = 0; i < 5 && rc != 0; ++i) rc = std::system(cmd.c_str());
-    if (rc != 0) {
+    std::string make = "sh -c 'qemu-img create -q -f qcow2 --object secret,id=s0,data=pw -o "
+                       "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 \"$0\" " +
+                       std::to_string(image_size) + "'";
+    if (!copy_of_template(s, make)) {
       s.skip = std::system("command -v qemu-img >/dev/null") == 0
                    ? "qemu-img could not make an encrypted qcow2 image (see its PBKDF2 benchmark)"
                    : "qemu-img is not installed";
