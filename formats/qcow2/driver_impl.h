@@ -197,6 +197,7 @@ class qcow2_driver final : public block_driver {
   task<int> grow_reftable(uint64_t rbi);
   task<int> alloc_clusters(uint64_t n, uint64_t& off, bool& fresh);
   task<int> alloc_area(uint64_t n, uint64_t& off);
+  task<int> alloc_run(uint64_t n, uint64_t& off, bool& fresh);
   task<int> ensure_l2(uint64_t cluster);
   task<int> write_l1_entry(uint64_t index);
   task<int> write_table_entry(const std::vector<uint64_t>& table, uint64_t table_offset, uint64_t index);
@@ -224,6 +225,9 @@ class qcow2_driver final : public block_driver {
   task<int> do_write(io_request& r);
   task<int> write_cluster(io_request& r, int64_t pos, uint64_t cluster, uint64_t in, uint64_t n, bool zero);
   task<int> write_in_place_run(io_request& r);
+  task<int> write_alloc_run(io_request& r);
+  task<int> run_allocatable(uint64_t cluster, uint64_t off, uint64_t len);
+  task<int> alloc_run_write(io_request& r, int64_t pos, uint64_t first, uint64_t n);
   task<int> allocating_write(io_request& r, int64_t pos, uint64_t cluster, uint64_t in, uint64_t n, bool zero);
   task<int> do_write_compressed(io_request& r);
   task<int> write_compressed_cluster(io_request& r, int64_t pos, uint64_t cl, uint64_t n);
