@@ -58,6 +58,10 @@ struct join_state {
   co::wait_list done;
 };
 
+// Clusters one run (an in-place write, an allocated run, a copy-up) may span: a few MiB with the
+// default cluster size.
+constexpr uint64_t max_run_clusters = 64;
+
 // How one guest range maps (a run of the same kind inside one cluster, or across clusters).
 enum class run_kind { data, zero, backing, compressed };
 struct extent {
@@ -227,7 +231,8 @@ class qcow2_driver final : public block_driver {
   task<int> write_in_place_run(io_request& r);
   task<int> write_alloc_run(io_request& r);
   task<int> run_allocatable(uint64_t cluster, uint64_t off, uint64_t len);
-  task<int> alloc_run_write(io_request& r, int64_t pos, uint64_t first, uint64_t n);
+  task<int> alloc_run_write(io_request& r, int64_t pos, uint64_t len, uint64_t first, uint64_t n);
+  task<int> copy_up_run(io_request& r, int64_t pos, uint64_t cluster, uint64_t n, uint64_t& done);
   task<int> allocating_write(io_request& r, int64_t pos, uint64_t cluster, uint64_t in, uint64_t n, bool zero);
   task<int> do_write_compressed(io_request& r);
   task<int> write_compressed_cluster(io_request& r, int64_t pos, uint64_t cl, uint64_t n);

@@ -155,8 +155,6 @@ task<int> qcow2_driver::write_data(io_request& r, int64_t pos, uint64_t len, uin
 
 // write_in_place_run: the request cannot go out as one write; it is split per cluster instead.
 constexpr int split_per_cluster = 1;
-// Clusters one in-place run may span (a few MiB with the default cluster size).
-constexpr uint64_t max_run_clusters = 64;
 
 task<int> qcow2_driver::do_write(io_request& r) {
   if (corrupt_) co_return -EIO;
@@ -235,7 +233,7 @@ task<int> qcow2_driver::write_alloc_run(io_request& r) {
     rc = co_await run_allocatable(cl, uint64_t(r.offset), uint64_t(r.length));
     if (rc != 0) break;
   }
-  if (rc == 0) rc = co_await alloc_run_write(r, 0, first, n);
+  if (rc == 0) rc = co_await alloc_run_write(r, 0, uint64_t(r.length), first, n);
   for (uint64_t i = 0; i < locked; ++i) unlock_cluster(first + i, true);
   co_return rc;
 }
@@ -255,13 +253,13 @@ task<int> qcow2_driver::run_allocatable(uint64_t cl, uint64_t off, uint64_t len)
   co_return c0 >= blen ? 0 : split_per_cluster;
 }
 
-// Writes the request's bytes from `pos` to the guest clusters first..first+n-1 (locked exclusive,
+// Writes `len` bytes of the request's payload from `pos` to the guest clusters first..first+n-1 (locked exclusive,
 // each accepted by run_allocatable) through newly allocated, contiguous host clusters. The
 // crash-ordering rules hold as for one cluster: the refcounts are set in the cache here, the data
 // is written, and only then do the L2 entries change in the cache; writeback() writes refcounts,
 // flushes, then L2 tables.
-task<int> qcow2_driver::alloc_run_write(io_request& r, int64_t pos, uint64_t first, uint64_t n) {
-  uint64_t goff = uint64_t(r.offset + pos), len = uint64_t(r.length - pos);
+task<int> qcow2_driver::alloc_run_write(io_request& r, int64_t pos, uint64_t len, uint64_t first, uint64_t n) {
+  uint64_t goff = uint64_t(r.offset + pos);
   uint64_t host = 0;
   bool fresh = false;
   int rc = 0;
