@@ -146,7 +146,9 @@ class qcow2_driver final : public block_driver {
   }
   task<int> write_data(io_request& r, int64_t pos, uint64_t len, uint64_t host, uint64_t guest, uint32_t flags);
   co::child_io io(node& n, io_op op, int64_t off, int64_t len, uint32_t flags = 0) {
-    if ((op == io_op::write || op == io_op::write_zeroes) && off + len > n.length() && &n != backing_) grow(n, off + len);
+    if ((op == io_op::write || op == io_op::write_zeroes) && off + len > n.length() && &n != backing_ &&
+        !(op == io_op::write && n.driver().extend_by_write(off + len)))
+      grow(n, off + len);
     return co::child_io(n, op, off, len, flags | ctl_flags_);
   }
   // Allocations go past the end of the image (or data) file, which a node refuses to write: the

@@ -274,13 +274,15 @@ task<int> qcow2_driver::alloc_run_write(io_request& r, int64_t pos, uint64_t len
     if (rc < 0) co_return rc;
   }
   uint64_t span = n * cs_;
-  if (int64_t(host + span) > data_->length()) grow(*data_, int64_t(host + span));
+  uint64_t head = goff - first * cs_, tail_at = head + len;
+  // The file must cover the whole run before its L2 entries exist: a data write that reaches the
+  // run's end lengthens it itself (io()); otherwise the file grows first.
+  if (tail_at < span && int64_t(host + span) > data_->length()) grow(*data_, int64_t(host + span));
   std::string what;
   if (overlaps_metadata(host, span, what)) {
     signal_corruption("Preventing invalid write on metadata (overlaps with " + what + ")", int64_t(host), int64_t(span));
     co_return -EIO;
   }
-  uint64_t head = goff - first * cs_, tail_at = head + len;
   // Space that was used before holds old bytes: the parts of the edge clusters not written are zeroed.
   if (!fresh && head > 0) rc = co_await io(*data_, io_op::write_zeroes, int64_t(host), int64_t(head));
   if (rc >= 0 && !fresh && tail_at < span)
@@ -398,8 +400,6 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
     wstart = 0;
     wend = cs_;
   }
-  // A new cluster is readable as a whole as soon as its L2 entry exists: the file must cover all of it.
-  if (!reuse && int64_t(host + cs_) > data_->length()) grow(*data_, int64_t(host + cs_));
   std::string what;
   if (!h_.has_data_file() && overlaps_metadata(host + wstart, wend - wstart, what)) {
     signal_corruption("Preventing invalid write on metadata (overlaps with " + what + ")", int64_t(host + wstart),
@@ -423,6 +423,11 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
   // Encrypted: zeroes on disk are not zeroes once decrypted, so the whole written range (head and
   // tail units included) goes out encrypted from the buffer below.
   if (crypt_ && (zero || wstart < in || in + n < wend)) head_tail_zero = false;
+  // A new cluster is readable as a whole as soon as its L2 entry exists: the file must cover all of
+  // it. A data write that ends at the cluster's end lengthens the file itself (io()).
+  bool direct_write = fresh && head_tail_zero && !zero;
+  bool write_reaches_end = direct_write ? in + n == cs_ : !(fresh && head_tail_zero) && wend == cs_;
+  if (!reuse && !write_reaches_end && int64_t(host + cs_) > data_->length()) grow(*data_, int64_t(host + cs_));
   if (fresh && head_tail_zero && !zero) {
     file_->driver().debug_event(blkdebug_event::write_aio);
     rc = co_await write_data(r, pos, n, host + in, cl * cs_ + in, r.flags & io_fua);
