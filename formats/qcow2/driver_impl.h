@@ -327,6 +327,7 @@ class qcow2_driver final : public block_driver {
   // Metadata clusters of the image file by cluster index: 'r' refcount block, 'l' active L2 table.
   std::unordered_map<uint64_t, char> meta_clusters_;
   uint64_t free_hint_ = 0;
+  uint64_t run_hint_ = 0;  // where the next scan for a free run starts (alloc_run)
   uint64_t fresh_end_ = 0;  // clusters at or past this offset were never written: they read as zeroes
   uint64_t last_compressed_ = ~0ull;
   uint64_t compress_cursor_ = 0;
