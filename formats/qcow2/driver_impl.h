@@ -58,6 +58,10 @@ struct join_state {
   co::wait_list done;
 };
 
+// Clusters one run (an in-place write, an allocated run, a copy-up) may span: a few MiB with the
+// default cluster size.
+constexpr uint64_t max_run_clusters = 64;
+
 // How one guest range maps (a run of the same kind inside one cluster, or across clusters).
 enum class run_kind { data, zero, backing, compressed };
 struct extent {
@@ -142,7 +146,9 @@ class qcow2_driver final : public block_driver {
   }
   task<int> write_data(io_request& r, int64_t pos, uint64_t len, uint64_t host, uint64_t guest, uint32_t flags);
   co::child_io io(node& n, io_op op, int64_t off, int64_t len, uint32_t flags = 0) {
-    if ((op == io_op::write || op == io_op::write_zeroes) && off + len > n.length() && &n != backing_) grow(n, off + len);
+    if ((op == io_op::write || op == io_op::write_zeroes) && off + len > n.length() && &n != backing_ &&
+        !(op == io_op::write && n.driver().extend_by_write(off + len)))
+      grow(n, off + len);
     return co::child_io(n, op, off, len, flags | ctl_flags_);
   }
   // Allocations go past the end of the image (or data) file, which a node refuses to write: the
@@ -197,6 +203,7 @@ class qcow2_driver final : public block_driver {
   task<int> grow_reftable(uint64_t rbi);
   task<int> alloc_clusters(uint64_t n, uint64_t& off, bool& fresh);
   task<int> alloc_area(uint64_t n, uint64_t& off);
+  task<int> alloc_run(uint64_t n, uint64_t& off, bool& fresh);
   task<int> ensure_l2(uint64_t cluster);
   task<int> write_l1_entry(uint64_t index);
   task<int> write_table_entry(const std::vector<uint64_t>& table, uint64_t table_offset, uint64_t index);
@@ -224,6 +231,10 @@ class qcow2_driver final : public block_driver {
   task<int> do_write(io_request& r);
   task<int> write_cluster(io_request& r, int64_t pos, uint64_t cluster, uint64_t in, uint64_t n, bool zero);
   task<int> write_in_place_run(io_request& r);
+  task<int> write_alloc_run(io_request& r);
+  task<int> run_allocatable(uint64_t cluster, uint64_t off, uint64_t len);
+  task<int> alloc_run_write(io_request& r, int64_t pos, uint64_t len, uint64_t first, uint64_t n);
+  task<int> copy_up_run(io_request& r, int64_t pos, uint64_t cluster, uint64_t n, uint64_t& done);
   task<int> allocating_write(io_request& r, int64_t pos, uint64_t cluster, uint64_t in, uint64_t n, bool zero);
   task<int> do_write_compressed(io_request& r);
   task<int> write_compressed_cluster(io_request& r, int64_t pos, uint64_t cl, uint64_t n);
@@ -316,6 +327,7 @@ class qcow2_driver final : public block_driver {
   // Metadata clusters of the image file by cluster index: 'r' refcount block, 'l' active L2 table.
   std::unordered_map<uint64_t, char> meta_clusters_;
   uint64_t free_hint_ = 0;
+  uint64_t run_hint_ = 0;  // where the next scan for a free run starts (alloc_run)
   uint64_t fresh_end_ = 0;  // clusters at or past this offset were never written: they read as zeroes
   uint64_t last_compressed_ = ~0ull;
   uint64_t compress_cursor_ = 0;

@@ -249,6 +249,52 @@ task<int> qcow2_driver::alloc_clusters(uint64_t n, uint64_t& off, bool& fresh) {
   co_return 0;
 }
 
+// Clusters scanned for a free run below the end of the used space before the run goes past it
+// (one scan per allocation stays short; the next one continues where it stopped).
+constexpr uint64_t max_run_scan = 4096;
+
+// `n` contiguous clusters for data (meta_lock_ held): a free run below the end of the used space
+// (freed space is reused, as single clusters reuse it), else an area past everything in use.
+// `fresh`: the run was never written and reads as zeroes. run_hint_ keeps a scan over space full
+// of holes too small for runs from starting at the same first hole every time (frees lower it).
+task<int> qcow2_driver::alloc_run(uint64_t n, uint64_t& off, bool& fresh) {
+  if (n == 1) co_return co_await alloc_clusters(1, off, fresh);
+  file_->driver().debug_event(blkdebug_event::cluster_alloc);
+  uint64_t end = fresh_end_ / cs_;
+  uint64_t start = std::max<uint64_t>({free_hint_, run_hint_, 1});
+  uint64_t c = start, run = 0, first_free = ~0ull;
+  for (uint64_t scanned = 0; c < end && scanned < max_run_scan; ++c, ++scanned) {
+    uint64_t rbi = c / rb_entries_;
+    if (rbi >= reftable_.size() || !(reftable_[rbi] & offset_mask)) break;  // leave unmapped ranges to alloc_area
+    uint64_t rc = 0;
+    int r = co_await get_refcount(c, rc);
+    if (r < 0) co_return r;
+    if (rc) {
+      run = 0;
+      continue;
+    }
+    if (first_free == ~0ull) first_free = c;
+    if (++run == n) break;
+  }
+  // Nothing below the first free cluster seen is free (the hint's meaning; with none seen, nothing
+  // below c), when the scan started at the free hint: holes skipped by run_hint_ stay for single clusters.
+  if (start == std::max<uint64_t>(free_hint_, 1)) free_hint_ = std::max(free_hint_, first_free != ~0ull ? first_free : c);
+  run_hint_ = run == n ? c + 1 - n : c;
+  if (run == n) {
+    uint64_t c0 = c + 1 - n;
+    for (uint64_t i = 0; i < n; ++i) {
+      int r = co_await set_refcount(c0 + i, 1);
+      if (r < 0) co_return r;
+    }
+    off = c0 * cs_;
+    fresh = false;
+    if (free_hint_ == c0) free_hint_ = c + 1;
+    co_return 0;
+  }
+  fresh = true;
+  co_return co_await alloc_area(n, off);
+}
+
 void qcow2_driver::free_for_entry(const l2_words& w, free_reason why) {
   if (w.entry & entry_compressed) {
     auto d = decode_l2(h_, w.entry);

@@ -166,6 +166,7 @@ task<int> qcow2_driver::writeback() {
         if (r < 0) co_return r;
         if (rc == 1) {
           free_hint_ = std::min(free_hint_, c);
+          run_hint_ = std::min(run_hint_, c);
           if (compress_cursor_ / cs_ == c) compress_cursor_ = 0;  // its space is no longer ours
           meta_clusters_.erase(c);
           bool pass = f.why == free_request ? o_.pass_discard_request

@@ -171,6 +171,17 @@ task<int> qcow2_driver::copy_up(io_request& r, int64_t pos, uint64_t goff, uint6
   while (done < len) {
     uint64_t g = goff + done;
     uint64_t cl = g >> cbits_, in = g & (cs_ - 1);
+    // Whole clusters (the image's last one may be partial) go as runs: read once, written once.
+    uint64_t whole = in ? 0 : (g + (len - done) >= h_.size ? (h_.size - g + cs_ - 1) / cs_ : (len - done) / cs_);
+    if (whole >= 2 && !ext() && !crypt_ && !h_.has_data_file()) {
+      uint64_t did = 0;
+      int rc = co_await copy_up_run(r, pos + int64_t(done), cl, std::min<uint64_t>(whole, max_run_clusters), did);
+      if (rc < 0) co_return rc;
+      if (did) {
+        done += did;
+        continue;
+      }
+    }
     uint64_t n = std::min(len - done, cs_ - in);
     co_await lock_cluster(cl, true);
     l2_words w;
@@ -199,6 +210,44 @@ task<int> qcow2_driver::copy_up(io_request& r, int64_t pos, uint64_t goff, uint6
     done += n;
   }
   co_return co_await maybe_writeback();
+}
+
+// Copy-up of the whole clusters cluster..cluster+n-1, read into the request at `pos`: the leading
+// clusters that still show their backing file are locked, read from it straight into the request's
+// buffers and written from there as one allocated run (no bounce buffer, one write). `done`: the
+// bytes handled (0 when the first cluster is not a backing one; the caller takes it alone).
+task<int> qcow2_driver::copy_up_run(io_request& r, int64_t pos, uint64_t cluster, uint64_t n, uint64_t& done) {
+  done = 0;
+  uint64_t locked = 0;
+  int rc = 0;
+  for (uint64_t cl = cluster; cl < cluster + n; ++cl) {
+    co_await lock_cluster(cl, true);
+    l2_words w;
+    rc = co_await lookup(cl, w);
+    bool still_backing = rc >= 0 && classify(w, 0, cs_).kind == run_kind::backing && !has_host(w) &&
+                         !(w.entry & entry_compressed) && !w.bitmap;
+    if (!still_backing) {
+      unlock_cluster(cl, true);
+      break;
+    }
+    ++locked;
+  }
+  if (rc >= 0 && locked) {
+    uint64_t start = cluster * cs_;
+    uint64_t bytes = std::min<uint64_t>(locked * cs_, h_.size - start);
+    uint64_t blen = uint64_t(std::max<int64_t>(backing_->length(), 0));
+    uint64_t in_b = start < blen ? std::min(bytes, blen - start) : 0;
+    if (in_b) {
+      file_->driver().debug_event(blkdebug_event::read_backing_aio);
+      iov_part p(r, pos, int64_t(in_b));
+      rc = co_await io(*backing_, io_op::read, int64_t(start), int64_t(in_b)).vector(p.v, p.n);
+    }
+    if (rc >= 0 && in_b < bytes) iov_fill(r, pos + int64_t(in_b), int64_t(bytes - in_b), nullptr);
+    if (rc >= 0) rc = co_await alloc_run_write(r, pos, bytes, cluster, locked);
+    if (rc >= 0) done = bytes;
+  }
+  for (uint64_t i = 0; i < locked; ++i) unlock_cluster(cluster + i, true);
+  co_return rc;
 }
 
 }  // namespace impl

@@ -155,13 +155,12 @@ task<int> qcow2_driver::write_data(io_request& r, int64_t pos, uint64_t len, uin
 
 // write_in_place_run: the request cannot go out as one write; it is split per cluster instead.
 constexpr int split_per_cluster = 1;
-// Clusters one in-place run may span (a few MiB with the default cluster size).
-constexpr uint64_t max_run_clusters = 64;
 
 task<int> qcow2_driver::do_write(io_request& r) {
   if (corrupt_) co_return -EIO;
   if (r.op == io_op::write && uint64_t(r.length) > cs_ && !ext()) {
     int rc = co_await write_in_place_run(r);
+    if (rc == split_per_cluster) rc = co_await write_alloc_run(r);
     if (rc != split_per_cluster) co_return rc < 0 ? rc : co_await maybe_writeback();
   }
   join_state j;
@@ -214,6 +213,105 @@ task<int> qcow2_driver::write_in_place_run(io_request& r) {
   }
   for (uint64_t i = 0; i < locked; ++i) unlock_cluster(first + i, false);
   co_return rc;
+}
+
+// A write over several clusters none of which has a host cluster yet (a fresh target of a mirror,
+// a commit base, a sequential fill) allocates them as one run of back-to-back host clusters and goes
+// out as one write, with one file growth and one pass over the L2 entries: per cluster it would be
+// n allocations, n file growths and n small writes. The clusters are locked exclusive in ascending
+// order, as write_in_place_run locks its own. Anything else returns split_per_cluster.
+task<int> qcow2_driver::write_alloc_run(io_request& r) {
+  if (crypt_ || h_.has_data_file() || (r.flags & io_copy_up)) co_return split_per_cluster;
+  uint64_t first = uint64_t(r.offset) >> cbits_, last = (uint64_t(r.offset + r.length) - 1) >> cbits_;
+  uint64_t n = last - first + 1;
+  if (n > max_run_clusters) co_return split_per_cluster;
+  uint64_t locked = 0;
+  int rc = 0;
+  for (uint64_t cl = first; cl <= last; ++cl) {
+    co_await lock_cluster(cl, true);
+    ++locked;
+    rc = co_await run_allocatable(cl, uint64_t(r.offset), uint64_t(r.length));
+    if (rc != 0) break;
+  }
+  if (rc == 0) rc = co_await alloc_run_write(r, 0, uint64_t(r.length), first, n);
+  for (uint64_t i = 0; i < locked; ++i) unlock_cluster(first + i, true);
+  co_return rc;
+}
+
+// 0 when guest cluster `cl` (locked exclusive) may join an allocated run written over
+// [off, off+len): it has no host cluster and is not compressed, and the part of it the write leaves
+// alone reads as zeroes (the run's head and tail are written as zeroes). Else split_per_cluster.
+task<int> qcow2_driver::run_allocatable(uint64_t cl, uint64_t off, uint64_t len) {
+  l2_words w;
+  int rc = co_await lookup(cl, w);
+  if (rc < 0) co_return rc;
+  if (has_host(w) || (w.entry & entry_compressed) || w.bitmap) co_return split_per_cluster;
+  uint64_t c0 = cl * cs_, c1 = std::min<uint64_t>(c0 + cs_, h_.size);
+  bool whole = off <= c0 && off + len >= c1;
+  if (whole || classify(w, 0, cs_).kind == run_kind::zero) co_return 0;
+  uint64_t blen = backing_ ? uint64_t(std::max<int64_t>(backing_->length(), 0)) : 0;
+  co_return c0 >= blen ? 0 : split_per_cluster;
+}
+
+// Writes `len` bytes of the request's payload from `pos` to the guest clusters first..first+n-1 (locked exclusive,
+// each accepted by run_allocatable) through newly allocated, contiguous host clusters. The
+// crash-ordering rules hold as for one cluster: the refcounts are set in the cache here, the data
+// is written, and only then do the L2 entries change in the cache; writeback() writes refcounts,
+// flushes, then L2 tables.
+task<int> qcow2_driver::alloc_run_write(io_request& r, int64_t pos, uint64_t len, uint64_t first, uint64_t n) {
+  uint64_t goff = uint64_t(r.offset + pos);
+  uint64_t host = 0;
+  bool fresh = false;
+  int rc = 0;
+  {
+    co_await meta_lock_.lock();
+    co::guard g{meta_lock_};
+    if (corrupt_) co_return -EIO;
+    rc = co_await mark_dirty_flag();
+    for (uint64_t cl = first; rc >= 0 && cl < first + n; ++cl)
+      if (cl == first || (cl & ((uint64_t(1) << l2_bits_) - 1)) == 0) rc = co_await ensure_l2(cl);
+    if (rc >= 0) rc = co_await alloc_run(n, host, fresh);
+    if (rc < 0) co_return rc;
+  }
+  uint64_t span = n * cs_;
+  uint64_t head = goff - first * cs_, tail_at = head + len;
+  // The file must cover the whole run before its L2 entries exist: a data write that reaches the
+  // run's end lengthens it itself (io()); otherwise the file grows first.
+  if (tail_at < span && int64_t(host + span) > data_->length()) grow(*data_, int64_t(host + span));
+  std::string what;
+  if (overlaps_metadata(host, span, what)) {
+    signal_corruption("Preventing invalid write on metadata (overlaps with " + what + ")", int64_t(host), int64_t(span));
+    co_return -EIO;
+  }
+  // Space that was used before holds old bytes: the parts of the edge clusters not written are zeroed.
+  if (!fresh && head > 0) rc = co_await io(*data_, io_op::write_zeroes, int64_t(host), int64_t(head));
+  if (rc >= 0 && !fresh && tail_at < span)
+    rc = co_await io(*data_, io_op::write_zeroes, int64_t(host + tail_at), int64_t(span - tail_at));
+  if (rc >= 0) {
+    file_->driver().debug_event(blkdebug_event::write_aio);
+    rc = co_await write_data(r, pos, len, host + head, goff, r.flags & io_fua);
+  }
+  co_await meta_lock_.lock();
+  co::guard g{meta_lock_};
+  if (rc < 0) {
+    queue_free(host, span);
+    co_return rc;
+  }
+  for (uint64_t i = 0; i < n; ++i) {
+    pin p;
+    size_t idx = 0;
+    rc = co_await l2_slot(first + i, p, idx);
+    if (rc < 0) {
+      // The entries already set name their clusters; the rest are given back.
+      queue_free(host + i * cs_, span - i * cs_);
+      co_return rc;
+    }
+    l2_words nw;
+    nw.entry = (host + i * cs_) | entry_copied;
+    put_words(p.b, idx, false, nw);
+    l2_cache_->set_dirty(p.b, true);
+  }
+  co_return 0;
 }
 
 task<int> qcow2_driver::write_cluster(io_request& r, int64_t pos, uint64_t cl, uint64_t in, uint64_t n, bool zero) {
@@ -302,8 +400,6 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
     wstart = 0;
     wend = cs_;
   }
-  // A new cluster is readable as a whole as soon as its L2 entry exists: the file must cover all of it.
-  if (!reuse && int64_t(host + cs_) > data_->length()) grow(*data_, int64_t(host + cs_));
   std::string what;
   if (!h_.has_data_file() && overlaps_metadata(host + wstart, wend - wstart, what)) {
     signal_corruption("Preventing invalid write on metadata (overlaps with " + what + ")", int64_t(host + wstart),
@@ -327,6 +423,11 @@ task<int> qcow2_driver::allocating_write(io_request& r, int64_t pos, uint64_t cl
   // Encrypted: zeroes on disk are not zeroes once decrypted, so the whole written range (head and
   // tail units included) goes out encrypted from the buffer below.
   if (crypt_ && (zero || wstart < in || in + n < wend)) head_tail_zero = false;
+  // A new cluster is readable as a whole as soon as its L2 entry exists: the file must cover all of
+  // it. A data write that ends at the cluster's end lengthens the file itself (io()).
+  bool direct_write = fresh && head_tail_zero && !zero;
+  bool write_reaches_end = direct_write ? in + n == cs_ : !(fresh && head_tail_zero) && wend == cs_;
+  if (!reuse && !write_reaches_end && int64_t(host + cs_) > data_->length()) grow(*data_, int64_t(host + cs_));
   if (fresh && head_tail_zero && !zero) {
     file_->driver().debug_event(blkdebug_event::write_aio);
     rc = co_await write_data(r, pos, n, host + in, cl * cs_ + in, r.flags & io_fua);

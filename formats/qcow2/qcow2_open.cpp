@@ -122,6 +122,7 @@ task<int> qcow2_driver::load_metadata(std::string& err) {
     if (e & offset_mask) meta_clusters_[(e & offset_mask) / cs_] = 'l';
   fresh_end_ = (flen + cs_ - 1) / cs_ * cs_;
   free_hint_ = 0;
+  run_hint_ = 0;
   co_return co_await read_bitmap_directory(err);
 }
 

@@ -90,6 +90,10 @@ class checked_driver final : public block_driver, private io_waiter {
     check_home("preallocate");
     return inner_->preallocate(offset, len);
   }
+  bool extend_by_write(int64_t end) override {
+    check_home("extend_by_write");
+    return inner_->extend_by_write(end);
+  }
   void debug_event(blkdebug_event e) override {
     check_home("debug_event");
     inner_->debug_event(e);

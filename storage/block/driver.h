@@ -100,6 +100,15 @@ class block_driver {
   // home iothread with requests in flight: a format extends its image file that way before writing
   // past the end.
   virtual result<void> truncate(int64_t size) { (void)size; return fail("Image format driver does not support resize"); }
+  // The caller is about to write up to `end`, past the current end, and that write itself
+  // lengthens the image (a regular file does): true when the length counts as `end` from now on
+  // with no resize. Home iothread, under I/O. A format calls it before a write past the end of its
+  // file: a resize there waits for the file's inode lock behind every write in flight, stalling the
+  // loop. false (the default): resize with truncate() first.
+  virtual bool extend_by_write(int64_t end) {
+    (void)end;
+    return false;
+  }
   // Reserves storage for [offset, offset+len), growing the image to offset+len if it is shorter,
   // without changing any byte it holds (fallocate mode 0), so writes may run meanwhile. Home
   // iothread, synchronous like a growing truncate. The preallocate filter uses it.

@@ -138,6 +138,16 @@ class file_driver final : public block_driver {
     return {};
   }
 
+  // A regular file grows by the write itself; the kept size moves now so the node admits it. A
+  // failed write refreshes the size (finish), so a write that never landed leaves no false length.
+  bool extend_by_write(int64_t end) override {
+    if (s_.blockdev || eof_guard_ >= 0) return false;
+    if (end <= length()) return true;
+    forget_data();
+    size_ = end;
+    return true;
+  }
+
   result<void> preallocate(int64_t offset, int64_t len) override {
     if (s_.blockdev) return fail("Cannot preallocate device files");
     forget_data();
@@ -652,6 +662,7 @@ class file_driver final : public block_driver {
 
   void finish(job* j, int res) {
     io_request& r = *j->r;
+    if (res < 0 && r.op == io_op::write && !s_.blockdev) size_ = -1;  // see extend_by_write
     if (j->bounce_cap > bounce_keep) {
       j->bounce.reset();
       j->bounce_cap = 0;
