@@ -250,6 +250,13 @@ void copy_engine::set_speed(uint64_t bytes_per_sec) {
   pump();
 }
 
+void copy_engine::set_max_chunk(int64_t bytes) {
+  const int64_t g = s_.granularity;
+  // Only ever lower: the constructor's value already respects the buffer and the nodes' max transfer.
+  if (bytes <= 0) return;
+  s_.max_chunk = std::max(g, std::min(bytes, s_.max_chunk) / g * g);
+}
+
 void copy_engine::pause() {
   if (state_ != state::running) return;
   state_ = state::pausing;
@@ -372,9 +379,11 @@ bool copy_engine::start_one(int64_t from, int64_t limit, bool priority, now_wait
   if (c < 0) return false;
   int64_t max_chunks = s_.max_chunk / g;
   int64_t n = 1;
-  // Consecutive dirty, idle chunks merge into one request (a copy_now run may go past its range:
-  // the neighbours need copying anyway and one request is cheaper than two).
-  while (n < max_chunks && c + n < chunks_ && !busy(c + n) && map_.get((c + n) * g)) ++n;
+  // Consecutive dirty, idle chunks merge into one request. A copy_now run stays in its range: a
+  // guest write waits on it, and copy-before-write must not fill its target with chunks nobody
+  // overwrote (sync=none fleecing keeps only what the guest changed).
+  const int64_t end_chunk = priority ? std::min(limit, chunks_) : chunks_;
+  while (n < max_chunks && c + n < end_chunk && !busy(c + n) && map_.get((c + n) * g)) ++n;
   int64_t size = s_.source->length();
   int64_t off = c * g;
   int64_t len = std::min(n * g, size - off);

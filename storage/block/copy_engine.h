@@ -173,12 +173,27 @@ class copy_engine {
   void external_error(copy_error_action a, int err);
 
   void set_speed(uint64_t bytes_per_sec);
+  // A copy-before-write filter makes its engine at open and a backup job that inserted it takes it
+  // over: the job's callbacks, sync policy (top), copy mode (compress) and background limits. Home
+  // thread, before start(); operations already running keep what they started with.
+  void set_callbacks(copy_callbacks cb) { cb_ = std::move(cb); }
+  void set_policy(copy_policy p) { s_.policy = p ? std::move(p) : copy_policy_full(); }
+  void set_mode(copy_mode m) { s_.mode = m; }
+  void set_max_workers(int n) { s_.max_workers = n < 1 ? 1 : n; }
+  void set_max_chunk(int64_t bytes);
   // Stops starting operations; on_paused once nothing is in flight. copy_now still works.
   void pause();
   void resume();
   // Stops for good; on_cancelled once nothing is in flight (what is in flight completes).
   void cancel();
 
+  // A finished (a report drained) or cancelled engine takes copy_now again, paused: a
+  // copy-before-write filter outlives the backup job that ran its background copy, and guest writes
+  // still need their old data copied until the filter is gone.
+  void rearm() {
+    if (state_ == state::finished || state_ == state::cancelled) state_ = state::paused;
+  }
+  bool pausing() const { return state_ == state::pausing; }
   // State for the job.
   bool running() const { return state_ == state::running; }
   bool paused() const { return state_ == state::paused || state_ == state::pausing; }
