@@ -109,6 +109,7 @@ void supervisor_actor::register_block_job_commands() {
   commands_.add("block-stream", [this](boost::json::object& a, reply_fn r) { block_stream(a, std::move(r)); });
   commands_.add("block-commit", [this](boost::json::object& a, reply_fn r) { block_commit(a, std::move(r)); });
   register_mirror_commands();
+  register_backup_commands();
 }
 
 void supervisor_actor::queue_job_edit(std::function<void(reply_fn)> work) {
