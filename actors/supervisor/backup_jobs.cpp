@@ -173,7 +173,14 @@ void supervisor_actor::backup_checked(const boost::json::object& args, reply_fn 
     sb->mode = *bitmap_mode;
   }
 
-  with_quiesced_steps({src}, [this, fopts, filter, device, sb](reply_fn done) {
+  // Export clients of the source stop and start again on the filter: one that went on writing
+  // the source directly would change the backup's point in time under it.
+  park_clients({src}, [=, this]() mutable {
+  if (!graph_->find(device)) {
+    unpark_clients();
+    return reply(command_outcome::failure(error("Cannot find device='" + device + "' nor node-name='" + device + "'")));
+  }
+  with_quiesced_steps({graph_->find(device)}, [this, fopts, filter, device, sb](reply_fn done) {
     blockdev_add_async(fopts, [this, filter, device, sb, done](command_outcome out) {
       if (!out.ok) return done(out);
       block::node* f = graph_->find(filter);
@@ -200,6 +207,7 @@ void supervisor_actor::backup_checked(const boost::json::object& args, reply_fn 
       }, done);
     });
   }, [=, this](command_outcome added) mutable {
+    unpark_clients();
     if (!added.ok) {
       // The filter may be in (the successor failed): it goes again.
       if (graph_->find(filter)) drop_job_filter(filter, id, {}, [](command_outcome) {});
@@ -251,6 +259,7 @@ void supervisor_actor::backup_checked(const boost::json::object& args, reply_fn 
     };
     bool auto_finalize = bool_arg(args, "auto-finalize", true), auto_dismiss = bool_arg(args, "auto-dismiss", true);
     start_job(job::options{id, job::type::backup, auto_finalize, auto_dismiss}, runner, hold, std::move(reply));
+  });
   });
 }
 
