@@ -521,9 +521,11 @@ void define_transaction(schema& s) {
       {"block-dirty-bitmap-enable", "BlockDirtyBitmap"},
       {"block-dirty-bitmap-disable", "BlockDirtyBitmap"},
       {"block-dirty-bitmap-merge", "BlockDirtyBitmapMerge"},
+      {"blockdev-backup", "BlockdevBackup"},
       {"blockdev-snapshot", "BlockdevSnapshot"},
       {"blockdev-snapshot-internal-sync", "BlockdevSnapshotInternal"},
       {"blockdev-snapshot-sync", "BlockdevSnapshotSync"},
+      {"drive-backup", "DriveBackup"},
       // blockd's extension: an export started with the rest of the list (README, "Beyond QSD").
       {"x-block-export-add", "BlockExportOptions"},
   };

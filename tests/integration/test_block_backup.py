@@ -12,7 +12,9 @@
 - an incremental chain: a full backup and three incrementals (sync=incremental, writes over NBD between rounds),
   each target backed by the previous one, restore to the source's data (qemu-img compare), images clean;
 - pause/resume/cancel with a speed limit: QSD's events, the filter leaves the graph after the job;
-- drive-backup creates its target (sync=full) and the result equals the source.
+- drive-backup creates its target (sync=full) and the result equals the source;
+- transactions: two grouped backups complete; a grouped member whose target fails ends with its error and the
+  other is cancelled; an abort after a backup leaves no job; a non-job action refuses grouped (as QSD).
 Exit 77 when qemu-img/qemu-io/qemu-storage-daemon are missing."""
 import json
 import os
@@ -400,9 +402,70 @@ def case_drive_backup(binary, tmp):
     sh("qemu-img", "compare", src, tgt)
 
 
+def run_transactions(binary, tmp):
+    os.makedirs(tmp, exist_ok=True)
+    src = qcow2(tmp, "src.qcow2", "32M")
+    sh("qemu-io", "-c", "write -P 0x11 0 8M", src)
+    bad = os.path.join(tmp, "bad.raw")
+    sh("qemu-img", "create", "-q", "-f", "raw", bad, "32M")
+    d, m = start(binary, tmp)
+    out = []
+
+    def finals(*ids):
+        seen, left = {}, set(ids)
+        import time
+        end = time.monotonic() + 30
+        while left and time.monotonic() < end:
+            msg = m.c.line() if not m.events else m.events.pop(0)
+            if msg.get("event") in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+                seen[msg["data"]["device"]] = (msg["event"], "error" in msg["data"])
+            if msg.get("event") == "JOB_STATUS_CHANGE" and msg["data"].get("status") == "null":
+                left.discard(msg["data"]["id"])
+        assert not left, left
+        return sorted(seen.items())
+    try:
+        add_qcow2(m, "q0", src)
+        for n in ("t0", "t1", "t2"):
+            assert m.cmd("blockdev-add", {"driver": "null-co", "node-name": n, "size": 32 * MB}) == {"return": {}}
+        assert m.cmd("blockdev-add", {"driver": "raw", "node-name": "tbad", "file": {
+            "driver": "blkdebug", "inject-error": [{"event": "write_aio", "errno": 5}],
+            "image": {"driver": "file", "filename": bad}}}) == {"return": {}}
+        acts = [{"type": "blockdev-backup", "data": {"job-id": "j1", "device": "q0", "target": "t0", "sync": "full"}},
+                {"type": "blockdev-backup", "data": {"job-id": "j2", "device": "q0", "target": "t1", "sync": "full"}}]
+        out.append(m.cmd("transaction", {"actions": acts, "properties": {"completion-mode": "grouped"}}))
+        out.append(finals("j1", "j2"))
+        # A failing member of a group takes the others with it.
+        acts = [{"type": "blockdev-backup", "data": {"job-id": "j3", "device": "q0", "target": "t2", "sync": "full",
+                                                      "speed": 4 * MB}},
+                {"type": "blockdev-backup", "data": {"job-id": "j4", "device": "q0", "target": "tbad", "sync": "full"}}]
+        out.append(m.cmd("transaction", {"actions": acts, "properties": {"completion-mode": "grouped"}}))
+        out.append(finals("j3", "j4"))
+        # A later action's failure undoes the backup before it; a non-job action refuses grouped.
+        acts = [{"type": "blockdev-backup", "data": {"job-id": "j5", "device": "q0", "target": "t0", "sync": "full",
+                                                      "speed": 1 * MB}},
+                {"type": "abort", "data": {}}]
+        out.append(m.cmd("transaction", {"actions": acts}))
+        acts = [{"type": "block-dirty-bitmap-add", "data": {"node": "q0", "name": "bm0"}}] + acts[:1]
+        out.append(m.cmd("transaction", {"actions": acts, "properties": {"completion-mode": "grouped"}}))
+        # QSD never starts the aborted job; blockd started it in prepare and its abort cancelled it.
+        # Either way no job is left once the cancelled one (if any) reached null.
+        if [j["id"] for j in m.cmd("query-jobs")["return"]]:
+            finals("j5")
+        out.append(m.cmd("query-jobs")["return"])
+    finally:
+        d.stop()
+    return out
+
+
+def case_transactions_equal_qsd(binary, tmp):
+    want = run_transactions(QSD, os.path.join(tmp, "qsd"))
+    got = run_transactions(binary, os.path.join(tmp, "blockd"))
+    assert want == got, f"\nQSD:    {want}\nblockd: {got}"
+
+
 CASES = [case_errors_equal_qsd, case_events_equal_qsd, case_full_while_writing, case_sync_top_and_none,
          case_bitmap_modes_equal_qsd, case_always_keeps_uncopied_on_cancel, case_incremental_chain,
-         case_pause_resume_cancel, case_drive_backup]
+         case_pause_resume_cancel, case_drive_backup, case_transactions_equal_qsd]
 
 
 if __name__ == "__main__":
