@@ -180,8 +180,6 @@ void supervisor_actor::backup_checked(const boost::json::object& args, reply_fn 
                   std::to_string(cluster) + ")");
   if (!id_wellformed(id)) return failed("Invalid job ID '" + id + "'");
   if (find_job(id)) return failed("Job ID '" + id + "' already in use");
-  if (bool_arg(args, "discard-source", false))
-    return failed("discard-source is not supported by this blockd version; run the backup without it");
   if (home_of(src) != home_of(tgt))
     return failed("Node '" + target + "' lives on another iothread than '" + device +
                   "'; move it there first (x-blockdev-set-iothread)");
@@ -251,7 +249,8 @@ void supervisor_actor::backup_checked(const boost::json::object& args, reply_fn 
     plan.background = sync != "none";
     plan.starts_drained = true;
     plan.skipped_is_progress = true;
-    plan.borrow = [f, sync, compress, max_workers, max_chunk]() -> block::copy_engine* {
+    bool discard_source = bool_arg(args, "discard-source", false);
+    plan.borrow = [f, sync, compress, max_workers, max_chunk, discard_source]() -> block::copy_engine* {
       auto* c = static_cast<block::cbw_state*>(f->driver().driver_extension(block::cbw_state::id));
       if (!c) return nullptr;
       block::copy_engine& e = c->engine();
@@ -263,6 +262,7 @@ void supervisor_actor::backup_checked(const boost::json::object& args, reply_fn 
       }
       e.set_max_workers(int(max_workers));
       if (max_chunk) e.set_max_chunk(max_chunk);
+      if (discard_source) e.set_discard_source(true);
       return &e;
     };
     plan.on_source_error =

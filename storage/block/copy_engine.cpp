@@ -41,7 +41,7 @@ copy_policy copy_policy_above(int n, bool skip_top) {
 // One operation: a run of chunks, worked through extent by extent (block status, then copy, zero
 // or skip of what that status covers). Reused from a free list.
 struct copy_engine::op final : io_waiter {
-  enum class phase : uint8_t { status, read, write, zero };
+  enum class phase : uint8_t { status, read, write, zero, discard };
   copy_engine* e = nullptr;
   io_request req;
   int64_t off = 0, len = 0, pos = 0, sub = 0;
@@ -642,6 +642,21 @@ void copy_engine::op_io_done(op& o) {
     case op::phase::write:
     case op::phase::zero:
       if (res < 0) return op_failed(o, false, -res, o.sub);
+      if (s_.discard_source) {
+        // backup discard-source: what is on the target now may go from the source (a fleecing
+        // image, through its snapshot-access view). Its failure is no copy error: the data is safe.
+        o.ph = op::phase::discard;
+        o.req.reset();
+        o.req.waiter = &o;
+        o.req.flags = ctl(o);
+        o.req.op = io_op::discard;
+        o.req.offset = o.pos;
+        o.req.length = o.sub;
+        s_.source->submit(o.req);
+        return;
+      }
+      break;
+    case op::phase::discard:
       break;
   }
   if (cb_.on_progress) cb_.on_progress(o.sub, 0);

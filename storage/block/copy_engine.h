@@ -82,6 +82,7 @@ struct copy_settings {
   bool block_status = true;      // false: every range is data (no probing; for sources without block status)
   bool target_zeroed = false;    // the target reads zeroes already (fresh image, target-is-zero): zeroes need no write
   bool may_unmap = false;        // zero writes carry io_may_unmap (mirror unmap=true, backup's discard-source)
+  bool discard_source = false;   // backup discard-source: each range copied is then discarded on the source
   // Whether zero writes count against the speed limit. QEMU's block-copy (backup) charges every
   // dispatched range, zeroes included; mirror charges zero and discard ranges nothing. Skipped
   // ranges never count. Either way they count as progress.
@@ -180,6 +181,10 @@ class copy_engine {
   void set_policy(copy_policy p) { s_.policy = p ? std::move(p) : copy_policy_full(); }
   void set_mode(copy_mode m) { s_.mode = m; }
   void set_max_workers(int n) { s_.max_workers = n < 1 ? 1 : n; }
+  void set_discard_source(bool on) {
+    s_.discard_source = on;
+    s_.may_unmap = s_.may_unmap || on;
+  }
   void set_max_chunk(int64_t bytes);
   // Stops starting operations; on_paused once nothing is in flight. copy_now still works.
   void pause();
