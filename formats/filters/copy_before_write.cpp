@@ -102,7 +102,17 @@ class cbw_filter final : public filter_driver, public cbw_state {
   uint32_t caps() const override { return filter_driver::caps() & ~uint32_t(cap_resize); }
 
   void close() override {
-    // The engine goes with the filter; a job that used it has let go of it (nothing in flight).
+    // The engine goes with the filter; a job that used it has let go of it. A copy a timed-out guest
+    // write left behind (cbw-timeout) may still be out on the children, which are open until we are
+    // closed: it is waited for here, or its completion would find the engine gone.
+    if (engine_ && engine_->in_flight() > 0 && env_.block_on) {
+      (void)env_.block_on([this](std::function<void(int)> done) {
+        copy_callbacks cb;
+        cb.on_cancelled = [done] { done(0); };
+        engine_->set_callbacks(std::move(cb));
+        engine_->cancel();
+      });
+    }
     engine_.reset();
   }
 

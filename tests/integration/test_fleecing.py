@@ -11,6 +11,7 @@
   equal QSD's;
 - the view is read-only (a write fails), and a discard on it takes chunks out of the view (reads there fail
   after it), as QSD's snapshot-access does;
+- cbw's bitmap: only the bitmap's dirty chunks are copied and readable in the view (as QSD);
 - push backup with fleecing: a backup from the view with discard-source=true empties the fleecing image as it
   copies, and the target equals the disk at the filter's opening (blockd only: QSD 7.2 has no discard-source).
 Exit 77 when qemu-img/qemu-io/qemu-storage-daemon are missing."""
@@ -247,8 +248,49 @@ def case_push_backup_with_discard_source(binary, tmp):
     sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw", tgt, ref)
 
 
+def bitmap_view(binary, tmp):
+    # cbw's bitmap: only the bitmap's dirty chunks are copied and readable in the view.
+    os.makedirs(tmp, exist_ok=True)
+    disk, _ = make_disk(tmp)
+    fl = os.path.join(tmp, "fleece.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", fl, "32M")
+    d, m = start(binary, tmp)
+    res = []
+    try:
+        ok(m, "blockdev-add", {"driver": "qcow2", "node-name": "disk", "file": {"driver": "file", "filename": disk}})
+        ok(m, "block-dirty-bitmap-add", {"node": "disk", "name": "bm", "granularity": 65536})
+        url = serve(m, tmp, "disk", "pre", True)
+        sh("qemu-io", "-f", "raw", "-c", "write -P 0x71 1M 128k", "-c", "write -P 0x72 12M 64k", url)
+        ok(m, "block-export-del", {"id": "pre"})
+        m.wait("BLOCK_EXPORT_DELETED")
+        ok(m, "blockdev-add", {"driver": "qcow2", "node-name": "tmp", "backing": None,
+                               "file": {"driver": "file", "filename": fl}})
+        ok(m, "blockdev-add", {"driver": "copy-before-write", "node-name": "cbw", "file": "disk", "target": "tmp",
+                               "bitmap": {"node": "disk", "name": "bm"}})
+        ok(m, "blockdev-add", {"driver": "snapshot-access", "node-name": "snap", "file": "cbw"})
+        guest = serve(m, tmp, "cbw", "guest", True)
+        snap = serve(m, tmp, "snap", "snap", False)
+        sh("qemu-io", "-f", "raw", "-c", "write -P 0x73 1M 64k", "-c", "write -P 0x74 4M 64k", guest)
+        for c in ("read -P 0x71 1M 128k", "read -P 0x72 12M 64k", "read 4M 64k", "read 0 64k"):
+            r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", c, snap], capture_output=True, text=True)
+            res.append((c, r.returncode == 0 and "failed" not in r.stdout + r.stderr))
+    finally:
+        d.stop()
+    # Only the bitmap's chunk the guest overwrote went to the target (not 4M, outside the bitmap).
+    mp = json.loads(sh("qemu-img", "map", "--output=json", fl))
+    res.append(sum(e["length"] for e in mp if e["data"]))
+    return res
+
+
+def case_bitmap_limits_the_view_equal_qsd(binary, tmp):
+    want = bitmap_view(QSD, os.path.join(tmp, "qsd"))
+    got = bitmap_view(binary, os.path.join(tmp, "blockd"))
+    assert want == got, f"\nQSD:    {want}\nblockd: {got}"
+    assert [x[1] for x in got[:4]] == [True, True, False, False] and got[4] == 65536, got
+
+
 CASES = [case_user_fleecing, case_fleecing_by_backup_job, case_on_cbw_error_equal_qsd, case_view_read_only_and_discard,
-         case_push_backup_with_discard_source]
+         case_push_backup_with_discard_source, case_bitmap_limits_the_view_equal_qsd]
 
 
 if __name__ == "__main__":
