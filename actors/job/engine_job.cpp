@@ -16,7 +16,7 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
 
   void start(int64_t speed) {
     if (done_) return;
-    block::copy_settings s = plan_.settings();
+    block::copy_settings s = plan_.settings ? plan_.settings() : block::copy_settings{};
     s.speed = uint64_t(speed);
     block::copy_callbacks cb;
     cb.on_progress = [this](int64_t done, int64_t skipped) {
@@ -25,6 +25,10 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     cb.on_idle = [this] { idle(); };
     cb.on_error = [this](const block::copy_error& e) { return error(e); };
     cb.on_paused = [this] {
+      if (cancel_wait_) {
+        cancel_wait_ = false;
+        return finish(0);
+      }
       engine_paused_ = true;
       // A flush of the target in flight is waited for: the job parks with nothing of its own in flight.
       if (parked_ && flushing_ == 0) std::exchange(parked_, nullptr)();
@@ -35,10 +39,24 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
       if (released_) return drop_engine();
       finish(0);
     };
+    if (plan_.borrow) {
+      engine_ = plan_.borrow();
+      if (!engine_) {
+        fail_text_ = "The backup's copy-before-write filter is gone";
+        done_ = true;
+        return port_.done(-ENODEV, fail_text_);
+      }
+      s = engine_->settings();
+      engine_->set_callbacks(std::move(cb));
+      engine_->set_speed(uint64_t(speed));
+    }
     source_ = s.source;
     block::node* target = s.target;
     flush_node_ = s.target ? s.target : s.source;  // copy_up (stream) writes into the source itself
-    engine_ = std::make_unique<block::copy_engine>(std::move(s), std::move(cb));
+    if (!plan_.borrow) {
+      owned_ = std::make_unique<block::copy_engine>(std::move(s), std::move(cb));
+      engine_ = owned_.get();
+    }
     if (plan_.ready_when_idle && target) {
       block::mirror_hook::callbacks hc;
       hc.synced = [this](int64_t n) { add_active_progress(n); };
@@ -63,18 +81,20 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
       self->started_ = true;
       if (self->cancel_) return self->cancel();
       if (self->held_) return;  // paused before it started: resume() starts it
+      if (!self->plan_.background) return;  // sync=none: only the filter's copies, until cancelled
       self->engine_->start();
     };
     if (plan_.fill) {
       filling_ = true;
       return plan_.fill(*engine_, go);
     }
-    engine_->work_map().set(0, engine_->work_map().size());
+    // A borrowed engine's map is the filter's (what it has not copied yet since it was opened).
+    if (!plan_.borrow) engine_->work_map().set(0, engine_->work_map().size());
     go(0);
   }
 
   void pause(std::function<void()> parked) {
-    if (done_ || !started_ || engine_paused_) {
+    if (done_ || !started_ || engine_paused_ || !plan_.background) {
       held_ = !started_;
       return parked();
     }
@@ -83,7 +103,7 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
   }
 
   void resume() {
-    if (done_) return;
+    if (done_ || !plan_.background) return;
     if (!started_ || (held_ && !engine_paused_)) {
       bool was_held = held_;
       held_ = false;
@@ -105,6 +125,18 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     // back, so its end (go) takes the cancel.
     if (filling_) return;
     if (!engine_ || !started_) return finish(0);
+    if (plan_.borrow) {
+      // The filter's engine stays usable: its background copy stops, copy_now goes on.
+      if (engine_->running()) {
+        cancel_wait_ = true;
+        return engine_->pause();
+      }
+      if (engine_->pausing()) {
+        cancel_wait_ = true;
+        return;
+      }
+      return finish(0);
+    }
     engine_->cancel();
   }
 
@@ -142,6 +174,7 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
   void release() {
     unhook();
     released_ = true;
+    if (plan_.borrow) return drop_engine();
     if (engine_) engine_->cancel();  // on_cancelled drops it once nothing is in flight
   }
 
@@ -317,6 +350,11 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
       return;
     }
     done_ = true;
+    if (plan_.borrow && engine_) {
+      engine_->rearm();  // a report finished it: guest writes still need copy_now
+      engine_->pause();  // and no background copy runs after the job
+    }
+    if (plan_.at_end) plan_.at_end(engine_, cancel_ && rc == 0 ? -ECANCELED : rc);
     port_.done(rc, rc < 0 ? fail_text_ : std::string());
     // A converged mirror keeps its engine (and hook) for the pivot's last sync; others are idle
     // now, and the engine may be destroyed from its own final callbacks.
@@ -332,14 +370,29 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
       drop_wanted_ = true;  // hook_gone() drops it
       return unhook();
     }
+    if (plan_.borrow) {
+      // The filter keeps its engine: only the job's callbacks leave it, on a later turn (this may
+      // run inside one of them). The filter goes only after the job's clean, later still.
+      auto self = shared_from_this();
+      source_->env().defer([self] {
+        if (self->engine_) self->engine_->set_callbacks({});
+        self->engine_ = nullptr;
+      });
+      return;
+    }
     auto self = shared_from_this();
-    source_->env().defer([self] { self->engine_.reset(); });
+    source_->env().defer([self] {
+      self->owned_.reset();
+      self->engine_ = nullptr;
+    });
   }
 
   engine_job_plan plan_;
   job_port port_;
   std::weak_ptr<block_job_runner> runner_;
-  std::unique_ptr<block::copy_engine> engine_;
+  std::unique_ptr<block::copy_engine> owned_;
+  block::copy_engine* engine_ = nullptr;  // owned_, or the filter's (plan_.borrow)
+  bool cancel_wait_ = false;  // a borrowed engine pauses for a cancel: on_paused ends the job
   std::function<void()> parked_;
   block::node* source_ = nullptr;
   std::unique_ptr<block::mirror_hook> hook_;

@@ -51,6 +51,19 @@ struct engine_job_plan {
   using home_sync = std::function<void(std::function<void(int)> done)>;
   std::function<void(home_sync sync, std::function<void(result<void>)> done)> finish;
   std::function<void()> clean;
+  // Backup: the engine belongs to the copy-before-write filter the job inserted (its copy_now
+  // serves guest writes before, during and after the job). `borrow`, on the home, returns it with
+  // the job's policy set (null: the filter is gone); the job sets its callbacks, and a cancel only
+  // pauses it. Empty: the job makes its own engine from `settings`.
+  std::function<block::copy_engine*()> borrow;
+  // False: no background copy (backup sync=none): the job only follows what guest writes make the
+  // filter copy, until it is cancelled.
+  bool background = true;
+  // The job starts under a drain of its source, as QEMU's backup (job_runner::starts_drained).
+  bool starts_drained = false;
+  // On the home, once the work is over (rc: 0, the job's error, or -ECANCELED), with the engine
+  // still there: backup's bitmap-mode handling (what is left dirty is what was not copied).
+  std::function<void(block::copy_engine* e, int rc)> at_end;
 };
 
 class engine_job_runner : public block_job_runner {
@@ -62,6 +75,7 @@ class engine_job_runner : public block_job_runner {
   void clean(job::core& j) override;
   void abandon() override;
   bool can_complete() const override { return plan_.ready_when_idle; }
+  bool starts_drained() const override { return plan_.starts_drained; }
   result<void> complete(job::core& j) override;
   // A READY mirror's soft cancel completes the job without a pivot (QEMU's mirror_cancel).
   bool cancel(job::core& j, bool force) override;

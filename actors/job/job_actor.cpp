@@ -130,7 +130,10 @@ caf::behavior job_actor::make_behavior() {
           settle();
           return command_outcome::failure(r.error());
         }
+        bool drained = runner_->starts_drained();
+        if (drained) core_.pause();
         core_.start();
+        if (drained) core_.resume();
         settle();
         return command_outcome::success();
       },

@@ -62,6 +62,10 @@ class job_runner : public job::driver, public std::enable_shared_from_this<job_r
   // Right after the job was created, before it starts: a failure ends it at once (created -> null),
   // as a block job whose initial speed is refused does in QEMU.
   virtual result<void> created(job::core& j) { (void)j; return {}; }
+  // QEMU creates a backup job while its source is drained (the transaction of one action that
+  // qmp_blockdev_backup runs), so the job pauses at its first pause point and resumes when the
+  // drain ends, before the command returns: created, running, paused, running.
+  virtual bool starts_drained() const { return false; }
   job_runner();  // counted (job_actor::live_runners)
   job_runner(const job_runner&) = delete;
   job_runner& operator=(const job_runner&) = delete;

@@ -109,6 +109,7 @@ void supervisor_actor::register_block_job_commands() {
   commands_.add("block-stream", [this](boost::json::object& a, reply_fn r) { block_stream(a, std::move(r)); });
   commands_.add("block-commit", [this](boost::json::object& a, reply_fn r) { block_commit(a, std::move(r)); });
   register_mirror_commands();
+  register_backup_commands();
 }
 
 void supervisor_actor::queue_job_edit(std::function<void(reply_fn)> work) {
@@ -539,6 +540,15 @@ void supervisor_actor::drop_job_filter(const std::string& filter, const std::str
   block::node* f = graph_->find(filter);
   if (!f) return reply(command_outcome::success());
   graph_->detach_user(*f, user_key(id) + "/stream");
+  // The export clients on the filter stop first (what they have in flight completes) and start
+  // again on the node below once it is gone: a request held in the drained filter would be lost
+  // with it.
+  park_clients({f}, [this, filter, released, reply]() mutable {
+  block::node* f = graph_->find(filter);
+  if (!f) {
+    unpark_clients();
+    return reply(command_outcome::success());
+  }
   std::vector<block::node*> q{f};
   auto kids = f->children();
   if (!kids.empty() && kids.front()->child) q.push_back(kids.front()->child);
@@ -554,7 +564,11 @@ void supervisor_actor::drop_job_filter(const std::string& filter, const std::str
     graph_->release_unused(gone);
     sync_node_actors();
     done(command_outcome::success());
-  }, std::move(reply));
+  }, [this, reply](command_outcome o) {
+    unpark_clients();
+    reply(std::move(o));
+  });
+  });
 }
 
 }  // namespace blockd

@@ -49,6 +49,12 @@ struct mirror_extra {
   std::string target_backing;  // set as the target's backing at the pivot (empty: none)
 };
 
+// What drive-backup adds to blockdev-backup: the target node it opened for the job.
+struct backup_extra {
+  std::vector<std::string> opened;
+  std::shared_ptr<job::txn> group = nullptr;  // transaction completion-mode grouped
+};
+
 class supervisor_actor : public caf::event_based_actor {
  public:
   supervisor_actor(caf::actor_config& cfg, iothread* home, supervisor_hooks hooks);
@@ -238,6 +244,15 @@ class supervisor_actor : public caf::event_based_actor {
   void blockdev_mirror(const boost::json::object& args, reply_fn reply, mirror_extra extra);
   void drive_mirror(const boost::json::object& args, reply_fn reply);
   void block_job_change(const boost::json::object& args, reply_fn reply);
+  // ---- backup (backup_jobs.cpp) -------------------------------------------------------------
+  void register_backup_commands();
+  void blockdev_backup(const boost::json::object& args, reply_fn reply, backup_extra extra);
+  // The checks after the bitmap's (which run on the source's home), then the filter and the job.
+  void backup_checked(const boost::json::object& args, reply_fn reply, backup_extra extra, std::string sync,
+                      std::optional<std::string> bitmap, std::optional<std::string> bitmap_mode);
+  void drive_backup(const boost::json::object& args, reply_fn reply, std::shared_ptr<job::txn> group = nullptr);
+  // The jobs' group of the transaction being built (completion-mode grouped), else null.
+  std::shared_ptr<job::txn> building_group_;
   void commit_active(const std::string& id, block::node* top, block::node* base, int64_t speed, on_error_policy on_error,
                      bool auto_finalize, bool auto_dismiss, reply_fn reply);
   // A mirror's or active commit's pivot: writers of `from` stop, `sync` copies their last writes

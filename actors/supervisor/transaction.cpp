@@ -28,6 +28,8 @@ void supervisor_actor::register_transaction_commands() {
     // completion-mode grouped ties jobs' fates together; a kind without jobs refuses it in its own
     // prepare, in list order as QEMU checks it (so an earlier failure, an abort, answers first).
     std::vector<std::unique_ptr<block::action>> list;
+    // The jobs the actions start share one group (their builders take it from here).
+    building_group_ = grouped ? job::txn::make() : nullptr;
     for (const auto& v : actions) {
       const auto& o = v.as_object();
       std::string kind(o.at("type").as_string());
@@ -43,6 +45,7 @@ void supervisor_actor::register_transaction_commands() {
       const auto* data = o.if_contains("data");
       list.push_back(txn_kinds_.at(kind).build(data && data->is_object() ? data->as_object() : empty));
     }
+    building_group_ = nullptr;
     run_actions(std::move(list), std::move(reply));
   });
 }

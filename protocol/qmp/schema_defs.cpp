@@ -199,6 +199,20 @@ void define_block_jobs(schema& s) {
             "*job-id:str device:str target:str *replaces:str sync:MirrorSyncMode *speed:int *granularity:uint32 "
             "*buf-size:int *on-source-error:BlockdevOnError *on-target-error:BlockdevOnError *filter-node-name:str "
             "*copy-mode:MirrorCopyMode *auto-finalize:bool *auto-dismiss:bool *target-is-zero:bool");
+  // Backup (block-core.json BackupCommon, 10.2: on-cbw-error, discard-source, x-perf min-cluster-size).
+  s.enumeration("BitmapSyncMode", "on-success never always");
+  if (!s.find_type("OnCbwError")) s.enumeration("OnCbwError", "break-guest-write break-snapshot");
+  s.object("BackupPerf", "*use-copy-range:bool *max-workers:int *max-chunk:int *min-cluster-size:size");
+  const std::string backup_common =
+      "*job-id:str device:str sync:MirrorSyncMode *speed:int *bitmap:str *bitmap-mode:BitmapSyncMode "
+      "*compress:bool *on-source-error:BlockdevOnError *on-target-error:BlockdevOnError *on-cbw-error:OnCbwError "
+      "*auto-finalize:bool *auto-dismiss:bool *filter-node-name:str *discard-source:bool *x-perf:BackupPerf@unstable "
+      "target:str";
+  s.object("BlockdevBackup", backup_common);
+  s.object("DriveBackup", backup_common + " *format:str *mode:NewImageMode");
+  s.command("blockdev-backup", "BlockdevBackup", "", true);
+  s.command("drive-backup", "DriveBackup", "", true);
+  s.command_features("drive-backup", {"deprecated"});
   s.command("block-stream",
             "*job-id:str device:str *base:str *base-node:str *backing-file:str *backing-mask-protocol:bool *bottom:str "
             "*speed:int *on-error:BlockdevOnError *filter-node-name:str *auto-finalize:bool *auto-dismiss:bool");
@@ -478,7 +492,7 @@ void define_exports(schema& s) {
 // is one entry of `kinds` (its data type's wrapper); the supervisor refuses to start when a kind
 // has no action builder, as it does for commands.
 void define_bitmaps(schema& s) {
-  s.object("BlockDirtyBitmap", "node:str name:str");
+  if (!s.find_type("BlockDirtyBitmap")) s.object("BlockDirtyBitmap", "node:str name:str");  // copy-before-write may have
   s.alternate("BlockDirtyBitmapOrStr", {"str", "BlockDirtyBitmap"});
   // x-exist-ok and x-missing-ok: blockd's idempotent add and remove for retried checkpoints
   // (README, "Beyond QSD"); absent, everything is as in QSD.
@@ -507,9 +521,11 @@ void define_transaction(schema& s) {
       {"block-dirty-bitmap-enable", "BlockDirtyBitmap"},
       {"block-dirty-bitmap-disable", "BlockDirtyBitmap"},
       {"block-dirty-bitmap-merge", "BlockDirtyBitmapMerge"},
+      {"blockdev-backup", "BlockdevBackup"},
       {"blockdev-snapshot", "BlockdevSnapshot"},
       {"blockdev-snapshot-internal-sync", "BlockdevSnapshotInternal"},
       {"blockdev-snapshot-sync", "BlockdevSnapshotSync"},
+      {"drive-backup", "DriveBackup"},
       // blockd's extension: an export started with the rest of the list (README, "Beyond QSD").
       {"x-block-export-add", "BlockExportOptions"},
   };

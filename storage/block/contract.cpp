@@ -223,6 +223,7 @@ class checked_driver final : public block_driver, private io_waiter {
     check_home("drain_end");
     inner_->drain_end();
   }
+  void* driver_extension(const char* id) override { return inner_->driver_extension(id); }
   void rehome(const driver_env& env) override {
     drained("rehome");
     env_ = env;

@@ -41,7 +41,7 @@ copy_policy copy_policy_above(int n, bool skip_top) {
 // One operation: a run of chunks, worked through extent by extent (block status, then copy, zero
 // or skip of what that status covers). Reused from a free list.
 struct copy_engine::op final : io_waiter {
-  enum class phase : uint8_t { status, read, write, zero };
+  enum class phase : uint8_t { status, read, write, zero, discard };
   copy_engine* e = nullptr;
   io_request req;
   int64_t off = 0, len = 0, pos = 0, sub = 0;
@@ -250,6 +250,13 @@ void copy_engine::set_speed(uint64_t bytes_per_sec) {
   pump();
 }
 
+void copy_engine::set_max_chunk(int64_t bytes) {
+  const int64_t g = s_.granularity;
+  // Only ever lower: the constructor's value already respects the buffer and the nodes' max transfer.
+  if (bytes <= 0) return;
+  s_.max_chunk = std::max(g, std::min(bytes, s_.max_chunk) / g * g);
+}
+
 void copy_engine::pause() {
   if (state_ != state::running) return;
   state_ = state::pausing;
@@ -372,9 +379,11 @@ bool copy_engine::start_one(int64_t from, int64_t limit, bool priority, now_wait
   if (c < 0) return false;
   int64_t max_chunks = s_.max_chunk / g;
   int64_t n = 1;
-  // Consecutive dirty, idle chunks merge into one request (a copy_now run may go past its range:
-  // the neighbours need copying anyway and one request is cheaper than two).
-  while (n < max_chunks && c + n < chunks_ && !busy(c + n) && map_.get((c + n) * g)) ++n;
+  // Consecutive dirty, idle chunks merge into one request. A copy_now run stays in its range: a
+  // guest write waits on it, and copy-before-write must not fill its target with chunks nobody
+  // overwrote (sync=none fleecing keeps only what the guest changed).
+  const int64_t end_chunk = priority ? std::min(limit, chunks_) : chunks_;
+  while (n < max_chunks && c + n < end_chunk && !busy(c + n) && map_.get((c + n) * g)) ++n;
   int64_t size = s_.source->length();
   int64_t off = c * g;
   int64_t len = std::min(n * g, size - off);
@@ -635,6 +644,21 @@ void copy_engine::op_io_done(op& o) {
     case op::phase::write:
     case op::phase::zero:
       if (res < 0) return op_failed(o, false, -res, o.sub);
+      if (s_.discard_source) {
+        // backup discard-source: what is on the target now may go from the source (a fleecing
+        // image, through its snapshot-access view). Its failure is no copy error: the data is safe.
+        o.ph = op::phase::discard;
+        o.req.reset();
+        o.req.waiter = &o;
+        o.req.flags = ctl(o);
+        o.req.op = io_op::discard;
+        o.req.offset = o.pos;
+        o.req.length = o.sub;
+        s_.source->submit(o.req);
+        return;
+      }
+      break;
+    case op::phase::discard:
       break;
   }
   if (cb_.on_progress) cb_.on_progress(o.sub, 0);

@@ -82,6 +82,7 @@ struct copy_settings {
   bool block_status = true;      // false: every range is data (no probing; for sources without block status)
   bool target_zeroed = false;    // the target reads zeroes already (fresh image, target-is-zero): zeroes need no write
   bool may_unmap = false;        // zero writes carry io_may_unmap (mirror unmap=true, backup's discard-source)
+  bool discard_source = false;   // backup discard-source: each range copied is then discarded on the source
   // Whether zero writes count against the speed limit. QEMU's block-copy (backup) charges every
   // dispatched range, zeroes included; mirror charges zero and discard ranges nothing. Skipped
   // ranges never count. Either way they count as progress.
@@ -176,12 +177,31 @@ class copy_engine {
   void external_error(copy_error_action a, int err);
 
   void set_speed(uint64_t bytes_per_sec);
+  // A copy-before-write filter makes its engine at open and a backup job that inserted it takes it
+  // over: the job's callbacks, sync policy (top), copy mode (compress) and background limits. Home
+  // thread, before start(); operations already running keep what they started with.
+  void set_callbacks(copy_callbacks cb) { cb_ = std::move(cb); }
+  void set_policy(copy_policy p) { s_.policy = p ? std::move(p) : copy_policy_full(); }
+  void set_mode(copy_mode m) { s_.mode = m; }
+  void set_max_workers(int n) { s_.max_workers = n < 1 ? 1 : n; }
+  void set_discard_source(bool on) {
+    s_.discard_source = on;
+    s_.may_unmap = s_.may_unmap || on;
+  }
+  void set_max_chunk(int64_t bytes);
   // Stops starting operations; on_paused once nothing is in flight. copy_now still works.
   void pause();
   void resume();
   // Stops for good; on_cancelled once nothing is in flight (what is in flight completes).
   void cancel();
 
+  // A finished (a report drained) or cancelled engine takes copy_now again, paused: a
+  // copy-before-write filter outlives the backup job that ran its background copy, and guest writes
+  // still need their old data copied until the filter is gone.
+  void rearm() {
+    if (state_ == state::finished || state_ == state::cancelled) state_ = state::paused;
+  }
+  bool pausing() const { return state_ == state::pausing; }
   // State for the job.
   bool running() const { return state_ == state::running; }
   bool paused() const { return state_ == state::paused || state_ == state::pausing; }

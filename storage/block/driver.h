@@ -247,6 +247,11 @@ class block_driver {
   // drain_end when the node resumes. Home thread.
   virtual void drain_begin() {}
   virtual void drain_end() {}
+
+  // A driver-specific interface another driver or a job reaches through the node (a
+  // snapshot-access filter finds its copy-before-write node's state, a backup job the filter's
+  // copy engine): the object named `id`, or null. Home thread.
+  virtual void* driver_extension(const char* id) { (void)id; return nullptr; }
 };
 
 // What a reopen asks of a driver: its own new options (children resolved away), the children it

@@ -15,6 +15,8 @@ void register_preallocate_driver();
 void register_quorum_driver();
 void register_blklogwrites_driver();
 void register_throttle_driver();
+void register_cbw_driver();
+void register_snapshot_access_driver();
 void register_blkdebug_driver();
 void register_blkverify_driver();
 }  // namespace blockd::block
@@ -51,6 +53,8 @@ void register_builtin_drivers() {
     register_quorum_driver();
     register_blklogwrites_driver();
     register_throttle_driver();
+    register_cbw_driver();
+    register_snapshot_access_driver();
   });
 }
 

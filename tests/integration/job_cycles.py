@@ -261,6 +261,26 @@ def stream_error_cycle(m, tmp, i):
     _del(m, "top", "mid", "base")
 
 
+def backup_cycle(m, tmp, i):
+    # A full backup of the chain's top into the target (its copy-before-write filter comes and goes), then
+    # an incremental one with a bitmap, or a slow full one with a bitmap force-cancelled (successor, bitmap-mode).
+    _add_chain(m, tmp)
+    m.ok("blockdev-add", {"driver": "qcow2", "node-name": "tgt", "file": {"driver": "file", "filename": f"{tmp}/tgt.qcow2"}})
+    m.ok("block-dirty-bitmap-add", {"node": "top", "name": "b"})
+    m.run_job("blockdev-backup", {"job-id": "j", "device": "top", "target": "tgt", "sync": "full", "auto-dismiss": False})
+    if i % 2:
+        m.ok("blockdev-backup", {"job-id": "j", "device": "top", "target": "tgt", "sync": "full", "bitmap": "b",
+                                 "bitmap-mode": "always", "speed": 65536, "x-perf": {"max-chunk": 65536},
+                                 "auto-dismiss": False})
+        m.ok("block-job-cancel", {"device": "j", "force": True})
+        _end_job(m, "j", "BLOCK_JOB_CANCELLED")
+    else:
+        m.run_job("blockdev-backup", {"job-id": "j", "device": "top", "target": "tgt", "sync": "incremental",
+                                      "bitmap": "b", "auto-dismiss": False})
+    m.ok("block-dirty-bitmap-remove", {"node": "top", "name": "b"})
+    _del(m, "tgt", "top", "mid", "base")
+
+
 def stream_error_setup(m, tmp):
     # The stream never succeeds here, so the top stays as qemu-img made it (its data only).
     chain_setup(m, tmp)
@@ -273,6 +293,7 @@ KINDS = {
     "commit": (chain_setup, commit_cycle),
     "commit-active": (chain_setup, commit_active_cycle),
     "mirror": (chain_setup, mirror_cycle),
+    "backup": (chain_setup, backup_cycle),
     "file": (file_setup, file_cycle),
     "qcow2": (file_setup, qcow2_cycle),
     "qcow2-inline": (qcow2_inline_setup, qcow2_inline_cycle),

@@ -28,7 +28,7 @@ KINDS = ["file", "qcow2", "qcow2-inline", "amend-qcow2"]
 # and active commit, mirror (completed at READY), a force-cancelled mirror, a stream that fails on a read.
 # Measured over 2 x 500 and 1 x 5000 cycles: no growth at all (0 KiB); 200-cycle batches keep the test short
 # and the same bound still catches 320 bytes a job.
-BLOCK_KINDS = ["stream", "commit", "commit-active", "mirror", "mirror-cancel", "stream-error"]
+BLOCK_KINDS = ["stream", "commit", "commit-active", "mirror", "mirror-cancel", "stream-error", "backup"]
 BLOCK_WARMUP = 100
 BLOCK_PER_BATCH = 200
 

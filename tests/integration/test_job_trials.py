@@ -344,15 +344,45 @@ def mirror_check(t):
         sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw", t.tgt, t.flat)
 
 
+def backup_setup(m, tmp, t):
+    chain_images(t, tmp)
+    # The backup is of the moment the job starts: guest writes after it (the trial's) are not in it.
+    t.flat0 = os.path.join(tmp, "flat0.raw")
+    shutil.copyfile(t.flat, t.flat0)
+    t.sync = t.rng.choice(["full", "top"])
+    t.tgt = os.path.join(tmp, "tgt.qcow2")
+    if t.sync == "top":
+        # sync=top copies the top's own clusters: the target shares the source's backing file.
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", t.mid, "-F", "qcow2", t.tgt)
+    else:
+        sh("qemu-img", "create", "-q", "-f", "qcow2", t.tgt, str(SIZE))
+    t.images.append(t.tgt)
+    pick_rules(t, {"top": t.top, "tgt": t.tgt})
+    add_chain(m, t.b, t.mid, t.top, t.rules)
+    m.ok("blockdev-add", {"driver": "qcow2", "node-name": "tgt", "file": file_node(t.tgt, t.rules.get("tgt")),
+                          "backing": "mid" if t.sync == "top" else None})
+    t.nodes.append("tgt")
+    args = {"job-id": JOB, "device": "top", "target": "tgt", "sync": t.sync, "speed": t.speed}
+    if t.error:
+        key = "on-source-error" if t.error[0] == "top" else "on-target-error"
+        args[key] = t.error[1]
+    return "blockdev-backup", args
+
+
+def backup_check(t):
+    # The source has the guest's writes; a completed backup's target holds the view of the job's start.
+    sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw", t.top, t.flat)
+    if t.completed_ok:
+        sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw", t.tgt, t.flat0)
+
+
 KINDS = {
     "stream": Kind("stream", 12, stream_setup, stream_check, False, {"mid": "read", "base": "read", "top": "write"}),
     "commit": Kind("commit", 8, commit_setup, commit_check, False, {"mid": "read", "base": "write"}),
     "commit-active": Kind("commit-active", 12, active_setup, active_check, True,
                           {"top": "read", "mid": "read", "base": "write"}),
     "mirror": Kind("mirror", 24, mirror_setup, mirror_check, True, {"top": "read", "tgt": "write"}),
-    # ---- BACKUP GOES HERE: "backup": Kind("backup", ..., backup_setup, backup_check, False,
-    #      {"src": "read", "tgt": "write"}), with backup_setup returning ("blockdev-backup", {...}) and
-    #      backup_check comparing the target with the source's view when t.completed_ok. ----
+    "backup": Kind("backup", 24, backup_setup, backup_check, False, {"top": "read", "tgt": "write"}),
 }
 
 
