@@ -433,6 +433,8 @@ def run_transactions(binary, tmp):
         acts = [{"type": "blockdev-backup", "data": {"job-id": "j1", "device": "q0", "target": "t0", "sync": "full"}},
                 {"type": "blockdev-backup", "data": {"job-id": "j2", "device": "q0", "target": "t1", "sync": "full"}}]
         out.append(m.cmd("transaction", {"actions": acts, "properties": {"completion-mode": "grouped"}}))
+        # Before the return (QSD's T96): both created, each started under the drain, then let go.
+        out.append([(e["event"], e["data"]) for e in m.events if e["event"] == "JOB_STATUS_CHANGE"])
         out.append(finals("j1", "j2"))
         # A failing member of a group takes the others with it.
         acts = [{"type": "blockdev-backup", "data": {"job-id": "j3", "device": "q0", "target": "t2", "sync": "full",
@@ -452,6 +454,9 @@ def run_transactions(binary, tmp):
         if [j["id"] for j in m.cmd("query-jobs")["return"]]:
             finals("j5")
         out.append(m.cmd("query-jobs")["return"])
+        # And no filter of theirs is left in the graph.
+        out.append(sorted(n["node-name"] for n in m.cmd("query-named-block-nodes")["return"]
+                          if not n["node-name"].startswith("#")))
     finally:
         d.stop()
     return out
