@@ -263,7 +263,8 @@ void supervisor_actor::backup_checked(const boost::json::object& args, reply_fn 
     plan.home = home_of(s);
     plan.background = sync != "none";
     plan.starts_drained = true;
-    plan.skipped_is_progress = true;
+    plan.skipped_is_progress = false;
+    plan.skip_lowers_total = true;
     bool discard_source = bool_arg(args, "discard-source", false);
     plan.borrow = [f, sync, compress, max_workers, max_chunk, discard_source]() -> block::copy_engine* {
       auto* c = static_cast<block::cbw_state*>(f->driver().driver_extension(block::cbw_state::id));

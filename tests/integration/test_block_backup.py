@@ -468,9 +468,33 @@ def case_transactions_equal_qsd(binary, tmp):
     assert want == got, f"\nQSD:    {want}\nblockd: {got}"
 
 
+def top_completion(binary, tmp):
+    os.makedirs(tmp, exist_ok=True)
+    base = qcow2(tmp, "base.qcow2")
+    sh("qemu-io", "-c", "write -P 0x11 0 4M", base)
+    top = qcow2(tmp, "top.qcow2", backing=base)
+    sh("qemu-io", "-c", "write -P 0x22 1M 1M", "-c", "write -P 0x23 8M 64k", "-c", "write -z 12M 128k", top)
+    ttop = qcow2(tmp, "ttop.qcow2", backing=base)
+    d, m = start(binary, tmp)
+    try:
+        add_qcow2(m, "top", top)
+        add_qcow2(m, "ttop", ttop)
+        assert m.cmd("blockdev-backup", {"job-id": "t", "device": "top", "target": "ttop", "sync": "top"}) == {"return": {}}
+        return m.wait("BLOCK_JOB_COMPLETED")
+    finally:
+        d.stop()
+
+
+def case_sync_top_len_equal_qsd(binary, tmp):
+    # sync=top: what the top does not hold leaves the job's total (QSD's len and offset are what it copied).
+    want = top_completion(QSD, os.path.join(tmp, "qsd"))
+    got = top_completion(binary, os.path.join(tmp, "blockd"))
+    assert want == got, (want, got)
+
+
 CASES = [case_errors_equal_qsd, case_events_equal_qsd, case_full_while_writing, case_sync_top_and_none,
          case_bitmap_modes_equal_qsd, case_always_keeps_uncopied_on_cancel, case_incremental_chain,
-         case_pause_resume_cancel, case_drive_backup, case_transactions_equal_qsd]
+         case_pause_resume_cancel, case_drive_backup, case_transactions_equal_qsd, case_sync_top_len_equal_qsd]
 
 
 if __name__ == "__main__":
