@@ -21,6 +21,8 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
     block::copy_callbacks cb;
     cb.on_progress = [this](int64_t done, int64_t skipped) {
       port_.progress(done + (plan_.skipped_is_progress ? skipped : 0));
+      if (skipped > 0 && plan_.skip_lowers_total && engine_)
+        port_.post([rem = engine_->remaining()](job::core& j) { j.progress_set_remaining(rem); });
     };
     cb.on_idle = [this] { idle(); };
     cb.on_error = [this](const block::copy_error& e) { return error(e); };
@@ -243,6 +245,8 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
   }
 
   void idle() {
+    // The last skip's report counted the operation it was in: nothing is left now.
+    if (plan_.skip_lowers_total) port_.post([](job::core& j) { j.progress_set_remaining(0); });
     if (!plan_.ready_when_idle) return flush_then([this] { finish(first_err_); });
     // Converged: the total is what was copied. In write-blocking mode the target follows every
     // write from now on (QEMU sets actively-synced at each convergence in that mode).

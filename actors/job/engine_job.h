@@ -33,6 +33,8 @@ struct engine_job_plan {
   bool ignore_skips = false;
   // Ranges the policy skipped count as progress (stream, commit: the whole length is the total).
   bool skipped_is_progress = true;
+  // Ranges the policy skipped leave the total instead (backup sync=top: QEMU's len is what it copied).
+  bool skip_lowers_total = false;
   // Mirror and active commit: READY once converged; guest writes to the source are copied again
   // (a write hook) until the job is cleaned up; job-complete ends the work once converged, and the
   // prepare's pivot first stops the writers and runs `sync` (see finish).

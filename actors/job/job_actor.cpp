@@ -123,6 +123,34 @@ caf::behavior job_actor::make_behavior() {
     caf::anon_send(sup, job_gone_atom::value, id);
   });
   return {
+      [this](job_create_atom) -> command_outcome {
+        core_.create();
+        if (auto r = runner_->created(core_); !r) {
+          core_.early_fail();
+          settle();
+          return command_outcome::failure(r.error());
+        }
+        created_ = true;
+        settle();
+        return command_outcome::success();
+      },
+      [this](job_start_held_atom) -> command_outcome {
+        // A transaction's abort may have cancelled it meanwhile: then there is nothing to start.
+        if (!created_ || core_.state() != job::status::created) return command_outcome::success();
+        core_.pause();
+        held_drain_ = true;
+        core_.start();
+        settle();
+        return command_outcome::success();
+      },
+      [this](job_undrain_atom) -> bool {
+        if (held_drain_) {
+          held_drain_ = false;
+          core_.resume();
+          settle();
+        }
+        return true;
+      },
       [this](job_start_atom) -> command_outcome {
         core_.create();
         if (auto r = runner_->created(core_); !r) {

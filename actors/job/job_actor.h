@@ -21,6 +21,12 @@ struct job_step {
 };
 
 using job_start_atom = caf::atom_constant<caf::atom("jobstart")>;  // -> command_outcome (created, running)
+// A job of a transaction action (QEMU's backup): created in the action's prepare, started at its
+// commit while its source is still drained (running, paused), and let go once the transaction's
+// drains end (running).
+using job_create_atom = caf::atom_constant<caf::atom("jobcreate")>;    // -> command_outcome (created)
+using job_start_held_atom = caf::atom_constant<caf::atom("jobstarth")>;  // -> command_outcome (running, paused)
+using job_undrain_atom = caf::atom_constant<caf::atom("jobundrain")>;    // -> bool (running)
 using job_verb_atom = caf::atom_constant<caf::atom("jobverb")>;    // (verb, force) -> command_outcome
 using job_info_atom = caf::atom_constant<caf::atom("jobinfo")>;    // -> json_args (JobInfo)
 using job_post_atom = caf::atom_constant<caf::atom("jobpost")>;    // job_step from the body, any thread
@@ -151,6 +157,8 @@ class job_actor : public caf::event_based_actor {
   std::shared_ptr<job_runner> runner_;  // shared: an abandoned worker thread keeps its runner alive
   job::core core_;
   bool stopping_ = false;
+  bool created_ = false;  // job_create_atom ran (a later job_start_atom only starts)
+  bool held_drain_ = false;  // started under the transaction's drain: job_undrain_atom ends it
   bool stop_cancelled_ = false;
   caf::response_promise stop_rp_;
   // Set once the job reached null and the supervisor was told; shared with the exit hook, which

@@ -80,18 +80,33 @@ void supervisor_actor::register_backup_commands() {
     txn_kinds_[kind].grouped = true;
     txn_kinds_[kind].build = [this, drive = std::string(kind) == "drive-backup"](const boost::json::object& d) {
       auto group = building_group_;
+      auto held = building_held_;
       auto started = std::make_shared<bool>(false);
       auto a = std::make_unique<block::step_lambda_action>();
+      // Prepare creates the job (filter in, every check made), commit starts it under the drain.
       a->on_prepare = [this, d, group, drive, started](block::action::prepared_fn done) {
         auto out = [started, done](command_outcome o) {
           if (!o.ok) return done(std::unexpected(o.err));
           *started = true;
           done({});
         };
-        if (drive) return drive_backup(d, out, group);
+        if (drive) return drive_backup(d, out, group, true);
         backup_extra extra;
         extra.group = group;
+        extra.staged = true;
         blockdev_backup(d, out, extra);
+      };
+      a->on_commit = [this, d, held](std::function<void()> done) {
+        std::string id = d.contains("job-id") ? std::string(d.at("job-id").as_string()) : "";
+        auto* j = find_job(id);
+        if (!j) return done();
+        caf::actor actor = j->actor;
+        request(actor, caf::infinite, job_start_held_atom::value)
+            .then([held, actor, done](const command_outcome&) {
+                    if (held) held->push_back(actor);
+                    done();
+                  },
+                  [done](const caf::error&) { done(); });
       };
       a->on_abort = [this, d, started](std::function<void()> done) {
         std::string id = d.contains("job-id") ? std::string(d.at("job-id").as_string()) : "";
@@ -248,7 +263,8 @@ void supervisor_actor::backup_checked(const boost::json::object& args, reply_fn 
     plan.home = home_of(s);
     plan.background = sync != "none";
     plan.starts_drained = true;
-    plan.skipped_is_progress = true;
+    plan.skipped_is_progress = false;
+    plan.skip_lowers_total = true;
     bool discard_source = bool_arg(args, "discard-source", false);
     plan.borrow = [f, sync, compress, max_workers, max_chunk, discard_source]() -> block::copy_engine* {
       auto* c = static_cast<block::cbw_state*>(f->driver().driver_extension(block::cbw_state::id));
@@ -287,14 +303,16 @@ void supervisor_actor::backup_checked(const boost::json::object& args, reply_fn 
       if (graph_->attach_user(*t, user_key(id), u)) j.held.push_back(t->name());
     };
     bool auto_finalize = bool_arg(args, "auto-finalize", true), auto_dismiss = bool_arg(args, "auto-dismiss", true);
-    start_job(job::options{id, job::type::backup, auto_finalize, auto_dismiss, extra.group}, runner, hold, std::move(reply));
+    start_job(job::options{id, job::type::backup, auto_finalize, auto_dismiss, extra.group}, runner, hold, std::move(reply),
+              extra.staged);
   });
   });
 }
 
 // drive-backup (QEMU 7.2's drive_backup_prepare): the source's checks, the target image created
 // (mode=absolute-paths) or probed (existing) and opened as the job's own node, then blockdev-backup.
-void supervisor_actor::drive_backup(const boost::json::object& args, reply_fn reply, std::shared_ptr<job::txn> group) {
+void supervisor_actor::drive_backup(const boost::json::object& args, reply_fn reply, std::shared_ptr<job::txn> group,
+                                    bool job_staged) {
   auto failed = [&reply](std::string text) { reply(command_outcome::failure(error(std::move(text)))); };
   std::string device(args.at("device").as_string()), file(args.at("target").as_string());
   std::string sync(args.at("sync").as_string());
@@ -346,7 +364,7 @@ void supervisor_actor::drive_backup(const boost::json::object& args, reply_fn re
   boost::json::object bargs = args;
   for (const char* k : {"format", "mode"}) bargs.erase(k);
   bargs["sync"] = args.at("sync");
-  auto open_target = [this, home, file, fmt, backing_name, bargs, reply, group](command_outcome created) mutable {
+  auto open_target = [this, home, file, fmt, backing_name, bargs, reply, group, job_staged](command_outcome created) mutable {
     if (!created.ok) return reply(created);
     // QEMU opens the target with discard=unmap and detect-zeroes=unmap.
     boost::json::object opts{{"driver", fmt},
@@ -360,7 +378,7 @@ void supervisor_actor::drive_backup(const boost::json::object& args, reply_fn re
     run_at(home, [g, staged] {
       auto r = g->open_staged(*staged);
       return r ? command_outcome::success() : command_outcome::failure(r.error());
-    }, [this, staged, home, bargs, reply, group](command_outcome o) mutable {
+    }, [this, staged, home, bargs, reply, group, job_staged](command_outcome o) mutable {
       if (!o.ok) return reply(o);
       for (block::node* x : staged->created) homes_[x] = home;
       auto n = graph_->commit_staged(*staged);
@@ -372,6 +390,7 @@ void supervisor_actor::drive_backup(const boost::json::object& args, reply_fn re
       backup_extra extra;
       extra.opened.push_back(tname);
       extra.group = group;
+      extra.staged = job_staged;
       blockdev_backup(bargs, [this, tname, reply](command_outcome out) {
         if (out.ok) return reply(out);
         // A refused start closes the target again; the image file stays (as QEMU's).

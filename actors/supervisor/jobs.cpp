@@ -73,7 +73,7 @@ void supervisor_actor::register_job_commands() {
 }
 
 void supervisor_actor::start_job(job::options o, std::shared_ptr<job_runner> runner,
-                                 std::function<void(job_entry&)> hold, reply_fn reply) {
+                                 std::function<void(job_entry&)> hold, reply_fn reply, bool staged) {
   auto self = caf::actor_cast<caf::actor>(this);
   std::string id = o.id;
   auto a = spawn_pinned<job_actor>(home_->system(), *home_, self, std::move(o), std::move(runner));
@@ -81,7 +81,8 @@ void supervisor_actor::start_job(job::options o, std::shared_ptr<job_runner> run
   if (hold) hold(jobs_.front());
   // The job emits created and running (and, for a job that finishes at once, the rest) before it
   // answers, so those events precede the command's return, as in QSD.
-  request(a, caf::infinite, job_start_atom::value)
+  auto started = staged ? request(a, caf::infinite, job_create_atom::value) : request(a, caf::infinite, job_start_atom::value);
+  started
       .then([reply](const command_outcome& out) { reply(out); },
             [reply](const caf::error& e) {
               reply(command_outcome::failure(error("internal error: the job did not start: " + to_string(e))));

@@ -53,6 +53,7 @@ struct mirror_extra {
 struct backup_extra {
   std::vector<std::string> opened;
   std::shared_ptr<job::txn> group = nullptr;  // transaction completion-mode grouped
+  bool staged = false;  // a transaction action: the job is only created (started at commit)
 };
 
 class supervisor_actor : public caf::event_based_actor {
@@ -225,7 +226,7 @@ class supervisor_actor : public caf::event_based_actor {
   // Registers and starts a job; `hold` takes the job's nodes first (so they are held when the command
   // returns, as in QEMU, where the job takes them before its first yield).
   void start_job(job::options o, std::shared_ptr<job_runner> runner, std::function<void(job_entry&)> hold,
-                 reply_fn reply);
+                 reply_fn reply, bool staged = false);  // staged: only created (a transaction starts it at commit)
   void blockdev_create(const boost::json::object& args, reply_fn reply);
   void blockdev_amend(const boost::json::object& args, reply_fn reply);
   void query_jobs(reply_fn reply);
@@ -250,9 +251,13 @@ class supervisor_actor : public caf::event_based_actor {
   // The checks after the bitmap's (which run on the source's home), then the filter and the job.
   void backup_checked(const boost::json::object& args, reply_fn reply, backup_extra extra, std::string sync,
                       std::optional<std::string> bitmap, std::optional<std::string> bitmap_mode);
-  void drive_backup(const boost::json::object& args, reply_fn reply, std::shared_ptr<job::txn> group = nullptr);
+  void drive_backup(const boost::json::object& args, reply_fn reply, std::shared_ptr<job::txn> group = nullptr,
+                    bool staged = false);
   // The jobs' group of the transaction being built (completion-mode grouped), else null.
   std::shared_ptr<job::txn> building_group_;
+  // The jobs the transaction being built started under its drain, in start order: let go in reverse
+  // once every action committed (QEMU's drains end as the actions clean up: the node's last one last).
+  std::shared_ptr<std::vector<caf::actor>> building_held_;
   void commit_active(const std::string& id, block::node* top, block::node* base, int64_t speed, on_error_policy on_error,
                      bool auto_finalize, bool auto_dismiss, reply_fn reply);
   // A mirror's or active commit's pivot: writers of `from` stop, `sync` copies their last writes

@@ -30,6 +30,8 @@ void supervisor_actor::register_transaction_commands() {
     std::vector<std::unique_ptr<block::action>> list;
     // The jobs the actions start share one group (their builders take it from here).
     building_group_ = grouped ? job::txn::make() : nullptr;
+    auto held = std::make_shared<std::vector<caf::actor>>();
+    building_held_ = held;
     for (const auto& v : actions) {
       const auto& o = v.as_object();
       std::string kind(o.at("type").as_string());
@@ -46,7 +48,18 @@ void supervisor_actor::register_transaction_commands() {
       list.push_back(txn_kinds_.at(kind).build(data && data->is_object() ? data->as_object() : empty));
     }
     building_group_ = nullptr;
-    run_actions(std::move(list), std::move(reply));
+    building_held_ = nullptr;
+    // The jobs started at commit run once every action is done, the last started first (its drain of
+    // the shared source ends last in QEMU, and that end resumes the newest user first); then the reply.
+    run_actions(std::move(list), [this, held, reply = std::move(reply)](command_outcome out) {
+      auto left = std::make_shared<size_t>(held->size() + 1);
+      auto one = [left, reply, out] {
+        if (--*left == 0) reply(out);
+      };
+      for (auto it = held->rbegin(); it != held->rend(); ++it)
+        request(*it, caf::infinite, job_undrain_atom::value).then([one](bool) { one(); }, [one](const caf::error&) { one(); });
+      one();
+    });
   });
 }
 

@@ -201,7 +201,9 @@ class cbw_filter final : public filter_driver, public cbw_state {
     if (snapshot_error_ == 0 && engine_) {
       int64_t lo, hi;
       widen(r.offset, r.length, lo, hi);
-      int rc = co_await copy_awaiter{*this, lo, hi - lo};
+      // A named awaiter: GCC 12 destroys a prvalue awaiter with a non-trivial member twice.
+      copy_awaiter copy{*this, lo, hi - lo};
+      int rc = co_await copy;
       if (rc < 0) {
         if (mode_ == on_cbw_error::break_guest_write) co_return rc;
         snapshot_error_ = rc;

@@ -80,7 +80,8 @@ class snapshot_access final : public block_driver {
           }
           int await_resume() const noexcept { return rc; }
         };
-        co_return co_await aw{c, r.offset, r.length};
+        aw discard{c, r.offset, r.length};  // named: see copy_before_write.cpp (GCC 12 and prvalue awaiters)
+        co_return co_await discard;
       }
       case io_op::block_status: {
         if (c->snapshot_error()) co_return -EACCES;

@@ -303,6 +303,18 @@ struct throttle_over_file_stack {
     s.open("throttle", {{"throttle-group", "tg0"}}, f);
   }
 };
+// copy-before-write over a file, its target another file: every write copies old data first, and the
+// guest view is the file's.
+struct cbw_over_file_stack {
+  static constexpr bool stores_data = true;
+  static void build(stack& s) {
+    s.path = temp_image(image_size);
+    s.extra_paths.push_back(temp_image(image_size));
+    node* f = s.open("file", {{"filename", s.path}});
+    node* t = s.open("file", {{"filename", s.extra_paths.back()}});
+    s.open_with("copy-before-write", {}, {{"file", f}, {"target", t}});
+  }
+};
 struct throttle_over_qcow2_stack : qcow2_stack {
   static void build(stack& s) {
     qcow2_stack::build(s);

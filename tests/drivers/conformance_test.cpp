@@ -55,7 +55,7 @@ using stacks = ::testing::Types<null_stack, null_aio_latency_stack, file_stack, 
                                 qcow2_over_preallocate_stack, preallocate_stack, luks_stack, qcow2_luks_stack, quorum_stack,
                                 blklogwrites_stack,
                                 throttle_over_file_stack, throttle_over_qcow2_stack,
-                                blkdebug_file_stack, blkdebug_qcow2_stack, blkverify_stack>;
+                                blkdebug_file_stack, blkdebug_qcow2_stack, blkverify_stack, cbw_over_file_stack>;
 TYPED_TEST_SUITE(conformance, stacks);
 
 TYPED_TEST(conformance, length_is_reported) { EXPECT_EQ(this->s.top()->length(), image_size); }

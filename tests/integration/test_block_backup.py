@@ -433,6 +433,8 @@ def run_transactions(binary, tmp):
         acts = [{"type": "blockdev-backup", "data": {"job-id": "j1", "device": "q0", "target": "t0", "sync": "full"}},
                 {"type": "blockdev-backup", "data": {"job-id": "j2", "device": "q0", "target": "t1", "sync": "full"}}]
         out.append(m.cmd("transaction", {"actions": acts, "properties": {"completion-mode": "grouped"}}))
+        # Before the return (QSD's T96): both created, each started under the drain, then let go.
+        out.append([(e["event"], e["data"]) for e in m.events if e["event"] == "JOB_STATUS_CHANGE"])
         out.append(finals("j1", "j2"))
         # A failing member of a group takes the others with it.
         acts = [{"type": "blockdev-backup", "data": {"job-id": "j3", "device": "q0", "target": "t2", "sync": "full",
@@ -452,6 +454,9 @@ def run_transactions(binary, tmp):
         if [j["id"] for j in m.cmd("query-jobs")["return"]]:
             finals("j5")
         out.append(m.cmd("query-jobs")["return"])
+        # And no filter of theirs is left in the graph.
+        out.append(sorted(n["node-name"] for n in m.cmd("query-named-block-nodes")["return"]
+                          if not n["node-name"].startswith("#")))
     finally:
         d.stop()
     return out
@@ -463,9 +468,33 @@ def case_transactions_equal_qsd(binary, tmp):
     assert want == got, f"\nQSD:    {want}\nblockd: {got}"
 
 
+def top_completion(binary, tmp):
+    os.makedirs(tmp, exist_ok=True)
+    base = qcow2(tmp, "base.qcow2")
+    sh("qemu-io", "-c", "write -P 0x11 0 4M", base)
+    top = qcow2(tmp, "top.qcow2", backing=base)
+    sh("qemu-io", "-c", "write -P 0x22 1M 1M", "-c", "write -P 0x23 8M 64k", "-c", "write -z 12M 128k", top)
+    ttop = qcow2(tmp, "ttop.qcow2", backing=base)
+    d, m = start(binary, tmp)
+    try:
+        add_qcow2(m, "top", top)
+        add_qcow2(m, "ttop", ttop)
+        assert m.cmd("blockdev-backup", {"job-id": "t", "device": "top", "target": "ttop", "sync": "top"}) == {"return": {}}
+        return m.wait("BLOCK_JOB_COMPLETED")
+    finally:
+        d.stop()
+
+
+def case_sync_top_len_equal_qsd(binary, tmp):
+    # sync=top: what the top does not hold leaves the job's total (QSD's len and offset are what it copied).
+    want = top_completion(QSD, os.path.join(tmp, "qsd"))
+    got = top_completion(binary, os.path.join(tmp, "blockd"))
+    assert want == got, (want, got)
+
+
 CASES = [case_errors_equal_qsd, case_events_equal_qsd, case_full_while_writing, case_sync_top_and_none,
          case_bitmap_modes_equal_qsd, case_always_keeps_uncopied_on_cancel, case_incremental_chain,
-         case_pause_resume_cancel, case_drive_backup, case_transactions_equal_qsd]
+         case_pause_resume_cancel, case_drive_backup, case_transactions_equal_qsd, case_sync_top_len_equal_qsd]
 
 
 if __name__ == "__main__":
