@@ -201,7 +201,8 @@ class cbw_filter final : public filter_driver, public cbw_state {
     if (snapshot_error_ == 0 && engine_) {
       int64_t lo, hi;
       widen(r.offset, r.length, lo, hi);
-      // A named awaiter: GCC 12 destroys a prvalue awaiter with a non-trivial member twice.
+      // A named awaiter: GCC 12 (PR 99576, fixed in 13) copies the temporary that initialises a
+      // non-trivial member of a braced awaiter in a co_await statement and destroys both copies.
       copy_awaiter copy{*this, lo, hi - lo};
       int rc = co_await copy;
       if (rc < 0) {

@@ -161,7 +161,10 @@ task<int> qcow2_driver::do_write(io_request& r) {
   if (r.op == io_op::write && uint64_t(r.length) > cs_ && !ext()) {
     int rc = co_await write_in_place_run(r);
     if (rc == split_per_cluster) rc = co_await write_alloc_run(r);
-    if (rc != split_per_cluster) co_return rc < 0 ? rc : co_await maybe_writeback();
+    if (rc != split_per_cluster) {
+      if (rc < 0) co_return rc;
+      co_return co_await maybe_writeback();  // no co_await inside a conditional expression (GCC 12)
+    }
   }
   join_state j;
   int64_t pos = 0;

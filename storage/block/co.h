@@ -12,6 +12,11 @@
 
 namespace blockd::block::co {
 
+// GCC 12 (PR 99576, fixed in 13): in a statement holding a co_await, a temporary that initialises a
+// part of a larger object (a member of a braced awaiter, a lambda capture) is copied into the frame
+// and destroyed twice. Awaiters that own anything (a shared_ptr, a std::function) are built as named
+// locals and then awaited; no braced aggregate or capturing lambda inside a co_await statement.
+
 // A lazily started coroutine returning T. Awaiting it runs it; when it ends, control transfers
 // straight back to the awaiter (symmetric transfer), so long chains do not grow the stack.
 template <class T>

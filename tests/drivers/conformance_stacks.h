@@ -14,6 +14,7 @@
 #include <cstring>
 #include <deque>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
@@ -147,13 +148,20 @@ std::string image_template(const std::string& make) {
   static std::map<std::string, std::string> made;
   if (auto it = made.find(make); it != made.end()) return it->second;
   std::string path = temp_image(0);
-  std::string cmd = make + " " + path + " >/dev/null 2>&1";
+  std::string log = path + ".log";
+  std::string cmd = make + " " + path + " >" + log + " 2>&1";
   int rc = 1;
   for (int i = 0; i < 10 && rc != 0; ++i) rc = std::system(cmd.c_str());
   if (rc != 0) {
+    // The tool's own words go into the test's failure (the last attempt's output).
+    std::ifstream in(log);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    ADD_FAILURE() << "`" << make << "` failed 10 times (status " << rc << "): " << text;
     unlink(path.c_str());
     path.clear();
-  } else {
+  }
+  unlink(log.c_str());
+  if (!path.empty()) {
     static std::vector<std::string> to_remove;
     if (to_remove.empty()) std::atexit([] { for (auto& p : to_remove) unlink(p.c_str()); });
     to_remove.push_back(path);
