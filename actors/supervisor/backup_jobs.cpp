@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <fstream>
 #include <memory>
 
 #include "actors/job/engine_job.h"
@@ -323,29 +322,13 @@ void supervisor_actor::drive_backup(const boost::json::object& args, reply_fn re
   auto format = str_arg(args, "format");
   std::string fmt = format.value_or("");
   if (fmt.empty()) {
-    if (!existing) {
-      fmt = src->settings().driver;
-    } else {
-      std::ifstream in(file, std::ios::binary);
-      char magic[4] = {};
-      fmt = in && in.read(magic, 4) && magic[0] == 'Q' && magic[1] == 'F' && magic[2] == 'I' && uint8_t(magic[3]) == 0xfb
-                ? "qcow2"
-                : "raw";
-    }
+    fmt = existing ? probe_format(file) : src->settings().driver;
   }
   // The new image's backing file: the source's backing for sync=top (none: full), the source
   // itself for sync=none (linked once opened).
   block::node* backing = nullptr;
   if (sync == "top") {
-    block::node* n = src;
-    while (n) {
-      auto* e = block::find_driver(n->settings().driver);
-      if (!e || !e->is_filter) break;
-      auto kids = n->children();
-      n = kids.empty() ? nullptr : kids.front()->child;
-    }
-    if (n)
-      if (auto* b = n->slot("backing")) backing = b->child;
+    backing = cow_backing(src);
     if (!backing) sync = "full";
   }
   if (sync == "none") backing = src;
@@ -372,42 +355,17 @@ void supervisor_actor::drive_backup(const boost::json::object& args, reply_fn re
                              {"detect-zeroes", "unmap"},
                              {"file", boost::json::object{{"driver", "file"}, {"filename", file}}}};
     if (fmt == "qcow2") opts["backing"] = backing_name.empty() ? boost::json::value(nullptr) : boost::json::value(backing_name);
-    auto staged = graph_->begin_add(opts, env_for(home));
-    staged->auto_name = true;
-    block::graph* g = graph_.get();
-    run_at(home, [g, staged] {
-      auto r = g->open_staged(*staged);
-      return r ? command_outcome::success() : command_outcome::failure(r.error());
-    }, [this, staged, home, bargs, reply, group, job_staged](command_outcome o) mutable {
-      if (!o.ok) return reply(o);
-      for (block::node* x : staged->created) homes_[x] = home;
-      auto n = graph_->commit_staged(*staged);
-      if (!n) return when_closed([reply, e = n.error()] { reply(command_outcome::failure(e)); });
-      adopt_new_nodes(home);
-      (*n)->monitor_owned = false;  // the job's node: closed with the job unless someone uses it
-      std::string tname = (*n)->name();
+    open_job_target(home, opts, reply, [this, bargs, reply, group, job_staged](block::node& n) mutable {
+      std::string tname = n.name();
       bargs["target"] = tname;
       backup_extra extra;
       extra.opened.push_back(tname);
       extra.group = group;
       extra.staged = job_staged;
-      blockdev_backup(bargs, [this, tname, reply](command_outcome out) {
-        if (out.ok) return reply(out);
-        // A refused start closes the target again; the image file stays (as QEMU's).
-        block::node* t = graph_->find(tname);
-        if (!t || t->has_users()) return reply(out);
-        graph_->del(tname);
-        sync_node_actors();
-        when_closed([reply, out] { reply(out); });
-      }, extra);
+      blockdev_backup(bargs, drop_target_if_refused(tname, reply), extra);
     });
   };
-  if (existing) return open_target(command_outcome::success());
-  block::driver_env env = env_for(home);
-  run_on_node(src, [img, env](block::node&) {
-    auto r = block::create_image(img, env);
-    return r ? command_outcome::success() : command_outcome::failure(r.error());
-  }, std::move(open_target));
+  create_job_image(existing, src, img, std::move(open_target));
 }
 
 }  // namespace blockd

@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <fstream>
 #include <memory>
 
 #include "actors/job/engine_job.h"
@@ -32,27 +31,6 @@ result<void> not_backing(const block::node& n) {
 bool is_filter_node(const block::node& n) {
   auto* e = block::find_driver(n.settings().driver);
   return e && e->is_filter;
-}
-
-// QEMU's bdrv_cow_bs(bdrv_skip_filters(bs)): the backing node of the first image below filters.
-block::node* cow_backing(block::node* n) {
-  while (n && is_filter_node(*n)) {
-    auto kids = n->children();
-    n = kids.empty() ? nullptr : kids.front()->child;
-  }
-  if (!n) return nullptr;
-  auto* b = n->slot("backing");
-  return b ? b->child : nullptr;
-}
-
-// The format of an existing image, as QEMU's probe sees the two blockd opens: qcow2 by its magic,
-// raw otherwise (the file's own errors come from the open that follows).
-std::string probe_format(const std::string& file) {
-  std::ifstream f(file, std::ios::binary);
-  char magic[4] = {};
-  if (f && f.read(magic, 4) && magic[0] == 'Q' && magic[1] == 'F' && magic[2] == 'I' && uint8_t(magic[3]) == 0xfb)
-    return "qcow2";
-  return "raw";
 }
 
 }  // namespace
@@ -254,26 +232,14 @@ void supervisor_actor::drive_mirror(const boost::json::object& args, reply_fn re
     if (fmt == "qcow2")
       opts["backing"] = early_backing.empty() ? boost::json::value(nullptr) : boost::json::value(early_backing);
     if (node_name) opts["node-name"] = *node_name;
-    auto staged = graph_->begin_add(opts, env_for(home));
-    staged->auto_name = true;
-    block::graph* g = graph_.get();
-    run_at(home, [g, staged] {
-      auto r = g->open_staged(*staged);
-      return r ? command_outcome::success() : command_outcome::failure(r.error());
-    }, [this, staged, home, margs, extra, existing, reply](command_outcome o) mutable {
-      if (!o.ok) return reply(o);
-      for (block::node* x : staged->created) homes_[x] = home;
-      auto n = graph_->commit_staged(*staged);
-      if (!n) return when_closed([reply, e = n.error()] { reply(command_outcome::failure(e)); });
-      adopt_new_nodes(home);
-      (*n)->monitor_owned = false;  // the job's node: it stays only if the pivot gives it users
-      std::string tname = (*n)->name();
+    open_job_target(home, opts, reply, [this, margs, extra, existing, reply](block::node& n) mutable {
+      std::string tname = n.name();
       if (existing) {
         // QEMU opens an existing image's backing chain (the file its header names) at the pivot.
         // blockd links the node of the source's chain that has that file, from the start (as for
         // sync=top above); a header naming a file outside the source's chain is left unlinked.
-        std::string want = (*n)->facts() ? (*n)->facts()->backing_filename : "";
-        block::child_edge* slot = (*n)->slot("backing");
+        std::string want = n.facts() ? n.facts()->backing_filename : "";
+        block::child_edge* slot = n.slot("backing");
         block::node* src = graph_->find(std::string(margs.at("device").as_string()));
         for (block::node* c = src; c && !want.empty() && slot; c = cow_backing(c))
           if (graph_->filename(*c) == want) {
@@ -285,23 +251,10 @@ void supervisor_actor::drive_mirror(const boost::json::object& args, reply_fn re
           }
       }
       margs["target"] = tname;
-      // A refused start closes the target again (QEMU's bdrv_unref); the image file stays.
-      blockdev_mirror(margs, [this, tname, reply](command_outcome out) {
-        if (out.ok) return reply(out);
-        block::node* t = graph_->find(tname);
-        if (!t || t->has_users()) return reply(out);
-        graph_->del(tname);
-        sync_node_actors();
-        when_closed([reply, out] { reply(out); });
-      }, extra);
+      blockdev_mirror(margs, drop_target_if_refused(tname, reply), extra);
     });
   };
-  if (existing) return open_target(command_outcome::success());
-  block::driver_env env = env_for(home);
-  run_on_node(src, [img, env](block::node&) {
-    auto r = block::create_image(img, env);
-    return r ? command_outcome::success() : command_outcome::failure(r.error());
-  }, std::move(open_target));
+  create_job_image(existing, src, img, std::move(open_target));
 }
 
 }  // namespace blockd

@@ -28,6 +28,12 @@
 namespace blockd {
 
 class job_runner;
+namespace block { struct overlay_image; }
+
+// The backing node of the first image below `n`'s filters (QEMU's bdrv_cow_bs(bdrv_skip_filters())).
+block::node* cow_backing(block::node* n);
+// An existing image's format as the drive-* commands probe it: qcow2 by its magic, else raw.
+std::string probe_format(const std::string& file);
 struct job_graph_request;
 
 // Re-points an export to another node (export id, node name) -> command_outcome. Not a QMP
@@ -238,6 +244,14 @@ class supervisor_actor : public caf::event_based_actor {
   void queue_job_edit(std::function<void(reply_fn)> work);
   void block_stream(const boost::json::object& args, reply_fn reply);
   void block_commit(const boost::json::object& args, reply_fn reply);
+  // ---- the images drive-mirror and drive-backup make (job_targets.cpp) ---------------------
+  // Creates `img` on the source's home unless `existing`, then `then`.
+  void create_job_image(bool existing, block::node* src, const block::overlay_image& img, reply_fn then);
+  // Opens `opts` on `home` as a job's own node (closed with the job unless it gains users).
+  void open_job_target(iothread* home, const boost::json::object& opts, reply_fn failed,
+                       std::function<void(block::node&)> opened);
+  // `reply`, closing the job's target node first when the job was refused.
+  reply_fn drop_target_if_refused(std::string target, reply_fn reply);
   // ---- mirror (mirror_jobs.cpp) -------------------------------------------------------------
   void register_mirror_commands();
   bool mirror_root(const block::node& n) const;  // QEMU's "Need a root block node" check

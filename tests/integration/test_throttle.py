@@ -287,7 +287,15 @@ def test_accuracy(blockd, tmp):
         return False
     scale = 2.0 if os.environ.get("BLOCKD_THROTTLE_LONG") == "1" else 1.0
     rows = measure_cases(blockd, tmp, scale)
-    bad = [r for r in rows if abs(r[2] - r[1]) > 0.05 * r[1]]
+    def off(r):
+        return abs(r[2] - r[1]) > 0.05 * r[1]
+    bad = [r for r in rows if off(r)]
+    if bad and all(r[2] < r[1] for r in bad):
+        # Short of the limit only: on a loaded machine (ctest -j2 beside the job trials) fio itself may not
+        # keep up for a second. Measured once more; a rate above its limit is never given a second chance.
+        print(f"  short of the limit once ({bad}); measuring again", flush=True)
+        again = measure_cases(blockd, tmp, scale)
+        bad = [again[i] for i, r in enumerate(rows) if off(r) and off(again[i])]
     assert not bad, f"off by more than 5%: {bad}"
     print("ok accuracy: every rate within 5%")
     return True
