@@ -22,15 +22,10 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_harness import Daemon, monitor_args, run_cases  # noqa: E402
-from test_block_stream import Mon, sh, QSD  # noqa: E402
+from qmp_harness import run_cases  # noqa: E402
+from test_block_stream import Mon, sh, QSD, same_as_qsd, start  # noqa: E402
 
 MB = 1 << 20
-
-
-def start(binary, tmp):
-    args, path = monitor_args(tmp)
-    return Daemon(binary, args, tmp), Mon(path)
 
 
 def qcow2(tmp, name, size="16M", backing=None):
@@ -109,10 +104,7 @@ def run_errors(binary, tmp):
 
 
 def case_errors_equal_qsd(binary, tmp):
-    want = run_errors(QSD, os.path.join(tmp, "qsd"))
-    got = run_errors(binary, os.path.join(tmp, "blockd"))
-    bad = [(i, w, g) for i, (w, g) in enumerate(zip(want, got)) if w != g]
-    assert not bad, "differences (index, QSD, blockd):\n" + "\n".join(json.dumps(x) for x in bad)
+    same_as_qsd(run_errors, binary, tmp)
 
 
 def run_events(binary, tmp):

@@ -143,11 +143,17 @@ def run_errors(binary, tmp):
     return out
 
 
-def case_errors_equal_qsd(binary, tmp):
-    want = run_errors(QSD, os.path.join(tmp, "qsd"))
-    got = run_errors(binary, os.path.join(tmp, "blockd"))
+def same_as_qsd(script, binary, tmp):
+    """Runs script(daemon, dir) against QSD and blockd; their outputs (lists) must be equal item by item."""
+    want = script(QSD, os.path.join(tmp, "qsd"))
+    got = script(binary, os.path.join(tmp, "blockd"))
     bad = [(i, w, g) for i, (w, g) in enumerate(zip(want, got)) if w != g]
-    assert not bad, "differences (index, QSD, blockd):\n" + "\n".join(json.dumps(x) for x in bad)
+    assert not bad and len(want) == len(got), \
+        "differences (index, QSD, blockd):\n" + "\n".join(json.dumps(x) for x in bad) + f"\nlengths {len(want)} {len(got)}"
+
+
+def case_errors_equal_qsd(binary, tmp):
+    same_as_qsd(run_errors, binary, tmp)
 
 
 def stream_events(binary, tmp, base_node):

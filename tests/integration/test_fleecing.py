@@ -21,15 +21,10 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmp_harness import Daemon, monitor_args, run_cases  # noqa: E402
-from test_block_stream import Mon, sh, QSD  # noqa: E402
+from qmp_harness import run_cases  # noqa: E402
+from test_block_stream import Mon, sh, QSD, start  # noqa: E402
 
 MB = 1 << 20
-
-
-def start(binary, tmp):
-    args, path = monitor_args(tmp)
-    return Daemon(binary, args, tmp), Mon(path)
 
 
 def ok(m, name, args):

@@ -19,55 +19,14 @@
 #include "storage/block/node.h"
 #include "storage/block/sync_io.h"
 #include "storage/io/reactor.h"
+#include "tests/unit/qcow2_test_stack.h"
 
 namespace blockd::block {
 namespace {
 
 namespace json = boost::json;
-
-bool have_tool(const char* name) { return std::system((std::string("command -v ") + name + " >/dev/null 2>&1").c_str()) == 0; }
-
-std::string sh(const std::string& cmd, int* status = nullptr) {
-  std::string out;
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  if (!p) return out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int st = pclose(p);
-  if (status) *status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return out;
-}
-
-struct scratch {
-  std::string dir;
-  scratch() {
-    char t[] = "/dev/shm/blockd-run-XXXXXX";
-    dir = mkdtemp(t);
-  }
-  ~scratch() { if (!getenv("KEEP")) std::system(("rm -rf " + dir).c_str()); }
-  std::string path(const std::string& name) const { return dir + "/" + name; }
-};
-
-struct stack {
-  local_loop loop{io::reactor::create(256, nullptr)};
-  graph g{[this] { return loop.env(); }};
-  stack() {
-    set_contract_checks(true);
-    set_contract_handler([](const std::string& what) { ADD_FAILURE() << what; });
-  }
-  node* open_qcow2(const std::string& path) {
-    // discard=unmap: discards reach the driver (and free clusters) rather than being ignored.
-    json::object o{{"driver", "qcow2"},
-                   {"node-name", "q"},
-                   {"discard", "unmap"},
-                   {"file", json::object{{"driver", "file"}, {"filename", path}}}};
-    auto r = g.add(o);
-    EXPECT_TRUE(r.has_value()) << (r ? "" : r.error().desc);
-    return r ? *r : nullptr;
-  }
-  void close(node* n) { g.del(n->name()); }
-};
+using namespace qcow2_test;
+std::string sh(const std::string& cmd, int* status = nullptr) { return run(cmd, status); }
 
 void write_pattern(node& n, int64_t off, int64_t len, uint8_t v) {
   void* buf = nullptr;
@@ -75,18 +34,6 @@ void write_pattern(node& n, int64_t off, int64_t len, uint8_t v) {
   std::memset(buf, v, size_t(len));
   ASSERT_EQ(sync_io(n).write(buf, len, off), 0) << "write at " << off;
   free(buf);
-}
-
-// qemu-img check is clean; returns the image end offset it reports.
-int64_t expect_clean(const std::string& path) {
-  int st = 0;
-  std::string out = sh("qemu-img check --output=json " + path, &st);
-  EXPECT_EQ(st, 0) << out;
-  auto v = json::parse(out.substr(out.find('{')));
-  auto& o = v.as_object();
-  EXPECT_FALSE(o.contains("corruptions") && o.at("corruptions").as_int64()) << out;
-  EXPECT_FALSE(o.contains("leaks") && o.at("leaks").as_int64()) << out;
-  return o.contains("image-end-offset") ? o.at("image-end-offset").as_int64() : -1;
 }
 
 // The disk as qemu-img reads it equals the model.
@@ -120,7 +67,8 @@ TEST(qcow2_alloc_run, fresh_writes_get_contiguous_clusters_and_an_exact_file) {
   auto fill = [&](int64_t off, int64_t len, uint8_t v) { std::memset(model.data() + off, v, size_t(len)); };
   {
     stack k;
-    node* n = k.open_qcow2(img);
+    // discard=unmap: discards reach the driver (and free clusters) rather than being ignored.
+    node* n = k.open_qcow2(img, false, {{"discard", "unmap"}});
     ASSERT_NE(n, nullptr);
     write_pattern(*n, 0, 1 << 20, 0x11);                       // whole clusters
     write_pattern(*n, 1 << 20, 1 << 20, 0x12);                 // the next run, behind the first
@@ -164,7 +112,7 @@ TEST(qcow2_alloc_run, edges_over_a_backing_file_keep_its_bytes) {
   std::vector<uint8_t> model(4 << 20, 0x5a);
   {
     stack k;
-    node* n = k.open_qcow2(top);
+    node* n = k.open_qcow2(top, false, {{"discard", "unmap"}});
     ASSERT_NE(n, nullptr);
     write_pattern(*n, 65536 + 512, 1 << 20, 0x21);  // the edge clusters keep the backing file's bytes
     write_pattern(*n, 2 << 20, 2 << 20, 0x22);      // whole clusters: one run over the backing file
@@ -186,7 +134,7 @@ TEST(qcow2_alloc_run, freed_space_is_reused_with_zeroed_edges) {
   int64_t before = 0;
   {
     stack k;
-    node* n = k.open_qcow2(img);
+    node* n = k.open_qcow2(img, false, {{"discard", "unmap"}});
     ASSERT_NE(n, nullptr);
     write_pattern(*n, 0, 4 << 20, 0x11);
     sync_io io(*n);

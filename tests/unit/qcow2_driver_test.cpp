@@ -24,77 +24,20 @@
 #include "storage/block/node.h"
 #include "storage/block/sync_io.h"
 #include "storage/io/reactor.h"
+#include "tests/unit/qcow2_test_stack.h"
 
 namespace blockd::block {
 namespace {
 
 namespace json = boost::json;
-
-bool have_tool(const char* name) { return std::system((std::string("command -v ") + name + " >/dev/null 2>&1").c_str()) == 0; }
-
-std::string run(const std::string& cmd, int* status = nullptr) {
-  std::string out;
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  if (!p) return out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int st = pclose(p);
-  if (status) *status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return out;
-}
+using namespace qcow2_test;
 
 std::vector<uint8_t> slurp(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   return std::vector<uint8_t>((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
 }
 
-// A scratch directory under /dev/shm, removed with everything in it.
-struct scratch {
-  std::string dir;
-  scratch() {
-    char t[] = "/dev/shm/blockd-q2-XXXXXX";
-    dir = mkdtemp(t);
-  }
-  ~scratch() { std::system(("rm -rf " + dir).c_str()); }
-  std::string path(const std::string& name) const { return dir + "/" + name; }
-};
-
-// A graph on this thread's loop: nodes are opened exactly as blockdev-add opens them.
-struct stack {
-  local_loop loop{io::reactor::create(256, nullptr)};
-  graph g{[this] { return loop.env(); }};
-  stack() {
-    set_contract_checks(true);
-    set_contract_handler([](const std::string& what) { ADD_FAILURE() << what; });
-  }
-  result<node*> add(const json::object& o) { return g.add(o); }
-  node* open_qcow2(const std::string& path, bool read_only = false, json::object extra = {}) {
-    json::object o{{"driver", "qcow2"},
-                   {"node-name", "q" + std::to_string(++count)},
-                   {"file", json::object{{"driver", "file"}, {"filename", path}}}};
-    if (read_only) o["read-only"] = true;
-    for (auto& kv : extra) o[kv.key()] = kv.value();
-    auto r = g.add(o);
-    EXPECT_TRUE(r.has_value()) << (r ? "" : r.error().desc);
-    return r ? *r : nullptr;
-  }
-  void close(node* n) { g.del(n->name()); }
-  int count = 0;
-};
-
 std::string qemu_img(const std::string& args, int* st = nullptr) { return run("qemu-img " + args, st); }
-
-void expect_clean(const std::string& path) {
-  int st = 0;
-  std::string out = qemu_img("check --output=json " + path, &st);
-  EXPECT_EQ(st, 0) << out;
-  auto v = json::parse(out.substr(out.find('{')));
-  auto& o = v.as_object();
-  EXPECT_EQ(o.contains("corruptions") ? o.at("corruptions").as_int64() : 0, 0) << out;
-  EXPECT_EQ(o.contains("leaks") ? o.at("leaks").as_int64() : 0, 0) << out;
-  EXPECT_EQ(o.contains("check-errors") ? o.at("check-errors").as_int64() : 0, 0) << out;
-}
 
 // The whole virtual disk as qemu-img sees it.
 std::vector<uint8_t> qemu_content(const std::string& path, const scratch& s) {
