@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qmp_harness import run_cases  # noqa: E402
-from test_block_stream import Mon, sh, make_chain, add_chain, backing_of, QSD, same_as_qsd, start  # noqa: E402
+from test_block_stream import sh, make_chain, add_chain, backing_of, QSD, same_as_qsd, start  # noqa: E402
 
 
 def run_errors(binary, tmp):

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qmp_harness import run_cases  # noqa: E402
-from test_block_stream import Mon, sh, QSD, same_as_qsd, start  # noqa: E402
+from test_block_stream import sh, QSD, same_as_qsd, start  # noqa: E402
 
 
 def images(tmp, size="64M"):

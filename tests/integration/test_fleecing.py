@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qmp_harness import run_cases  # noqa: E402
-from test_block_stream import Mon, sh, QSD, start  # noqa: E402
+from test_block_stream import sh, QSD, start  # noqa: E402
 
 MB = 1 << 20
 
