@@ -5,6 +5,7 @@
 #include "formats/filters/copy_before_write.h"
 #include "protocol/qmp/schema.h"
 #include "storage/block/co.h"
+#include "storage/block/copy_engine.h"
 #include "storage/block/driver.h"
 #include "storage/block/iov.h"
 #include "storage/block/node.h"
@@ -136,6 +137,13 @@ result<std::unique_ptr<block_driver>> open_snapshot_access(open_args& a) {
   if (!file->driver().driver_extension(cbw_state::id))
     return fail("Node '" + file->name() + "' is a " + file->settings().driver +
                 " node; snapshot-access reads the point-in-time view of a copy-before-write node: name one as 'file'");
+  // A backup's sync=top filter marks what the top layer does not hold as done without copying it: the
+  // view would read those ranges from the target, where the old data never went.
+  auto* c = static_cast<cbw_state*>(file->driver().driver_extension(cbw_state::id));
+  if (!c->engine().copies_everything())
+    return fail("Node '" + file->name() + "' is the filter of a backup job with sync=top, which copies only the top "
+                "layer, so its point-in-time view would be incomplete; fleece through a copy-before-write node of "
+                "your own, or a backup with sync=full or none");
   return std::unique_ptr<block_driver>(new snapshot_access(child_ref(a.edge("file")), a.env));
 }
 

@@ -181,7 +181,13 @@ class copy_engine {
   // over: the job's callbacks, sync policy (top), copy mode (compress) and background limits. Home
   // thread, before start(); operations already running keep what they started with.
   void set_callbacks(copy_callbacks cb) { cb_ = std::move(cb); }
-  void set_policy(copy_policy p) { s_.policy = p ? std::move(p) : copy_policy_full(); }
+  void set_policy(copy_policy p) {
+    partial_policy_ = bool(p);
+    s_.policy = p ? std::move(p) : copy_policy_full();
+  }
+  // False once set_policy gave a policy that may skip ranges (backup sync=top): a range it marks
+  // done was then not necessarily copied, so a point-in-time view cannot read it from the target.
+  bool copies_everything() const { return !partial_policy_; }
   void set_mode(copy_mode m) { s_.mode = m; }
   void set_max_workers(int n) { s_.max_workers = n < 1 ? 1 : n; }
   void set_discard_source(bool on) {
@@ -266,6 +272,7 @@ class copy_engine {
   void scan_end(int res);
 
   copy_settings s_;
+  bool partial_policy_ = false;  // set_policy gave a policy of its own
   copy_callbacks cb_;
   dirty_bitmap map_;
   int64_t chunks_ = 0;

@@ -195,7 +195,14 @@ def case_sync_top_and_none(binary, tmp):
         add_qcow2(m, "ttop", ttop)
         assert m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "tnone", "backing": None,
                                       "file": {"driver": "file", "filename": tnone}}) == {"return": {}}
-        assert m.cmd("blockdev-backup", {"job-id": "t", "device": "top", "target": "ttop", "sync": "top"}) == {"return": {}}
+        assert m.cmd("blockdev-backup", {"job-id": "t", "device": "top", "target": "ttop", "sync": "top",
+                                         "filter-node-name": "tf", "speed": 1}) == {"return": {}}
+        # The sync=top filter marks what the top does not hold as done without copying it: a point-in-time
+        # view over it would be incomplete, so blockd refuses one.
+        if binary != QSD:
+            r = m.cmd("blockdev-add", {"driver": "snapshot-access", "node-name": "v", "file": "tf"})
+            assert "backup job with sync=top" in r["error"]["desc"], r
+        assert m.cmd("block-job-set-speed", {"device": "t", "speed": 0}) == {"return": {}}
         wait_job(m, "t")
         url = export(m, tmp, "top")
         assert m.cmd("blockdev-backup", {"job-id": "n", "device": "top", "target": "tnone", "sync": "none"}) == {"return": {}}
