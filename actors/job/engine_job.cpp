@@ -137,6 +137,9 @@ class engine_host final : public std::enable_shared_from_this<engine_host> {
         cancel_wait_ = true;
         return;
       }
+      // A report drains: its on_finished ends the job (with the error) and re-arms the engine for the
+      // filter; finishing now would leave the engine finished, refusing the filter's copies.
+      if (engine_->stopping()) return;
       return finish(0);
     }
     engine_->cancel();

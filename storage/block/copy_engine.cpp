@@ -422,7 +422,9 @@ bool copy_engine::start_one(int64_t from, int64_t limit, bool priority, now_wait
 void copy_engine::pump() {
   if (state_ == state::cancelled || state_ == state::finished) return;
   // copy_now first (before start() too: copy-before-write may be asked before the job runs), in arrival order: a guest write waits on it.
-  if (!terminal_or_stopping()) {
+  // A report's drain (stopping) still serves them: a copy-before-write filter's guest writes must not
+  // fail because its backup job's background copy failed.
+  if (state_ != state::cancelling) {
     const int64_t g = s_.granularity;
     for (size_t i = 0; i < waiters_.size(); ++i) {
       now_waiter* w = waiters_[i].get();
@@ -526,7 +528,7 @@ void copy_engine::check_waiters() {
         res = w->err;
       else if (!any_busy && !any_dirty)
         res = 0;
-      else if (!any_busy && terminal_or_stopping())
+      else if (!any_busy && terminal_or_stopping() && state_ != state::stopping)
         res = -ECANCELED;
     }
     if (res == 1) {

@@ -208,6 +208,7 @@ class copy_engine {
     if (state_ == state::finished || state_ == state::cancelled) state_ = state::paused;
   }
   bool pausing() const { return state_ == state::pausing; }
+  bool stopping() const { return state_ == state::stopping; }  // a report drains
   // State for the job.
   bool running() const { return state_ == state::running; }
   bool paused() const { return state_ == state::paused || state_ == state::pausing; }

@@ -181,6 +181,29 @@ TEST_F(sched_fixture, copy_now_failure_goes_to_its_caller) {
   EXPECT_TRUE(e.work_map().get(1 * M)) << "the range stays to copy";
 }
 
+// A background copy's report drains the engine (stopping); a copy-before-write filter's guest writes keep
+// their copies meanwhile: copy_now is served, not answered -ECANCELED, until the engine has finished.
+TEST_F(sched_fixture, copy_now_is_served_while_a_report_drains) {
+  src = file(image(image_size));
+  fill(src, 0, image_size, 12);
+  dst = failing(image(image_size), {{"event", "write_aio"}, {"iotype", "write"}, {"errno", ENOSPC}, {"sector", 0}});
+  seen sn;
+  // Two operations in flight: the last chunk is still dirty, and nobody copies it, when the first fails.
+  copy_engine e({.source = src, .target = dst, .granularity = 64 * K, .max_chunk = 64 * K, .max_workers = 2},
+                sn.cbs());
+  e.work_map().set(0, image_size);
+  e.start();
+  run_until([&] { return !sn.errors.empty(); });
+  ASSERT_TRUE(e.work_map().get(image_size - 64 * K));
+  ASSERT_TRUE(e.stopping()) << "the other copies in flight keep the drain going";
+  int r = 1;
+  e.copy_now(image_size - 64 * K, 4096, [&](int x) { r = x; });
+  run_until([&] { return r != 1; });
+  EXPECT_EQ(r, 0);
+  run_until([&] { return sn.finished == 1; });
+  EXPECT_EQ(sn.fin_err, -ENOSPC);
+}
+
 // Copy-before-write as backup builds it: a gating hook on the source holds each guest write until
 // copy_now() has put the old data on the target.
 struct cbw_hook final : write_hook {
