@@ -257,7 +257,12 @@ void supervisor_actor::backup_checked(const boost::json::object& args, reply_fn 
     block::node* f = graph_->find(filter);
     block::node* s = graph_->find(device);
     block::node* t = graph_->find(target);
-    if (!f || !s || !t) return reply(command_outcome::failure(error("internal error: the backup filter is gone")));
+    if (!f || !s || !t) {
+      // Something took a node away meanwhile: a filter still in the graph goes again, or it would go on
+      // copying to the target with no job.
+      if (f) drop_job_filter(filter, id, {}, [](command_outcome) {});
+      return reply(command_outcome::failure(error("internal error: the backup filter is gone")));
+    }
     engine_job_plan plan;
     plan.home = home_of(s);
     plan.background = sync != "none";
