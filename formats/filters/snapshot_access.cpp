@@ -91,7 +91,10 @@ class snapshot_access final : public block_driver {
         if (w == cbw_state::where::none) co_return -EACCES;
         node* from = w == cbw_state::where::target ? c->target() : c->source();
         uint64_t t = w == cbw_state::where::source ? c->read_lock(r.offset, run) : 0;
-        co::child_io q(*from, io_op::block_status, r.offset, run);
+        // A source request made under a read lock passes a drain of the source (io_control): a guest
+        // write waits for the lock while it counts as in flight on the filter, so a held request here
+        // would keep that drain from ever ending.
+        co::child_io q(*from, io_op::block_status, r.offset, run, t ? uint32_t(io_control) : 0u);
         int rc = co_await q;
         if (t) c->read_unlock(t);
         if (rc < 0) co_return rc;
@@ -116,7 +119,8 @@ class snapshot_access final : public block_driver {
           node* from = w == cbw_state::where::target ? c->target() : c->source();
           uint64_t t = w == cbw_state::where::source ? c->read_lock(r.offset + pos, run) : 0;
           iov_part p(r.iov, r.iovcnt, pos, run);
-          int rc = co_await co::child_io(*from, io_op::read, r.offset + pos, run).vector(p.v, p.n);
+          int rc = co_await co::child_io(*from, io_op::read, r.offset + pos, run, t ? uint32_t(io_control) : 0u)
+                       .vector(p.v, p.n);  // io_control: as for block status above
           if (t) c->read_unlock(t);
           if (rc < 0) co_return rc;
           pos += run;
