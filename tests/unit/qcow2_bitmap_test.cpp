@@ -18,6 +18,7 @@
 #include "storage/block/node.h"
 #include "storage/block/sync_io.h"
 #include "storage/io/reactor.h"
+#include "tests/unit/qcow2_test_stack.h"
 #include "tests/unit/shell_tools.h"
 
 namespace blockd::qcow2 {
@@ -177,15 +178,7 @@ std::vector<uint8_t> read_at(const std::string& path, uint64_t off, size_t len) 
   return b;
 }
 
-struct scratch {
-  std::string dir;
-  scratch() {
-    char t[] = "/dev/shm/blockd-qbm-XXXXXX";
-    dir = mkdtemp(t);
-  }
-  ~scratch() { shell_ok("rm -rf " + dir); }
-  std::string path(const std::string& n) const { return dir + "/" + n; }
-};
+using block::qcow2_test::scratch;
 
 // The stored directory of `img`, read by the pure functions.
 std::vector<bitmap_entry> directory_of(const std::string& img, header* hout = nullptr) {
@@ -246,32 +239,9 @@ namespace {
 
 namespace json = boost::json;
 
-struct stack {
-  local_loop loop{io::reactor::create(256, nullptr)};
-  graph g{[this] { return loop.env(); }};
-  stack() {
-    set_contract_checks(true);
-    set_contract_handler([](const std::string& what) { ADD_FAILURE() << what; });
-  }
-  result<node*> open(const std::string& path, bool read_only = false) {
-    json::object o{{"driver", "qcow2"},
-                   {"node-name", "q" + std::to_string(++count)},
-                   {"file", json::object{{"driver", "file"}, {"filename", path}}}};
-    if (read_only) o["read-only"] = true;
-    return g.add(o);
-  }
-  int count = 0;
-};
+using qcow2_test::stack;
 
-std::string out_of(const std::string& cmd) {
-  std::string out;
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while (p && (n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  if (p) pclose(p);
-  return out;
-}
+std::string out_of(const std::string& cmd) { return qcow2_test::run(cmd); }
 
 json::array stored_info(const std::string& img) {
   auto v = json::parse(out_of("qemu-img info -U --output=json " + img));
@@ -299,7 +269,7 @@ TEST(qcow2_bitmaps, load_record_store_and_remove) {
   std::string sha_qa;
   {
     stack k;
-    auto n = k.open(img);
+    auto n = k.try_open_qcow2(img);
     ASSERT_TRUE(n.has_value()) << n.error().desc;
     dirty_bitmap* qa = (*n)->bitmaps().find("qa");
     ASSERT_NE(qa, nullptr);
@@ -339,7 +309,7 @@ TEST(qcow2_bitmaps, load_record_store_and_remove) {
   EXPECT_EQ(json::serialize(info[0].at("flags")), "[\"auto\"]");
   {
     stack k;
-    auto n = k.open(img, true);
+    auto n = k.try_open_qcow2(img, true);
     ASSERT_TRUE(n.has_value()) << n.error().desc;
     dirty_bitmap* qa = (*n)->bitmaps().find("qa");
     ASSERT_NE(qa, nullptr);
@@ -354,7 +324,7 @@ TEST(qcow2_bitmaps, load_record_store_and_remove) {
   // Growing a read-write image resizes the bitmaps; they are stored at the new size.
   {
     stack k;
-    auto n = k.open(img);
+    auto n = k.try_open_qcow2(img);
     ASSERT_TRUE(n.has_value()) << n.error().desc;
     ASSERT_TRUE((*n)->driver().truncate(64 << 20).has_value());
     (*n)->publish_facts();
@@ -366,7 +336,7 @@ TEST(qcow2_bitmaps, load_record_store_and_remove) {
   EXPECT_NE(out.find("\"virtual-size\": 67108864"), std::string::npos) << out;
   {
     stack k;
-    auto n = k.open(img, true);
+    auto n = k.try_open_qcow2(img, true);
     ASSERT_TRUE(n.has_value()) << n.error().desc;
     EXPECT_EQ((*n)->bitmaps().find("mine")->dirty_bytes(), 8192 + 4096);
     EXPECT_TRUE((*n)->bitmaps().find("mine")->get(60 << 20));
@@ -381,11 +351,11 @@ TEST(qcow2_bitmaps, v2_images_and_limits) {
   ASSERT_TRUE(qcow2::shell_ok("qemu-img create -q -f qcow2 -o compat=0.10 " + v2 + " 1M"));
   ASSERT_TRUE(qcow2::shell_ok("qemu-img create -q -f qcow2 " + big + " 4T"));
   stack k;
-  auto a = k.open(v2);
+  auto a = k.try_open_qcow2(v2);
   ASSERT_TRUE(a.has_value());
   EXPECT_EQ(add_bitmap(**a, {.name = "x", .persistent = true}).error().desc,
             "Can't make bitmap 'x' persistent in 'q1': Cannot store dirty bitmaps in qcow2 v2 files");
-  auto b = k.open(big);
+  auto b = k.try_open_qcow2(big);
   ASSERT_TRUE(b.has_value());
   auto& d = (*b)->driver();
   EXPECT_EQ(d.can_store_bitmap("x", 512).error().desc, "Too much space will be occupied by the bitmap. Use larger granularity");

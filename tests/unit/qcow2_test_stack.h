@@ -58,13 +58,17 @@ struct stack {
     set_contract_handler([](const std::string& what) { ADD_FAILURE() << what; });
   }
   result<node*> add(const json::object& o) { return g.add(o); }
-  node* open_qcow2(const std::string& path, bool read_only = false, json::object extra = {}) {
+  // The open's own result (tests of refused opens); nodes are named q1, q2, ...
+  result<node*> try_open_qcow2(const std::string& path, bool read_only = false, json::object extra = {}) {
     json::object o{{"driver", "qcow2"},
                    {"node-name", "q" + std::to_string(++count)},
                    {"file", json::object{{"driver", "file"}, {"filename", path}}}};
     if (read_only) o["read-only"] = true;
     for (auto& kv : extra) o[kv.key()] = kv.value();
-    auto r = g.add(o);
+    return g.add(o);
+  }
+  node* open_qcow2(const std::string& path, bool read_only = false, json::object extra = {}) {
+    auto r = try_open_qcow2(path, read_only, std::move(extra));
     EXPECT_TRUE(r.has_value()) << (r ? "" : r.error().desc);
     return r ? *r : nullptr;
   }
